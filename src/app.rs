@@ -1,0 +1,198 @@
+//! Composition root: builds everything from the settings, spawns the tasks, owns shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::policy;
+use crate::config::settings::Settings;
+use crate::control::{self, Readiness};
+use crate::proxy::server::{self, ListenerLimits};
+use crate::proxy::Proxy;
+use crate::tee::kafka::KafkaSender;
+use crate::tee::record::{instance_name, EncodeContext};
+use crate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
+use crate::tee::TeeWriter;
+use crate::telemetry::Metrics;
+
+/// After the listener has closed, the Kafka sender gets this long to deliver what is left;
+/// the rest stays in the spool for the next start.
+const KAFKA_DRAIN: Duration = Duration::from_secs(5);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Listen(std::io::Error),
+    #[error("cannot open the spool at {dir}: {source}")]
+    Spool { dir: String, source: std::io::Error },
+    #[error("invalid kafka settings: {0}")]
+    Kafka(rdkafka::error::KafkaError),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// A running proxy.
+pub struct Running {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    trigger: Option<oneshot::Sender<()>>,
+    lifecycle: JoinHandle<()>,
+}
+
+impl Running {
+    /// Begins a graceful shutdown (as SIGTERM does) and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(t) = self.trigger.take() {
+            let _ = t.send(());
+        }
+        let _ = (&mut self.lifecycle).await;
+    }
+}
+
+/// Starts the proxy, the admin port, the tee and the readiness probe.
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let policy = policy::default_shared(settings.max_record_bytes);
+
+    let spool_config = SpoolConfig {
+        dir: settings.spool.dir.clone(),
+        max_bytes: settings.spool.max_bytes,
+        segment_bytes: settings.spool.segment_bytes,
+        fsync_interval: settings.spool.fsync_interval,
+        mode: if settings.kafka.is_some() {
+            SpoolMode::Hold
+        } else {
+            SpoolMode::Rotate
+        },
+    };
+    let spool_err = |source| StartError::Spool {
+        dir: settings.spool.dir.display().to_string(),
+        source,
+    };
+    let (spool, written) =
+        SpoolWriter::open(spool_config, metrics.tee.spool.clone()).map_err(spool_err)?;
+    let first_live_segment = spool.first_segment();
+
+    let kafka = match &settings.kafka {
+        Some(kafka) => {
+            let sender = KafkaSender {
+                kafka: kafka.clone(),
+                spool_dir: settings.spool.dir.clone(),
+                max_record_bytes: settings.max_record_bytes,
+                metrics: metrics.tee.clone(),
+                written,
+                first_live_segment,
+            };
+            sender.check_config().map_err(StartError::Kafka)?;
+            let (deadline_tx, deadline_rx) = watch::channel(None);
+            let thread = sender.spawn(deadline_rx).map_err(StartError::Thread)?;
+            Some((thread, deadline_tx))
+        }
+        None => None,
+    };
+
+    let (tee, writer) = TeeWriter::spawn(
+        spool,
+        EncodeContext {
+            instance: instance_name(),
+            max_record_bytes: settings.max_record_bytes as usize,
+        },
+        settings.spool.queue_records,
+        settings.spool.queue_bytes,
+        settings.spool.fsync_interval,
+        metrics.tee.clone(),
+    )
+    .map_err(StartError::Thread)?;
+
+    let listener = server::bind(settings.listen, "data port")
+        .await
+        .map_err(StartError::Listen)?;
+    let admin_listener = server::bind(settings.admin_listen, "admin port")
+        .await
+        .map_err(StartError::Listen)?;
+    let data_addr = listener.local_addr().map_err(StartError::Listen)?;
+    let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
+
+    let readiness = Arc::new(Readiness::default());
+    let probe = tokio::spawn(control::probe_upstream(
+        settings.upstream.clone(),
+        readiness.clone(),
+        metrics.clone(),
+    ));
+    let admin = tokio::spawn(control::serve_admin(
+        admin_listener,
+        metrics.clone(),
+        readiness.clone(),
+    ));
+
+    let proxy = Arc::new(Proxy::new(
+        settings.upstream.clone(),
+        settings.max_request_body_bytes,
+        policy,
+        tee,
+        metrics.proxy.clone(),
+    ));
+    let limits = ListenerLimits {
+        header_read_timeout: settings.header_read_timeout,
+        shutdown_grace: settings.shutdown_grace,
+    };
+    let (trigger, triggered) = oneshot::channel::<()>();
+    let drain_delay = settings.drain_delay;
+    let lifecycle = tokio::spawn(async move {
+        let stop_accepting = async {
+            let _ = triggered.await;
+            readiness.begin_shutdown();
+            tracing::info!(drain_delay = ?drain_delay, "shutting down: draining");
+            tokio::time::sleep(drain_delay).await;
+        };
+        server::serve(listener, proxy, limits, stop_accepting).await;
+        tracing::info!("listener closed; writing the tee queue to the spool");
+        let _ = tokio::task::spawn_blocking(move || writer.close()).await;
+        if let Some((thread, deadline)) = kafka {
+            let _ = deadline.send(Some(Instant::now() + KAFKA_DRAIN));
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        probe.abort();
+        admin.abort();
+        tracing::info!("shutdown complete");
+    });
+
+    tracing::info!(
+        data = %data_addr,
+        admin = %admin_addr,
+        upstream = %settings.upstream.authority,
+        spool = %settings.spool.dir.display(),
+        kafka = settings.kafka.as_ref().map_or("none (the spool is the sink)", |k| k.brokers.as_str()),
+        "listening"
+    );
+    Ok(Running {
+        data_addr,
+        admin_addr,
+        metrics,
+        trigger: Some(trigger),
+        lifecycle,
+    })
+}
+
+/// `sluicegate serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve(settings: Settings) -> Result<(), StartError> {
+    let running = start(settings).await?;
+    wait_for_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

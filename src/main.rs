@@ -1,0 +1,168 @@
+//! The `sluicegate` command: parses arguments, calls into the library, maps errors to exit
+//! codes (64 for a bad setting or file, 1 for a failure at run time).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use sluicegate::config::settings::SettingsArgs;
+use sluicegate::tee::spool::{Position, SpoolMetrics, SpoolReader};
+
+/// EX_USAGE from sysexits.h: the input (a flag, a settings or policy file) was wrong.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "sluicegate",
+    version,
+    about = "A sidecar proxy for model servers: tees every prediction to Kafka"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy in front of a model server.
+    Serve(Box<SettingsArgs>),
+    /// Read the spool.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+    /// The quickstart: the real proxy in front of a built-in stand-in model, with traffic.
+    Demo {
+        /// Send the tee to Kafka instead of the spool alone.
+        #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
+        /// How long to drive traffic.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Requests per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Where the spool goes.
+        #[arg(long, default_value = "sluicegate-demo-spool")]
+        spool_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Print the spool's records as JSON lines (oldest first).
+    Cat {
+        /// The spool directory.
+        dir: PathBuf,
+        /// Print the dead-letter records instead.
+        #[arg(long)]
+        dead_letter: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    sluicegate::config::units::parse_duration(s).ok_or_else(|| format!("not a duration: {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sluicegate::telemetry::init_logging();
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = match args.resolve() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("sluicegate: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let rt = runtime();
+            match rt.block_on(sluicegate::app::serve(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ sluicegate::app::StartError::Kafka(_)) => {
+                    eprintln!("sluicegate: {e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("sluicegate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Spool {
+            command: SpoolCommand::Cat { dir, dead_letter },
+        } => match spool_cat(&dir, dead_letter) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluicegate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo {
+            kafka_brokers,
+            duration,
+            rate,
+            spool_dir,
+        } => {
+            let opts = sluicegate::demo::DemoOptions {
+                kafka_brokers,
+                duration,
+                rate,
+                spool_dir,
+            };
+            match runtime().block_on(sluicegate::demo::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluicegate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn spool_cat(dir: &std::path::Path, dead_letter: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = if dead_letter {
+        dir.join("dead-letter")
+    } else {
+        dir.to_owned()
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a spool directory", dir.display());
+    }
+    let metrics = SpoolMetrics::default();
+    let mut reader = SpoolReader::open(&dir, metrics.clone(), false)
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    let everything = Position {
+        segment: u64::MAX,
+        offset: u64::MAX,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    loop {
+        let batch = reader.next_batch(everything, 1024)?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in batch {
+            out.write_all(&e.entry.payload)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    out.flush()?;
+    let corrupt = metrics.corrupt_skipped.get();
+    if corrupt > 0 {
+        eprintln!("sluicegate: skipped {corrupt} torn or corrupt frame(s)");
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Bodies that stream through untouched while the tee keeps a capped copy.
+//!
+//! [`RequestBody`] enforces the request size limit and captures into a shared slot (the
+//! request may still be streaming when the response ends: gRPC bidi). [`ResponseBody`] owns
+//! the pending record and hands it to the tee when the body ends, fails or is dropped.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::pending::Pending;
+use crate::tee::record::Capture;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body went past the configured limit (the client gets 413).
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// What the request side shares with the pending record.
+#[derive(Debug, Default)]
+pub struct RequestCapture {
+    pub capture: Mutex<Capture>,
+    pub trailers: Mutex<Option<http::HeaderMap>>,
+    pub too_large: AtomicBool,
+}
+
+/// The client's request body on its way upstream.
+pub struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+    /// `None` when this request is not recorded.
+    capture: Option<Arc<RequestCapture>>,
+    too_large: Arc<RequestCapture>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64, shared: Arc<RequestCapture>, capture: bool) -> Self {
+        RequestBody {
+            inner,
+            limit,
+            seen: 0,
+            capture: capture.then(|| shared.clone()),
+            too_large: shared,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Ok(frame)) => frame,
+        };
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+            if self.seen > self.limit {
+                self.too_large.too_large.store(true, Ordering::Relaxed);
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
+            }
+            if let Some(c) = &self.capture {
+                c.capture.lock().expect("capture lock").push(data);
+            }
+        } else if let (Some(t), Some(c)) = (frame.trailers_ref(), &self.capture) {
+            *c.trailers.lock().expect("trailers lock") = Some(t.clone());
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body sent to the client: the upstream's, streamed, or one the proxy wrote itself.
+// The small variant is the rare error path; boxing the common one would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum ResponseBody {
+    Upstream(UpstreamBody),
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ResponseBody::Full(Some(bytes.into()))
+    }
+}
+
+/// The upstream's response body, captured for the tee as it streams.
+pub struct UpstreamBody {
+    inner: Incoming,
+    /// `None` once the record is handed off, or when the request is not recorded.
+    pending: Option<Pending>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, pending: Option<Pending>) -> Self {
+        UpstreamBody { inner, pending }
+    }
+
+    fn finish(&mut self, complete: bool, error: Option<&BoxError>) {
+        if let Some(pending) = self.pending.take() {
+            pending.finish_response(complete, error);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Upstream(up) => {
+                let polled = ready!(Pin::new(&mut up.inner).poll_frame(cx));
+                match polled {
+                    None => {
+                        up.finish(true, None);
+                        Poll::Ready(None)
+                    }
+                    Some(Err(e)) => {
+                        let e: BoxError = e.into();
+                        up.finish(false, Some(&e));
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Some(Ok(frame)) => {
+                        if let Some(p) = up.pending.as_mut() {
+                            p.capture_frame(&frame);
+                        }
+                        if up.inner.is_end_stream() {
+                            up.finish(true, None);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::Upstream(up) => up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // The client went away (or the connection closed) before the body ended.
+        self.finish(false, None);
+    }
+}

@@ -1,0 +1,81 @@
+//! Errors the proxy answers itself: a stable `error` code, a human message, a status picked by
+//! where the failure came from (the client or the upstream).
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+use crate::tee::record::ExchangeError;
+
+/// Why the proxy, not the upstream, answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The client's body went past the limit.
+    BodyTooLarge { limit: u64 },
+    /// No connection to the upstream could be opened.
+    UpstreamUnavailable,
+    /// The upstream closed or reset the connection, or spoke broken HTTP.
+    UpstreamFailed,
+    /// The upstream did not send response headers in time.
+    UpstreamTimeout,
+    /// The client's request could not be forwarded (its body failed mid-stream).
+    ClientBody,
+}
+
+impl ProxyError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The stable code clients and dashboards match on.
+    pub fn code(self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. } => "request_too_large",
+            ProxyError::UpstreamUnavailable => "upstream_unavailable",
+            ProxyError::UpstreamFailed => "upstream_failed",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::ClientBody => "client_body_error",
+        }
+    }
+
+    pub fn message(self, detail: &str) -> String {
+        match self {
+            ProxyError::BodyTooLarge { limit } => {
+                format!("request body is larger than the {limit}-byte limit")
+            }
+            ProxyError::UpstreamUnavailable => {
+                format!("cannot connect to the model server: {detail}")
+            }
+            ProxyError::UpstreamFailed => format!("the model server failed to answer: {detail}"),
+            ProxyError::UpstreamTimeout => {
+                format!("the model server did not answer within {detail}")
+            }
+            ProxyError::ClientBody => format!("the request body could not be read: {detail}"),
+        }
+    }
+
+    /// The JSON response sent to the client.
+    pub fn response(self, id: &HeaderValue, message: &str) -> Response<ResponseBody> {
+        let body = serde_json::json!({ "error": self.code(), "message": message });
+        let mut resp = Response::new(ResponseBody::full(body.to_string()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(super::ID_HEADER, id.clone());
+        resp
+    }
+
+    pub fn for_record(self, message: String) -> ExchangeError {
+        ExchangeError {
+            code: self.code(),
+            message,
+        }
+    }
+}

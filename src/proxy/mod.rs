@@ -1,0 +1,362 @@
+//! The data plane: forwards each request to the upstream model server, streams the answer
+//! back, and hands a capture of both to the tee.
+
+pub mod body;
+pub mod error;
+mod pending;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use body::{BodyTooLarge, RequestBody, RequestCapture, ResponseBody, UpstreamBody};
+use error::ProxyError;
+use pending::Pending;
+
+use crate::config::policy::SharedPolicy;
+use crate::config::settings::{Upstream, UpstreamProtocol};
+use crate::tee::record::{Capture, Exchange, Message};
+use crate::tee::TeeSender;
+use crate::telemetry::{ErrorLabel, ProxyMetrics, RouteLabel, RouteStatus};
+
+/// The header carrying the prediction id that keys the record, on every response.
+pub const ID_HEADER: HeaderName = HeaderName::from_static("sluicegate-id");
+/// Callers name themselves in this header (the policy may name another).
+pub const CONSUMER_HEADER: HeaderName = HeaderName::from_static("sluicegate-consumer");
+
+/// The only route until the policy file defines routes.
+const DEFAULT_ROUTE: &str = "default";
+
+type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// Shared state of the data plane.
+pub struct Proxy {
+    upstream: Upstream,
+    http1: UpstreamClient,
+    http2: UpstreamClient,
+    max_request_body: u64,
+    policy: SharedPolicy,
+    tee: TeeSender,
+    metrics: ProxyMetrics,
+    default_route: Arc<str>,
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: Upstream,
+        max_request_body: u64,
+        policy: SharedPolicy,
+        tee: TeeSender,
+        metrics: ProxyMetrics,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(upstream.connect_timeout));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .timer(TokioTimer::new());
+        let http1 = builder.build(connector.clone());
+        let http2 = builder.http2_only(true).build(connector);
+        Proxy {
+            upstream,
+            http1,
+            http2,
+            max_request_body,
+            policy,
+            tee,
+            metrics,
+            default_route: DEFAULT_ROUTE.into(),
+        }
+    }
+
+    /// Serves one request. Never fails: errors become JSON responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let start = Instant::now();
+        let time = SystemTime::now();
+        // One policy snapshot for the whole request.
+        let policy = self.policy.load_full();
+        let route = self.default_route.clone();
+        let id_string = uuid::Uuid::now_v7().to_string();
+        let id = HeaderValue::from_str(&id_string).expect("uuid is a valid header value");
+        let (mut parts, body) = req.into_parts();
+
+        let sampled = policy.sampled();
+        let body_cap = if policy.policy.tee.capture_bodies {
+            policy.body_cap
+        } else {
+            0
+        };
+        let shared = Arc::new(RequestCapture {
+            capture: std::sync::Mutex::new(Capture::with_cap(body_cap)),
+            ..Default::default()
+        });
+        let mut pending = sampled.then(|| {
+            let consumer = parts
+                .headers
+                .get(&CONSUMER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Pending::new(
+                self.tee.clone(),
+                Exchange {
+                    id: id_string,
+                    time,
+                    route: route.clone(),
+                    policy: policy.clone(),
+                    consumer,
+                    method: parts.method.clone(),
+                    path: parts
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string()),
+                    request: Message {
+                        headers: parts.headers.clone(),
+                        ..Default::default()
+                    },
+                    status: None,
+                    response: None,
+                    error: None,
+                    upstream_duration: None,
+                    total_duration: Default::default(),
+                    complete: true,
+                },
+                shared.clone(),
+                start,
+            )
+        });
+
+        let declared_len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > self.max_request_body) {
+            let err = ProxyError::BodyTooLarge {
+                limit: self.max_request_body,
+            };
+            return Ok(self.fail(err, "", &id, &route, pending));
+        }
+
+        // Rewrite for the upstream: its address, its HTTP version, no hop-by-hop headers.
+        let version = match self.upstream.protocol {
+            UpstreamProtocol::Auto if parts.version == Version::HTTP_2 => Version::HTTP_2,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .expect("upstream authority and client path form a URI");
+        let original_version = parts.version;
+        parts.version = version;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(host) = parts.headers.remove(header::HOST) {
+            parts.headers.insert("x-forwarded-host", host);
+        }
+        append_forwarded_for(&mut parts.headers, client);
+        let body = RequestBody::new(body, self.max_request_body, shared.clone(), sampled);
+        let upstream_req = Request::from_parts(parts, body);
+
+        let client_for_version = if version == Version::HTTP_2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
+        let sent = Instant::now();
+        let result = tokio::time::timeout(
+            self.upstream.timeout,
+            client_for_version.request(upstream_req),
+        )
+        .await;
+        let upstream_time = sent.elapsed();
+        let resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let err = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
+                    ProxyError::BodyTooLarge {
+                        limit: self.max_request_body,
+                    }
+                } else if e.is_connect() {
+                    ProxyError::UpstreamUnavailable
+                } else if source_is::<BodyTooLarge>(&e) {
+                    ProxyError::BodyTooLarge {
+                        limit: self.max_request_body,
+                    }
+                } else {
+                    ProxyError::UpstreamFailed
+                };
+                let detail = error_chain(&e);
+                return Ok(self.fail(err, &detail, &id, &route, pending));
+            }
+            Err(_) => {
+                let detail = humantime::format_duration(self.upstream.timeout).to_string();
+                return Ok(self.fail(ProxyError::UpstreamTimeout, &detail, &id, &route, pending));
+            }
+        };
+
+        self.metrics
+            .upstream_duration
+            .get_or_create(&RouteLabel {
+                route: route.to_string(),
+            })
+            .observe(upstream_time.as_secs_f64());
+        let (mut parts, body) = resp.into_parts();
+        self.count(&route, parts.status.as_u16());
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(ID_HEADER, id);
+        parts.version = original_version;
+        if let Some(p) = pending.as_mut() {
+            p.set_response(parts.status.as_u16(), upstream_time, parts.headers.clone());
+        }
+        let body = UpstreamBody::new(body, pending);
+        Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+    }
+
+    fn fail(
+        &self,
+        err: ProxyError,
+        detail: &str,
+        id: &HeaderValue,
+        route: &str,
+        pending: Option<Pending>,
+    ) -> Response<ResponseBody> {
+        let message = err.message(detail);
+        self.metrics
+            .errors
+            .get_or_create(&ErrorLabel { kind: err.code() })
+            .inc();
+        self.count(route, err.status().as_u16());
+        if let Some(p) = pending {
+            p.finish_error(err.status().as_u16(), err.for_record(message.clone()));
+        }
+        err.response(id, &message)
+    }
+
+    fn count(&self, route: &str, status: u16) {
+        self.metrics
+            .requests
+            .get_or_create(&RouteStatus {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `te: trailers`
+/// is kept: gRPC needs it end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+fn source_is<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<E>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `outer: inner: innermost`, so the message names the real cause (refused, reset, …).
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("content-type", "application/grpc".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        assert_eq!(h.get("content-type").unwrap(), "application/grpc");
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    }
+}

@@ -1,0 +1,127 @@
+//! The record of one exchange while it is under way. Whatever way the exchange ends — the
+//! response body finishes, the proxy answers with an error, or the client goes away and the
+//! future is dropped — exactly one record is handed to the tee.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::Frame;
+
+use super::body::{BoxError, RequestCapture};
+use crate::tee::record::{Capture, Exchange, ExchangeError, Message};
+use crate::tee::TeeSender;
+
+pub struct Pending {
+    tee: TeeSender,
+    // Boxed: it is large, and moves from the handler to the body to the tee queue.
+    exchange: Option<Box<Exchange>>,
+    request: Arc<RequestCapture>,
+    start: Instant,
+}
+
+impl Pending {
+    pub fn new(
+        tee: TeeSender,
+        exchange: Exchange,
+        request: Arc<RequestCapture>,
+        start: Instant,
+    ) -> Self {
+        Pending {
+            tee,
+            exchange: Some(Box::new(exchange)),
+            request,
+            start,
+        }
+    }
+
+    /// Bytes of each body to capture (0 when the policy turns capture off).
+    pub fn body_cap(&self) -> usize {
+        self.exchange.as_ref().map_or(0, |e| {
+            if e.policy.policy.tee.capture_bodies {
+                e.policy.body_cap
+            } else {
+                0
+            }
+        })
+    }
+
+    /// The upstream answered: its status and headers; the body is captured as it streams.
+    pub fn set_response(&mut self, status: u16, upstream: Duration, headers: HeaderMap) {
+        let cap = self.body_cap();
+        if let Some(e) = self.exchange.as_mut() {
+            e.status = Some(status);
+            e.upstream_duration = Some(upstream);
+            e.response = Some(Message {
+                headers,
+                trailers: None,
+                body: Capture::with_cap(cap),
+            });
+        }
+    }
+
+    /// A response frame went by.
+    pub fn capture_frame(&mut self, frame: &Frame<Bytes>) {
+        let Some(resp) = self.exchange.as_mut().and_then(|e| e.response.as_mut()) else {
+            return;
+        };
+        if let Some(data) = frame.data_ref() {
+            resp.body.push(data);
+        } else if let Some(t) = frame.trailers_ref() {
+            resp.trailers = Some(t.clone());
+        }
+    }
+
+    /// The response body ended (`complete`) or broke off.
+    pub fn finish_response(mut self, complete: bool, error: Option<&BoxError>) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.complete = complete;
+            if let Some(err) = error {
+                e.error = Some(ExchangeError {
+                    code: "upstream_body_error",
+                    message: err.to_string(),
+                });
+            } else if !complete {
+                e.error = Some(client_gone());
+            }
+        }
+        self.emit();
+    }
+
+    /// The proxy answered the client itself.
+    pub fn finish_error(mut self, status: u16, error: ExchangeError) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.status = Some(status);
+            e.error = Some(error);
+        }
+        self.emit();
+    }
+
+    fn emit(&mut self) {
+        let Some(mut e) = self.exchange.take() else {
+            return;
+        };
+        e.request.body = std::mem::take(&mut *self.request.capture.lock().expect("capture lock"));
+        e.request.trailers = self.request.trailers.lock().expect("trailers lock").take();
+        e.total_duration = self.start.elapsed();
+        self.tee.send(e);
+    }
+}
+
+fn client_gone() -> ExchangeError {
+    ExchangeError {
+        code: "client_disconnected",
+        message: "the client went away before the response ended".into(),
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.complete = false;
+            e.error.get_or_insert_with(client_gone);
+            self.emit();
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Listeners: accept connections (HTTP/1.1 and h2c on one port), serve them, and shut down
+//! gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use super::Proxy;
+
+/// Connection settings for the data-plane listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    /// A client must send its request headers (and a connection its first bytes) within this.
+    pub header_read_timeout: Duration,
+    /// In-flight requests get this long after the listener closes.
+    pub shutdown_grace: Duration,
+}
+
+fn builder(limits: ListenerLimits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(1024);
+    b
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves, then waits up to the grace period
+/// for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    limits: ListenerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let builder = Arc::new(builder(limits));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // hyper's header-read timeout starts after it has read the first bytes (to tell
+            // HTTP/1 from HTTP/2); a connection that sends nothing at all is cut here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let service =
+                service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, client));
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, %client, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over: closing connections with requests in flight");
+    }
+}
+
+/// Binds, with a message that names the address when it fails.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+    })
+}

@@ -1,0 +1,379 @@
+//! The Kafka sender: tails the spool and produces what it finds, at least once.
+//!
+//! A record leaves the spool only when Kafka acknowledged it or it went to the dead-letter
+//! file. Failed or timed-out deliveries are sent again; a fatal producer error (a fenced
+//! idempotent producer) rebuilds the producer. It runs on its own thread with its own
+//! single-threaded runtime, so neither its file reads nor librdkafka's callbacks share a core
+//! schedule with the request path.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientContext;
+use tokio::sync::watch;
+
+use super::spool::{DeadLetter, EntryKind, Position, SpoolReader, SpooledEntry};
+use crate::config::settings::KafkaSettings;
+use crate::telemetry::TeeMetrics;
+
+/// Records read from the spool and not yet acknowledged, at most. Matches the producer's own
+/// queue bound below, so memory stays bounded however long Kafka is away.
+const MAX_IN_FLIGHT: usize = 10_000;
+const READ_BATCH: usize = 1_000;
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Builds the producer configuration: sluicegate's defaults, then the user's properties.
+pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("client.id", "sluicegate")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        // librdkafka's own queue: bounded by count and bytes.
+        .set("queue.buffering.max.messages", MAX_IN_FLIGHT.to_string())
+        .set("queue.buffering.max.kbytes", "65536")
+        // Short: a failed delivery is retried from the spool, not held inside librdkafka.
+        .set("message.timeout.ms", "30000")
+        .set(
+            "message.max.bytes",
+            (max_record_bytes + (64 << 10)).to_string(),
+        );
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Tracks whether the producer reaches a broker.
+struct TeeContext {
+    metrics: TeeMetrics,
+}
+
+impl ClientContext for TeeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) = error {
+            self.metrics.kafka_connected.set(0);
+        }
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+type Producer_ = FutureProducer<TeeContext>;
+
+/// What happened to one delivery.
+enum Outcome {
+    Acked,
+    Retry,
+    DeadLetter(String),
+    Fatal,
+}
+
+fn classify(err: &KafkaError) -> Outcome {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        // The broker will never take these: set them aside so they cannot block the rest.
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::MessageBatchTooLarge,
+        ) => Outcome::DeadLetter(err.to_string()),
+        Some(
+            C::Fatal | C::ProducerFenced | C::InvalidProducerEpoch | C::OutOfOrderSequenceNumber,
+        ) => Outcome::Fatal,
+        _ => Outcome::Retry,
+    }
+}
+
+type InFlight = Pin<Box<dyn Future<Output = (SpooledEntry, Outcome)> + Send>>;
+
+/// The sender's end of shutdown: when `deadline` is set, send what is left until it passes.
+pub type DrainDeadline = watch::Receiver<Option<Instant>>;
+
+/// The Kafka sender task.
+pub struct KafkaSender {
+    pub kafka: KafkaSettings,
+    pub spool_dir: PathBuf,
+    pub max_record_bytes: u64,
+    pub metrics: TeeMetrics,
+    /// The spool writer's position: everything before it is whole and readable.
+    pub written: watch::Receiver<Position>,
+    /// Segments below this number were written by an earlier process.
+    pub first_live_segment: u64,
+}
+
+impl KafkaSender {
+    /// Checks the configuration by building a producer (bad properties fail here, at start).
+    pub fn check_config(&self) -> Result<(), KafkaError> {
+        self.producer().map(|_| ())
+    }
+
+    fn producer(&self) -> Result<Producer_, KafkaError> {
+        producer_config(&self.kafka, self.max_record_bytes).create_with_context(TeeContext {
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Runs the sender on its own thread until the drain deadline passes or everything written
+    /// has been delivered after shutdown began.
+    pub fn spawn(self, drain: DrainDeadline) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("sluicegate-kafka".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("kafka sender runtime");
+                rt.block_on(self.run(drain));
+            })
+    }
+
+    async fn run(mut self, mut drain: DrainDeadline) {
+        let mut producer = match self.producer() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create kafka producer; records stay in the spool");
+                return;
+            }
+        };
+        let mut reader = match SpoolReader::open(&self.spool_dir, self.metrics.spool.clone(), true)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, dir = %self.spool_dir.display(), "cannot read the spool; records stay in it");
+                return;
+            }
+        };
+        let mut dead_letter: Option<DeadLetter> = None;
+        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut retry: VecDeque<SpooledEntry> = VecDeque::new();
+        let mut retry_at = Instant::now();
+        let mut backoff = RETRY_MIN;
+        let mut writer_done = false;
+        let mut reader_caught_up = false;
+
+        loop {
+            let deadline = *drain.borrow();
+            if let Some(deadline) = deadline {
+                let idle = in_flight.is_empty() && retry.is_empty() && reader_caught_up;
+                if Instant::now() >= deadline || (idle && writer_done) {
+                    break;
+                }
+            }
+
+            // Send: retries first (they are older), then new records, while there is room.
+            let now = Instant::now();
+            while in_flight.len() < MAX_IN_FLIGHT && now >= retry_at {
+                let Some(entry) = retry.pop_front() else {
+                    break;
+                };
+                match self.send(&producer, entry) {
+                    Ok(fut) => in_flight.push(fut),
+                    Err(entry) => {
+                        retry.push_front(entry);
+                        retry_at = now + RETRY_MIN;
+                        break;
+                    }
+                }
+            }
+            reader_caught_up = false;
+            if retry.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
+                let upto = *self.written.borrow();
+                let room = (MAX_IN_FLIGHT - in_flight.len()).min(READ_BATCH);
+                match reader.next_batch(upto, room) {
+                    Ok(batch) => {
+                        reader_caught_up = batch.len() < room;
+                        for entry in batch {
+                            if entry.pos.segment < self.first_live_segment {
+                                self.metrics.replayed.inc();
+                            }
+                            match self.send(&producer, entry) {
+                                Ok(fut) => in_flight.push(fut),
+                                Err(entry) => {
+                                    retry.push_back(entry);
+                                    retry_at = Instant::now() + RETRY_MIN;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "spool read failed; retrying");
+                        retry_at = Instant::now() + RETRY_MAX;
+                    }
+                }
+            }
+
+            // Wait for a delivery, new records, a retry slot or the drain signal.
+            let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT {
+                // Full: only a delivery can make room.
+                Instant::now() + Duration::from_secs(1)
+            } else if retry.is_empty() && !reader_caught_up {
+                Instant::now() + Duration::from_millis(1)
+            } else if retry.is_empty() {
+                Instant::now() + Duration::from_secs(1)
+            } else {
+                retry_at
+            };
+            tokio::select! {
+                Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let mut fatal = false;
+                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at);
+                    // Settle everything already finished before going round again.
+                    while let Some(Some((entry, outcome))) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at);
+                    }
+                    if fatal || producer.client().fatal_error().is_some() {
+                        let reason = producer.client().fatal_error().map(|(_, s)| s).unwrap_or_default();
+                        tracing::warn!(reason, "kafka producer hit a fatal error; rebuilding it and resending from the spool");
+                        // Outstanding deliveries of the old producer are failed back as retries.
+                        drop(producer);
+                        while let Some((entry, _)) = in_flight.next().await {
+                            retry.push_back(entry);
+                        }
+                        producer = loop {
+                            match self.producer() {
+                                Ok(p) => break p,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot rebuild kafka producer");
+                                    tokio::time::sleep(RETRY_MAX).await;
+                                }
+                            }
+                        };
+                        self.metrics.producer_rebuilds.inc();
+                    }
+                }
+                changed = self.written.changed(), if !writer_done => {
+                    if changed.is_err() {
+                        writer_done = true;
+                    }
+                }
+                _ = drain.changed() => {}
+                _ = tokio::time::sleep_until(sleep_until.into()) => {}
+            }
+        }
+        let left = in_flight.len() + retry.len();
+        if left > 0 {
+            tracing::warn!(
+                unsent = left,
+                "shutdown: records not yet acknowledged stay in the spool for the next start"
+            );
+        }
+        let _ = producer.flush(Duration::from_millis(100));
+    }
+
+    /// Hands one record to librdkafka; gives it back when librdkafka's queue is full.
+    fn send(&self, producer: &Producer_, entry: SpooledEntry) -> Result<InFlight, SpooledEntry> {
+        let e = &entry.entry;
+        let (topic, schema) = match e.kind {
+            EntryKind::Record => (&self.kafka.topic, super::record::RECORD_SCHEMA),
+            EntryKind::Alert => (&self.kafka.alerts_topic, "sluicegate.alert.v1"),
+        };
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "sluicegate-schema",
+                value: Some(schema),
+            })
+            .insert(Header {
+                key: "sluicegate-route",
+                value: Some(e.route.as_str()),
+            });
+        let record = FutureRecord::to(topic)
+            .key(e.key.as_str())
+            .payload(e.payload.as_slice())
+            .timestamp(e.timestamp_ms)
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(delivery) => Ok(Box::pin(async move {
+                let outcome = match delivery.await {
+                    Ok(Ok(_)) => Outcome::Acked,
+                    Ok(Err((err, _))) => classify(&err),
+                    // The producer went away before reporting: send again.
+                    Err(_) => Outcome::Retry,
+                };
+                (entry, outcome)
+            })),
+            Err((err, _)) => match classify(&err) {
+                Outcome::Retry | Outcome::Fatal => Err(entry),
+                outcome => Ok(Box::pin(async move { (entry, outcome) })),
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        entry: SpooledEntry,
+        outcome: Outcome,
+        reader: &mut SpoolReader,
+        dead_letter: &mut Option<DeadLetter>,
+        retry: &mut VecDeque<SpooledEntry>,
+        fatal: &mut bool,
+        backoff: &mut Duration,
+        retry_at: &mut Instant,
+    ) {
+        match outcome {
+            Outcome::Acked => {
+                self.metrics.sent.inc();
+                self.metrics.kafka_connected.set(1);
+                *backoff = RETRY_MIN;
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let lag_ms = (now_ms - entry.entry.timestamp_ms).max(0);
+                self.metrics.lag.observe(lag_ms as f64 / 1e3);
+                self.ack(reader, entry.pos);
+            }
+            Outcome::DeadLetter(reason) => {
+                if dead_letter.is_none() {
+                    match DeadLetter::open(&self.spool_dir, self.metrics.spool.clone()) {
+                        Ok(d) => *dead_letter = Some(d),
+                        Err(e) => tracing::error!(error = %e, "cannot open the dead-letter file"),
+                    }
+                }
+                let written = match dead_letter.as_mut() {
+                    Some(d) => d.append(&entry.entry, &reason),
+                    None => Err(std::io::Error::other("no dead-letter file")),
+                };
+                match written {
+                    Ok(()) => self.ack(reader, entry.pos),
+                    Err(e) => {
+                        // Keep it in the spool rather than lose it.
+                        tracing::error!(error = %e, "cannot write the dead-letter file");
+                        retry.push_back(entry);
+                        *retry_at = Instant::now() + RETRY_MAX;
+                    }
+                }
+            }
+            Outcome::Fatal => {
+                *fatal = true;
+                retry.push_back(entry);
+            }
+            Outcome::Retry => {
+                self.metrics.delivery_retries.inc();
+                if retry.is_empty() {
+                    *retry_at = Instant::now() + *backoff;
+                    *backoff = (*backoff * 2).min(RETRY_MAX);
+                }
+                retry.push_back(entry);
+            }
+        }
+    }
+
+    fn ack(&self, reader: &mut SpoolReader, pos: Position) {
+        if let Err(e) = reader.ack(pos) {
+            tracing::warn!(error = %e, "cannot remove a delivered spool segment");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The tee: every request/response pair becomes a record on its way to Kafka.
+//!
+//! ```text
+//! request path ──try_send──▶ bounded queue ──▶ spool writer thread ──▶ segment files
+//!                                                                          │
+//!                       Kafka producer task ◀── tails the spool ◀──────────┘
+//!                       (acked ⇒ segment deleted; no Kafka ⇒ the spool is a rotating log)
+//! ```
+//! The request path never waits: a full queue drops the record, counted and logged.
+
+pub mod kafka;
+pub mod record;
+pub mod spool;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use record::{EncodeContext, Exchange};
+use spool::{SpoolEntry, SpoolWriter};
+
+use crate::telemetry::TeeMetrics;
+
+/// Most records the writer encodes and appends in one write.
+const WRITE_BATCH: usize = 512;
+
+/// The request path's handle on the tee. Cheap to clone; `send` never blocks.
+#[derive(Clone, Debug)]
+pub struct TeeSender {
+    tx: SyncSender<Box<Exchange>>,
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+    metrics: TeeMetrics,
+    drops: Arc<DropLog>,
+}
+
+impl TeeSender {
+    /// Hands the exchange to the spool writer, or drops it (counted) if the queue is full.
+    pub fn send(&self, exchange: Box<Exchange>) {
+        let size = exchange.captured_bytes();
+        let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > self.max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.dropped();
+            return;
+        }
+        match self.tx.try_send(exchange) {
+            Ok(()) => {
+                self.metrics.queued.inc();
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.dropped();
+            }
+        }
+    }
+
+    fn dropped(&self) {
+        self.metrics.dropped_queue_full.inc();
+        self.drops.record();
+    }
+}
+
+/// Logs dropped records at most once per interval, with the count since the last line.
+#[derive(Debug)]
+struct DropLog {
+    start: Instant,
+    last_logged_s: AtomicU64,
+    since_last: AtomicU64,
+}
+
+impl DropLog {
+    const INTERVAL_S: u64 = 10;
+
+    fn new() -> Self {
+        DropLog {
+            start: Instant::now(),
+            last_logged_s: AtomicU64::new(0),
+            since_last: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self) {
+        let n = self.since_last.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.start.elapsed().as_secs() + Self::INTERVAL_S;
+        let last = self.last_logged_s.load(Ordering::Relaxed);
+        if now >= last + Self::INTERVAL_S
+            && self
+                .last_logged_s
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.since_last.fetch_sub(n, Ordering::Relaxed);
+            tracing::error!(
+                dropped = n,
+                "tee queue full: records dropped (the spool cannot keep up)"
+            );
+        }
+    }
+}
+
+/// The spool writer: its own OS thread, so a slow disk never stalls the async runtime.
+pub struct TeeWriter {
+    handle: JoinHandle<()>,
+    closing: Arc<AtomicBool>,
+}
+
+impl TeeWriter {
+    /// Starts the writer thread and returns the request path's sender.
+    pub fn spawn(
+        spool: SpoolWriter,
+        ctx: EncodeContext,
+        queue_records: usize,
+        queue_bytes: usize,
+        fsync_interval: Duration,
+        metrics: TeeMetrics,
+    ) -> std::io::Result<(TeeSender, TeeWriter)> {
+        let (tx, rx) = mpsc::sync_channel(queue_records);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let sender = TeeSender {
+            tx,
+            queued_bytes: queued_bytes.clone(),
+            max_bytes: queue_bytes,
+            metrics,
+            drops: Arc::new(DropLog::new()),
+        };
+        let tick = fsync_interval.clamp(Duration::from_millis(10), Duration::from_millis(100));
+        let closing = Arc::new(AtomicBool::new(false));
+        let flag = closing.clone();
+        let writer_metrics = sender.metrics.clone();
+        let handle = std::thread::Builder::new()
+            .name("sluicegate-spool".into())
+            .spawn(move || write_loop(rx, spool, ctx, queued_bytes, tick, &flag, writer_metrics))?;
+        Ok((sender, TeeWriter { handle, closing }))
+    }
+
+    /// Writes what is queued, syncs and stops. Records sent after this are dropped (counted).
+    pub fn close(self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
+}
+
+fn write_loop(
+    rx: mpsc::Receiver<Box<Exchange>>,
+    mut spool: SpoolWriter,
+    ctx: EncodeContext,
+    queued_bytes: Arc<AtomicUsize>,
+    tick: Duration,
+    closing: &AtomicBool,
+    metrics: TeeMetrics,
+) {
+    let spool_failures = metrics.dropped_spool_error.clone();
+    let mut entries: Vec<SpoolEntry> = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        let first = match rx.recv_timeout(tick) {
+            Ok(ex) => ex,
+            Err(RecvTimeoutError::Timeout) => {
+                if closing.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(e) = spool.maybe_fsync() {
+                    tracing::warn!(error = %e, "spool fsync failed");
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut freed = 0;
+        for ex in std::iter::once(first).chain(rx.try_iter().take(WRITE_BATCH - 1)) {
+            freed += ex.captured_bytes();
+            entries.push(ex.encode(&ctx));
+        }
+        queued_bytes.fetch_sub(freed, Ordering::Relaxed);
+        if let Err(e) = spool.append_batch(&entries) {
+            spool_failures.inc_by(entries.len() as u64);
+            tracing::error!(error = %e, records = entries.len(), "spool write failed: records lost");
+        }
+        entries.clear();
+        if let Err(e) = spool.maybe_fsync() {
+            tracing::warn!(error = %e, "spool fsync failed");
+        }
+    }
+    if let Err(e) = spool.sync() {
+        tracing::warn!(error = %e, "spool fsync at shutdown failed");
+    }
+}

@@ -1,0 +1,582 @@
+//! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`,
+//! documented by `schema/record.v1.json`).
+//!
+//! The request path only captures raw parts into an [`Exchange`]; turning it into JSON happens
+//! on the spool writer's thread, off the request path.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use http::{HeaderMap, HeaderName, Method};
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::spool::{EntryKind, SpoolEntry};
+use crate::config::policy::PolicySnapshot;
+
+pub const RECORD_SCHEMA: &str = "sluicegate.record.v1";
+const REDACTED: &str = "[redacted]";
+
+/// A body as captured while it streamed: the first `cap` bytes and the total size.
+#[derive(Clone, Debug, Default)]
+pub struct Capture {
+    pub bytes: Vec<u8>,
+    /// Bytes that passed, captured or not.
+    pub size: u64,
+    cap: usize,
+}
+
+impl Capture {
+    pub fn with_cap(cap: usize) -> Self {
+        Capture {
+            bytes: Vec::new(),
+            size: 0,
+            cap,
+        }
+    }
+
+    /// Copies what still fits under the cap; counts everything.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.size += chunk.len() as u64;
+        let room = self.cap.saturating_sub(self.bytes.len());
+        if room > 0 {
+            self.bytes
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+    }
+
+    pub fn truncated(&self) -> bool {
+        (self.bytes.len() as u64) < self.size
+    }
+}
+
+/// One side of the exchange.
+#[derive(Debug, Default)]
+pub struct Message {
+    pub headers: HeaderMap,
+    pub trailers: Option<HeaderMap>,
+    pub body: Capture,
+}
+
+/// Why the proxy answered a request itself, or why an exchange ended early.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExchangeError {
+    /// Stable code, the same as the `error` field of the JSON error sent to the client.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Everything captured about one request/response pair, raw.
+#[derive(Debug)]
+pub struct Exchange {
+    pub id: String,
+    pub time: SystemTime,
+    pub route: Arc<str>,
+    pub policy: Arc<PolicySnapshot>,
+    pub consumer: Option<String>,
+    pub method: Method,
+    /// Path and query as the client sent them.
+    pub path: String,
+    pub request: Message,
+    /// Status sent to the client.
+    pub status: Option<u16>,
+    /// `None` when the upstream never answered.
+    pub response: Option<Message>,
+    pub error: Option<ExchangeError>,
+    pub upstream_duration: Option<Duration>,
+    pub total_duration: Duration,
+    /// False when the response did not finish: the client left or the upstream broke mid-body.
+    pub complete: bool,
+}
+
+impl Exchange {
+    /// Bytes this exchange holds in memory (what bounds the queue in front of the spool).
+    pub fn captured_bytes(&self) -> usize {
+        self.request.body.bytes.len()
+            + self.response.as_ref().map_or(0, |r| r.body.bytes.len())
+            + 512
+    }
+}
+
+/// What is the same for every record of this process.
+#[derive(Clone, Debug)]
+pub struct EncodeContext {
+    pub instance: String,
+    pub max_record_bytes: usize,
+}
+
+/// The pod name (`POD_NAME`, as the Downward API sets it), else `HOSTNAME`, else the host name.
+pub fn instance_name() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+}
+
+impl Exchange {
+    /// Encodes the record; bodies are cut until it fits under the record size limit.
+    pub fn encode(&self, ctx: &EncodeContext) -> SpoolEntry {
+        let timestamp_ms = self
+            .time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let longest = self
+            .request
+            .body
+            .bytes
+            .len()
+            .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len()));
+        let mut body_limit = longest;
+        let payload = loop {
+            let json = serde_json::to_vec(&RecordView {
+                exchange: self,
+                instance: &ctx.instance,
+                body_limit,
+            })
+            .expect("record serializes");
+            if json.len() <= ctx.max_record_bytes || body_limit == 0 {
+                break json;
+            }
+            // Halving converges in a few rounds; JSON escaping and base64 make the encoded
+            // size hard to predict from the raw size.
+            body_limit /= 2;
+        };
+        SpoolEntry {
+            kind: EntryKind::Record,
+            timestamp_ms,
+            key: self.id.clone(),
+            route: self.route.to_string(),
+            payload,
+        }
+    }
+}
+
+/// Serializes an [`Exchange`] as the v1 record, with bodies cut to `body_limit` bytes.
+struct RecordView<'a> {
+    exchange: &'a Exchange,
+    instance: &'a str,
+    body_limit: usize,
+}
+
+#[derive(Serialize)]
+struct Model<'a> {
+    name: Option<&'a str>,
+    version: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Consumer<'a> {
+    id: Option<&'a str>,
+    declared: bool,
+}
+
+#[derive(Serialize)]
+struct PolicyRef<'a> {
+    version: &'a str,
+    generation: u64,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    upstream_ms: Option<f64>,
+    total_ms: f64,
+}
+
+/// The few fields read out of a JSON body (v2 request `id`, v2 response model name/version).
+#[derive(serde::Deserialize, Default)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model_name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model_version: Option<&'a RawValue>,
+}
+
+fn raw_str(v: Option<&RawValue>) -> Option<String> {
+    v.and_then(|r| serde_json::from_str::<String>(r.get()).ok())
+}
+
+/// A captured body, classified once.
+struct Body<'a> {
+    capture: &'a Capture,
+    json: Option<&'a RawValue>,
+    probe: Probe<'a>,
+    binary_type: bool,
+}
+
+impl<'a> Body<'a> {
+    fn new(capture: &'a Capture, headers: &HeaderMap) -> Self {
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let binary_type = content_type.starts_with("application/grpc")
+            || content_type.starts_with("application/octet-stream")
+            || content_type.starts_with("application/x-protobuf");
+        let mut json = None;
+        let mut probe = Probe::default();
+        if !binary_type && !capture.truncated() && !capture.bytes.is_empty() {
+            if let Ok(raw) = serde_json::from_slice::<&RawValue>(&capture.bytes) {
+                json = Some(raw);
+                if raw.get().starts_with('{') {
+                    probe = serde_json::from_str(raw.get()).unwrap_or_default();
+                }
+            }
+        }
+        Body {
+            capture,
+            json,
+            probe,
+            binary_type,
+        }
+    }
+}
+
+struct BodyView<'a> {
+    body: &'a Body<'a>,
+    limit: usize,
+    captured: bool,
+}
+
+impl Serialize for BodyView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let capture = self.body.capture;
+        let mut m = s.serialize_map(Some(4))?;
+        if !self.captured {
+            m.serialize_entry("encoding", "none")?;
+            m.serialize_entry("size", &capture.size)?;
+            m.serialize_entry("truncated", &(capture.size > 0))?;
+            return m.end();
+        }
+        let bytes = &capture.bytes[..capture.bytes.len().min(self.limit)];
+        let truncated = (bytes.len() as u64) < capture.size;
+        match (self.body.json, truncated) {
+            // Complete JSON goes in as raw JSON: numbers exactly as sent.
+            (Some(raw), false) => {
+                m.serialize_entry("encoding", "json")?;
+                m.serialize_entry("data", raw)?;
+            }
+            _ => match text_prefix(bytes, truncated).filter(|_| !self.body.binary_type) {
+                Some(text) => {
+                    m.serialize_entry("encoding", "text")?;
+                    m.serialize_entry("data", text)?;
+                }
+                None => {
+                    m.serialize_entry("encoding", "base64")?;
+                    m.serialize_entry(
+                        "data",
+                        &base64::engine::general_purpose::STANDARD.encode(bytes),
+                    )?;
+                }
+            },
+        }
+        m.serialize_entry("size", &capture.size)?;
+        m.serialize_entry("truncated", &truncated)?;
+        m.end()
+    }
+}
+
+/// The bytes as text if they are UTF-8; a truncated body may end inside a character, so up to
+/// three trailing bytes may be dropped.
+fn text_prefix(bytes: &[u8], truncated: bool) -> Option<&str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Some(s),
+        Err(e) if truncated && e.error_len().is_none() => {
+            std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
+}
+
+struct HeadersView<'a> {
+    headers: &'a HeaderMap,
+    redacted: &'a [HeaderName],
+}
+
+impl Serialize for HeadersView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.headers.keys_len()))?;
+        for name in self.headers.keys() {
+            if self.redacted.contains(name) {
+                m.serialize_entry(name.as_str(), REDACTED)?;
+                continue;
+            }
+            let mut joined = String::new();
+            for (i, v) in self.headers.get_all(name).iter().enumerate() {
+                if i > 0 {
+                    joined.push_str(", ");
+                }
+                joined.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            }
+            m.serialize_entry(name.as_str(), &joined)?;
+        }
+        m.end()
+    }
+}
+
+/// Model name and version from the path: `/v2/models/NAME[/versions/V]/…` (Open Inference
+/// Protocol) or `/v1/models/NAME[/versions/V]:predict` (TF-Serving).
+fn model_from_path(path: &str) -> (Option<&str>, Option<&str>) {
+    let path = path.split('?').next().unwrap_or("");
+    let rest = path
+        .strip_prefix("/v2/models/")
+        .or_else(|| path.strip_prefix("/v1/models/"));
+    let Some(rest) = rest else {
+        return (None, None);
+    };
+    let mut parts = rest.split('/');
+    let name = parts.next().map(|n| n.split(':').next().unwrap_or(n));
+    let version = match (parts.next(), parts.next()) {
+        (Some("versions"), Some(v)) => Some(v.split(':').next().unwrap_or(v)),
+        _ => None,
+    };
+    (name.filter(|n| !n.is_empty()), version)
+}
+
+impl Serialize for RecordView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let ex = self.exchange;
+        let policy = &ex.policy;
+        let captured = policy.policy.tee.capture_bodies;
+        let redacted = policy.redacted_headers.as_slice();
+        let request_body = Body::new(&ex.request.body, &ex.request.headers);
+        let response_body = ex.response.as_ref().map(|r| Body::new(&r.body, &r.headers));
+
+        let (path_model, path_version) = model_from_path(&ex.path);
+        let probe = response_body.as_ref().map(|b| &b.probe);
+        let model_name = raw_str(probe.and_then(|p| p.model_name));
+        let model_version = raw_str(probe.and_then(|p| p.model_version));
+        let v2_id = raw_str(request_body.probe.id);
+        let (path, query) = match ex.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (ex.path.as_str(), None),
+        };
+
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("schema", RECORD_SCHEMA)?;
+        m.serialize_entry("id", &ex.id)?;
+        m.serialize_entry(
+            "time",
+            &humantime::format_rfc3339_micros(ex.time).to_string(),
+        )?;
+        m.serialize_entry("instance", self.instance)?;
+        m.serialize_entry("route", &*ex.route)?;
+        m.serialize_entry(
+            "model",
+            &Model {
+                name: model_name.as_deref().or(path_model),
+                version: model_version.as_deref().or(path_version),
+            },
+        )?;
+        m.serialize_entry(
+            "consumer",
+            &Consumer {
+                id: ex.consumer.as_deref(),
+                declared: false,
+            },
+        )?;
+        m.serialize_entry(
+            "policy",
+            &PolicyRef {
+                version: &policy.version,
+                generation: policy.generation,
+            },
+        )?;
+        m.serialize_entry(
+            "request",
+            &RequestView {
+                method: ex.method.as_str(),
+                path,
+                query,
+                headers: HeadersView {
+                    headers: &ex.request.headers,
+                    redacted,
+                },
+                v2_id: v2_id.as_deref(),
+                body: BodyView {
+                    body: &request_body,
+                    limit: self.body_limit,
+                    captured,
+                },
+            },
+        )?;
+        let response = ex
+            .response
+            .as_ref()
+            .zip(response_body.as_ref())
+            .map(|(r, body)| ResponseView {
+                status: ex.status.unwrap_or(0),
+                headers: HeadersView {
+                    headers: &r.headers,
+                    redacted,
+                },
+                trailers: r.trailers.as_ref().map(|t| HeadersView {
+                    headers: t,
+                    redacted,
+                }),
+                body: BodyView {
+                    body,
+                    limit: self.body_limit,
+                    captured,
+                },
+            });
+        m.serialize_entry("response", &response)?;
+        m.serialize_entry("status", &ex.status)?;
+        m.serialize_entry("error", &ex.error)?;
+        m.serialize_entry("complete", &ex.complete)?;
+        m.serialize_entry(
+            "timings",
+            &Timings {
+                upstream_ms: ex.upstream_duration.map(|d| d.as_secs_f64() * 1e3),
+                total_ms: ex.total_duration.as_secs_f64() * 1e3,
+            },
+        )?;
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct RequestView<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: HeadersView<'a>,
+    v2_id: Option<&'a str>,
+    body: BodyView<'a>,
+}
+
+#[derive(Serialize)]
+struct ResponseView<'a> {
+    status: u16,
+    headers: HeadersView<'a>,
+    trailers: Option<HeadersView<'a>>,
+    body: BodyView<'a>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::policy::{Policy, PolicySnapshot};
+
+    fn capture(bytes: &[u8], cap: usize) -> Capture {
+        let mut c = Capture::with_cap(cap);
+        c.push(bytes);
+        c
+    }
+
+    fn exchange(req: &[u8], resp: &[u8], cap: usize) -> Exchange {
+        let mut rh = HeaderMap::new();
+        rh.insert("content-type", "application/json".parse().unwrap());
+        rh.insert("authorization", "Bearer secret".parse().unwrap());
+        rh.insert("traceparent", "00-abc-def-01".parse().unwrap());
+        Exchange {
+            id: "id-1".into(),
+            time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            route: "default".into(),
+            policy: Arc::new(PolicySnapshot::new(Policy::default(), 0, 1 << 20)),
+            consumer: Some("checkout".into()),
+            method: Method::POST,
+            path: "/v2/models/iris/versions/3/infer?x=1".into(),
+            request: Message {
+                headers: rh.clone(),
+                trailers: None,
+                body: capture(req, cap),
+            },
+            status: Some(200),
+            response: Some(Message {
+                headers: rh,
+                trailers: None,
+                body: capture(resp, cap),
+            }),
+            error: None,
+            upstream_duration: Some(Duration::from_micros(1500)),
+            total_duration: Duration::from_micros(1700),
+            complete: true,
+        }
+    }
+
+    fn ctx(max: usize) -> EncodeContext {
+        EncodeContext {
+            instance: "pod-0".into(),
+            max_record_bytes: max,
+        }
+    }
+
+    fn decode(entry: &SpoolEntry) -> serde_json::Value {
+        serde_json::from_slice(&entry.payload).unwrap()
+    }
+
+    #[test]
+    fn json_bodies_are_embedded_exactly_and_headers_redacted() {
+        let req = br#"{"id":"r-7","inputs":[{"name":"x","data":[1.10,2e3]}]}"#;
+        let resp = br#"{"model_name":"iris","model_version":"4","outputs":[]}"#;
+        let entry = exchange(req, resp, 1024).encode(&ctx(1 << 20));
+        assert_eq!(entry.key, "id-1");
+        assert_eq!(entry.timestamp_ms, 1_700_000_000_123);
+        let text = String::from_utf8(entry.payload.clone()).unwrap();
+        assert!(
+            text.contains(r#"[1.10,2e3]"#),
+            "numbers kept as sent: {text}"
+        );
+        let v = decode(&entry);
+        assert_eq!(v["schema"], RECORD_SCHEMA);
+        assert_eq!(v["request"]["v2_id"], "r-7");
+        assert_eq!(v["request"]["body"]["encoding"], "json");
+        assert_eq!(v["request"]["headers"]["authorization"], REDACTED);
+        assert_eq!(v["request"]["headers"]["traceparent"], "00-abc-def-01");
+        assert_eq!(v["request"]["path"], "/v2/models/iris/versions/3/infer");
+        assert_eq!(v["request"]["query"], "x=1");
+        assert_eq!(v["model"]["name"], "iris");
+        assert_eq!(
+            v["model"]["version"], "4",
+            "the response wins over the path"
+        );
+        assert_eq!(v["time"], "2023-11-14T22:13:20.123000Z");
+    }
+
+    #[test]
+    fn malformed_truncated_and_binary_bodies() {
+        let entry = exchange(b"{not json", &[0xff, 0xfe, 0x00], 1024).encode(&ctx(1 << 20));
+        let v = decode(&entry);
+        assert_eq!(v["request"]["body"]["encoding"], "text");
+        assert_eq!(v["request"]["body"]["data"], "{not json");
+        assert_eq!(v["response"]["body"]["encoding"], "base64");
+        assert_eq!(v["response"]["body"]["data"], "//4A");
+
+        let long = format!(r#"{{"inputs":"{}"}}"#, "é".repeat(100));
+        let v = decode(&exchange(long.as_bytes(), b"{}", 51).encode(&ctx(1 << 20)));
+        let body = &v["request"]["body"];
+        assert_eq!(body["encoding"], "text");
+        assert_eq!(body["truncated"], true);
+        assert_eq!(body["size"], long.len());
+        assert!(body["data"].as_str().unwrap().len() <= 51);
+    }
+
+    #[test]
+    fn records_are_cut_to_fit_the_limit() {
+        let big = vec![b'a'; 200_000];
+        let entry = exchange(&big, &big, 1 << 20).encode(&ctx(50_000));
+        assert!(entry.payload.len() <= 50_000, "{}", entry.payload.len());
+        let v = decode(&entry);
+        assert_eq!(v["request"]["body"]["truncated"], true);
+        assert_eq!(v["request"]["body"]["size"], 200_000);
+    }
+
+    #[test]
+    fn model_from_tf_serving_and_v2_paths() {
+        assert_eq!(
+            model_from_path("/v1/models/half:predict"),
+            (Some("half"), None)
+        );
+        assert_eq!(
+            model_from_path("/v1/models/half/versions/2:predict"),
+            (Some("half"), Some("2"))
+        );
+        assert_eq!(model_from_path("/v2/models/m/infer"), (Some("m"), None));
+        assert_eq!(model_from_path("/other"), (None, None));
+    }
+}

@@ -1,0 +1,1672 @@
+//! Write-ahead spool: the tee appends records here before they are sent to Kafka, so a killed
+//! process loses nothing that reached the spool (see DESIGN.md, "Delivery guarantees").
+//!
+//! A [`SpoolWriter`] (on its own OS thread) appends batches of entries to segment files and
+//! publishes, through a `watch` channel, the [`Position`] before which everything is whole
+//! frames. A [`SpoolReader`] (the Kafka producer) tails the segments up to that position and
+//! deletes a segment once every entry in it was acknowledged. Without Kafka ([`SpoolMode::Rotate`])
+//! the spool is a rotating log whose oldest segment is removed when full; with Kafka
+//! ([`SpoolMode::Hold`]) a full spool refuses new entries. [`DeadLetter`] sets aside entries the
+//! broker will never accept, in the same format.
+//!
+//! # On-disk format
+//!
+//! - Segments are `DIR/{n:020}.seg` (20 zero-padded decimal digits), numbered from 1 upward. A
+//!   writer never appends to an existing segment (its tail may be torn by a crash): it starts one
+//!   numbered above the highest present. Other names in `DIR` (such as `dead-letter/`) are ignored.
+//! - A segment is a sequence of frames: magic `u32` LE `0x3153_4753` (`b"SGS1"`), body length
+//!   `u32` LE, CRC-32 (IEEE, as computed by `crc32fast`) of the body as `u32` LE, then the body.
+//! - Body: kind `u8` (0 = record, 1 = alert; other values make the frame corrupt), timestamp
+//!   milliseconds `i64` LE, key length `u16` LE, key (UTF-8), route length `u16` LE, route
+//!   (UTF-8), then the payload (JSON) to the end of the body.
+//! - Dead letters use the same frames in `DIR/dead-letter/{n:020}.seg`, one file per
+//!   [`DeadLetter`] lifetime (created on its first append, numbered above the highest present), so
+//!   a [`SpoolReader`] opened on `DIR/dead-letter` reads them. The reason is logged, not stored.
+//!
+//! A reader skips (and counts) torn or corrupt frames and resynchronises on the next magic whose
+//! frame verifies, so damage never hides the frames behind it.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+/// File extension of segment files.
+pub const SEGMENT_EXT: &str = "seg";
+
+/// Name of the dead-letter subdirectory of a spool directory.
+pub const DEAD_LETTER_DIR: &str = "dead-letter";
+
+const MAGIC: [u8; 4] = 0x3153_4753_u32.to_le_bytes();
+const HEADER_LEN: usize = 12;
+/// kind + timestamp + key length + route length.
+const MIN_BODY_LEN: usize = 1 + 8 + 2 + 2;
+const SEGMENT_NAME_DIGITS: usize = 20;
+/// Reader buffer granularity; also how far a resync scan looks at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// A full spool refuses entries on every batch: warn about it at most this often.
+const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What an entry is: a request/response record or a limit alert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A request/response record (`sluicegate.record.v1`).
+    Record,
+    /// A limit alert (`sluicegate.alert.v1`).
+    Alert,
+}
+
+impl EntryKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            EntryKind::Record => 0,
+            EntryKind::Alert => 1,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(EntryKind::Record),
+            1 => Some(EntryKind::Alert),
+            _ => None,
+        }
+    }
+}
+
+/// One spooled entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpoolEntry {
+    /// Record or alert.
+    pub kind: EntryKind,
+    /// Request time (the Kafka message timestamp), milliseconds since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Kafka key (the prediction id); at most `u16::MAX` bytes.
+    pub key: String,
+    /// Route name; at most `u16::MAX` bytes.
+    pub route: String,
+    /// The JSON document.
+    pub payload: Vec<u8>,
+}
+
+/// A place in the spool: segment number and byte offset within it. Ordered (segment, offset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    /// Segment number (the file name).
+    pub segment: u64,
+    /// Byte offset within the segment.
+    pub offset: u64,
+}
+
+impl Position {
+    /// Reads everything present (`spool cat`).
+    pub const END: Position = Position {
+        segment: u64::MAX,
+        offset: u64::MAX,
+    };
+}
+
+/// What a full spool gives up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpoolMode {
+    /// No Kafka: the oldest segment is removed when full.
+    Rotate,
+    /// Kafka: new entries are refused when full.
+    Hold,
+}
+
+/// Spool settings.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    /// Spool directory (created if missing).
+    pub dir: PathBuf,
+    /// Cap on the total size of segment files.
+    pub max_bytes: u64,
+    /// A segment is sealed once the next entry would take it past this size.
+    pub segment_bytes: u64,
+    /// Longest time appended data stays in the page cache only.
+    pub fsync_interval: Duration,
+    /// What to do when full.
+    pub mode: SpoolMode,
+}
+
+/// Counters shared by writer and reader (prometheus-client types, cheap clones of Arc'd atomics).
+#[derive(Clone, Debug, Default)]
+pub struct SpoolMetrics {
+    /// Total bytes of segment files on disk (the writer adds, deleters subtract).
+    pub bytes: Gauge,
+    /// Number of segment files on disk.
+    pub segments: Gauge,
+    /// Entries appended.
+    pub spooled: Counter,
+    /// Entries refused: spool full (Hold mode), larger than `max_bytes`, or key/route too long.
+    pub dropped_full: Counter,
+    /// Segments deleted unread in Rotate mode.
+    pub segments_rotated: Counter,
+    /// Torn or corrupt regions skipped by a reader (one per skipped run of bytes).
+    pub corrupt_skipped: Counter,
+    /// Entries moved to the dead-letter file.
+    pub dead_lettered: Counter,
+}
+
+impl SpoolMetrics {
+    /// Registers the metrics; with a registry prefixed `sluicegate_tee` the names are
+    /// `sluicegate_tee_spool_bytes`, `sluicegate_tee_records_spooled_total`, etc.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "spool_bytes",
+            "Bytes of spool segment files on disk",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "spool_segments",
+            "Spool segment files on disk",
+            self.segments.clone(),
+        );
+        registry.register(
+            "records_spooled",
+            "Entries appended to the spool",
+            self.spooled.clone(),
+        );
+        registry.register(
+            "records_dropped_spool_full",
+            "Entries refused by the spool (full, or too large)",
+            self.dropped_full.clone(),
+        );
+        registry.register(
+            "spool_segments_rotated",
+            "Spool segments deleted unread to make room (no Kafka)",
+            self.segments_rotated.clone(),
+        );
+        registry.register(
+            "spool_corrupt_frames",
+            "Torn or corrupt spool regions skipped while reading",
+            self.corrupt_skipped.clone(),
+        );
+        registry.register(
+            "records_dead_lettered",
+            "Entries set aside in the dead-letter file",
+            self.dead_lettered.clone(),
+        );
+    }
+}
+
+/// Size in bytes of `entry`'s frame, or `None` if it cannot be framed (key or route longer than
+/// `u16::MAX` bytes, or a body over `u32::MAX` bytes).
+pub fn frame_len(entry: &SpoolEntry) -> Option<usize> {
+    u16::try_from(entry.key.len()).ok()?;
+    u16::try_from(entry.route.len()).ok()?;
+    let body = MIN_BODY_LEN
+        .checked_add(entry.key.len())?
+        .checked_add(entry.route.len())?
+        .checked_add(entry.payload.len())?;
+    u32::try_from(body).ok()?;
+    body.checked_add(HEADER_LEN)
+}
+
+/// Encodes one frame, appending it to `out` (used by benches and tests too). Appends nothing
+/// for an entry that cannot be framed (see [`frame_len`]).
+pub fn encode_frame(entry: &SpoolEntry, out: &mut Vec<u8>) {
+    let (Ok(key_len), Ok(route_len)) = (
+        u16::try_from(entry.key.len()),
+        u16::try_from(entry.route.len()),
+    ) else {
+        return;
+    };
+    let Some(Ok(body_len)) = frame_len(entry).map(|n| u32::try_from(n - HEADER_LEN)) else {
+        return;
+    };
+    out.reserve(HEADER_LEN + MIN_BODY_LEN + entry.payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&body_len.to_le_bytes());
+    let crc_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body_at = out.len();
+    out.push(entry.kind.to_byte());
+    out.extend_from_slice(&entry.timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(entry.key.as_bytes());
+    out.extend_from_slice(&route_len.to_le_bytes());
+    out.extend_from_slice(entry.route.as_bytes());
+    out.extend_from_slice(&entry.payload);
+    let crc = crc32fast::hash(&out[body_at..]);
+    out[crc_at..body_at].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn le_u32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// Decodes a body whose CRC already matched; `None` if malformed.
+fn decode_body(body: &[u8]) -> Option<SpoolEntry> {
+    let (&kind, rest) = body.split_first()?;
+    let kind = EntryKind::from_byte(kind)?;
+    let (ts, rest) = rest.split_at_checked(8)?;
+    let timestamp_ms = i64::from_le_bytes(ts.try_into().ok()?);
+    let (key, rest) = take_str(rest)?;
+    let (route, payload) = take_str(rest)?;
+    Some(SpoolEntry {
+        kind,
+        timestamp_ms,
+        key,
+        route,
+        payload: payload.to_vec(),
+    })
+}
+
+/// Splits a u16-length-prefixed UTF-8 string off the front of `b`.
+fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
+    let (len, rest) = b.split_at_checked(2)?;
+    let len = usize::from(u16::from_le_bytes(len.try_into().ok()?));
+    let (s, rest) = rest.split_at_checked(len)?;
+    Some((String::from_utf8(s.to_vec()).ok()?, rest))
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:020}.{SEGMENT_EXT}"))
+}
+
+fn segment_number(name: &OsStr) -> Option<u64> {
+    let stem = name
+        .to_str()?
+        .strip_suffix(SEGMENT_EXT)?
+        .strip_suffix('.')?;
+    if stem.len() != SEGMENT_NAME_DIGITS || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// Numbers of the segment files in `dir`, ascending.
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for dirent in fs::read_dir(dir)? {
+        let dirent = dirent?;
+        let Some(number) = segment_number(&dirent.file_name()) else {
+            continue;
+        };
+        match dirent.file_type() {
+            Ok(t) if t.is_file() => numbers.push(number),
+            Ok(_) => {}
+            // Deleted between listing and looking.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Segments in `dir` with their sizes, ascending.
+fn list_segments_with_sizes(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for number in list_segments(dir)? {
+        match fs::metadata(segment_path(dir, number)) {
+            Ok(m) => out.push((number, m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn next_number(existing: Option<u64>) -> io::Result<u64> {
+    existing
+        .map_or(Some(1), |n| n.checked_add(1))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "segment numbers exhausted"))
+}
+
+fn create_segment(dir: &Path, number: u64) -> io::Result<File> {
+    // create_new: never append to a file someone else (an earlier process) wrote.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(segment_path(dir, number))
+}
+
+/// Makes new directory entries durable, not just the data in them.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Appends to the spool; lives on its own OS thread (all calls block on disk).
+#[derive(Debug)]
+pub struct SpoolWriter {
+    config: SpoolConfig,
+    metrics: SpoolMetrics,
+    tx: watch::Sender<Position>,
+    first_segment: u64,
+    segment: u64,
+    file: File,
+    /// End of the last whole frame written to the current segment (what gets published).
+    offset: u64,
+    /// Bytes actually in the current file: past `offset` only after a failed write.
+    file_len: u64,
+    /// A write failed mid-frame: the next append starts a new segment.
+    broken: bool,
+    buf: Vec<u8>,
+    buf_entries: usize,
+    /// Sealed segments with data not yet fsynced.
+    unsynced: Vec<File>,
+    dirty: bool,
+    dir_dirty: bool,
+    last_sync: Instant,
+    /// Rotate mode only: sealed segments (number, size), oldest first, and their total size.
+    sealed: VecDeque<(u64, u64)>,
+    sealed_bytes: u64,
+    last_drop_warn: Option<Instant>,
+}
+
+impl SpoolWriter {
+    /// Creates the directory if needed, scans existing segments (to set the bytes/segments
+    /// gauges), starts a fresh segment. Returns the writer and a watch receiver of the writer's
+    /// position: everything strictly before it is complete, whole frames.
+    pub fn open(
+        config: SpoolConfig,
+        metrics: SpoolMetrics,
+    ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
+        fs::create_dir_all(&config.dir)?;
+        let existing = list_segments_with_sizes(&config.dir)?;
+        let first = next_number(existing.last().map(|&(n, _)| n))?;
+        let file = create_segment(&config.dir, first)?;
+        let total: u64 = existing.iter().map(|&(_, size)| size).sum();
+        metrics.bytes.set(gauge_value(total));
+        metrics.segments.set(gauge_value(existing.len() as u64 + 1));
+        let (sealed, sealed_bytes) = match config.mode {
+            SpoolMode::Rotate => (VecDeque::from(existing), total),
+            SpoolMode::Hold => (VecDeque::new(), 0),
+        };
+        let (tx, rx) = watch::channel(Position {
+            segment: first,
+            offset: 0,
+        });
+        let writer = SpoolWriter {
+            config,
+            metrics,
+            tx,
+            first_segment: first,
+            segment: first,
+            file,
+            offset: 0,
+            file_len: 0,
+            broken: false,
+            buf: Vec::new(),
+            buf_entries: 0,
+            unsynced: Vec::new(),
+            dirty: false,
+            dir_dirty: true,
+            last_sync: Instant::now(),
+            sealed,
+            sealed_bytes,
+            last_drop_warn: None,
+        };
+        Ok((writer, rx))
+    }
+
+    /// The first segment number this writer wrote: entries in lower segments were written by an
+    /// earlier process (replay).
+    pub fn first_segment(&self) -> u64 {
+        self.first_segment
+    }
+
+    /// Appends a batch with one write per segment touched (page cache, no fsync), rolls to a new
+    /// segment when the next entry would take the current one past `segment_bytes`, enforces
+    /// `max_bytes` per mode, then publishes the new position. Returns how many were written; the
+    /// rest were dropped and counted in `dropped_full` (spool full in Hold mode, an entry larger
+    /// than `max_bytes`, or a key/route over `u16::MAX` bytes). Entries are judged one by one:
+    /// after one is refused, a smaller one may still fit.
+    ///
+    /// On an I/O error the entries already written stay published (and will be read); the
+    /// others are lost and not counted, so the caller should count the batch as failed. The next
+    /// call starts a fresh segment if a write was torn.
+    pub fn append_batch(&mut self, entries: &[SpoolEntry]) -> io::Result<usize> {
+        let mut written = 0;
+        let mut dropped = 0;
+        let result = self.append_inner(entries, &mut written, &mut dropped);
+        self.metrics.spooled.inc_by(written as u64);
+        if dropped > 0 {
+            self.metrics.dropped_full.inc_by(dropped as u64);
+            if self
+                .last_drop_warn
+                .is_none_or(|t| t.elapsed() >= DROP_WARN_INTERVAL)
+            {
+                self.last_drop_warn = Some(Instant::now());
+                tracing::warn!(
+                    dropped,
+                    total_dropped = self.metrics.dropped_full.get(),
+                    mode = ?self.config.mode,
+                    "spool full or entries too large; entries dropped"
+                );
+            }
+        }
+        let pos = Position {
+            segment: self.segment,
+            offset: self.offset,
+        };
+        self.tx.send_if_modified(|p| {
+            let changed = *p != pos;
+            *p = pos;
+            changed
+        });
+        result.map(|()| written)
+    }
+
+    fn append_inner(
+        &mut self,
+        entries: &[SpoolEntry],
+        written: &mut usize,
+        dropped: &mut usize,
+    ) -> io::Result<()> {
+        if self.broken && !entries.is_empty() {
+            self.roll()?;
+        }
+        for entry in entries {
+            let len = match frame_len(entry) {
+                Some(len) if (len as u64) <= self.config.max_bytes => len as u64,
+                _ => {
+                    *dropped += 1;
+                    continue;
+                }
+            };
+            let pending = self.buf.len() as u64;
+            if self.config.mode == SpoolMode::Hold {
+                // The reader deletes acked segments and lowers the gauge: that is our room.
+                let on_disk = u64::try_from(self.metrics.bytes.get()).unwrap_or(0);
+                if on_disk.saturating_add(pending).saturating_add(len) > self.config.max_bytes {
+                    *dropped += 1;
+                    continue;
+                }
+            }
+            let current = self.file_len + pending;
+            if current > 0 && current + len > self.config.segment_bytes {
+                *written += self.flush()?;
+                self.roll()?;
+            }
+            if self.config.mode == SpoolMode::Rotate {
+                self.make_room(len);
+            }
+            encode_frame(entry, &mut self.buf);
+            self.buf_entries += 1;
+        }
+        *written += self.flush()?;
+        Ok(())
+    }
+
+    /// Rotate mode: deletes the oldest sealed segments until `len` more bytes fit.
+    fn make_room(&mut self, len: u64) {
+        let current = self.file_len + self.buf.len() as u64;
+        while self.sealed_bytes + current + len > self.config.max_bytes {
+            let Some((number, size)) = self.sealed.pop_front() else {
+                // Only the current segment is left: keep the newest entries regardless.
+                return;
+            };
+            self.sealed_bytes -= size;
+            match fs::remove_file(segment_path(&self.config.dir, number)) {
+                // NotFound: removed by hand; in Rotate mode nobody else accounts for it.
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Stop counting it rather than retrying on every entry; the gauges keep it.
+                    tracing::warn!(segment = number, error = %e, "cannot delete spool segment");
+                    continue;
+                }
+            }
+            self.metrics.bytes.dec_by(gauge_value(size));
+            self.metrics.segments.dec();
+            self.metrics.segments_rotated.inc();
+        }
+    }
+
+    /// Writes the buffered frames to the current segment; returns how many entries that was.
+    fn flush(&mut self) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            return Ok(0);
+        }
+        let entries = std::mem::take(&mut self.buf_entries);
+        self.dirty = true;
+        let result = self.file.write_all(&self.buf);
+        let len = self.buf.len() as u64;
+        self.buf.clear();
+        match result {
+            Ok(()) => {
+                self.offset += len;
+                self.file_len = self.offset;
+                self.metrics.bytes.inc_by(gauge_value(len));
+                Ok(entries)
+            }
+            Err(e) => {
+                // Part of it may be on disk: account for it, never append behind it.
+                self.broken = true;
+                if let Ok(m) = self.file.metadata() {
+                    if m.len() > self.file_len {
+                        self.metrics
+                            .bytes
+                            .inc_by(gauge_value(m.len() - self.file_len));
+                        self.file_len = m.len();
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Seals the current segment and starts the next one.
+    fn roll(&mut self) -> io::Result<()> {
+        let next = next_number(Some(self.segment))?;
+        let file = create_segment(&self.config.dir, next)?;
+        let old = std::mem::replace(&mut self.file, file);
+        if self.dirty {
+            // Synced on the next fsync tick, not here: appends never wait for the disk.
+            self.unsynced.push(old);
+        }
+        if self.config.mode == SpoolMode::Rotate {
+            self.sealed.push_back((self.segment, self.file_len));
+            self.sealed_bytes += self.file_len;
+        }
+        self.segment = next;
+        self.offset = 0;
+        self.file_len = 0;
+        self.broken = false;
+        self.dirty = false;
+        self.dir_dirty = true;
+        self.metrics.segments.inc();
+        Ok(())
+    }
+
+    /// fsyncs the current segment if `fsync_interval` has elapsed since the last fsync (call it
+    /// after every batch and on an idle tick).
+    pub fn maybe_fsync(&mut self) -> io::Result<()> {
+        let pending = self.dirty || self.dir_dirty || !self.unsynced.is_empty();
+        if pending && self.last_sync.elapsed() >= self.config.fsync_interval {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// fsync now (shutdown): sealed segments not yet synced, the current one, the directory.
+    pub fn sync(&mut self) -> io::Result<()> {
+        while let Some(file) = self.unsynced.last() {
+            file.sync_data()?;
+            self.unsynced.pop();
+        }
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.config.dir)?;
+            self.dir_dirty = false;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
+/// An entry read back, with where it sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpooledEntry {
+    /// Where the entry's frame starts; pass it to [`SpoolReader::ack`].
+    pub pos: Position,
+    /// The entry.
+    pub entry: SpoolEntry,
+}
+
+/// An open segment being read, with a read-ahead buffer that lets a resync look forward.
+#[derive(Debug)]
+struct SegmentCursor {
+    number: u64,
+    file: File,
+    /// Bytes of the file from `buf_at`; the file's read position is always at their end.
+    buf: Vec<u8>,
+    buf_at: u64,
+    /// Where the next frame starts.
+    pos: u64,
+}
+
+impl SegmentCursor {
+    fn new(number: u64, file: File) -> Self {
+        SegmentCursor {
+            number,
+            file,
+            buf: Vec::new(),
+            buf_at: 0,
+            pos: 0,
+        }
+    }
+
+    /// Up to `len` bytes of the file from `start`, fewer at end of file or at `cap`. Never
+    /// buffers bytes at or past `cap`: in the active segment they may be half-written.
+    fn window(&mut self, start: u64, len: usize, cap: u64) -> io::Result<&[u8]> {
+        let end = start.saturating_add(len as u64).min(cap);
+        if start >= end {
+            return Ok(&[]);
+        }
+        let buf_end = self.buf_at + self.buf.len() as u64;
+        if start < self.buf_at || start > buf_end {
+            self.file.seek(SeekFrom::Start(start))?;
+            self.buf.clear();
+            self.buf_at = start;
+        } else {
+            let consumed = (start - self.buf_at) as usize;
+            if consumed >= READ_CHUNK || consumed == self.buf.len() {
+                self.buf.drain(..consumed);
+                self.buf_at = start;
+                if self.buf.capacity() > 4 * READ_CHUNK && self.buf.len() < READ_CHUNK {
+                    // Give back the memory of one huge frame.
+                    self.buf.shrink_to(2 * READ_CHUNK);
+                }
+            }
+        }
+        let buf_end = self.buf_at + self.buf.len() as u64;
+        if buf_end < end {
+            let target = end.max(buf_end.saturating_add(READ_CHUNK as u64)).min(cap);
+            let mut filled = self.buf.len();
+            self.buf.resize(filled + (target - buf_end) as usize, 0);
+            while filled < self.buf.len() {
+                match self.file.read(&mut self.buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        self.buf.truncate(filled);
+                        return Err(e);
+                    }
+                }
+            }
+            self.buf.truncate(filled);
+        }
+        let from = (start - self.buf_at) as usize;
+        let to = ((end - self.buf_at) as usize).min(self.buf.len());
+        Ok(self.buf.get(from..to).unwrap_or(&[]))
+    }
+
+    /// The frame at `at` if it is whole before `limit` and verifies: (entry, frame length).
+    fn frame_at(&mut self, at: u64, limit: u64) -> io::Result<Option<(SpoolEntry, u64)>> {
+        let header = self.window(at, HEADER_LEN, limit)?;
+        if header.len() < HEADER_LEN || header[..4] != MAGIC {
+            return Ok(None);
+        }
+        let (Some(body_len), Some(crc)) = (le_u32(&header[4..]), le_u32(&header[8..])) else {
+            return Ok(None);
+        };
+        let frame_len = HEADER_LEN as u64 + u64::from(body_len);
+        let Ok(frame_usize) = usize::try_from(frame_len) else {
+            return Ok(None);
+        };
+        // Checked before reading so a corrupt length never makes us buffer past the limit.
+        if (body_len as usize) < MIN_BODY_LEN || limit.saturating_sub(at) < frame_len {
+            return Ok(None);
+        }
+        let frame = self.window(at, frame_usize, limit)?;
+        if frame.len() < frame_usize {
+            return Ok(None);
+        }
+        let body = &frame[HEADER_LEN..];
+        if crc32fast::hash(body) != crc {
+            return Ok(None);
+        }
+        Ok(decode_body(body).map(|entry| (entry, frame_len)))
+    }
+
+    /// Finds the first frame at or after `from` that verifies: (offset, entry, frame length).
+    fn resync(&mut self, from: u64, limit: u64) -> io::Result<Option<(u64, SpoolEntry, u64)>> {
+        let mut at = from;
+        while limit.saturating_sub(at) >= HEADER_LEN as u64 {
+            let chunk = self.window(at, READ_CHUNK, limit)?;
+            if chunk.len() < MAGIC.len() {
+                break;
+            }
+            match chunk.windows(MAGIC.len()).position(|w| w == MAGIC) {
+                Some(i) => {
+                    let candidate = at + i as u64;
+                    if let Some((entry, len)) = self.frame_at(candidate, limit)? {
+                        return Ok(Some((candidate, entry, len)));
+                    }
+                    at = candidate + 1;
+                }
+                // Overlap so a magic split across chunks is still seen.
+                None => at += (chunk.len() - (MAGIC.len() - 1)) as u64,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads frames before `limit` into `out` until it holds `max` entries.
+    fn read_frames(
+        &mut self,
+        limit: u64,
+        max: usize,
+        out: &mut Vec<SpooledEntry>,
+        corrupt: &Counter,
+    ) -> io::Result<()> {
+        while out.len() < max && self.pos < limit {
+            let at = self.pos;
+            let found = match self.frame_at(at, limit)? {
+                Some((entry, len)) => Some((at, entry, len)),
+                None => {
+                    let found = self.resync(at + 1, limit)?;
+                    let skipped_to = found.as_ref().map_or(limit, |&(next, _, _)| next);
+                    corrupt.inc();
+                    tracing::warn!(
+                        segment = self.number,
+                        offset = at,
+                        skipped = skipped_to - at,
+                        "skipped torn or corrupt spool bytes"
+                    );
+                    found
+                }
+            };
+            match found {
+                Some((at, entry, len)) => {
+                    out.push(SpooledEntry {
+                        pos: Position {
+                            segment: self.number,
+                            offset: at,
+                        },
+                        entry,
+                    });
+                    self.pos = at + len;
+                }
+                None => self.pos = limit,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Acknowledgement state of one segment (producer reader only).
+#[derive(Debug, Default)]
+struct SegmentAcks {
+    /// Offsets of entries handed out and not yet acknowledged.
+    unacked: HashSet<u64>,
+    /// The reader read past the end of the sealed segment: nothing more will come from it.
+    passed: bool,
+}
+
+/// Tails the spool segments (the Kafka producer, and `spool cat`).
+#[derive(Debug)]
+pub struct SpoolReader {
+    dir: PathBuf,
+    metrics: SpoolMetrics,
+    delete_acked: bool,
+    /// Lowest segment number that may still hold unread entries.
+    next_segment: u64,
+    current: Option<SegmentCursor>,
+    acks: BTreeMap<u64, SegmentAcks>,
+}
+
+impl SpoolReader {
+    /// Starts at the oldest segment in `dir`. `delete_acked`: true for the producer (deletes
+    /// fully acknowledged segments), false for `spool cat`. Open the writer first: its scan sets
+    /// the gauges this reader lowers. Never combine `delete_acked` with a Rotate-mode writer
+    /// (both would delete and account for the same segments).
+    pub fn open(dir: &Path, metrics: SpoolMetrics, delete_acked: bool) -> io::Result<SpoolReader> {
+        if !fs::metadata(dir)?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        Ok(SpoolReader {
+            dir: dir.to_path_buf(),
+            metrics,
+            delete_acked,
+            next_segment: 0,
+            current: None,
+            acks: BTreeMap::new(),
+        })
+    }
+
+    /// Reads up to `max` entries strictly before `upto`. Segments numbered below `upto.segment`
+    /// are sealed and read to their end; segment `upto.segment` is read up to `upto.offset`.
+    /// Returns an empty vec when nothing new is there. Torn or corrupt frames are skipped and
+    /// counted (the reader resyncs on the next frame that verifies); segments that disappeared
+    /// are skipped. Pass [`Position::END`] to read everything (`spool cat`); a torn tail at the
+    /// end of the newest segment (a writer mid-write) is then skipped and counted.
+    ///
+    /// The reader never goes back: an entry whose delivery failed must be kept by the caller,
+    /// or re-read by opening a new reader (which starts again at the oldest segment).
+    pub fn next_batch(&mut self, upto: Position, max: usize) -> io::Result<Vec<SpooledEntry>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            if self.current.is_none() && !self.open_next(upto.segment)? {
+                break;
+            }
+            let Some(cursor) = self.current.as_mut() else {
+                break;
+            };
+            if cursor.number > upto.segment {
+                // Opened under a later `upto` (a caller mixing positions): nothing is due yet.
+                break;
+            }
+            let sealed = cursor.number < upto.segment;
+            let file_len = cursor.file.metadata()?.len();
+            let limit = if sealed {
+                file_len
+            } else {
+                upto.offset.min(file_len)
+            };
+            let before = out.len();
+            cursor.read_frames(limit, max, &mut out, &self.metrics.corrupt_skipped)?;
+            let number = cursor.number;
+            let finished = cursor.pos >= limit;
+            if self.delete_acked {
+                for e in &out[before..] {
+                    self.acks
+                        .entry(number)
+                        .or_default()
+                        .unacked
+                        .insert(e.pos.offset);
+                }
+            }
+            if !(sealed && finished) {
+                break;
+            }
+            self.current = None;
+            self.next_segment = number.saturating_add(1);
+            if self.delete_acked {
+                self.acks.entry(number).or_default().passed = true;
+                self.delete_if_done(number)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the lowest segment at or after `next_segment`, if it is at most `upto_segment`.
+    fn open_next(&mut self, upto_segment: u64) -> io::Result<bool> {
+        loop {
+            let next = self.next_segment;
+            let Some(number) = list_segments(&self.dir)?.into_iter().find(|&n| n >= next) else {
+                return Ok(false);
+            };
+            if number > upto_segment {
+                return Ok(false);
+            }
+            match File::open(segment_path(&self.dir, number)) {
+                Ok(file) => {
+                    self.current = Some(SegmentCursor::new(number, file));
+                    self.next_segment = number;
+                    return Ok(true);
+                }
+                // Rotated away between listing and opening.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => match number.checked_add(1) {
+                    Some(n) => self.next_segment = n,
+                    None => return Ok(false),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Marks an entry acknowledged (delivered or dead-lettered). When every entry read from a
+    /// sealed segment is acknowledged and the reader has passed its end, the segment file is
+    /// deleted and the gauges updated. Acks may arrive in any order; repeated or unknown
+    /// positions are ignored.
+    pub fn ack(&mut self, pos: Position) -> io::Result<()> {
+        if let Some(acks) = self.acks.get_mut(&pos.segment) {
+            acks.unacked.remove(&pos.offset);
+        }
+        self.delete_if_done(pos.segment)
+    }
+
+    fn delete_if_done(&mut self, number: u64) -> io::Result<()> {
+        let done = matches!(
+            self.acks.get(&number),
+            Some(a) if a.passed && a.unacked.is_empty()
+        );
+        if !done || !self.delete_acked {
+            return Ok(());
+        }
+        self.acks.remove(&number);
+        let path = segment_path(&self.dir, number);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.metrics.bytes.dec_by(gauge_value(size));
+                self.metrics.segments.dec();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Entries the broker will never accept, set aside in `DIR/dead-letter/` in the segment format.
+#[derive(Debug)]
+pub struct DeadLetter {
+    dir: PathBuf,
+    number: u64,
+    file: Option<File>,
+    metrics: SpoolMetrics,
+    buf: Vec<u8>,
+}
+
+impl DeadLetter {
+    /// Opens the dead letters of spool directory `dir`, creating `dir/dead-letter`. The file is
+    /// created on the first append, numbered above any left by earlier processes.
+    pub fn open(dir: &Path, metrics: SpoolMetrics) -> io::Result<DeadLetter> {
+        let dir = dir.join(DEAD_LETTER_DIR);
+        fs::create_dir_all(&dir)?;
+        let number = next_number(list_segments(&dir)?.last().copied())?;
+        Ok(DeadLetter {
+            dir,
+            number,
+            file: None,
+            metrics,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Appends `entry` and fsyncs (dead letters are rare and must not be lost). `reason` is
+    /// logged with `tracing::warn`, not stored.
+    pub fn append(&mut self, entry: &SpoolEntry, reason: &str) -> io::Result<()> {
+        self.buf.clear();
+        encode_frame(entry, &mut self.buf);
+        if self.buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "entry cannot be framed (key or route too long)",
+            ));
+        }
+        let file = match self.file.take() {
+            Some(file) => file,
+            None => {
+                let file = create_segment(&self.dir, self.number)?;
+                sync_dir(&self.dir)?;
+                file
+            }
+        };
+        let file = self.file.insert(file);
+        file.write_all(&self.buf)?;
+        file.sync_data()?;
+        self.metrics.dead_lettered.inc();
+        tracing::warn!(
+            key = %entry.key,
+            route = %entry.route,
+            reason,
+            "record moved to the dead-letter file"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn entry(i: usize) -> SpoolEntry {
+        SpoolEntry {
+            kind: if i % 5 == 0 {
+                EntryKind::Alert
+            } else {
+                EntryKind::Record
+            },
+            timestamp_ms: 1_700_000_000_000 + i as i64,
+            key: format!("pred-{i:06}"),
+            route: format!("route-{}", i % 3),
+            payload: format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 40)).into_bytes(),
+        }
+    }
+
+    fn config(dir: &Path, mode: SpoolMode, max_bytes: u64, segment_bytes: u64) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            segment_bytes,
+            fsync_interval: Duration::from_millis(5),
+            mode,
+        }
+    }
+
+    /// Deterministic xorshift, so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        list_segments_with_sizes(dir)
+            .unwrap()
+            .iter()
+            .map(|&(_, s)| s)
+            .sum()
+    }
+
+    fn segment_numbers(dir: &Path) -> Vec<u64> {
+        list_segments(dir).unwrap()
+    }
+
+    fn assert_gauges_match_disk(metrics: &SpoolMetrics, dir: &Path) {
+        assert_eq!(metrics.bytes.get(), disk_bytes(dir) as i64, "bytes gauge");
+        assert_eq!(
+            metrics.segments.get(),
+            segment_numbers(dir).len() as i64,
+            "segments gauge"
+        );
+    }
+
+    fn read_all(reader: &mut SpoolReader, upto: Position) -> Vec<SpooledEntry> {
+        let mut out = Vec::new();
+        loop {
+            let batch = reader.next_batch(upto, 17).unwrap();
+            if batch.is_empty() {
+                return out;
+            }
+            out.extend(batch);
+        }
+    }
+
+    fn entries_of(read: &[SpooledEntry]) -> Vec<SpoolEntry> {
+        read.iter().map(|e| e.entry.clone()).collect()
+    }
+
+    fn write_all(writer: &mut SpoolWriter, entries: &[SpoolEntry], batch: usize) {
+        for chunk in entries.chunks(batch) {
+            assert_eq!(writer.append_batch(chunk).unwrap(), chunk.len());
+            writer.maybe_fsync().unwrap();
+        }
+    }
+
+    #[test]
+    fn round_trip_across_segment_rolls() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1000);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let all: Vec<_> = (0..300).map(entry).collect();
+        write_all(&mut w, &all, 7);
+        w.sync().unwrap();
+        let upto = *rx.borrow();
+        assert!(upto.segment >= 5, "expected several rolls, got {upto:?}");
+        assert_eq!(metrics.spooled.get(), 300);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        for (_, size) in list_segments_with_sizes(tmp.path()).unwrap() {
+            assert!(size <= 1000);
+        }
+
+        let read_metrics = SpoolMetrics::default();
+        let mut r = SpoolReader::open(tmp.path(), read_metrics.clone(), false).unwrap();
+        let got = read_all(&mut r, upto);
+        assert_eq!(entries_of(&got), all);
+        assert!(got.windows(2).all(|p| p[0].pos < p[1].pos));
+        assert!(got.iter().all(|e| e.pos < upto));
+
+        let mut cat = SpoolReader::open(tmp.path(), read_metrics.clone(), false).unwrap();
+        assert_eq!(entries_of(&read_all(&mut cat, Position::END)), all);
+        assert_eq!(read_metrics.corrupt_skipped.get(), 0);
+        // A read-only reader deletes nothing.
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn reader_tails_writer_thread_without_duplicates_or_gaps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 30, 2000);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let n = 3000;
+        let writer = std::thread::spawn(move || {
+            let mut rng = Rng(7);
+            let mut i = 0;
+            while i < n {
+                let k = 1 + rng.below(20);
+                let batch: Vec<_> = (i..(i + k).min(n)).map(entry).collect();
+                assert_eq!(w.append_batch(&batch).unwrap(), batch.len());
+                w.maybe_fsync().unwrap();
+                i += batch.len();
+                if rng.below(4) == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            w
+        });
+
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut next = 0;
+        let mut last = None;
+        while next < n {
+            let upto = *rx.borrow();
+            let batch = r.next_batch(upto, 13).unwrap();
+            if batch.is_empty() {
+                assert!(Instant::now() < deadline, "stuck at entry {next}");
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            for e in batch {
+                assert!(e.pos < upto, "{:?} not before {upto:?}", e.pos);
+                assert!(Some(e.pos) > last, "positions must increase");
+                last = Some(e.pos);
+                assert_eq!(e.entry, entry(next));
+                next += 1;
+                r.ack(e.pos).unwrap();
+            }
+        }
+        let _w = writer.join().unwrap();
+        let upto = *rx.borrow();
+        assert!(upto.segment > 3);
+        assert!(r.next_batch(upto, 10).unwrap().is_empty());
+        // Every sealed segment was fully acked: only the writer's active one is left.
+        assert_eq!(segment_numbers(tmp.path()), vec![upto.segment]);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        assert_eq!(metrics.corrupt_skipped.get(), 0);
+    }
+
+    #[test]
+    fn acks_in_random_order_delete_exactly_the_fully_acked_sealed_segments() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let all: Vec<_> = (0..80).map(entry).collect();
+        write_all(&mut w, &all, 3);
+        let upto = *rx.borrow();
+        let before = segment_numbers(tmp.path());
+        assert!(before.len() > 5);
+        let bytes_before = metrics.bytes.get();
+
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let got = read_all(&mut r, upto);
+        assert_eq!(entries_of(&got), all);
+        // Reading alone deletes nothing: every segment still has unacked entries.
+        assert_eq!(segment_numbers(tmp.path()), before);
+
+        let mut unacked: BTreeMap<u64, usize> = BTreeMap::new();
+        for e in &got {
+            *unacked.entry(e.pos.segment).or_default() += 1;
+        }
+        let mut order: Vec<usize> = (0..got.len()).collect();
+        let mut rng = Rng(0x5eed);
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for idx in order {
+            let pos = got[idx].pos;
+            r.ack(pos).unwrap();
+            *unacked.get_mut(&pos.segment).unwrap() -= 1;
+            let expected: Vec<u64> = before
+                .iter()
+                .copied()
+                .filter(|n| *n >= upto.segment || unacked.get(n).copied().unwrap_or(0) > 0)
+                .collect();
+            assert_eq!(segment_numbers(tmp.path()), expected);
+            assert_gauges_match_disk(&metrics, tmp.path());
+        }
+        // Repeated and unknown acks are harmless.
+        r.ack(got[0].pos).unwrap();
+        r.ack(Position {
+            segment: 999,
+            offset: 3,
+        })
+        .unwrap();
+        // The active segment stays even though all its entries are acked.
+        assert_eq!(segment_numbers(tmp.path()), vec![upto.segment]);
+        assert!(metrics.bytes.get() < bytes_before);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn rotate_mode_drops_oldest_segments_and_keeps_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Rotate, 3000, 700);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let all: Vec<_> = (0..400).map(entry).collect();
+        write_all(&mut w, &all, 5);
+        let upto = *rx.borrow();
+        assert!(disk_bytes(tmp.path()) <= 3000);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        let created = upto.segment - w.first_segment() + 1;
+        let remaining = segment_numbers(tmp.path()).len() as u64;
+        assert!(metrics.segments_rotated.get() > 0);
+        assert_eq!(metrics.segments_rotated.get(), created - remaining);
+        assert_eq!(metrics.dropped_full.get(), 0);
+        assert_eq!(metrics.spooled.get(), 400);
+
+        let mut cat = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        let got = entries_of(&read_all(&mut cat, Position::END));
+        assert!(!got.is_empty() && got.len() < all.len());
+        assert_eq!(got[..], all[all.len() - got.len()..]);
+    }
+
+    #[test]
+    fn reader_survives_segment_rotated_away_under_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Rotate, 2000, 500);
+        let (mut w, _rx) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        let all: Vec<_> = (0..200).map(entry).collect();
+        write_all(&mut w, &all[..20], 4);
+        let mut cat = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        let mut got = entries_of(&cat.next_batch(Position::END, 2).unwrap());
+        assert_eq!(got, all[..2]);
+        write_all(&mut w, &all[20..], 4);
+        assert!(
+            !segment_numbers(tmp.path()).contains(&1),
+            "segment 1 rotated"
+        );
+        got.extend(entries_of(&read_all(&mut cat, Position::END)));
+        assert!(got.windows(2).all(|p| p[0].key < p[1].key), "no duplicates");
+        assert_eq!(got.last(), all.last());
+    }
+
+    #[test]
+    fn hold_mode_refuses_when_full_and_accepts_after_acked_segments_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 3000, 700);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let mut written = 0;
+        for i in 0..200 {
+            if w.append_batch(&[entry(i)]).unwrap() == 0 {
+                break;
+            }
+            written += 1;
+        }
+        assert!(written > 10 && written < 200);
+        assert_eq!(metrics.dropped_full.get(), 1);
+        assert!(disk_bytes(tmp.path()) <= 3000);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        let batch: Vec<_> = (500..505).map(entry).collect();
+        assert_eq!(w.append_batch(&batch).unwrap(), 0);
+        assert_eq!(metrics.dropped_full.get(), 6);
+
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(
+            entries_of(&got),
+            (0..written).map(entry).collect::<Vec<_>>()
+        );
+        for e in &got {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()), vec![rx.borrow().segment]);
+        assert!(metrics.bytes.get() <= 700);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        assert_eq!(w.append_batch(&batch).unwrap(), 5);
+        assert_eq!(metrics.dropped_full.get(), 6);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), batch);
+    }
+
+    /// Frame length of a read entry, to find its bytes in the file.
+    fn len_of(e: &SpooledEntry) -> u64 {
+        frame_len(&e.entry).unwrap() as u64
+    }
+
+    fn patch(path: &Path, at: u64, f: impl FnOnce(&mut u8)) {
+        let mut bytes = fs::read(path).unwrap();
+        f(&mut bytes[at as usize]);
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn torn_tail_and_corrupt_frames_are_skipped_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 800);
+        let (mut w, rx) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        let all: Vec<_> = (0..80).map(entry).collect();
+        write_all(&mut w, &all, 4);
+        let upto = *rx.borrow();
+        let mut cat = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        let got = read_all(&mut cat, upto);
+        assert_eq!(entries_of(&got), all);
+        let in_segment =
+            |n: u64| -> Vec<&SpooledEntry> { got.iter().filter(|e| e.pos.segment == n).collect() };
+        let segs = segment_numbers(tmp.path());
+        assert!(segs.len() >= 5);
+        let mut lost = Vec::new();
+
+        // Torn tail: the last frame of a sealed segment cut in half.
+        let s = in_segment(segs[0]);
+        let last = *s.last().unwrap();
+        let file = OpenOptions::new()
+            .write(true)
+            .open(segment_path(tmp.path(), segs[0]))
+            .unwrap();
+        file.set_len(last.pos.offset + len_of(last) / 2).unwrap();
+        lost.push(last.entry.clone());
+
+        // One payload byte flipped in the middle of a segment (CRC mismatch).
+        let s = in_segment(segs[1]);
+        let mid = s[s.len() / 2];
+        patch(
+            &segment_path(tmp.path(), segs[1]),
+            mid.pos.offset + len_of(mid) - 2,
+            |b| *b ^= 0xff,
+        );
+        lost.push(mid.entry.clone());
+
+        // A length field pointing past the end of the segment.
+        let s = in_segment(segs[2]);
+        let mid = s[s.len() / 2];
+        patch(
+            &segment_path(tmp.path(), segs[2]),
+            mid.pos.offset + 7,
+            |b| *b = 0x7f,
+        );
+        lost.push(mid.entry.clone());
+
+        // Bad magic.
+        let s = in_segment(segs[3]);
+        let mid = s[1];
+        patch(&segment_path(tmp.path(), segs[3]), mid.pos.offset, |b| {
+            *b ^= 1
+        });
+        lost.push(mid.entry.clone());
+
+        let expected: Vec<_> = all.iter().filter(|e| !lost.contains(e)).cloned().collect();
+        for upto in [upto, Position::END] {
+            let m = SpoolMetrics::default();
+            let mut r = SpoolReader::open(tmp.path(), m.clone(), false).unwrap();
+            assert_eq!(entries_of(&read_all(&mut r, upto)), expected);
+            assert_eq!(m.corrupt_skipped.get(), 4);
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_and_valid_frames_behind_it_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        let (mut w, rx) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        let all: Vec<_> = (0..10).map(entry).collect();
+        write_all(&mut w, &all, 10);
+        w.sync().unwrap();
+        let last = rx.borrow().segment;
+        drop(w);
+
+        let mut rng = Rng(0xdead_beef);
+        let mut junk = rng.bytes(5000);
+        for _ in 0..20 {
+            // Magic followed by random length and CRC: must not be trusted.
+            junk.extend_from_slice(&MAGIC);
+            let n = 8 + rng.below(64);
+            junk.extend(rng.bytes(n));
+        }
+        junk.extend_from_slice(&MAGIC);
+        junk.extend_from_slice(&5u32.to_le_bytes()); // body shorter than the minimum
+        junk.extend_from_slice(&[0; 9]);
+        let mut bad_crc = Vec::new();
+        encode_frame(&entry(98), &mut bad_crc);
+        bad_crc[8] ^= 0x55;
+        junk.extend(bad_crc);
+        encode_frame(&entry(99), &mut junk);
+        junk.extend(rng.bytes(100));
+        junk.extend_from_slice(&MAGIC[..2]);
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(segment_path(tmp.path(), last))
+            .unwrap();
+        file.write_all(&junk).unwrap();
+        fs::write(segment_path(tmp.path(), last + 1), rng.bytes(10_000)).unwrap();
+        fs::write(segment_path(tmp.path(), last + 2), b"").unwrap();
+        fs::write(segment_path(tmp.path(), last + 3), MAGIC).unwrap();
+        // Not segments: must be ignored.
+        fs::write(tmp.path().join("notes.txt"), b"hello").unwrap();
+        fs::write(tmp.path().join("123.seg"), rng.bytes(50)).unwrap();
+        fs::create_dir(segment_path(tmp.path(), last + 4)).unwrap();
+
+        let mut expected = all.clone();
+        expected.push(entry(99));
+        let m = SpoolMetrics::default();
+        let mut cat = SpoolReader::open(tmp.path(), m.clone(), false).unwrap();
+        assert_eq!(entries_of(&read_all(&mut cat, Position::END)), expected);
+        assert!(m.corrupt_skipped.get() >= 3);
+
+        // A producer passes (and deletes) garbage-only and empty segments too.
+        let m = SpoolMetrics::default();
+        let mut r = SpoolReader::open(tmp.path(), m.clone(), true).unwrap();
+        let upto = Position {
+            segment: last + 10,
+            offset: 0,
+        };
+        let got = read_all(&mut r, upto);
+        assert_eq!(entries_of(&got), expected);
+        for e in &got {
+            r.ack(e.pos).unwrap();
+        }
+        assert!(segment_numbers(tmp.path()).is_empty());
+    }
+
+    #[test]
+    fn mutated_segments_never_panic_or_invent_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let originals: Vec<_> = (0..6).map(entry).collect();
+        let mut base = Vec::new();
+        for e in &originals {
+            encode_frame(e, &mut base);
+        }
+        let path = segment_path(tmp.path(), 1);
+        let mut rng = Rng(42);
+        for _ in 0..300 {
+            let mut bytes = base.clone();
+            for _ in 0..1 + rng.below(3) {
+                match rng.below(5) {
+                    0 => {
+                        let i = rng.below(bytes.len().max(1));
+                        if let Some(b) = bytes.get_mut(i) {
+                            *b ^= 1 << rng.below(8);
+                        }
+                    }
+                    1 => bytes.truncate(rng.below(bytes.len() + 1)),
+                    2 => {
+                        let at = rng.below(bytes.len() + 1);
+                        let n = rng.below(40);
+                        let junk = rng.bytes(n);
+                        bytes.splice(at..at, junk);
+                    }
+                    3 => {
+                        let at = rng.below(bytes.len() + 1);
+                        let end = (at + rng.below(30)).min(bytes.len());
+                        let junk = rng.bytes(end - at);
+                        bytes.splice(at..end, junk);
+                    }
+                    _ => {
+                        let at = rng.below(bytes.len() + 1);
+                        let end = (at + rng.below(60)).min(bytes.len());
+                        let copy = bytes[at..end].to_vec();
+                        bytes.splice(at..at, copy);
+                    }
+                }
+            }
+            fs::write(&path, &bytes).unwrap();
+            let mut cat = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+            for e in read_all(&mut cat, Position::END) {
+                assert!(originals.contains(&e.entry), "invented {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn reopened_writer_starts_new_segment_and_old_entries_are_read_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 500);
+        let all: Vec<_> = (0..30).map(entry).collect();
+        let (mut w1, rx1) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        assert_eq!(w1.first_segment(), 1);
+        write_all(&mut w1, &all[..20], 4);
+        w1.sync().unwrap();
+        let last1 = rx1.borrow().segment;
+        drop(w1);
+        let last1_len = fs::metadata(segment_path(tmp.path(), last1)).unwrap().len();
+
+        let metrics = SpoolMetrics::default();
+        let (mut w2, rx2) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        assert_eq!(w2.first_segment(), last1 + 1);
+        assert_eq!(
+            *rx2.borrow(),
+            Position {
+                segment: last1 + 1,
+                offset: 0
+            }
+        );
+        assert_gauges_match_disk(&metrics, tmp.path());
+        write_all(&mut w2, &all[20..], 4);
+        assert_eq!(
+            fs::metadata(segment_path(tmp.path(), last1)).unwrap().len(),
+            last1_len,
+            "an old segment is never appended to"
+        );
+
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let got = read_all(&mut r, *rx2.borrow());
+        assert_eq!(entries_of(&got), all);
+        let replayed = got
+            .iter()
+            .filter(|e| e.pos.segment < w2.first_segment())
+            .count();
+        assert_eq!(replayed, 20);
+        for e in &got {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()), vec![rx2.borrow().segment]);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn dead_letters_are_written_apart_and_read_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let all: Vec<_> = (0..3).map(entry).collect();
+        write_all(&mut w, &all, 3);
+
+        let mut dl = DeadLetter::open(tmp.path(), metrics.clone()).unwrap();
+        dl.append(&entry(100), "larger than message.max.bytes")
+            .unwrap();
+        dl.append(&entry(101), "rejected").unwrap();
+        assert_eq!(metrics.dead_lettered.get(), 2);
+        let bad = SpoolEntry {
+            key: "k".repeat(70_000),
+            ..entry(102)
+        };
+        assert_eq!(
+            dl.append(&bad, "x").unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        drop(dl);
+        let mut dl = DeadLetter::open(tmp.path(), metrics.clone()).unwrap();
+        dl.append(&entry(103), "rejected").unwrap();
+        assert_eq!(metrics.dead_lettered.get(), 3);
+
+        // The spool reader ignores the dead-letter directory, and its bytes are not counted.
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all);
+        assert_gauges_match_disk(&metrics, tmp.path());
+
+        let dl_dir = tmp.path().join(DEAD_LETTER_DIR);
+        assert_eq!(segment_numbers(&dl_dir), vec![1, 2]);
+        let mut cat = SpoolReader::open(&dl_dir, SpoolMetrics::default(), false).unwrap();
+        assert_eq!(
+            entries_of(&read_all(&mut cat, Position::END)),
+            vec![entry(100), entry(101), entry(103)]
+        );
+    }
+
+    #[test]
+    fn oversized_entries_go_alone_or_are_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 4000, 300);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let big = SpoolEntry {
+            payload: vec![b'7'; 1000],
+            ..entry(1)
+        };
+        let huge = SpoolEntry {
+            payload: vec![b'7'; 5000],
+            ..entry(2)
+        };
+        let long_key = SpoolEntry {
+            key: "k".repeat(usize::from(u16::MAX) + 1),
+            ..entry(3)
+        };
+        let long_route = SpoolEntry {
+            route: "r".repeat(usize::from(u16::MAX) + 1),
+            ..entry(4)
+        };
+        assert_eq!(frame_len(&long_key), None);
+        let mut buf = Vec::new();
+        encode_frame(&long_route, &mut buf);
+        assert!(buf.is_empty());
+
+        let batch = [
+            entry(0),
+            big.clone(),
+            entry(5),
+            huge,
+            long_key,
+            long_route,
+            entry(6),
+        ];
+        assert_eq!(w.append_batch(&batch).unwrap(), 4);
+        assert_eq!(metrics.dropped_full.get(), 3);
+        assert_eq!(metrics.spooled.get(), 4);
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), false).unwrap();
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(
+            entries_of(&got),
+            vec![entry(0), big.clone(), entry(5), entry(6)]
+        );
+        let big_seg = got[1].pos.segment;
+        assert!(got[0].pos.segment < big_seg && big_seg < got[2].pos.segment);
+        assert_eq!(got[1].pos.offset, 0);
+    }
+
+    #[test]
+    fn metric_names_match_the_contract() {
+        let metrics = SpoolMetrics::default();
+        let mut registry = Registry::with_prefix("sluicegate_tee");
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for name in [
+            "sluicegate_tee_spool_bytes",
+            "sluicegate_tee_spool_segments",
+            "sluicegate_tee_records_spooled_total",
+            "sluicegate_tee_records_dropped_spool_full_total",
+            "sluicegate_tee_spool_segments_rotated_total",
+            "sluicegate_tee_spool_corrupt_frames_total",
+            "sluicegate_tee_records_dead_lettered_total",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{name} missing from:\n{text}"
+            );
+        }
+    }
+}

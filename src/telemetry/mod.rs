@@ -1,0 +1,210 @@
+//! Metrics (Prometheus text via prometheus-client, registered per area, no globals) and logging.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::tee::spool::SpoolMetrics;
+
+/// Labels of a proxied request. `route` comes from the policy (a bounded set); `status` is the
+/// HTTP status sent to the client.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+/// Where a failed request's error came from: picks its status and its label here.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~52 s: model calls range from sub-millisecond to long generations.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+/// The data plane's metrics.
+#[derive(Clone, Debug)]
+pub struct ProxyMetrics {
+    pub requests: Family<RouteStatus, Counter>,
+    pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    pub errors: Family<ErrorLabel, Counter>,
+    pub upstream_ready: Gauge,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            upstream_ready: Gauge::default(),
+        }
+    }
+}
+
+/// The tee's metrics outside the spool itself.
+#[derive(Clone, Debug)]
+pub struct TeeMetrics {
+    /// Records handed to the in-memory queue.
+    pub queued: Counter,
+    /// Records refused because the in-memory queue was full (the disk could not keep up).
+    pub dropped_queue_full: Counter,
+    /// Records lost because the spool could not be written (disk error).
+    pub dropped_spool_error: Counter,
+    /// Records Kafka acknowledged.
+    pub sent: Counter,
+    /// Records read from spool segments written by an earlier process.
+    pub replayed: Counter,
+    /// Deliveries that failed and will be sent again from the spool.
+    pub delivery_retries: Counter,
+    /// Producers rebuilt after a fatal error.
+    pub producer_rebuilds: Counter,
+    /// Request time to Kafka acknowledgement.
+    pub lag: Histogram,
+    /// 1 while the producer reaches at least one broker.
+    pub kafka_connected: Gauge,
+    pub spool: SpoolMetrics,
+}
+
+impl Default for TeeMetrics {
+    fn default() -> Self {
+        TeeMetrics {
+            queued: Counter::default(),
+            dropped_queue_full: Counter::default(),
+            dropped_spool_error: Counter::default(),
+            sent: Counter::default(),
+            replayed: Counter::default(),
+            delivery_retries: Counter::default(),
+            producer_rebuilds: Counter::default(),
+            // 1 ms .. ~9 h: lag spans a healthy few ms to a long outage.
+            lag: Histogram::new(exponential_buckets(0.001, 2.0, 25)),
+            kafka_connected: Gauge::default(),
+            spool: SpoolMetrics::default(),
+        }
+    }
+}
+
+/// Every metric the process exports, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    pub proxy: ProxyMetrics,
+    pub tee: TeeMetrics,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let proxy = ProxyMetrics::default();
+        let tee = TeeMetrics::default();
+        let mut registry = Registry::default();
+        let root = registry.sub_registry_with_prefix("sluicegate");
+        root.register(
+            "requests",
+            "Requests answered, by route and status",
+            proxy.requests.clone(),
+        );
+        root.register(
+            "upstream_duration_seconds",
+            "Time from sending the request upstream to its response headers",
+            proxy.upstream_duration.clone(),
+        );
+        root.register(
+            "proxy_errors",
+            "Requests the proxy answered itself, by cause",
+            proxy.errors.clone(),
+        );
+        root.register(
+            "upstream_ready",
+            "1 when the upstream answers its readiness probe",
+            proxy.upstream_ready.clone(),
+        );
+        let t = root.sub_registry_with_prefix("tee");
+        t.register(
+            "records_queued",
+            "Records handed to the spool queue",
+            tee.queued.clone(),
+        );
+        t.register(
+            "records_dropped_queue_full",
+            "Records dropped because the queue in front of the spool was full",
+            tee.dropped_queue_full.clone(),
+        );
+        t.register(
+            "records_dropped_spool_error",
+            "Records lost because the spool could not be written",
+            tee.dropped_spool_error.clone(),
+        );
+        t.register(
+            "records_sent",
+            "Records acknowledged by Kafka",
+            tee.sent.clone(),
+        );
+        t.register(
+            "records_replayed",
+            "Records sent from spool segments of an earlier process",
+            tee.replayed.clone(),
+        );
+        t.register(
+            "delivery_retries",
+            "Deliveries that failed and are sent again from the spool",
+            tee.delivery_retries.clone(),
+        );
+        t.register(
+            "producer_rebuilds",
+            "Kafka producers rebuilt after a fatal error",
+            tee.producer_rebuilds.clone(),
+        );
+        t.register(
+            "lag_seconds",
+            "Request time to Kafka acknowledgement",
+            tee.lag.clone(),
+        );
+        t.register(
+            "kafka_connected",
+            "1 while the producer reaches a Kafka broker",
+            tee.kafka_connected.clone(),
+        );
+        tee.spool.register(t);
+        Metrics {
+            proxy,
+            tee,
+            registry,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

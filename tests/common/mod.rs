@@ -1,0 +1,289 @@
+//! Test harness: the real `sluicegate` binary on 127.0.0.1:0, upstreams, a tiny admin client.
+#![allow(dead_code)]
+
+pub mod kafka;
+pub mod tansu;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
+
+/// A running `sluicegate serve`.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub data: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl ProxyProcess {
+    /// Starts `sluicegate serve` with `args` plus loopback listeners on free ports, and waits
+    /// for it to report its addresses.
+    pub fn start(args: &[&str]) -> ProxyProcess {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SLUICEGATE_KAFKA_BROKERS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn sluicegate");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(line.clone());
+                }
+                if std::env::var_os("SLUICEGATE_TEST_LOG").is_some() {
+                    eprintln!("[proxy] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "sluicegate did not start; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(&format!("{name}=")).expect("address field") + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        ProxyProcess {
+            data: field("data"),
+            admin: field("admin"),
+            child,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.data, path)
+    }
+
+    /// Sum of a metric's samples over all label sets (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_sum(&admin_get(self.admin, "/metrics").1, name)
+    }
+
+    pub fn ready(&self) -> bool {
+        admin_get(self.admin, "/readyz").0 == 200
+    }
+
+    /// Waits until `cond` holds, polling; panics with `what` after `limit`.
+    pub fn wait_metric(&self, name: &str, at_least: f64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.metric(name);
+            if v >= at_least {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{name} = {v}, wanted >= {at_least} within {limit:?}; log:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), "TERM");
+        wait_exit(&mut self.child, Duration::from_secs(30))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET on the admin port with a plain HTTP/1.0 exchange: (status, body).
+pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `sluicegate spool cat DIR` parsed into JSON records.
+pub fn spool_records(dir: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["spool", "cat"])
+        .arg(dir)
+        .output()
+        .expect("spool cat");
+    assert!(
+        out.status.success(),
+        "spool cat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+pub fn spool_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sluicegate-test-spool")
+        .tempdir()
+        .unwrap()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// POSTs `body` and returns (status, headers, body).
+pub async fn post(
+    client: &HttpClient,
+    url: &str,
+    body: impl Into<Bytes>,
+) -> (u16, http::HeaderMap, Bytes) {
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let resp = client.request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Fixed-rate v2 traffic to `proxy` for `duration`; returns the ids of every response and
+/// how many requests failed (non-2xx or transport error).
+pub async fn load(proxy: SocketAddr, rate: u32, duration: Duration) -> (Vec<String>, usize) {
+    let c = client();
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let url = format!("http://{proxy}/v2/models/spam-filter/infer");
+            let body = sluicegate::demo::v2_request(1 + (i % 3) as usize, i);
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {
+                    let id = resp.headers()["sluicegate-id"].to_str().unwrap().to_owned();
+                    resp.into_body().collect().await.ok().map(|_| id)
+                }
+                _ => None,
+            }
+        }));
+    }
+    let mut ids = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(id) => ids.push(id),
+            None => failed += 1,
+        }
+    }
+    (ids, failed)
+}

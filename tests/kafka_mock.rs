@@ -1,0 +1,189 @@
+//! The tee against librdkafka's in-process mock cluster: fast fault tests (broker down,
+//! refused produce requests, SIGKILL with records in the spool).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::kafka::{check_contract, consume};
+use common::*;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use sluicegate::demo::StandInModel;
+
+const TOPIC: &str = "predictions";
+
+fn mock_cluster() -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 3, 1).expect("topic");
+    cluster
+}
+
+fn start(model: std::net::SocketAddr, brokers: &str, spool: &std::path::Path) -> ProxyProcess {
+    let up = format!("http://{model}");
+    ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(spool),
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        TOPIC,
+        // Short, so the retry-from-spool path runs within the test's time.
+        "--kafka-property",
+        "message.timeout.ms=2000",
+    ])
+}
+
+fn distinct(messages: &[common::kafka::Consumed]) -> HashSet<String> {
+    messages.iter().map(|m| m.key.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_requests_give_n_records_in_kafka() {
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start(model, &brokers, spool.path());
+    let (ids, failed) = load(proxy.data, 200, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(20),
+    );
+    let b = brokers.clone();
+    let n = ids.len();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    check_contract(&got);
+    assert_eq!(distinct(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(got[0].record["request"]["body"]["encoding"], "json");
+    // Acknowledged segments leave the spool (the active one stays).
+    assert!(proxy.metric("sluicegate_tee_lag_seconds_count") >= n as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_mid_load_loses_nothing_and_keeps_serving() {
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start(model, &brokers, spool.path());
+    let data = proxy.data;
+    let traffic = tokio::spawn(async move { load(data, 100, Duration::from_secs(7)).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.broker_down(1).unwrap();
+    // The outage spans more than the delivery timeout, so deliveries fail and are retried.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            proxy.ready(),
+            "a Kafka outage must not make the proxy unready"
+        );
+    }
+    cluster.broker_up(1).unwrap();
+    let (ids, failed) = traffic.await.unwrap();
+    assert_eq!(failed, 0, "every request succeeds through the outage");
+    assert!(
+        proxy.metric("sluicegate_tee_delivery_retries_total") > 0.0,
+        "the outage was felt"
+    );
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(60),
+    );
+    let b = brokers.clone();
+    let n = ids.len();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    let got = distinct(&got);
+    let missing: Vec<_> = ids.iter().filter(|id| !got.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} ids missing after recovery",
+        missing.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_produce_requests_wait_in_the_spool_then_arrive() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    // The broker refuses the next 40 produce requests (as one out of replicas would).
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 40],
+    );
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start(model, &brokers, spool.path());
+    let (ids, failed) = load(proxy.data, 100, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(60),
+    );
+    let b = brokers.clone();
+    let n = ids.len();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    assert_eq!(distinct(&got), ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_records_in_the_spool_then_restart_sends_them() {
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    cluster.broker_down(1).unwrap();
+    let mut proxy = start(model, &brokers, spool.path());
+    let (ids, failed) = load(proxy.data, 100, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    // Written, not sent: Kafka is down.
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        ids.len() as f64,
+        Duration::from_secs(10),
+    );
+    assert_eq!(proxy.metric("sluicegate_tee_records_sent_total"), 0.0);
+    proxy.sigkill();
+
+    cluster.broker_up(1).unwrap();
+    let proxy = start(model, &brokers, spool.path());
+    proxy.wait_metric(
+        "sluicegate_tee_records_replayed_total",
+        ids.len() as f64,
+        Duration::from_secs(30),
+    );
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(60),
+    );
+    let b = brokers.clone();
+    let n = ids.len();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    let got = distinct(&got);
+    let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+    assert_eq!(
+        missing, 0,
+        "records spooled before SIGKILL reach Kafka after restart"
+    );
+}

@@ -1,0 +1,235 @@
+//! The tee against a real Kafka-protocol broker process (`tansu`): records read back by a
+//! consumer group, the broker killed mid-load, a topic created late, TLS through HAProxy.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::kafka::{check_contract, consume};
+use common::tansu::{self, Tansu};
+use common::*;
+use sluicegate::demo::StandInModel;
+
+const TOPIC: &str = "predictions";
+
+fn start_proxy(
+    model: std::net::SocketAddr,
+    brokers: &str,
+    spool: &std::path::Path,
+    extra: &[&str],
+) -> ProxyProcess {
+    let up = format!("http://{model}");
+    let mut args = vec![
+        "--upstream",
+        up.as_str(),
+        "--spool-dir",
+        path_str(spool),
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        TOPIC,
+        "--kafka-property",
+        "message.timeout.ms=3000",
+    ];
+    args.extend_from_slice(extra);
+    ProxyProcess::start(&args)
+}
+
+async fn read_back(
+    brokers: String,
+    n: usize,
+    extra: Vec<(&'static str, String)>,
+) -> HashSet<String> {
+    tokio::task::spawn_blocking(move || {
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let got = consume(&brokers, TOPIC, n, Duration::from_secs(60), &extra);
+        check_contract(&got);
+        got.into_iter().map(|m| m.key).collect()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_requests_are_read_back_by_a_consumer_group() {
+    let Some(bin) = tansu::binary() else { return };
+    let port = free_port();
+    let broker = Tansu::start(bin, port, port, "memory://tansu/");
+    broker.create_topic(TOPIC, 3);
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let (ids, failed) = load(proxy.data, 200, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(30),
+    );
+    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+    assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_load_then_back_every_record_arrives() {
+    let Some(bin) = tansu::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let storage = format!("sqlite://{}", dir.path().join("kafka.db").display());
+    let port = free_port();
+    let mut broker = Tansu::start(bin, port, port, &storage);
+    broker.create_topic(TOPIC, 3);
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let data = proxy.data;
+    let traffic = tokio::spawn(async move { load(data, 100, Duration::from_secs(8)).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.kill();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            proxy.ready(),
+            "a Kafka outage must not make the proxy unready"
+        );
+    }
+    broker.restart();
+    let (ids, failed) = traffic.await.unwrap();
+    assert_eq!(failed, 0, "every request succeeds while the broker is away");
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(90),
+    );
+    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+    let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} ids missing after the broker came back",
+        ids.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_wait_in_the_spool_until_the_topic_exists() {
+    let Some(bin) = tansu::binary() else { return };
+    let port = free_port();
+    let broker = Tansu::start(bin, port, port, "memory://tansu/");
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let (ids, failed) = load(proxy.data, 100, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        ids.len() as f64,
+        Duration::from_secs(10),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        proxy.metric("sluicegate_tee_records_sent_total"),
+        0.0,
+        "no topic, nothing sent"
+    );
+    broker.create_topic(TOPIC, 3);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(90),
+    );
+    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+    assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_reaches_a_tls_listener() {
+    let Some(bin) = tansu::binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A self-signed certificate for 127.0.0.1, and HAProxy terminating TLS in front of tansu.
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (tests/run.sh installs it)");
+    assert!(status.success());
+    let bundle = dir.path().join("bundle.pem");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend(std::fs::read(&key).unwrap());
+    std::fs::write(&bundle, pem).unwrap();
+
+    let plain = free_port();
+    let tls = free_port();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend kafka_tls\n  bind 127.0.0.1:{tls} ssl crt {}\n  default_backend tansu\n\
+             backend tansu\n  server t1 127.0.0.1:{plain}\n",
+            bundle.display()
+        ),
+    )
+    .unwrap();
+    let mut haproxy = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy (tests/run.sh installs it)");
+    let broker = Tansu::start(bin, plain, tls, "memory://tansu/");
+    broker.create_topic(TOPIC, 1);
+
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let brokers = format!("127.0.0.1:{tls}");
+    let ca = format!("ssl.ca.location={}", cert.display());
+    let proxy = start_proxy(
+        model,
+        &brokers,
+        spool.path(),
+        &[
+            "--kafka-property",
+            "security.protocol=ssl",
+            "--kafka-property",
+            &ca,
+        ],
+    );
+    let (ids, failed) = load(proxy.data, 50, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(30),
+    );
+    let got = read_back(
+        brokers,
+        ids.len(),
+        vec![
+            ("security.protocol", "ssl".into()),
+            ("ssl.ca.location", cert.display().to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+}

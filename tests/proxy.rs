@@ -1,0 +1,478 @@
+//! The data plane end to end: the real binary between a client and an upstream on loopback.
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sluicegate::demo::{v2_request, StandInModel};
+use tokio::net::TcpListener;
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// An upstream built from a handler, on 127.0.0.1:0, speaking HTTP/1.1 and h2c.
+async fn upstream<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let h = handler.clone();
+                    async move { Ok::<_, Infallible>(h(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).boxed()
+}
+
+/// Echoes the request body with the request's content type.
+async fn echo(req: Request<Incoming>) -> Response<BoxBody> {
+    let ct = req.headers().get("content-type").cloned();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let mut r = Response::new(full(body));
+    if let Some(ct) = ct {
+        r.headers_mut().insert("content-type", ct);
+    }
+    r
+}
+
+fn start_proxy(upstream: SocketAddr, spool: &std::path::Path, extra: &[&str]) -> ProxyProcess {
+    let up = format!("http://{upstream}");
+    let mut args = vec!["--upstream", &up, "--spool-dir", path_str(spool)];
+    args.extend_from_slice(extra);
+    ProxyProcess::start(&args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_and_v2_json_pass_byte_for_byte_and_are_recorded() {
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &[]);
+    let c = client();
+
+    let v2 = v2_request(3, 1);
+    let direct = post(&c, &format!("http://{model}/v2/models/m/infer"), v2.clone()).await;
+    let (status, headers, body) = post(&c, &proxy.url("/v2/models/m/infer"), v2.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, direct.2, "v2 response unchanged");
+    let id = headers["sluicegate-id"].to_str().unwrap().to_owned();
+
+    let v1 = r#"{"instances": [[1.0, 2.0, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4]]}"#;
+    let direct = post(&c, &format!("http://{model}/v1/models/m:predict"), v1).await;
+    let (status, _, body) = post(&c, &proxy.url("/v1/models/m:predict"), v1).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, direct.2, "v1 response unchanged");
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(spool.path());
+    assert_eq!(records.len(), 2);
+    let r = records.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(r["request"]["body"]["encoding"], "json");
+    let sent: serde_json::Value = serde_json::from_str(&v2).unwrap();
+    assert_eq!(r["request"]["body"]["data"], sent);
+    assert_eq!(r["request"]["v2_id"], "req-1");
+    assert_eq!(r["model"]["name"], "spam-filter");
+    assert_eq!(r["model"]["version"], "3");
+    assert_eq!(r["response"]["status"], 200);
+    assert_eq!(r["complete"], true);
+    assert!(r["timings"]["upstream_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_and_are_captured_up_to_the_cap() {
+    let up = upstream(echo).await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let c = client();
+    // 8 MiB of varied bytes, not JSON.
+    let big: Vec<u8> = (0..8 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let req = Request::post(proxy.url("/blob"))
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body == big, "8 MiB echoed byte for byte");
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(spool.path());
+    let b = &records[0]["request"]["body"];
+    assert_eq!(b["encoding"], "base64");
+    assert_eq!(b["size"], 8 << 20);
+    assert_eq!(b["truncated"], true);
+    let line = serde_json::to_vec(&records[0]).unwrap();
+    assert!(line.len() <= 1 << 20, "record under the 1 MiB default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_reaches_the_client_before_the_upstream_finishes() {
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &[]);
+    let c = client();
+    // 25 events, one per 20 ms: the whole stream takes about 500 ms.
+    let req = Request::post(proxy.url("/generate_stream"))
+        .body(Full::new(Bytes::from("25")))
+        .unwrap();
+    let start = Instant::now();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Ok(d) = frame.into_data() {
+            break d;
+        }
+    };
+    let first_at = start.elapsed();
+    assert!(first.starts_with(b"data: {\"token\":\"t0\"}"));
+    let mut rest = first.to_vec();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            rest.extend_from_slice(&d);
+        }
+    }
+    let all_at = start.elapsed();
+    assert!(
+        first_at + Duration::from_millis(250) < all_at,
+        "first chunk at {first_at:?}, last at {all_at:?}: the proxy buffered the stream"
+    );
+    assert_eq!(
+        String::from_utf8(rest).unwrap().matches("data:").count(),
+        25
+    );
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let r = &spool_records(spool.path())[0];
+    assert_eq!(r["response"]["body"]["encoding"], "text");
+    assert_eq!(r["complete"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_trailers_passes_through() {
+    // A gRPC-like upstream: h2c, a binary body, then trailers.
+    let up = upstream(|req: Request<Incoming>| async move {
+        let _ = req.into_body().collect().await;
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+            Ok(Frame::trailers({
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                t.insert("grpc-message", "fine".parse().unwrap());
+                t
+            })),
+        ];
+        let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        r
+    })
+    .await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+
+    let stream = tokio::net::TcpStream::connect(proxy.data).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{}/pkg.Svc/Call", proxy.data))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x01x")))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert!(resp.headers().contains_key("sluicegate-id"));
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let r = &spool_records(spool.path())[0];
+    assert_eq!(r["response"]["trailers"]["grpc-status"], "0");
+    assert_eq!(r["response"]["body"]["encoding"], "base64");
+}
+
+fn error_code(body: &Bytes) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    v["error"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_with_and_without_content_length() {
+    let up = upstream(echo).await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &["--max-request-body", "64KiB"]);
+    let c = client();
+    let (status, headers, body) = post(&c, &proxy.url("/x"), vec![b'a'; 65 << 10]).await;
+    assert_eq!(status, 413);
+    assert!(headers.contains_key("sluicegate-id"));
+    assert_eq!(error_code(&body), "request_too_large");
+
+    // Chunked, no length: the limit is enforced as it streams.
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..20)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'b'; 8 << 10]))))
+        .collect();
+    let req = Request::post(proxy.url("/x"))
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let chunked_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >>();
+    let resp = chunked_client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(error_code(&body), "request_too_large");
+
+    // Under the limit still passes.
+    let (status, _, body) = post(&c, &proxy.url("/x"), vec![b'c'; 60 << 10]).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), 60 << 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_refused_reset_and_slow() {
+    let spool = spool_dir();
+    let c = client();
+
+    // Nothing listens: 502 upstream_unavailable, and not ready.
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = start_proxy(closed, spool.path(), &[]);
+    let (status, headers, body) = post(&c, &proxy.url("/v2/models/m/infer"), "{}").await;
+    assert_eq!(status, 502);
+    assert!(headers.contains_key("sluicegate-id"));
+    assert_eq!(error_code(&body), "upstream_unavailable");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(!proxy.ready(), "not ready while the upstream is down");
+    drop(proxy);
+
+    // Accepts, then resets: 502 upstream_failed.
+    let resetting = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_addr = resetting.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        for _ in 0..50 {
+            let Ok((mut s, _)) = resetting.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 16];
+            let _ = s.read(&mut buf).await;
+            // RST instead of FIN: a connection reset, as a crashing server gives.
+            let _ = s.set_zero_linger();
+            drop(s);
+        }
+    });
+    let spool2 = spool_dir();
+    let proxy = start_proxy(reset_addr, spool2.path(), &[]);
+    let (status, _, body) = post(&c, &proxy.url("/v2/models/m/infer"), "{}").await;
+    assert_eq!(status, 502);
+    assert_eq!(error_code(&body), "upstream_failed");
+    drop(proxy);
+
+    // Slow: 504 after the upstream timeout, then the proxy still serves.
+    let slow = upstream(|req: Request<Incoming>| async move {
+        let slow = req.uri().path() == "/slow";
+        if slow {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Response::new(full("ok"))
+    })
+    .await;
+    let spool3 = spool_dir();
+    let proxy = start_proxy(slow, spool3.path(), &["--upstream-timeout", "300ms"]);
+    let start = Instant::now();
+    let (status, _, body) = post(&c, &proxy.url("/slow"), "{}").await;
+    assert_eq!(status, 504);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(error_code(&body), "upstream_timeout");
+    let (status, _, _) = post(&c, &proxy.url("/fast"), "{}").await;
+    assert_eq!(status, 200);
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(spool3.path());
+    let timed_out = records.iter().find(|r| r["status"] == 504).unwrap();
+    assert_eq!(timed_out["error"]["code"], "upstream_timeout");
+    assert!(timed_out["response"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_passes_through_untouched_and_is_recorded_as_text() {
+    let up = upstream(echo).await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let c = client();
+    let bad = r#"{"inputs": [1, 2,"#;
+    let (status, _, body) = post(&c, &proxy.url("/v2/models/m/infer"), bad).await;
+    assert_eq!(status, 200, "the proxy is not the model's validator");
+    assert_eq!(body, bad.as_bytes());
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let r = &spool_records(spool.path())[0];
+    assert_eq!(r["request"]["body"]["encoding"], "text");
+    assert_eq!(r["request"]["body"]["data"], bad);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off() {
+    let up = upstream(echo).await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &["--header-read-timeout", "500ms"]);
+    let data = proxy.data;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(data).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\n").unwrap();
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        (start.elapsed(), buf)
+    })
+    .await
+    .unwrap();
+    assert!(
+        outcome.0 < Duration::from_secs(3),
+        "connection closed after {:?}",
+        outcome.0
+    );
+    // A connection that sends nothing at all is closed too.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(data).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        start.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        outcome < Duration::from_secs(3),
+        "idle connection closed after {outcome:?}"
+    );
+    // And the proxy still serves.
+    let (status, _, _) = post(&client(), &proxy.url("/x"), "{}").await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn invalid_settings_exit_64_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("settings.yaml");
+    std::fs::write(&file, "listen: 127.0.0.1:0\nupstrem: http://x:1\n").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("upstrem"), "{err}");
+
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--upstream",
+            "ftp://x",
+            "--spool-max-bytes",
+            "lots",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upstream") && err.contains("spool.max_bytes"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let slow = upstream(|_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        Response::new(full("done"))
+    })
+    .await;
+    let spool = spool_dir();
+    let mut proxy = start_proxy(slow, spool.path(), &[]);
+    let c = client();
+    let url = proxy.url("/x");
+    let in_flight = tokio::spawn(async move { post(&c, &url, "{}").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proxy.sigterm();
+        (s, proxy)
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit status {:?}", status.0);
+    let (code, _, body) = in_flight.await.unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(body, "done");
+    let records = spool_records(spool.path());
+    assert_eq!(
+        records.len(),
+        1,
+        "the in-flight request's record was written before exit"
+    );
+}
