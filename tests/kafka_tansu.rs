@@ -56,7 +56,7 @@ async fn read_back(
 async fn n_requests_are_read_back_by_a_consumer_group() {
     let Some(bin) = tansu::binary() else { return };
     let port = free_port();
-    let broker = Tansu::start(bin, port, port, "memory://tansu/");
+    let broker = Tansu::start(bin, port, port, "memory://tansu/", &std::env::temp_dir());
     broker.create_topic(TOPIC, 3);
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
@@ -72,37 +72,50 @@ async fn n_requests_are_read_back_by_a_consumer_group() {
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
 }
 
+/// The broker becomes unreachable mid-load (every connection to it cut, new ones refused) and
+/// comes back. Not a restart of tansu itself: tansu 0.6 with sqlite storage panics on the first
+/// idempotent produce from a producer id it knew before its restart, and is then wedged (see
+/// the README); librdkafka's mock cluster covers the broker-down case in kafka_mock.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_killed_mid_load_then_back_every_record_arrives() {
+async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
     let Some(bin) = tansu::binary() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let storage = format!("sqlite://{}", dir.path().join("kafka.db").display());
     let port = free_port();
-    let mut broker = Tansu::start(bin, port, port, &storage);
+    let front = free_port();
+    let broker = Tansu::start(bin, port, front, "memory://tansu/", &std::env::temp_dir());
     broker.create_topic(TOPIC, 3);
+    let mut link = Forwarder::start(front, format!("127.0.0.1:{port}").parse().unwrap()).await;
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let brokers = format!("127.0.0.1:{front}");
+    let proxy = start_proxy(model, &brokers, spool.path(), &[]);
     let data = proxy.data;
     let traffic = tokio::spawn(async move { load(data, 100, Duration::from_secs(8)).await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    broker.kill();
-    for _ in 0..8 {
+    link.cut();
+    // Longer than the delivery timeout: deliveries fail and are sent again from the spool.
+    for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             proxy.ready(),
             "a Kafka outage must not make the proxy unready"
         );
     }
-    broker.restart();
+    assert_eq!(
+        proxy.metric("sluicegate_tee_kafka_connected"),
+        0.0,
+        "the outage was seen"
+    );
+    let sent_during_outage = proxy.metric("sluicegate_tee_records_sent_total");
+    link.restore().await;
     let (ids, failed) = traffic.await.unwrap();
     assert_eq!(failed, 0, "every request succeeds while the broker is away");
+    assert!(sent_during_outage < ids.len() as f64);
     proxy.wait_metric(
         "sluicegate_tee_records_sent_total",
         ids.len() as f64,
         Duration::from_secs(90),
     );
-    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+    let got = read_back(brokers, ids.len(), vec![]).await;
     let missing = ids.iter().filter(|id| !got.contains(*id)).count();
     assert_eq!(
         missing,
@@ -116,7 +129,7 @@ async fn broker_killed_mid_load_then_back_every_record_arrives() {
 async fn records_wait_in_the_spool_until_the_topic_exists() {
     let Some(bin) = tansu::binary() else { return };
     let port = free_port();
-    let broker = Tansu::start(bin, port, port, "memory://tansu/");
+    let broker = Tansu::start(bin, port, port, "memory://tansu/", &std::env::temp_dir());
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
     let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
@@ -195,7 +208,7 @@ async fn the_producer_reaches_a_tls_listener() {
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy (tests/run.sh installs it)");
-    let broker = Tansu::start(bin, plain, tls, "memory://tansu/");
+    let broker = Tansu::start(bin, plain, tls, "memory://tansu/", dir.path());
     broker.create_topic(TOPIC, 1);
 
     let model = StandInModel::spawn().await.unwrap();

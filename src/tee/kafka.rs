@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -30,6 +30,10 @@ const MAX_IN_FLIGHT: usize = 10_000;
 const READ_BATCH: usize = 1_000;
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Deliveries failing with no acknowledgement for this long while a broker is reachable: the
+/// producer is rebuilt (a fresh connection and producer id). It unwedges a producer whose
+/// idempotence state a restarted broker lost, whatever error that broker answers with.
+const STALL_REBUILD: Duration = Duration::from_secs(20);
 
 /// Builds the producer configuration: sluicegate's defaults, then the user's properties.
 pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
@@ -55,17 +59,31 @@ pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientCo
     c
 }
 
-/// Tracks whether the producer reaches a broker.
+/// Tracks whether the producer reaches a broker, and logs the changes (not every retry).
 struct TeeContext {
     metrics: TeeMetrics,
 }
 
 impl ClientContext for TeeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // librdkafka repeats connection failures every second while Kafka is away; the
+        // state changes are logged once, below and in `settle`.
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
+                tracing::warn!(facility = fac, "librdkafka: {log_message}")
+            }
+            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) = error {
-            self.metrics.kafka_connected.set(0);
+            if self.metrics.kafka_connected.set(0) != 0 {
+                tracing::warn!(reason, "lost every Kafka broker; records wait in the spool");
+            }
+        } else {
+            tracing::debug!(error = %error, reason, "kafka client error");
         }
-        tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
 
@@ -101,6 +119,18 @@ type InFlight = Pin<Box<dyn Future<Output = (SpooledEntry, Outcome)> + Send>>;
 
 /// The sender's end of shutdown: when `deadline` is set, send what is left until it passes.
 pub type DrainDeadline = watch::Receiver<Option<Instant>>;
+
+/// When the producer last made progress, and when it was last rebuilt.
+struct Health {
+    last_ack: Instant,
+    last_rebuild: Instant,
+}
+
+impl Health {
+    fn stalled(&self) -> bool {
+        self.last_ack.elapsed() > STALL_REBUILD && self.last_rebuild.elapsed() > STALL_REBUILD
+    }
+}
 
 /// The Kafka sender task.
 pub struct KafkaSender {
@@ -163,6 +193,10 @@ impl KafkaSender {
         let mut backoff = RETRY_MIN;
         let mut writer_done = false;
         let mut reader_caught_up = false;
+        let mut health = Health {
+            last_ack: Instant::now(),
+            last_rebuild: Instant::now(),
+        };
 
         loop {
             let deadline = *drain.borrow();
@@ -229,14 +263,20 @@ impl KafkaSender {
             tokio::select! {
                 Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                     let mut fatal = false;
-                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at);
+                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health);
                     // Settle everything already finished before going round again.
                     while let Some(Some((entry, outcome))) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at);
+                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health);
                     }
-                    if fatal || producer.client().fatal_error().is_some() {
-                        let reason = producer.client().fatal_error().map(|(_, s)| s).unwrap_or_default();
-                        tracing::warn!(reason, "kafka producer hit a fatal error; rebuilding it and resending from the spool");
+                    let stalled = !retry.is_empty() && health.stalled();
+                    let fatal_error = producer.client().fatal_error();
+                    if fatal || stalled || fatal_error.is_some() {
+                        let reason = match fatal_error {
+                            Some((_, reason)) => reason,
+                            None if stalled => format!("no delivery for {:?}", health.last_ack.elapsed()),
+                            None => "fatal delivery error".into(),
+                        };
+                        tracing::warn!(reason, "rebuilding the kafka producer; unacknowledged records are sent again from the spool");
                         // Outstanding deliveries of the old producer are failed back as retries.
                         drop(producer);
                         while let Some((entry, _)) = in_flight.next().await {
@@ -252,6 +292,7 @@ impl KafkaSender {
                             }
                         };
                         self.metrics.producer_rebuilds.inc();
+                        health.last_rebuild = Instant::now();
                     }
                 }
                 changed = self.written.changed(), if !writer_done => {
@@ -322,11 +363,15 @@ impl KafkaSender {
         fatal: &mut bool,
         backoff: &mut Duration,
         retry_at: &mut Instant,
+        health: &mut Health,
     ) {
         match outcome {
             Outcome::Acked => {
+                health.last_ack = Instant::now();
                 self.metrics.sent.inc();
-                self.metrics.kafka_connected.set(1);
+                if self.metrics.kafka_connected.set(1) != 1 {
+                    tracing::info!("kafka acknowledges records again");
+                }
                 *backoff = RETRY_MIN;
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

@@ -287,3 +287,66 @@ pub async fn load(proxy: SocketAddr, rate: u32, duration: Duration) -> (Vec<Stri
     }
     (ids, failed)
 }
+
+/// A TCP forwarder on a fixed loopback port that can be cut and restored: a network outage
+/// between the proxy and its broker, with the broker's own state untouched.
+pub struct Forwarder {
+    port: u16,
+    target: SocketAddr,
+    tasks: Option<tokio::task::JoinSet<()>>,
+}
+
+impl Forwarder {
+    pub async fn start(port: u16, target: SocketAddr) -> Forwarder {
+        let mut f = Forwarder {
+            port,
+            target,
+            tasks: None,
+        };
+        f.restore().await;
+        f
+    }
+
+    /// Closes the listener and every forwarded connection.
+    pub fn cut(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.abort_all();
+        }
+    }
+
+    pub async fn restore(&mut self) {
+        let listener = loop {
+            // The port was just released by `cut`; binding can race its teardown.
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let target = self.target;
+        let mut tasks = tokio::task::JoinSet::new();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let _ = conn_tx.send(inbound);
+            }
+        });
+        // The connections' own set lives inside this task: aborting it drops them all.
+        tasks.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Some(mut inbound) = conn_rx.recv().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}

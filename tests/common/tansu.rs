@@ -26,18 +26,27 @@ pub struct Tansu {
     pub port: u16,
     advertised_port: u16,
     storage: String,
+    workdir: PathBuf,
 }
 
 impl Tansu {
     /// Starts a broker on `port`; clients are told to connect to `advertised_port` (a TLS
-    /// front, or the same port). `storage` is `memory://tansu/` or `sqlite://FILE`.
-    pub fn start(bin: PathBuf, port: u16, advertised_port: u16, storage: &str) -> Tansu {
+    /// front, or the same port). `storage` is `memory://tansu/` or `sqlite://NAME`, where tansu
+    /// 0.6 reads NAME relative to its working directory (it mangles absolute paths), `workdir`.
+    pub fn start(
+        bin: PathBuf,
+        port: u16,
+        advertised_port: u16,
+        storage: &str,
+        workdir: &std::path::Path,
+    ) -> Tansu {
         let mut t = Tansu {
             bin,
             child: None,
             port,
             advertised_port,
             storage: storage.to_owned(),
+            workdir: workdir.to_owned(),
         };
         t.restart();
         t
@@ -57,6 +66,7 @@ impl Tansu {
                 &format!("tcp://127.0.0.1:{}", self.advertised_port),
             ])
             .args(["--storage-engine", &self.storage])
+            .current_dir(&self.workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("SLUICEGATE_TEST_LOG").is_some() {
