@@ -290,27 +290,79 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         String::from_utf8_lossy(&body)
     );
 
-    let report = drive(proxy, opts.rate, opts.duration, true).await;
-    println!("\n{report}");
+    println!(
+        "\nDriving {} requests/s for {:?}, first straight to the model, then through sluicegate:",
+        opts.rate, opts.duration
+    );
+    let direct = drive(model, opts.rate, opts.duration, true).await;
+    let through = drive(proxy, opts.rate, opts.duration, true).await;
+    println!("direct:  {direct}");
+    println!("proxied: {through}");
+    let added = |q: f64| {
+        let d = through.latency.value_at_quantile(q) as i64
+            - direct.latency.value_at_quantile(q) as i64;
+        format!("{:+.0} µs", d as f64)
+    };
+    println!(
+        "added by sluicegate, with the tee on: p50 {}  p99 {}",
+        added(0.5),
+        added(0.99)
+    );
 
     // Let the writer (and Kafka) catch up, then shut down the way SIGTERM does.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let m = running.metrics.clone();
     running.shutdown().await;
-    let spooled = m.tee.spool.spooled.get();
     println!(
-        "records queued {}, written to the spool {spooled}, dropped {}",
+        "\nTee: {} records queued, {} written to the spool, {} dropped{}",
         m.tee.queued.get(),
-        m.tee.dropped_queue_full.get()
+        m.tee.spool.spooled.get(),
+        m.tee.dropped_queue_full.get(),
+        if opts.kafka_brokers.is_some() {
+            format!(", {} acknowledged by Kafka", m.tee.sent.get())
+        } else {
+            String::new()
+        }
     );
-    if opts.kafka_brokers.is_some() {
-        println!("records acknowledged by Kafka {}", m.tee.sent.get());
+    if let Some(record) = find_record(&opts.spool_dir, &id) {
+        println!("\nThe record of the first request (bodies shortened here, whole in the spool):");
+        println!("{record}");
     }
     println!(
-        "\nSee them:  sluicegate spool cat {}  (one JSON record per line; id {id} is the example above)",
+        "\nSee them all:  sluicegate spool cat {}   (one JSON record per line)",
         opts.spool_dir.display()
     );
     Ok(())
+}
+
+/// The record with `id`, pretty-printed with long arrays cut, if it is still in the spool
+/// (with Kafka, acknowledged segments are deleted).
+fn find_record(dir: &std::path::Path, id: &str) -> Option<String> {
+    use crate::tee::spool::{Position, SpoolMetrics, SpoolReader};
+    let mut reader = SpoolReader::open(dir, SpoolMetrics::default(), false).ok()?;
+    loop {
+        let batch = reader.next_batch(Position::END, 1024).ok()?;
+        if batch.is_empty() {
+            return None;
+        }
+        if let Some(e) = batch.into_iter().find(|e| e.entry.key == id) {
+            let mut v: Value = serde_json::from_slice(&e.entry.payload).ok()?;
+            shorten(&mut v);
+            return serde_json::to_string_pretty(&v).ok();
+        }
+    }
+}
+
+fn shorten(v: &mut Value) {
+    match v {
+        Value::Array(a) if a.len() > 4 => {
+            a.truncate(4);
+            a.push(json!("…"));
+        }
+        Value::Array(a) => a.iter_mut().for_each(shorten),
+        Value::Object(o) => o.values_mut().for_each(shorten),
+        _ => {}
+    }
 }
 
 fn post(addr: SocketAddr, path: &str, body: String) -> Request<Full<Bytes>> {

@@ -33,6 +33,13 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// Serve the built-in stand-in model (Open Inference Protocol v2 and TF-Serving v1), to
+    /// try sluicegate or benchmark it without a model server.
+    StandIn {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
     /// The quickstart: the real proxy in front of a built-in stand-in model, with traffic.
     Demo {
         /// Send the tee to Kafka instead of the spool alone.
@@ -68,7 +75,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    sluicegate::telemetry::init_logging();
+    // The demo prints its own story; its logs would only interleave with it.
+    let quiet = matches!(cli.command, Command::Demo { .. });
+    sluicegate::telemetry::init_logging(if quiet { "warn" } else { "info" });
     match cli.command {
         Command::Serve(args) => {
             let settings = match args.resolve() {
@@ -100,6 +109,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::StandIn { listen } => runtime().block_on(async move {
+            match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => {
+                    tracing::info!(%listen, "stand-in model listening");
+                    sluicegate::demo::StandInModel::serve(l).await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sluicegate: cannot listen on {listen}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Command::Demo {
             kafka_brokers,
             duration,
@@ -143,14 +165,10 @@ fn spool_cat(dir: &std::path::Path, dead_letter: bool) -> anyhow::Result<()> {
     let metrics = SpoolMetrics::default();
     let mut reader = SpoolReader::open(&dir, metrics.clone(), false)
         .with_context(|| format!("cannot read {}", dir.display()))?;
-    let everything = Position {
-        segment: u64::MAX,
-        offset: u64::MAX,
-    };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     loop {
-        let batch = reader.next_batch(everything, 1024)?;
+        let batch = reader.next_batch(Position::END, 1024)?;
         if batch.is_empty() {
             break;
         }

@@ -187,3 +187,113 @@ async fn sigkill_with_records_in_the_spool_then_restart_sends_them() {
         "records spooled before SIGKILL reach Kafka after restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_kafka_will_never_accept_is_dead_lettered_and_blocks_nothing() {
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let up = format!("http://{model}");
+    // A producer limit of 4000 bytes stands in for a broker's message.max.bytes.
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(spool.path()),
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        TOPIC,
+        "--kafka-property",
+        "message.max.bytes=4000",
+    ]);
+    let c = client();
+    let big = sluicegate::demo::v2_request(200, 1);
+    let (status, headers, _) = post(&c, &proxy.url("/v2/models/m/infer"), big).await;
+    assert_eq!(status, 200);
+    let big_id = headers["sluicegate-id"].to_str().unwrap().to_owned();
+    let mut small_ids = HashSet::new();
+    for i in 0..20 {
+        let (status, headers, _) = post(
+            &c,
+            &proxy.url("/v2/models/m/infer"),
+            sluicegate::demo::v2_request(1, i),
+        )
+        .await;
+        assert_eq!(status, 200);
+        small_ids.insert(headers["sluicegate-id"].to_str().unwrap().to_owned());
+    }
+    proxy.wait_metric(
+        "sluicegate_tee_records_dead_lettered_total",
+        1.0,
+        Duration::from_secs(20),
+    );
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        20.0,
+        Duration::from_secs(20),
+    );
+
+    let out = std::process::Command::new(BIN)
+        .args(["spool", "cat", "--dead-letter"])
+        .arg(spool.path())
+        .output()
+        .unwrap();
+    let dead: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["id"], big_id.as_str());
+    let b = brokers.clone();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, 20, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    assert_eq!(
+        distinct(&got),
+        small_ids,
+        "the records behind it were delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_error_librdkafka_calls_fatal_rebuilds_the_producer() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let proxy = start(model, &brokers, spool.path());
+    let (first, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        first.len() as f64,
+        Duration::from_secs(20),
+    );
+    // An idempotent producer told its epoch is stale cannot go on: librdkafka raises a fatal
+    // error, and only a new producer (a new id) can send again.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_EPOCH; 1],
+    );
+    let (second, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
+    assert_eq!(failed, 0);
+    let all = first.len() + second.len();
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        all as f64,
+        Duration::from_secs(60),
+    );
+    let b = brokers.clone();
+    let got =
+        tokio::task::spawn_blocking(move || consume(&b, TOPIC, all, Duration::from_secs(30), &[]))
+            .await
+            .unwrap();
+    let got = distinct(&got);
+    assert!(first.iter().chain(&second).all(|id| got.contains(id)));
+    assert!(proxy.metric("sluicegate_tee_producer_rebuilds_total") >= 1.0);
+}

@@ -198,10 +198,10 @@ impl Default for Metrics {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
+/// Logs to stderr; `RUST_LOG` filters (else `default`, e.g. `info`).
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
