@@ -33,6 +33,11 @@ pub enum StartError {
     Kafka(rdkafka::error::KafkaError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("invalid policy {file}:\n{errors}")]
+    Policy {
+        file: String,
+        errors: crate::config::validate::PolicyErrors,
+    },
 }
 
 /// A running proxy.
@@ -57,7 +62,23 @@ impl Running {
 /// Starts the proxy, the admin port, the tee and the readiness probe.
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let policy = policy::default_shared(settings.max_record_bytes);
+    let initial =
+        match &settings.policy {
+            Some(file) => crate::config::validate::load(file, settings.max_record_bytes).map_err(
+                |errors| StartError::Policy {
+                    file: file.display().to_string(),
+                    errors,
+                },
+            )?,
+            None => policy::Policy::default(),
+        };
+    let policy = policy::shared(initial, settings.max_record_bytes);
+    {
+        let snapshot = policy.load();
+        metrics
+            .policy
+            .set_version(&snapshot.version, snapshot.generation);
+    }
 
     let spool_config = SpoolConfig {
         dir: settings.spool.dir.clone(),
@@ -137,6 +158,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tee,
         metrics.proxy.clone(),
     ));
+    let upkeep = tokio::spawn(proxy.clone().run_upkeep());
     let limits = ListenerLimits {
         header_read_timeout: settings.header_read_timeout,
         shutdown_grace: settings.shutdown_grace,
@@ -159,6 +181,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }
         probe.abort();
         admin.abort();
+        upkeep.abort();
         tracing::info!("shutdown complete");
     });
 

@@ -22,6 +22,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod decide;
 pub mod demo;
 pub mod proxy;
 pub mod tee;

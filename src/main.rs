@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use sluicegate::config::policy::version_of;
 use sluicegate::config::settings::SettingsArgs;
+use sluicegate::config::validate;
 use sluicegate::tee::spool::{Position, SpoolMetrics, SpoolReader};
 
 /// EX_USAGE from sysexits.h: the input (a flag, a settings or policy file) was wrong.
@@ -28,6 +30,22 @@ struct Cli {
 enum Command {
     /// Run the proxy in front of a model server.
     Serve(Box<SettingsArgs>),
+    /// Validate policy files: exit 0, or 64 with every error and its key path.
+    Check {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The settings' largest record (the body cap may not exceed it).
+        #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+        max_record: u64,
+    },
+    /// What changes between two policies, by route and setting.
+    Diff {
+        /// The policy in force.
+        from: PathBuf,
+        /// The proposed policy.
+        to: PathBuf,
+    },
     /// Read the spool.
     Spool {
         #[command(subcommand)]
@@ -69,6 +87,10 @@ enum SpoolCommand {
     },
 }
 
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    sluicegate::config::units::parse_bytes(s).ok_or_else(|| format!("not a size: {s:?}"))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     sluicegate::config::units::parse_duration(s).ok_or_else(|| format!("not a duration: {s:?}"))
 }
@@ -90,7 +112,10 @@ fn main() -> ExitCode {
             let rt = runtime();
             match rt.block_on(sluicegate::app::serve(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ sluicegate::app::StartError::Kafka(_)) => {
+                Err(
+                    e @ (sluicegate::app::StartError::Kafka(_)
+                    | sluicegate::app::StartError::Policy { .. }),
+                ) => {
                     eprintln!("sluicegate: {e}");
                     ExitCode::from(EXIT_USAGE)
                 }
@@ -100,6 +125,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check { files, max_record } => check(&files, max_record),
+        Command::Diff { from, to } => diff(&from, &to),
         Command::Spool {
             command: SpoolCommand::Cat { dir, dead_letter },
         } => match spool_cat(&dir, dead_letter) {
@@ -143,6 +170,59 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn check(files: &[PathBuf], max_record: u64) -> ExitCode {
+    let mut ok = true;
+    for file in files {
+        match validate::load(file, max_record) {
+            Ok(p) => println!(
+                "{}: ok (version {}, {} route{})",
+                file.display(),
+                version_of(&p),
+                p.routes.len(),
+                if p.routes.len() == 1 { "" } else { "s" }
+            ),
+            Err(errors) => {
+                ok = false;
+                for e in errors.0 {
+                    println!("{}: {e}", file.display());
+                }
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    }
+}
+
+fn diff(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
+    // The diff is of meaning, so both sides must be valid policies.
+    let max = u64::MAX;
+    let (a, b) = match (validate::load(from, max), validate::load(to, max)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => {
+            for (file, r) in [(from, a), (to, b)] {
+                if let Err(errors) = r {
+                    for e in errors.0 {
+                        eprintln!("{}: {e}", file.display());
+                    }
+                }
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let changes = sluicegate::config::diff::diff(&a, &b);
+    println!("version {} → {}", version_of(&a), version_of(&b));
+    if changes.is_empty() {
+        println!("no change");
+    }
+    for c in changes {
+        println!("{c}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -98,6 +98,9 @@ impl Body for RequestBody {
 pub enum ResponseBody {
     Upstream(UpstreamBody),
     Full(Option<Bytes>),
+    /// Chunks already read (a deciding route gave up on a body too large to decide), then the
+    /// rest of the upstream's body.
+    Prefixed(std::collections::VecDeque<Bytes>, UpstreamBody),
 }
 
 impl ResponseBody {
@@ -135,35 +138,18 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream(up) => {
-                let polled = ready!(Pin::new(&mut up.inner).poll_frame(cx));
-                match polled {
-                    None => {
-                        up.finish(true, None);
-                        Poll::Ready(None)
-                    }
-                    Some(Err(e)) => {
-                        let e: BoxError = e.into();
-                        up.finish(false, Some(&e));
-                        Poll::Ready(Some(Err(e)))
-                    }
-                    Some(Ok(frame)) => {
-                        if let Some(p) = up.pending.as_mut() {
-                            p.capture_frame(&frame);
-                        }
-                        if up.inner.is_end_stream() {
-                            up.finish(true, None);
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                }
-            }
+            ResponseBody::Prefixed(prefix, up) => match prefix.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => up.poll_upstream(cx),
+            },
+            ResponseBody::Upstream(up) => up.poll_upstream(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::Prefixed(prefix, up) => prefix.is_empty() && up.inner.is_end_stream(),
             ResponseBody::Upstream(up) => up.inner.is_end_stream(),
         }
     }
@@ -172,7 +158,36 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Prefixed(..) => SizeHint::default(),
             ResponseBody::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll_upstream(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None => {
+                self.finish(true, None);
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                self.finish(false, Some(&e));
+                Poll::Ready(Some(Err(e)))
+            }
+            Some(Ok(frame)) => {
+                if let Some(p) = self.pending.as_mut() {
+                    p.capture_frame(&frame);
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true, None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
     }
 }

@@ -19,6 +19,10 @@ pub enum ProxyError {
     UpstreamTimeout,
     /// The client's request could not be forwarded (its body failed mid-stream).
     ClientBody,
+    /// The caller is not a declared consumer and the policy refuses undeclared ones.
+    ConsumerUndeclared,
+    /// Taking the model's action would breach an action limit whose policy is `reject`.
+    LimitExceeded { retry_after_secs: u64 },
 }
 
 impl ProxyError {
@@ -28,6 +32,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
+            // 429, not 503: meshes retry 503 by default, which would run the model again.
+            ProxyError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -39,6 +46,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::ClientBody => "client_body_error",
+            ProxyError::ConsumerUndeclared => "consumer_undeclared",
+            ProxyError::LimitExceeded { .. } => "limit_exceeded",
         }
     }
 
@@ -55,6 +64,12 @@ impl ProxyError {
                 format!("the model server did not answer within {detail}")
             }
             ProxyError::ClientBody => format!("the request body could not be read: {detail}"),
+            ProxyError::ConsumerUndeclared => format!(
+                "caller {detail} is not a declared consumer; name yourself in the consumer header, or ask for your name to be added to the policy"
+            ),
+            ProxyError::LimitExceeded { retry_after_secs } => format!(
+                "{detail}; retry after {retry_after_secs}s"
+            ),
         }
     }
 
@@ -69,6 +84,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(super::ID_HEADER, id.clone());
+        if let ProxyError::LimitExceeded { retry_after_secs } = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
         resp
     }
 

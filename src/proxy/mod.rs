@@ -2,6 +2,7 @@
 //! back, and hands a capture of both to the tee.
 
 pub mod body;
+mod decision;
 pub mod error;
 mod pending;
 pub mod server;
@@ -21,16 +22,16 @@ use body::{BodyTooLarge, RequestBody, RequestCapture, ResponseBody, UpstreamBody
 use error::ProxyError;
 use pending::Pending;
 
-use crate::config::policy::SharedPolicy;
+use crate::config::policy::{SharedPolicy, Undeclared};
 use crate::config::settings::{Upstream, UpstreamProtocol};
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
-use crate::telemetry::{ErrorLabel, ProxyMetrics, RouteLabel, RouteStatus};
+use crate::telemetry::{ConsumerLabel, ErrorLabel, ProxyMetrics, RouteLabel, RouteStatus};
 
 /// The header carrying the prediction id that keys the record, on every response.
 pub const ID_HEADER: HeaderName = HeaderName::from_static("sluicegate-id");
-/// Callers name themselves in this header (the policy may name another).
-pub const CONSUMER_HEADER: HeaderName = HeaderName::from_static("sluicegate-consumer");
+/// The version of the policy that handled the request.
+pub const POLICY_HEADER: HeaderName = HeaderName::from_static("sluicegate-policy");
 
 /// The only route until the policy file defines routes.
 const DEFAULT_ROUTE: &str = "default";
@@ -89,27 +90,42 @@ impl Proxy {
         let time = SystemTime::now();
         // One policy snapshot for the whole request.
         let policy = self.policy.load_full();
-        let route = self.default_route.clone();
+        let compiled = policy.routes.route_for(req.uri().path()).cloned();
+        let route = compiled
+            .as_ref()
+            .map_or_else(|| self.default_route.clone(), |r| r.name.clone());
         let id_string = uuid::Uuid::now_v7().to_string();
         let id = HeaderValue::from_str(&id_string).expect("uuid is a valid header value");
         let (mut parts, body) = req.into_parts();
 
+        let consumer = parts
+            .headers
+            .get(&policy.consumer_header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let declared = consumer.as_deref().is_some_and(|c| policy.declared(c));
+        self.metrics
+            .consumer_requests
+            .get_or_create(&ConsumerLabel {
+                consumer: match (&consumer, declared) {
+                    (Some(c), true) => c.clone(),
+                    _ => "undeclared".into(),
+                },
+                declared,
+            })
+            .inc();
+
         let sampled = policy.sampled();
-        let body_cap = if policy.policy.tee.capture_bodies {
-            policy.body_cap
-        } else {
-            0
-        };
+        let capture_bodies = compiled
+            .as_ref()
+            .and_then(|r| r.spec.capture_bodies)
+            .unwrap_or(policy.policy.tee.capture_bodies);
+        let body_cap = if capture_bodies { policy.body_cap } else { 0 };
         let shared = Arc::new(RequestCapture {
             capture: std::sync::Mutex::new(Capture::with_cap(body_cap)),
             ..Default::default()
         });
         let mut pending = sampled.then(|| {
-            let consumer = parts
-                .headers
-                .get(&CONSUMER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
             Pending::new(
                 self.tee.clone(),
                 Exchange {
@@ -117,7 +133,7 @@ impl Proxy {
                     time,
                     route: route.clone(),
                     policy: policy.clone(),
-                    consumer,
+                    consumer: consumer.clone(),
                     method: parts.method.clone(),
                     path: parts
                         .uri
@@ -133,11 +149,19 @@ impl Proxy {
                     upstream_duration: None,
                     total_duration: Default::default(),
                     complete: true,
+                    consumer_declared: declared,
+                    capture_bodies,
+                    decision: None,
                 },
                 shared.clone(),
                 start,
             )
         });
+
+        if !declared && policy.policy.consumers.undeclared == Undeclared::Refuse {
+            let who = consumer.map_or_else(|| "(unnamed)".to_owned(), |c| format!("{c:?}"));
+            return Ok(self.fail(ProxyError::ConsumerUndeclared, &who, &id, &route, pending));
+        }
 
         let declared_len = parts
             .headers
@@ -222,18 +246,57 @@ impl Proxy {
             })
             .observe(upstream_time.as_secs_f64());
         let (mut parts, body) = resp.into_parts();
-        self.count(&route, parts.status.as_u16());
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(ID_HEADER, id);
         parts.version = original_version;
         if let Some(p) = pending.as_mut() {
             p.set_response(parts.status.as_u16(), upstream_time, parts.headers.clone());
         }
+        parts.headers.insert(ID_HEADER, id.clone());
+        parts.headers.insert(
+            POLICY_HEADER,
+            HeaderValue::from_str(&policy.version).expect("hex is a valid header value"),
+        );
+        // Only a successful answer on a deciding route is read; everything else streams.
+        if let Some(r) = compiled.filter(|r| r.decider.is_some() && parts.status.is_success()) {
+            let resp =
+                decision::decide_response(&self, &r, &policy, parts, body, pending, &id).await;
+            self.count(&route, resp.status().as_u16());
+            return Ok(resp);
+        }
+        self.count(&route, parts.status.as_u16());
         let body = UpstreamBody::new(body, pending);
         Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
     }
 
-    fn fail(
+    /// Upkeep off the request path, once a second: recomputes due adaptive thresholds,
+    /// publishes them as gauges, and ends limit breaches whose windows have emptied.
+    pub async fn run_upkeep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let policy = self.policy.load_full();
+            let now = Instant::now();
+            let mut events = Vec::new();
+            for route in &policy.routes.routes {
+                route.tick(now, &mut events);
+                for (class, cutoff) in route.labelled_cutoffs() {
+                    self.metrics
+                        .threshold
+                        .get_or_create(&crate::telemetry::RouteClass {
+                            route: route.name.to_string(),
+                            class: class.to_owned(),
+                        })
+                        .set(cutoff.value());
+                }
+            }
+            for event in events {
+                decision::emit_alert(&self, &policy, event);
+            }
+        }
+    }
+
+    pub(crate) fn fail(
         &self,
         err: ProxyError,
         detail: &str,

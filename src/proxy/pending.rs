@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::Frame;
 
 use super::body::{BoxError, RequestCapture};
-use crate::tee::record::{Capture, Exchange, ExchangeError, Message};
+use crate::tee::record::{Capture, DecisionOutcome, Exchange, ExchangeError, Message};
 use crate::tee::TeeSender;
 
 pub struct Pending {
@@ -70,6 +70,20 @@ impl Pending {
             resp.body.push(data);
         } else if let Some(t) = frame.trailers_ref() {
             resp.trailers = Some(t.clone());
+        }
+    }
+
+    /// The decision layers' outcome for this response.
+    pub fn set_decision(&mut self, outcome: DecisionOutcome) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.decision = Some(outcome);
+        }
+    }
+
+    /// The status the client got, when the proxy changed it (a limit's 429).
+    pub fn set_status(&mut self, status: u16) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.status = Some(status);
         }
     }
 

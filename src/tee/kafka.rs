@@ -319,7 +319,7 @@ impl KafkaSender {
         let e = &entry.entry;
         let (topic, schema) = match e.kind {
             EntryKind::Record => (&self.kafka.topic, super::record::RECORD_SCHEMA),
-            EntryKind::Alert => (&self.kafka.alerts_topic, "sluicegate.alert.v1"),
+            EntryKind::Alert => (&self.kafka.alerts_topic, super::alert::ALERT_SCHEMA),
         };
         let headers = OwnedHeaders::new()
             .insert(Header {

@@ -8,6 +8,7 @@
 //! ```
 //! The request path never waits: a full queue drops the record, counted and logged.
 
+pub mod alert;
 pub mod kafka;
 pub mod record;
 pub mod spool;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use alert::Alert;
 use record::{EncodeContext, Exchange};
 use spool::{SpoolEntry, SpoolWriter};
 
@@ -26,10 +28,33 @@ use crate::telemetry::TeeMetrics;
 /// Most records the writer encodes and appends in one write.
 const WRITE_BATCH: usize = 512;
 
+/// What goes through the queue to the spool.
+#[derive(Debug)]
+pub enum TeeItem {
+    Exchange(Box<Exchange>),
+    Alert(Box<Alert>),
+}
+
+impl TeeItem {
+    fn captured_bytes(&self) -> usize {
+        match self {
+            TeeItem::Exchange(e) => e.captured_bytes(),
+            TeeItem::Alert(_) => 512,
+        }
+    }
+
+    fn encode(&self, ctx: &EncodeContext) -> SpoolEntry {
+        match self {
+            TeeItem::Exchange(e) => e.encode(ctx),
+            TeeItem::Alert(a) => a.encode(ctx),
+        }
+    }
+}
+
 /// The request path's handle on the tee. Cheap to clone; `send` never blocks.
 #[derive(Clone, Debug)]
 pub struct TeeSender {
-    tx: SyncSender<Box<Exchange>>,
+    tx: SyncSender<TeeItem>,
     queued_bytes: Arc<AtomicUsize>,
     max_bytes: usize,
     metrics: TeeMetrics,
@@ -39,14 +64,23 @@ pub struct TeeSender {
 impl TeeSender {
     /// Hands the exchange to the spool writer, or drops it (counted) if the queue is full.
     pub fn send(&self, exchange: Box<Exchange>) {
-        let size = exchange.captured_bytes();
+        self.push(TeeItem::Exchange(exchange));
+    }
+
+    /// Hands an alert to the spool writer (same queue, same guarantees).
+    pub fn send_alert(&self, alert: Alert) {
+        self.push(TeeItem::Alert(Box::new(alert)));
+    }
+
+    fn push(&self, item: TeeItem) {
+        let size = item.captured_bytes();
         let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
         if before + size > self.max_bytes {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped();
             return;
         }
-        match self.tx.try_send(exchange) {
+        match self.tx.try_send(item) {
             Ok(()) => {
                 self.metrics.queued.inc();
             }
@@ -144,7 +178,7 @@ impl TeeWriter {
 }
 
 fn write_loop(
-    rx: mpsc::Receiver<Box<Exchange>>,
+    rx: mpsc::Receiver<TeeItem>,
     mut spool: SpoolWriter,
     ctx: EncodeContext,
     queued_bytes: Arc<AtomicUsize>,
@@ -169,9 +203,9 @@ fn write_loop(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut freed = 0;
-        for ex in std::iter::once(first).chain(rx.try_iter().take(WRITE_BATCH - 1)) {
-            freed += ex.captured_bytes();
-            entries.push(ex.encode(&ctx));
+        for item in std::iter::once(first).chain(rx.try_iter().take(WRITE_BATCH - 1)) {
+            freed += item.captured_bytes();
+            entries.push(item.encode(&ctx));
         }
         queued_bytes.fetch_sub(freed, Ordering::Relaxed);
         if let Err(e) = spool.append_batch(&entries) {

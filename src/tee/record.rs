@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 
 use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::PolicySnapshot;
+use crate::decide::RowDecision;
 
 pub const RECORD_SCHEMA: &str = "sluicegate.record.v1";
 const REDACTED: &str = "[redacted]";
@@ -89,6 +90,24 @@ pub struct Exchange {
     pub total_duration: Duration,
     /// False when the response did not finish: the client left or the upstream broke mid-body.
     pub complete: bool,
+    /// Whether the consumer is declared in the policy.
+    pub consumer_declared: bool,
+    /// Whether bodies are captured (the policy's switch, or the route's).
+    pub capture_bodies: bool,
+    /// The route's decisions, or why none could be made; `None` on routes that do not decide.
+    pub decision: Option<DecisionOutcome>,
+}
+
+/// What the decision layers made of a response.
+#[derive(Debug)]
+pub enum DecisionOutcome {
+    Made(Vec<RowDecision>),
+    /// The response could not be read (missing output, wrong shape, not JSON…): it passed
+    /// through unchanged.
+    Failed {
+        kind: &'static str,
+        message: String,
+    },
 }
 
 impl Exchange {
@@ -165,6 +184,25 @@ struct RecordView<'a> {
 struct Model<'a> {
     name: Option<&'a str>,
     version: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RowView<'a> {
+    row: usize,
+    score: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class_scores: Option<&'a [f64]>,
+    threshold: Option<f64>,
+    threshold_mode: Option<&'static str>,
+    model_action: &'a str,
+    final_action: &'a str,
+    limit: &'static str,
+}
+
+#[derive(Serialize)]
+struct DecisionErrorView<'a> {
+    kind: &'static str,
+    message: &'a str,
 }
 
 #[derive(Serialize)]
@@ -341,7 +379,7 @@ impl Serialize for RecordView<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ex = self.exchange;
         let policy = &ex.policy;
-        let captured = policy.policy.tee.capture_bodies;
+        let captured = ex.capture_bodies;
         let redacted = policy.redacted_headers.as_slice();
         let request_body = Body::new(&ex.request.body, &ex.request.headers);
         let response_body = ex.response.as_ref().map(|r| Body::new(&r.body, &r.headers));
@@ -376,7 +414,7 @@ impl Serialize for RecordView<'_> {
             "consumer",
             &Consumer {
                 id: ex.consumer.as_deref(),
-                declared: false,
+                declared: ex.consumer_declared,
             },
         )?;
         m.serialize_entry(
@@ -428,6 +466,34 @@ impl Serialize for RecordView<'_> {
         m.serialize_entry("status", &ex.status)?;
         m.serialize_entry("error", &ex.error)?;
         m.serialize_entry("complete", &ex.complete)?;
+        match &ex.decision {
+            Some(DecisionOutcome::Made(rows)) => {
+                let rows: Vec<RowView> = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(row, d)| RowView {
+                        row,
+                        score: d.score,
+                        class_scores: d.class_scores.as_deref(),
+                        threshold: d.threshold,
+                        threshold_mode: d.threshold_mode,
+                        model_action: &d.model_action,
+                        final_action: &d.final_action,
+                        limit: d.limit.as_str(),
+                    })
+                    .collect();
+                m.serialize_entry("decisions", &rows)?;
+                m.serialize_entry("decision_error", &None::<()>)?;
+            }
+            Some(DecisionOutcome::Failed { kind, message }) => {
+                m.serialize_entry("decisions", &None::<()>)?;
+                m.serialize_entry("decision_error", &DecisionErrorView { kind, message })?;
+            }
+            None => {
+                m.serialize_entry("decisions", &None::<()>)?;
+                m.serialize_entry("decision_error", &None::<()>)?;
+            }
+        }
         m.serialize_entry(
             "timings",
             &Timings {
@@ -477,7 +543,7 @@ mod tests {
             id: "id-1".into(),
             time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             route: "default".into(),
-            policy: Arc::new(PolicySnapshot::new(Policy::default(), 0, 1 << 20)),
+            policy: Arc::new(PolicySnapshot::new(Policy::default(), 0, 1 << 20, None)),
             consumer: Some("checkout".into()),
             method: Method::POST,
             path: "/v2/models/iris/versions/3/infer?x=1".into(),
@@ -496,6 +562,9 @@ mod tests {
             upstream_duration: Some(Duration::from_micros(1500)),
             total_duration: Duration::from_micros(1700),
             complete: true,
+            consumer_declared: false,
+            capture_bodies: true,
+            decision: None,
         }
     }
 

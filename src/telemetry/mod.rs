@@ -22,6 +22,54 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteAction {
+    pub route: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteActionOutcome {
+    pub route: String,
+    pub action: String,
+    /// `flagged`, `fallback` or `rejected`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteKind {
+    pub route: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteClass {
+    pub route: String,
+    /// The action the threshold guards (the binary action, or the class).
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabel {
+    pub route: String,
+    pub action: String,
+    /// `limit_breach_started` or `limit_breach_ended`.
+    pub event: &'static str,
+}
+
+/// A caller: declared consumers by name, every undeclared caller as `undeclared` (the label
+/// set stays bounded by the policy).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabel {
+    pub consumer: String,
+    pub declared: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
 /// Where a failed request's error came from: picks its status and its label here.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
@@ -40,6 +88,18 @@ pub struct ProxyMetrics {
     pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub errors: Family<ErrorLabel, Counter>,
     pub upstream_ready: Gauge,
+    /// Final actions taken, per route.
+    pub decisions: Family<RouteAction, Counter>,
+    /// Rows whose action a limit changed or refused.
+    pub limit_outcomes: Family<RouteActionOutcome, Counter>,
+    /// Responses a deciding route could not read.
+    pub decision_errors: Family<RouteKind, Counter>,
+    /// The threshold in force.
+    pub threshold: Family<RouteClass, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while a limit is in breach.
+    pub limit_in_breach: Family<RouteAction, Gauge>,
+    pub limit_alerts: Family<AlertLabel, Counter>,
+    pub consumer_requests: Family<ConsumerLabel, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -49,6 +109,13 @@ impl Default for ProxyMetrics {
             upstream_duration: Family::new_with_constructor(latency_histogram),
             errors: Family::default(),
             upstream_ready: Gauge::default(),
+            decisions: Family::default(),
+            limit_outcomes: Family::default(),
+            decision_errors: Family::default(),
+            threshold: Family::default(),
+            limit_in_breach: Family::default(),
+            limit_alerts: Family::default(),
+            consumer_requests: Family::default(),
         }
     }
 }
@@ -95,11 +162,33 @@ impl Default for TeeMetrics {
     }
 }
 
+/// The policy in force, for operators comparing pods.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyMetrics {
+    pub info: Family<VersionLabel, Gauge>,
+    pub generation: Gauge,
+    pub reload_failures: Counter,
+}
+
+impl PolicyMetrics {
+    /// Shows `version` as the one in force (and only it).
+    pub fn set_version(&self, version: &str, generation: u64) {
+        self.info.clear();
+        self.info
+            .get_or_create(&VersionLabel {
+                version: version.to_owned(),
+            })
+            .set(1);
+        self.generation.set(generation as i64);
+    }
+}
+
 /// Every metric the process exports, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
     pub proxy: ProxyMetrics,
     pub tee: TeeMetrics,
+    pub policy: PolicyMetrics,
     registry: Registry,
 }
 
@@ -107,6 +196,7 @@ impl Metrics {
     pub fn new() -> Self {
         let proxy = ProxyMetrics::default();
         let tee = TeeMetrics::default();
+        let policy = PolicyMetrics::default();
         let mut registry = Registry::default();
         let root = registry.sub_registry_with_prefix("sluicegate");
         root.register(
@@ -128,6 +218,56 @@ impl Metrics {
             "upstream_ready",
             "1 when the upstream answers its readiness probe",
             proxy.upstream_ready.clone(),
+        );
+        root.register(
+            "decisions",
+            "Final actions taken, by route and action",
+            proxy.decisions.clone(),
+        );
+        root.register(
+            "limit_outcomes",
+            "Rows a limit flagged, replaced by its fallback, or refused",
+            proxy.limit_outcomes.clone(),
+        );
+        root.register(
+            "decision_errors",
+            "Responses a deciding route could not read (passed through unchanged)",
+            proxy.decision_errors.clone(),
+        );
+        root.register(
+            "threshold",
+            "The score threshold in force, by route and guarded action",
+            proxy.threshold.clone(),
+        );
+        root.register(
+            "limit_in_breach",
+            "1 while an action limit is in breach",
+            proxy.limit_in_breach.clone(),
+        );
+        root.register(
+            "limit_alerts",
+            "Limit breach starts and ends",
+            proxy.limit_alerts.clone(),
+        );
+        root.register(
+            "consumer_requests",
+            "Requests by consumer (every undeclared caller shares one label)",
+            proxy.consumer_requests.clone(),
+        );
+        root.register(
+            "policy_info",
+            "The policy version in force (value 1)",
+            policy.info.clone(),
+        );
+        root.register(
+            "policy_generation",
+            "Policy reloads applied since start",
+            policy.generation.clone(),
+        );
+        root.register(
+            "policy_reload_failures",
+            "Policy reloads refused (invalid policy)",
+            policy.reload_failures.clone(),
         );
         let t = root.sub_registry_with_prefix("tee");
         t.register(
@@ -179,6 +319,7 @@ impl Metrics {
         Metrics {
             proxy,
             tee,
+            policy,
             registry,
         }
     }

@@ -1,0 +1,509 @@
+//! Decisions: scores → actions, per route, with adaptive thresholds and action limits.
+//!
+//! A [`RouteTable`] is built from a policy once per reload and carried in the policy snapshot.
+//! Threshold estimators and limit windows live behind `Arc`s keyed by route name and settings:
+//! a reload hands the same state to the new table wherever a threshold's or limit's settings did
+//! not change, so a reload never resets them.
+
+pub mod extract;
+pub mod limits;
+pub mod threshold;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use extract::Scores;
+use limits::{LimitConfig, LimitWindow, Recorded};
+use threshold::{AdaptiveConfig, AdaptiveThreshold};
+
+use crate::config::policy::{
+    AdaptiveSpec, Decision, Limit, OnBreach, Policy, Protocol, Route, Threshold,
+};
+
+/// Buckets per limit window: the window slides in steps of window/60.
+const LIMIT_BUCKETS: u32 = 60;
+/// Buckets per adaptive-threshold window.
+const THRESHOLD_BUCKETS: u32 = 10;
+
+/// A score cut-off in force.
+#[derive(Debug, Clone)]
+pub enum Cutoff {
+    Fixed(f64),
+    Adaptive(Arc<Adaptive>),
+}
+
+/// An adaptive threshold with its settings and update schedule; shared across reloads.
+#[derive(Debug)]
+pub struct Adaptive {
+    pub spec: AdaptiveSpec,
+    pub state: AdaptiveThreshold,
+    last_update: std::sync::Mutex<Instant>,
+}
+
+impl Adaptive {
+    /// Recomputes the threshold when its update interval has passed.
+    fn update_if_due(&self, now: Instant) {
+        let mut last = self.last_update.lock().unwrap_or_else(|e| e.into_inner());
+        if now.saturating_duration_since(*last) >= self.spec.update_interval {
+            *last = now;
+            self.state.update(now);
+        }
+    }
+}
+
+impl Cutoff {
+    pub fn value(&self) -> f64 {
+        match self {
+            Cutoff::Fixed(v) => *v,
+            Cutoff::Adaptive(a) => a.state.current(),
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Cutoff::Fixed(_) => "fixed",
+            Cutoff::Adaptive(_) => "adaptive",
+        }
+    }
+
+    fn observe(&self, score: f64, now: Instant) {
+        if let Cutoff::Adaptive(a) = self {
+            a.state.observe(score, now);
+        }
+    }
+}
+
+/// How a route turns scores into actions.
+#[derive(Debug)]
+pub enum Decider {
+    Binary {
+        action: Arc<str>,
+        otherwise: Arc<str>,
+        cutoff: Cutoff,
+    },
+    Multiclass {
+        classes: Vec<Arc<str>>,
+        default_action: Arc<str>,
+        /// Per class, in column order; `None`: the argmax is always taken.
+        cutoffs: Vec<Option<Cutoff>>,
+    },
+}
+
+/// A limit in force.
+#[derive(Debug)]
+pub struct ActiveLimit {
+    pub spec: Limit,
+    pub window: Arc<LimitWindow>,
+}
+
+/// A route, ready for the request path.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub name: Arc<str>,
+    prefixes: Vec<String>,
+    pub spec: Route,
+    pub decider: Option<Decider>,
+    pub limits: Vec<ActiveLimit>,
+}
+
+/// The limit outcome of one row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitOutcome {
+    Ok,
+    Flagged,
+    Fallback,
+}
+
+impl LimitOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitOutcome::Ok => "ok",
+            LimitOutcome::Flagged => "flagged",
+            LimitOutcome::Fallback => "fallback",
+        }
+    }
+}
+
+/// One row's decision.
+#[derive(Clone, Debug)]
+pub struct RowDecision {
+    /// The score the threshold was applied to (the argmax class's, multi-class).
+    pub score: f64,
+    /// Every class score (multi-class only).
+    pub class_scores: Option<Vec<f64>>,
+    /// The threshold in force for this row, if any applied.
+    pub threshold: Option<f64>,
+    pub threshold_mode: Option<&'static str>,
+    /// What the threshold alone said.
+    pub model_action: Arc<str>,
+    /// What was done, after limits.
+    pub final_action: Arc<str>,
+    pub limit: LimitOutcome,
+}
+
+/// A limit's breach starting or ending.
+#[derive(Clone, Debug)]
+pub struct BreachEvent {
+    pub route: Arc<str>,
+    pub action: String,
+    pub limit_index: usize,
+    pub on_breach: OnBreach,
+    pub started: bool,
+    pub decisions: u64,
+    pub actions: u64,
+    pub spec: Limit,
+}
+
+/// The decisions for a whole response.
+#[derive(Debug)]
+pub struct Decided {
+    pub rows: Vec<RowDecision>,
+    /// `Some`: a `reject` limit refused the request; the limit's action and its window.
+    pub rejected: Option<(String, Duration)>,
+    pub events: Vec<BreachEvent>,
+}
+
+impl CompiledRoute {
+    /// Whether this route takes a request with `path`.
+    pub fn matches(&self, path: &str) -> bool {
+        self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
+            || self.spec.matcher.model.as_ref().is_some_and(|m| {
+                path == format!("/v2/models/{m}") || path == format!("/v1/models/{m}")
+            })
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.spec.protocol
+    }
+
+    /// Number of classes for extraction: `None` for a binary route.
+    pub fn classes(&self) -> Option<usize> {
+        match &self.decider {
+            Some(Decider::Multiclass { classes, .. }) => Some(classes.len()),
+            _ => None,
+        }
+    }
+
+    /// Decides every row: thresholds, then limits (reject first, so a refused request
+    /// counts nowhere), and reports breach starts and ends.
+    pub fn decide(&self, scores: &Scores, now: Instant) -> Decided {
+        let mut rows: Vec<RowDecision> =
+            match (&self.decider, scores) {
+                (
+                    Some(Decider::Binary {
+                        action,
+                        otherwise,
+                        cutoff,
+                    }),
+                    Scores::Binary(s),
+                ) => s
+                    .iter()
+                    .map(|&score| {
+                        let t = cutoff.value();
+                        cutoff.observe(score, now);
+                        let a = if score >= t { action } else { otherwise };
+                        RowDecision {
+                            score,
+                            class_scores: None,
+                            threshold: Some(t),
+                            threshold_mode: Some(cutoff.mode()),
+                            model_action: a.clone(),
+                            final_action: a.clone(),
+                            limit: LimitOutcome::Ok,
+                        }
+                    })
+                    .collect(),
+                (
+                    Some(Decider::Multiclass {
+                        classes,
+                        default_action,
+                        cutoffs,
+                    }),
+                    Scores::Multi(s),
+                ) => {
+                    s.iter()
+                        .map(|row| {
+                            // Ties go to the lower column: deterministic.
+                            let (best, &score) = row.iter().enumerate().fold(
+                                (0, &f64::NEG_INFINITY),
+                                |acc, (i, v)| if *v > *acc.1 { (i, v) } else { acc },
+                            );
+                            let cutoff = cutoffs.get(best).and_then(Option::as_ref);
+                            let t = cutoff.map(Cutoff::value);
+                            if let Some(c) = cutoff {
+                                c.observe(score, now);
+                            }
+                            let a = match t {
+                                Some(t) if score < t => default_action,
+                                _ => &classes[best],
+                            };
+                            RowDecision {
+                                score,
+                                class_scores: Some(row.clone()),
+                                threshold: t,
+                                threshold_mode: cutoff.map(Cutoff::mode),
+                                model_action: a.clone(),
+                                final_action: a.clone(),
+                                limit: LimitOutcome::Ok,
+                            }
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+
+        let mut events = Vec::new();
+        let mut rejected = None;
+        let order = self
+            .limits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.spec.on_breach == OnBreach::Reject)
+            .chain(
+                self.limits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.spec.on_breach != OnBreach::Reject),
+            );
+        for (index, limit) in order {
+            let mask: Vec<bool> = rows
+                .iter()
+                .map(|r| *r.model_action == *limit.spec.action)
+                .collect();
+            let on_breach = match limit.spec.on_breach {
+                OnBreach::Flag => Recorded::Taken,
+                OnBreach::Fallback => Recorded::NotTaken,
+                OnBreach::Reject => Recorded::Rejected,
+            };
+            let verdicts = limit.window.decide_batch(now, &mask, on_breach);
+            for v in &verdicts {
+                if let Some(started) = v.transition {
+                    let (decisions, actions) = limit.window.counts(now);
+                    events.push(BreachEvent {
+                        route: self.name.clone(),
+                        action: limit.spec.action.clone(),
+                        limit_index: index,
+                        on_breach: limit.spec.on_breach,
+                        started,
+                        decisions,
+                        actions,
+                        spec: limit.spec.clone(),
+                    });
+                }
+            }
+            for (row, v) in rows.iter_mut().zip(&verdicts) {
+                if !v.breach {
+                    continue;
+                }
+                match limit.spec.on_breach {
+                    OnBreach::Reject => {
+                        rejected = Some((limit.spec.action.clone(), limit.spec.window));
+                    }
+                    OnBreach::Fallback => {
+                        if let Some(f) = &limit.spec.fallback {
+                            row.final_action = f.as_str().into();
+                            row.limit = LimitOutcome::Fallback;
+                        }
+                    }
+                    OnBreach::Flag => {
+                        if row.limit == LimitOutcome::Ok {
+                            row.limit = LimitOutcome::Flagged;
+                        }
+                    }
+                }
+            }
+            if rejected.is_some() {
+                break;
+            }
+        }
+        Decided {
+            rows,
+            rejected,
+            events,
+        }
+    }
+
+    /// Periodic upkeep off the request path: recomputes due thresholds and ends breaches
+    /// whose windows have emptied.
+    pub fn tick(&self, now: Instant, events: &mut Vec<BreachEvent>) {
+        for cutoff in self.cutoffs() {
+            if let Cutoff::Adaptive(a) = cutoff {
+                a.update_if_due(now);
+            }
+        }
+        for (index, limit) in self.limits.iter().enumerate() {
+            if let Some(started) = limit.window.tick(now) {
+                let (decisions, actions) = limit.window.counts(now);
+                events.push(BreachEvent {
+                    route: self.name.clone(),
+                    action: limit.spec.action.clone(),
+                    limit_index: index,
+                    on_breach: limit.spec.on_breach,
+                    started,
+                    decisions,
+                    actions,
+                    spec: limit.spec.clone(),
+                });
+            }
+        }
+    }
+
+    /// Every cut-off of the route with its class label (`""` for a binary route).
+    pub fn cutoffs(&self) -> Vec<&Cutoff> {
+        match &self.decider {
+            Some(Decider::Binary { cutoff, .. }) => vec![cutoff],
+            Some(Decider::Multiclass { cutoffs, .. }) => cutoffs.iter().flatten().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// (class label, cut-off) pairs, for the threshold gauge.
+    pub fn labelled_cutoffs(&self) -> Vec<(&str, &Cutoff)> {
+        match &self.decider {
+            Some(Decider::Binary { action, cutoff, .. }) => vec![(&**action, cutoff)],
+            Some(Decider::Multiclass {
+                classes, cutoffs, ..
+            }) => classes
+                .iter()
+                .zip(cutoffs)
+                .filter_map(|(c, t)| t.as_ref().map(|t| (&**c, t)))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The routes of one policy, in matching order.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Arc<CompiledRoute>>,
+}
+
+impl RouteTable {
+    /// Builds the table, taking over state from `previous` wherever settings did not change.
+    pub fn build(policy: &Policy, previous: Option<&RouteTable>, now: Instant) -> RouteTable {
+        let routes = policy
+            .routes
+            .iter()
+            .map(|(name, spec)| {
+                let old =
+                    previous.and_then(|t| t.routes.iter().find(|r| &*r.name == name.as_str()));
+                Arc::new(compile(name, spec, old.map(|r| &**r), now))
+            })
+            .collect();
+        RouteTable { routes }
+    }
+
+    /// The route taking `path`, if any (validation guarantees at most one).
+    pub fn route_for(&self, path: &str) -> Option<&Arc<CompiledRoute>> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+}
+
+fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) -> CompiledRoute {
+    let range = spec
+        .score
+        .as_ref()
+        .map_or((0.0, 1.0), |s| (s.range[0], s.range[1]));
+    let old_cutoffs: Vec<(&str, &Cutoff)> = old.map(|o| o.labelled_cutoffs()).unwrap_or_default();
+    let cutoff = |label: &str, t: &Threshold| -> Cutoff {
+        match t {
+            Threshold::Fixed(v) => Cutoff::Fixed(*v),
+            Threshold::Adaptive(spec) => {
+                let config = adaptive_config(spec, range);
+                // Same settings under the same label: keep the estimator and its window.
+                let kept = old_cutoffs.iter().find_map(|(l, c)| match c {
+                    Cutoff::Adaptive(a)
+                        if *l == label && a.spec == *spec && *a.state.config() == config =>
+                    {
+                        Some(a.clone())
+                    }
+                    _ => None,
+                });
+                Cutoff::Adaptive(kept.unwrap_or_else(|| {
+                    Arc::new(Adaptive {
+                        spec: spec.clone(),
+                        state: AdaptiveThreshold::new(config, now),
+                        last_update: std::sync::Mutex::new(now),
+                    })
+                }))
+            }
+        }
+    };
+    let decider = spec.decision.as_ref().map(|d| match d {
+        Decision::Binary {
+            action,
+            otherwise,
+            threshold,
+        } => Decider::Binary {
+            action: action.as_str().into(),
+            otherwise: otherwise.as_str().into(),
+            cutoff: cutoff(action, threshold),
+        },
+        Decision::Multiclass {
+            classes,
+            default_action,
+            thresholds,
+        } => Decider::Multiclass {
+            classes: classes.iter().map(|c| c.as_str().into()).collect(),
+            default_action: default_action.as_str().into(),
+            cutoffs: classes
+                .iter()
+                .map(|c| thresholds.get(c).map(|t| cutoff(c, t)))
+                .collect(),
+        },
+    });
+    let limits = spec
+        .limits
+        .iter()
+        .map(|l| {
+            let config = LimitConfig {
+                max_fraction: l.max_fraction,
+                max_count: l.max_count,
+                window: l.window,
+                buckets: LIMIT_BUCKETS,
+                min_decisions: l.min_decisions,
+            };
+            let kept = old.and_then(|o| {
+                o.limits
+                    .iter()
+                    .find(|ol| ol.spec.action == l.action && *ol.window.config() == config)
+                    .map(|ol| ol.window.clone())
+            });
+            ActiveLimit {
+                spec: l.clone(),
+                window: kept.unwrap_or_else(|| Arc::new(LimitWindow::new(config, now))),
+            }
+        })
+        .collect();
+    let prefixes = match (&spec.matcher.path_prefix, &spec.matcher.model) {
+        (Some(p), _) => vec![p.clone()],
+        (None, Some(m)) => vec![
+            format!("/v1/models/{m}:"),
+            format!("/v1/models/{m}/"),
+            format!("/v2/models/{m}/"),
+        ],
+        (None, None) => Vec::new(),
+    };
+    CompiledRoute {
+        name: name.into(),
+        prefixes,
+        spec: spec.clone(),
+        decider,
+        limits,
+    }
+}
+
+fn adaptive_config(a: &AdaptiveSpec, score_range: (f64, f64)) -> AdaptiveConfig {
+    AdaptiveConfig {
+        target_rate: a.target_rate,
+        window: a.window,
+        buckets: THRESHOLD_BUCKETS,
+        initial: a.initial,
+        min: a.min,
+        max: a.max,
+        max_step: a.max_step,
+        min_samples: a.min_samples,
+        score_range,
+    }
+}

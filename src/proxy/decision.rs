@@ -1,0 +1,383 @@
+//! The decision step of a deciding route: read the whole response, extract scores, apply the
+//! threshold and the limits, and write the decisions into headers (always) and the body (if
+//! the route asks). A response the route cannot read passes through unchanged, recorded with a
+//! decision error — never a 5xx to the client because of sluicegate.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::response::Parts;
+use http::Response;
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use super::body::{ResponseBody, UpstreamBody};
+use super::error::ProxyError;
+use super::pending::Pending;
+use super::Proxy;
+use crate::config::policy::{PolicySnapshot, Protocol};
+use crate::decide::extract::extract;
+use crate::decide::{CompiledRoute, Decided, LimitOutcome};
+use crate::tee::alert::Alert;
+use crate::tee::record::DecisionOutcome;
+use crate::telemetry::{AlertLabel, RouteAction, RouteActionOutcome, RouteKind};
+
+pub const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action");
+pub const MODEL_ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-model-action");
+pub const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit");
+pub const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
+
+/// The upstream body, read whole if it fits under the limit.
+enum Collected {
+    Whole(Bytes),
+    /// Over the limit: what was read so far, and the rest still streaming.
+    TooLarge(VecDeque<Bytes>, Incoming),
+    Broken(hyper::Error),
+}
+
+async fn collect_up_to(mut body: Incoming, limit: u64) -> Collected {
+    let mut chunks = VecDeque::new();
+    let mut total = 0u64;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Collected::Broken(e),
+            Some(Ok(frame)) => {
+                // Trailers on a JSON response are not a thing model servers send; a
+                // decided response is rewritten whole, without them.
+                if let Ok(data) = frame.into_data() {
+                    total += data.len() as u64;
+                    chunks.push_back(data);
+                    if total > limit && !body.is_end_stream() {
+                        return Collected::TooLarge(chunks, body);
+                    }
+                }
+            }
+        }
+    }
+    let mut whole = Vec::with_capacity(total as usize);
+    for c in chunks {
+        whole.extend_from_slice(&c);
+    }
+    Collected::Whole(Bytes::from(whole))
+}
+
+pub async fn decide_response(
+    proxy: &Proxy,
+    route: &CompiledRoute,
+    policy: &PolicySnapshot,
+    mut parts: Parts,
+    body: Incoming,
+    mut pending: Option<Pending>,
+    id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let bytes = match collect_up_to(body, proxy.max_request_body).await {
+        Collected::Whole(b) => b,
+        Collected::TooLarge(prefix, rest) => {
+            decision_error(
+                proxy,
+                route,
+                &mut pending,
+                "response_too_large",
+                format!(
+                    "response larger than {} bytes; passed through undecided",
+                    proxy.max_request_body
+                ),
+            );
+            if let Some(p) = pending.as_mut() {
+                for chunk in &prefix {
+                    p.capture_frame(&http_body::Frame::data(chunk.clone()));
+                }
+            }
+            return Response::from_parts(
+                parts,
+                ResponseBody::Prefixed(prefix, UpstreamBody::new(rest, pending)),
+            );
+        }
+        Collected::Broken(e) => {
+            let detail = e.to_string();
+            return proxy.fail(
+                ProxyError::UpstreamFailed,
+                &detail,
+                id,
+                &route.name,
+                pending,
+            );
+        }
+    };
+    if let Some(p) = pending.as_mut() {
+        p.capture_frame(&http_body::Frame::data(bytes.clone()));
+    }
+
+    let now = Instant::now();
+    let parsed: Result<Value, _> = serde_json::from_slice(&bytes);
+    let scored = match parsed {
+        Err(_) => Err(crate::decide::extract::ExtractError::NotJson),
+        Ok(value) => extract(
+            route.protocol(),
+            route
+                .spec
+                .score
+                .as_ref()
+                .expect("validated: a deciding route has a score"),
+            route.classes(),
+            &value,
+        )
+        .map(|scores| (value, scores)),
+    };
+    let (mut value, scores) = match scored {
+        Ok(v) => v,
+        Err(e) => {
+            decision_error(proxy, route, &mut pending, e.kind(), e.to_string());
+            return finish(parts, bytes, pending);
+        }
+    };
+    let decided = route.decide(&scores, now);
+    alerts(proxy, policy, &decided);
+
+    if let Some((action, window)) = &decided.rejected {
+        let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
+        proxy
+            .metrics
+            .limit_outcomes
+            .get_or_create(&RouteActionOutcome {
+                route: route.name.to_string(),
+                action: action.clone(),
+                outcome: "rejected",
+            })
+            .inc();
+        let err = ProxyError::LimitExceeded { retry_after_secs };
+        let detail = format!(
+            "taking action {action:?} on route {} would exceed its limit",
+            route.name
+        );
+        if let Some(p) = pending.as_mut() {
+            p.set_decision(DecisionOutcome::Made(decided.rows.clone()));
+        }
+        // The model answered; the record keeps that answer and says what the client got.
+        if let Some(mut p) = pending.take() {
+            p.set_status(err.status().as_u16());
+            p.finish_response(true, None);
+        }
+        let mut resp = err.response(id, &err.message(&detail));
+        decision_headers(resp.headers_mut(), &decided, policy);
+        return resp;
+    }
+
+    for row in &decided.rows {
+        proxy
+            .metrics
+            .decisions
+            .get_or_create(&RouteAction {
+                route: route.name.to_string(),
+                action: row.final_action.to_string(),
+            })
+            .inc();
+        if row.limit != LimitOutcome::Ok {
+            proxy
+                .metrics
+                .limit_outcomes
+                .get_or_create(&RouteActionOutcome {
+                    route: route.name.to_string(),
+                    action: row.model_action.to_string(),
+                    outcome: row.limit.as_str(),
+                })
+                .inc();
+        }
+    }
+    decision_headers(&mut parts.headers, &decided, policy);
+    let body = if route.spec.write_decisions.is_some() {
+        write_into_body(route, &mut value, &decided, id);
+        Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
+    } else {
+        bytes
+    };
+    if let Some(p) = pending.as_mut() {
+        p.set_decision(DecisionOutcome::Made(decided.rows));
+    }
+    finish(parts, body, pending)
+}
+
+/// Sends `body` whole, with a content-length that fits it; the record is complete.
+fn finish(mut parts: Parts, body: Bytes, pending: Option<Pending>) -> Response<ResponseBody> {
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if let Some(p) = pending {
+        p.finish_response(true, None);
+    }
+    Response::from_parts(parts, ResponseBody::full(body))
+}
+
+fn decision_error(
+    proxy: &Proxy,
+    route: &CompiledRoute,
+    pending: &mut Option<Pending>,
+    kind: &'static str,
+    message: String,
+) {
+    proxy
+        .metrics
+        .decision_errors
+        .get_or_create(&RouteKind {
+            route: route.name.to_string(),
+            kind,
+        })
+        .inc();
+    if let Some(p) = pending.as_mut() {
+        p.set_decision(DecisionOutcome::Failed { kind, message });
+    }
+}
+
+/// Breach starts and ends: a metric, a log line and an alert record each.
+pub(crate) fn alerts(proxy: &Proxy, policy: &PolicySnapshot, decided: &Decided) {
+    for event in &decided.events {
+        emit_alert(proxy, policy, event.clone());
+    }
+}
+
+pub(crate) fn emit_alert(
+    proxy: &Proxy,
+    policy: &PolicySnapshot,
+    event: crate::decide::BreachEvent,
+) {
+    let alert = Alert::new(event, &policy.version, policy.generation);
+    let e = &alert.event;
+    let route = e.route.to_string();
+    proxy
+        .metrics
+        .limit_alerts
+        .get_or_create(&AlertLabel {
+            route: route.clone(),
+            action: e.action.clone(),
+            event: alert.event_name(),
+        })
+        .inc();
+    proxy
+        .metrics
+        .limit_in_breach
+        .get_or_create(&RouteAction {
+            route,
+            action: e.action.clone(),
+        })
+        .set(e.started as i64);
+    if e.started {
+        tracing::warn!(route = %e.route, action = %e.action, on_breach = ?e.on_breach, decisions = e.decisions, actions = e.actions, "action limit breached");
+    } else {
+        tracing::info!(route = %e.route, action = %e.action, "action limit back under its cap");
+    }
+    proxy.tee.send_alert(alert);
+}
+
+fn joined<T>(rows: &[T], f: impl Fn(&T) -> String) -> String {
+    let mut out = String::new();
+    for (i, r) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&f(r));
+    }
+    out
+}
+
+fn decision_headers(h: &mut http::HeaderMap, decided: &Decided, policy: &PolicySnapshot) {
+    let rows = &decided.rows;
+    let mut set = |name: HeaderName, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    set(ACTION_HEADER, joined(rows, |r| r.final_action.to_string()));
+    set(
+        MODEL_ACTION_HEADER,
+        joined(rows, |r| r.model_action.to_string()),
+    );
+    set(LIMIT_HEADER, joined(rows, |r| r.limit.as_str().to_owned()));
+    set(
+        THRESHOLD_HEADER,
+        joined(rows, |r| match r.threshold {
+            Some(t) => {
+                let mut s = String::new();
+                let _ = write!(s, "{t}");
+                s
+            }
+            None => "-".into(),
+        }),
+    );
+    set(super::POLICY_HEADER, policy.version.clone());
+}
+
+/// Adds the decisions to the body: a v2 output tensor, a v1 top-level object, or a pointer.
+fn write_into_body(route: &CompiledRoute, value: &mut Value, decided: &Decided, id: &HeaderValue) {
+    let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
+    match route.protocol() {
+        Protocol::V2 => {
+            if let Some(outputs) = value.get_mut("outputs").and_then(Value::as_array_mut) {
+                outputs.push(json!({
+                    "name": "sluicegate_action",
+                    "shape": [actions.len()],
+                    "datatype": "BYTES",
+                    "data": actions,
+                }));
+            }
+        }
+        Protocol::V1 => {
+            if let Some(obj) = value.as_object_mut() {
+                obj.insert(
+                    "sluicegate".into(),
+                    json!({
+                        "id": id.to_str().unwrap_or_default(),
+                        "actions": actions,
+                        "model_actions": decided.rows.iter().map(|r| &*r.model_action).collect::<Vec<_>>(),
+                        "limit": decided.rows.iter().map(|r| r.limit.as_str()).collect::<Vec<_>>(),
+                    }),
+                );
+            }
+        }
+        Protocol::Json => {
+            if let Some(pointer) = route
+                .spec
+                .write_decisions
+                .as_ref()
+                .and_then(|w| w.pointer.as_deref())
+            {
+                set_pointer(value, pointer, json!(actions));
+            }
+        }
+    }
+}
+
+/// Sets the value at a JSON pointer whose parent exists and is an object.
+fn set_pointer(value: &mut Value, pointer: &str, new: Value) -> bool {
+    let Some((parent, key)) = pointer.rsplit_once('/') else {
+        return false;
+    };
+    let key = key.replace("~1", "/").replace("~0", "~");
+    match value.pointer_mut(parent).and_then(Value::as_object_mut) {
+        Some(obj) => {
+            obj.insert(key, new);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_are_set_where_their_parent_exists() {
+        let mut v = json!({"result": {"score": 0.3}});
+        assert!(set_pointer(&mut v, "/result/action", json!("spam")));
+        assert_eq!(v["result"]["action"], "spam");
+        assert!(set_pointer(&mut v, "/top", json!(1)));
+        assert!(!set_pointer(&mut v, "/missing/action", json!(1)));
+    }
+}

@@ -1,0 +1,367 @@
+//! Decisions through the real proxy: thresholds, limits (each breach policy), consumers,
+//! unreadable responses, decisions written into the body and the record.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sluicegate::demo::{v2_request, StandInModel};
+
+/// Starts the proxy in front of the stand-in model with `policy` (YAML).
+async fn proxy_with(policy: &str) -> (ProxyProcess, tempfile::TempDir) {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, policy).unwrap();
+    let up = format!("http://{model}");
+    let spool = dir.path().join("spool");
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(&spool),
+        "--policy",
+        path_str(&file),
+    ]);
+    (proxy, dir)
+}
+
+fn header(h: &http::HeaderMap, name: &str) -> String {
+    h.get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+fn spam_route(threshold: &str, limits: &str, extra: &str) -> String {
+    format!(
+        r#"
+routes:
+  spam:
+    match: {{model: spam-filter}}
+    protocol: v2
+    score: {{output: predict_proba, column: 1}}
+    decision:
+      binary:
+        action: spam
+        otherwise: ham
+        threshold: {threshold}
+    limits: {limits}
+{extra}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_batch_of_n_by_2_probabilities_gives_n_correct_decisions() {
+    let (proxy, dir) =
+        proxy_with(&spam_route("{fixed: 0.5}", "[]", "    write_decisions: {}")).await;
+    let c = client();
+    let body = v2_request(8, 42);
+    let (status, headers, resp) =
+        post(&c, &proxy.url("/v2/models/spam-filter/infer"), body.clone()).await;
+    assert_eq!(status, 200);
+
+    // What the model said, computed independently from the request.
+    let req: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let data: Vec<f64> = req["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let expected: Vec<&str> = data
+        .chunks(4)
+        .map(|row| {
+            if StandInModel::score(row) >= 0.5 {
+                "spam"
+            } else {
+                "ham"
+            }
+        })
+        .collect();
+    assert!(
+        expected.contains(&"spam") && expected.contains(&"ham"),
+        "{expected:?}"
+    );
+    assert_eq!(header(&headers, "sluicegate-action"), expected.join(","));
+    assert_eq!(
+        header(&headers, "sluicegate-model-action"),
+        expected.join(",")
+    );
+    assert_eq!(header(&headers, "sluicegate-limit"), ["ok"; 8].join(","));
+    assert_eq!(
+        header(&headers, "sluicegate-threshold"),
+        ["0.5"; 8].join(",")
+    );
+    assert_eq!(header(&headers, "sluicegate-policy").len(), 12);
+
+    let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    let tensor = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "sluicegate_action")
+        .expect("decisions written into the body");
+    assert_eq!(tensor["shape"], serde_json::json!([8]));
+    assert_eq!(tensor["datatype"], "BYTES");
+    assert_eq!(tensor["data"], serde_json::json!(expected));
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    let r = &records[0];
+    assert_eq!(r["route"], "spam");
+    let decisions = r["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 8);
+    assert_eq!(decisions[0]["threshold_mode"], "fixed");
+    assert_eq!(decisions[3]["final_action"], expected[3]);
+    // The record keeps the model's own answer, not the rewritten body.
+    let outputs = r["response"]["body"]["data"]["outputs"].as_array().unwrap();
+    assert!(outputs.iter().all(|o| o["name"] != "sluicegate_action"));
+    assert_eq!(
+        r["policy"]["version"],
+        header(&headers, "sluicegate-policy").as_str()
+    );
+}
+
+/// Every row is spam (threshold 0), so the limit's count decides.
+fn limited(on_breach: &str) -> String {
+    let fallback = if on_breach == "fallback" {
+        ", fallback: ham"
+    } else {
+        ""
+    };
+    spam_route(
+        "{fixed: 0.0}",
+        &format!("[{{action: spam, max_count: 3, window: 2s, on_breach: {on_breach}{fallback}}}]"),
+        "",
+    )
+}
+
+async fn one(proxy: &ProxyProcess, c: &HttpClient) -> (u16, http::HeaderMap, bytes::Bytes) {
+    post(
+        c,
+        &proxy.url("/v2/models/spam-filter/infer"),
+        v2_request(1, 5),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flag_lets_breaches_through_marked() {
+    let (proxy, _dir) = proxy_with(&limited("flag")).await;
+    let c = client();
+    for _ in 0..3 {
+        let (s, h, _) = one(&proxy, &c).await;
+        assert_eq!((s, header(&h, "sluicegate-limit")), (200, "ok".into()));
+    }
+    let (s, h, _) = one(&proxy, &c).await;
+    assert_eq!(s, 200);
+    assert_eq!(header(&h, "sluicegate-limit"), "flagged");
+    assert_eq!(header(&h, "sluicegate-action"), "spam");
+    assert_eq!(proxy.metric("sluicegate_limit_in_breach"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_replaces_the_action_and_the_window_expires() {
+    let (proxy, dir) = proxy_with(&limited("fallback")).await;
+    let c = client();
+    for _ in 0..3 {
+        let (_, h, _) = one(&proxy, &c).await;
+        assert_eq!(header(&h, "sluicegate-action"), "spam");
+    }
+    let (s, h, _) = one(&proxy, &c).await;
+    assert_eq!(s, 200);
+    assert_eq!(header(&h, "sluicegate-action"), "ham");
+    assert_eq!(header(&h, "sluicegate-model-action"), "spam");
+    assert_eq!(header(&h, "sluicegate-limit"), "fallback");
+
+    // The 2 s window slides past: the action is allowed again, and the breach ends.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, h, _) = one(&proxy, &c).await;
+    assert_eq!(header(&h, "sluicegate-action"), "spam");
+    assert_eq!(header(&h, "sluicegate-limit"), "ok");
+    proxy.wait_metric(
+        "sluicegate_limit_alerts_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+
+    // Start and end are alert records beside the request records.
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        7.0,
+        Duration::from_secs(10),
+    );
+    let alerts: Vec<_> = spool_records(&dir.path().join("spool"))
+        .into_iter()
+        .filter(|r| r["schema"] == "sluicegate.alert.v1")
+        .collect();
+    let events: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["limit_breach_started", "limit_breach_ended"]);
+    assert_eq!(alerts[0]["route"], "spam");
+    assert_eq!(alerts[0]["action"], "spam");
+    assert_eq!(alerts[0]["on_breach"], "fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_refuses_with_429_and_retry_after() {
+    let (proxy, _dir) = proxy_with(&limited("reject")).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(one(&proxy, &c).await.0, 200);
+    }
+    let (s, h, body) = one(&proxy, &c).await;
+    assert_eq!(s, 429);
+    assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "limit_exceeded");
+    // A rejected decision is not an action taken: still refused, not counted up.
+    assert_eq!(one(&proxy, &c).await.0, 429);
+    assert_eq!(proxy.metric("sluicegate_limit_outcomes_total"), 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fraction_applies_after_min_decisions() {
+    // Rows alternate by the threshold: 0.0 makes every row spam; at most half may be.
+    let policy = spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_fraction: 0.5, min_decisions: 4, window: 1m, on_breach: fallback, fallback: ham}]",
+        "",
+    );
+    let (proxy, _dir) = proxy_with(&policy).await;
+    let c = client();
+    let (_, h, _) = post(
+        &c,
+        &proxy.url("/v2/models/spam-filter/infer"),
+        v2_request(6, 1),
+    )
+    .await;
+    // Rows 1-3: under min_decisions, spam. Row 4: 4/4 > 0.5 → ham; then 4/5, 4/6 → ham.
+    assert_eq!(
+        header(&h, "sluicegate-action"),
+        "spam,spam,spam,ham,ham,ham"
+    );
+    assert_eq!(
+        header(&h, "sluicegate-limit"),
+        "ok,ok,ok,fallback,fallback,fallback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_consumers_are_refused_when_the_policy_says_so() {
+    let policy = format!(
+        "consumers: {{declared: [checkout], undeclared: refuse}}\n{}",
+        spam_route("{fixed: 0.5}", "[]", "")
+    );
+    let (proxy, _dir) = proxy_with(&policy).await;
+    let c = client();
+    let (s, _, body) = one(&proxy, &c).await;
+    assert_eq!(s, 403);
+    assert!(String::from_utf8_lossy(&body).contains("consumer_undeclared"));
+    let req = http::Request::post(proxy.url("/v2/models/spam-filter/infer"))
+        .header("sluicegate-consumer", "checkout")
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    assert_eq!(c.request(req).await.unwrap().status(), 200);
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    assert!(
+        metrics.contains(
+            r#"sluicegate_consumer_requests_total{consumer="checkout",declared="true"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"consumer="undeclared",declared="false"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_response_passes_through_with_a_decision_error() {
+    let policy = spam_route("{fixed: 0.5}", "[]", "").replace("predict_proba", "no_such_output");
+    let (proxy, dir) = proxy_with(&policy).await;
+    let c = client();
+    let body = v2_request(2, 3);
+    let (s, h, resp) = one_with(&proxy, &c, &body).await;
+    assert_eq!(s, 200);
+    assert!(h.get("sluicegate-action").is_none());
+    let direct: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(direct["outputs"][0]["name"], "predict_proba", "unchanged");
+    assert_eq!(proxy.metric("sluicegate_decision_errors_total"), 1.0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let r = &spool_records(&dir.path().join("spool"))[0];
+    assert_eq!(r["decision_error"]["kind"], "missing");
+    assert!(r["decisions"].is_null());
+}
+
+async fn one_with(
+    proxy: &ProxyProcess,
+    c: &HttpClient,
+    body: &str,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    post(
+        c,
+        &proxy.url("/v2/models/spam-filter/infer"),
+        body.to_owned(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiclass_takes_the_argmax_unless_under_its_threshold() {
+    let policy = r#"
+routes:
+  spam:
+    match: {model: spam-filter}
+    protocol: v2
+    score: {output: predict_proba}
+    decision:
+      multiclass:
+        classes: [ham, spam]
+        default_action: unsure
+        thresholds:
+          spam: {fixed: 0.8}
+"#;
+    let (proxy, _dir) = proxy_with(policy).await;
+    let c = client();
+    let body = v2_request(8, 9);
+    let (s, h, _) = one_with(&proxy, &c, &body).await;
+    assert_eq!(s, 200);
+    let req: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let data: Vec<f64> = req["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let expected: Vec<&str> = data
+        .chunks(4)
+        .map(|row| {
+            let p = StandInModel::score(row);
+            if p > 1.0 - p {
+                if p >= 0.8 {
+                    "spam"
+                } else {
+                    "unsure"
+                }
+            } else {
+                "ham"
+            }
+        })
+        .collect();
+    assert_eq!(header(&h, "sluicegate-action"), expected.join(","));
+}
