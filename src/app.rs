@@ -9,6 +9,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::policy;
 use crate::config::settings::Settings;
+use crate::config::validate::{self, PolicyError, PolicyErrors};
+use crate::control::reload::{self, Reloader};
 use crate::control::{self, Readiness};
 use crate::proxy::server::{self, ListenerLimits};
 use crate::proxy::Proxy;
@@ -34,10 +36,7 @@ pub enum StartError {
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("invalid policy {file}:\n{errors}")]
-    Policy {
-        file: String,
-        errors: crate::config::validate::PolicyErrors,
-    },
+    Policy { file: String, errors: PolicyErrors },
 }
 
 /// A running proxy.
@@ -62,16 +61,31 @@ impl Running {
 /// Starts the proxy, the admin port, the tee and the readiness probe.
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let initial =
-        match &settings.policy {
-            Some(file) => crate::config::validate::load(file, settings.max_record_bytes).map_err(
-                |errors| StartError::Policy {
-                    file: file.display().to_string(),
-                    errors,
-                },
-            )?,
-            None => policy::Policy::default(),
-        };
+    let policy_text = match &settings.policy {
+        Some(file) => Some(
+            std::fs::read_to_string(file).map_err(|e| StartError::Policy {
+                file: file.display().to_string(),
+                errors: PolicyErrors(vec![PolicyError {
+                    path: String::new(),
+                    message: format!("cannot read it: {e}"),
+                }]),
+            })?,
+        ),
+        None => None,
+    };
+    let initial = match &policy_text {
+        Some(text) => validate::parse(text, settings.max_record_bytes).map_err(|errors| {
+            StartError::Policy {
+                file: settings
+                    .policy
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+                errors,
+            }
+        })?,
+        None => policy::Policy::default(),
+    };
     let policy = policy::shared(initial, settings.max_record_bytes);
     {
         let snapshot = policy.load();
@@ -79,6 +93,13 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             .policy
             .set_version(&snapshot.version, snapshot.generation);
     }
+    let reloader = Arc::new(Reloader::new(
+        policy.clone(),
+        settings.policy.clone(),
+        settings.max_record_bytes,
+        metrics.policy.clone(),
+        policy_text.as_deref(),
+    ));
 
     let spool_config = SpoolConfig {
         dir: settings.spool.dir.clone(),
@@ -147,9 +168,15 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     ));
     let admin = tokio::spawn(control::serve_admin(
         admin_listener,
-        metrics.clone(),
-        readiness.clone(),
+        Arc::new(control::Admin {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            reloader: reloader.clone(),
+            token_file: settings.admin_token_file.clone(),
+        }),
     ));
+    let watch = tokio::spawn(reload::watch_file(reloader.clone()));
+    let hup = tokio::spawn(reload::on_sighup(reloader));
 
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
@@ -182,6 +209,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         probe.abort();
         admin.abort();
         upkeep.abort();
+        watch.abort();
+        hup.abort();
         tracing::info!("shutdown complete");
     });
 

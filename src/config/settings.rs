@@ -34,6 +34,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Path of the hot policy file; `None` runs the built-in default policy.
     pub policy: Option<PathBuf>,
+    /// File holding the bearer token of `/admin/*`; `None` turns the admin API off.
+    pub admin_token_file: Option<PathBuf>,
     pub kafka: Option<KafkaSettings>,
     pub spool: SpoolSettings,
 }
@@ -109,6 +111,7 @@ impl Default for Settings {
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             policy: None,
+            admin_token_file: None,
             kafka: None,
             spool: SpoolSettings {
                 dir: PathBuf::from("sluicegate-spool"),
@@ -152,6 +155,8 @@ pub struct SettingsFile {
     pub shutdown_grace: Option<String>,
     /// Path of the policy file.
     pub policy: Option<PathBuf>,
+    /// File with the admin API's bearer token.
+    pub admin_token_file: Option<PathBuf>,
     /// Kafka connection.
     pub kafka: Option<KafkaFile>,
     /// Disk spool.
@@ -236,6 +241,9 @@ pub struct SettingsArgs {
     /// Policy file (hot-reloaded).
     #[arg(long, env = "SLUICEGATE_POLICY")]
     pub policy: Option<PathBuf>,
+    /// File with the bearer token for /admin/* (unset: the admin API is off).
+    #[arg(long, env = "SLUICEGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Kafka bootstrap brokers; unset, the spool is the sink.
     #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -386,6 +394,7 @@ impl SettingsArgs {
             errors.push("max_record: must be at least 4KiB".into());
         }
         s.policy = self.policy.clone().or(file.policy);
+        s.admin_token_file = self.admin_token_file.clone().or(file.admin_token_file);
 
         let spool = file.spool.unwrap_or_default();
         if let Some(d) = self.spool_dir.clone().or(spool.dir) {

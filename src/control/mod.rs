@@ -1,6 +1,8 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`; and the upstream readiness probe.
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, and the token-protected `/admin/*`
+//! (reload, view or replace the policy); the upstream readiness probe; policy reloads.
 
-use std::net::SocketAddr;
+pub mod reload;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,20 +73,31 @@ pub async fn probe_upstream(upstream: Upstream, readiness: Arc<Readiness>, metri
     }
 }
 
+/// What the admin port needs.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub reloader: Arc<reload::Reloader>,
+    /// The bearer token's file, read at every call so a rotated Secret applies at once;
+    /// `None` disables `/admin/*`.
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// Largest policy accepted by `PUT /admin/policy`.
+const MAX_POLICY_BYTES: usize = 1 << 20;
+
 /// Serves the admin port until the listener is dropped with the task.
-pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, readiness: Arc<Readiness>) {
+pub async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let metrics = metrics.clone();
-                let readiness = readiness.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin(req, &metrics, &readiness).await) }
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &admin).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -93,15 +106,29 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<Metrics>, readiness
     }
 }
 
-async fn admin(
-    req: Request<Incoming>,
-    metrics: &Metrics,
-    readiness: &Readiness,
-) -> Response<Full<Bytes>> {
+async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    // Admin requests are tiny; read and discard whatever body came.
-    let _ = http_body_util::Limited::new(body, 64 << 10).collect().await;
-    match (parts.method, parts.uri.path()) {
+    let body = match http_body_util::Limited::new(body, MAX_POLICY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": "too_large", "message": format!("admin requests are at most {MAX_POLICY_BYTES} bytes")}),
+            )
+        }
+    };
+    let path = parts.uri.path();
+    if path.starts_with("/admin/") {
+        if let Err(resp) = authorize(&parts.headers, admin) {
+            return resp;
+        }
+        return admin_call(&parts.method, path, &body, admin).await;
+    }
+    let (metrics, readiness) = (&admin.metrics, &admin.readiness);
+    match (parts.method, path) {
         (Method::GET, "/metrics") => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -129,6 +156,111 @@ async fn admin(
     }
 }
 
+/// Checks `authorization: Bearer TOKEN` against the token file, in constant time.
+fn authorize(headers: &http::HeaderMap, admin: &Admin) -> Result<(), Response<Full<Bytes>>> {
+    let Some(file) = &admin.token_file else {
+        return Err(json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "admin_disabled", "message": "the admin API is off: start with --admin-token-file"}),
+        ));
+    };
+    let expected = match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+        _ => {
+            tracing::warn!(file = %file.display(), "cannot read the admin token file; refusing admin calls");
+            return Err(json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "token_unavailable", "message": "the admin token file cannot be read"}),
+            ));
+        }
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        let mut resp = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "unauthorized", "message": "a valid bearer token is required"}),
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        Err(resp)
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for (i, &x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0 && a.len() == b.len()
+}
+
+async fn admin_call(
+    method: &Method,
+    path: &str,
+    body: &Bytes,
+    admin: &Admin,
+) -> Response<Full<Bytes>> {
+    let outcome = |r: Result<reload::Reloaded, crate::config::validate::PolicyErrors>| match r {
+        Ok(reload::Reloaded::Applied {
+            version,
+            generation,
+        }) => json(
+            StatusCode::OK,
+            serde_json::json!({"result": "applied", "version": version, "generation": generation}),
+        ),
+        Ok(reload::Reloaded::Unchanged { version }) => json(
+            StatusCode::OK,
+            serde_json::json!({"result": "unchanged", "version": version}),
+        ),
+        Err(errors) => json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            serde_json::json!({
+                "error": "invalid_policy",
+                "message": "the policy was refused; the policy in force keeps serving",
+                "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            }),
+        ),
+    };
+    match (method, path) {
+        (&Method::POST, "/admin/reload") => {
+            outcome(admin.reloader.reload_file(reload::Source::Api).await)
+        }
+        (&Method::GET, "/admin/policy") => {
+            let s = admin.reloader.current();
+            json(
+                StatusCode::OK,
+                serde_json::json!({"version": s.version, "generation": s.generation, "policy": s.policy}),
+            )
+        }
+        (&Method::PUT, "/admin/policy") => match std::str::from_utf8(body) {
+            Ok(text) => outcome(admin.reloader.apply_text(text, reload::Source::Api).await),
+            Err(_) => json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "not_utf8", "message": "the policy must be UTF-8 YAML or JSON"}),
+            ),
+        },
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not_found", "message": "admin calls: POST /admin/reload, GET /admin/policy, PUT /admin/policy"}),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = text(status, "application/json", body.to_string());
+    *r.status_mut() = status;
+    r
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -139,9 +271,16 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
-/// Where the admin listener ended up (port 0 picks one).
-pub fn local(listener: &TcpListener) -> SocketAddr {
-    listener
-        .local_addr()
-        .expect("bound listener has an address")
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(&[0u8; 256], &[]));
+    }
 }

@@ -1,0 +1,285 @@
+//! Hot reload through every source — the file (including a Kubernetes ConfigMap's `..data`
+//! symlink swap), SIGHUP and the admin API — under load, valid and invalid.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluicegate::demo::{v2_request, StandInModel};
+
+const TOKEN: &str = "s3cret-token";
+
+fn policy(threshold: &str, max_count: u64) -> String {
+    format!(
+        r#"
+routes:
+  spam:
+    match: {{model: spam-filter}}
+    protocol: v2
+    score: {{output: predict_proba, column: 1}}
+    decision:
+      binary:
+        action: spam
+        otherwise: ham
+        threshold: {threshold}
+    limits:
+      - {{action: spam, max_count: {max_count}, window: 1m, on_breach: flag}}
+"#
+    )
+}
+
+/// An HTTP/1.0 request to the admin port: (status, body).
+fn admin(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: a\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn version(addr: SocketAddr) -> String {
+    admin(addr, "GET", "/admin/policy", Some(TOKEN), "").1["version"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_from_every_source_under_load_fail_no_request() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let file = dir.path().join("policy.yaml");
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    let adaptive = "{adaptive: {target_rate: 0.3, window: 1m, initial: 0.9, min: 0.05, max: 0.95, max_step: 0.5, update_interval: 1s, min_samples: 20}}";
+    let a = policy(adaptive, 1_000_000);
+    let b = policy(adaptive, 2_000_000);
+    std::fs::write(&file, &a).unwrap();
+    let up = format!("http://{model}");
+    let spool = dir.path().join("spool");
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(&spool),
+        "--policy",
+        path_str(&file),
+        "--admin-token-file",
+        path_str(&token),
+    ]);
+    let admin_addr = proxy.admin;
+    let version_a = version(admin_addr);
+
+    // Without the token: 401, and nothing changes.
+    assert_eq!(admin(admin_addr, "POST", "/admin/reload", None, "").0, 401);
+    assert_eq!(
+        admin(admin_addr, "POST", "/admin/reload", Some("wrong"), "").0,
+        401
+    );
+
+    // Warm the adaptive threshold up so that a reset would show.
+    let (ids, failed) = load(proxy.data, 200, Duration::from_secs(2)).await;
+    assert_eq!(failed, 0);
+    assert!(!ids.is_empty());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let warmed = proxy.metric("sluicegate_threshold");
+    assert!(
+        (warmed - 0.9).abs() > 0.01,
+        "the threshold adapted away from its initial 0.9: {warmed}"
+    );
+
+    let data = proxy.data;
+    let traffic = tokio::spawn(async move { load(data, 200, Duration::from_secs(6)).await });
+    let pid = proxy.child.id();
+    let file2 = file.clone();
+    let (a2, b2) = (a.clone(), b.clone());
+    let storm = tokio::task::spawn_blocking(move || {
+        let mut versions = HashSet::new();
+        let invalid = policy("{fixed: 0.5}", 0); // max_count 0 is refused
+        let deadline = Instant::now() + Duration::from_millis(5500);
+        let mut i = 0u32;
+        while Instant::now() < deadline {
+            let text = if i % 2 == 0 { &b2 } else { &a2 };
+            match i % 5 {
+                // The file, picked up by the watch.
+                0 => write_atomically(&file2, text),
+                // The file, then SIGHUP.
+                1 => {
+                    write_atomically(&file2, text);
+                    signal(pid, "HUP");
+                }
+                // The file, then the API's reload.
+                2 => {
+                    write_atomically(&file2, text);
+                    let (s, v) = admin(admin_addr, "POST", "/admin/reload", Some(TOKEN), "");
+                    assert_eq!(s, 200, "{v}");
+                }
+                // PUT, valid.
+                3 => {
+                    let (s, v) = admin(admin_addr, "PUT", "/admin/policy", Some(TOKEN), text);
+                    assert_eq!(s, 200, "{v}");
+                    versions.insert(v["version"].as_str().unwrap().to_owned());
+                }
+                // PUT and file, invalid: refused whole, the old one serves on.
+                _ => {
+                    let (s, v) = admin(admin_addr, "PUT", "/admin/policy", Some(TOKEN), &invalid);
+                    assert_eq!(s, 422, "{v}");
+                    assert!(
+                        v["errors"][0].as_str().unwrap().contains("max_count"),
+                        "{v}"
+                    );
+                    write_atomically(&file2, &invalid);
+                }
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        // End on a valid file so the watch settles on it.
+        write_atomically(&file2, &a2);
+        (versions, i)
+    });
+    let (ids, failed) = traffic.await.unwrap();
+    let (put_versions, swaps) = storm.await.unwrap();
+    assert!(swaps > 50, "only {swaps} swaps");
+    assert_eq!(failed, 0, "no request failed during {swaps} policy swaps");
+    assert!(proxy.metric("sluicegate_policy_generation") >= 20.0);
+    assert!(proxy.metric("sluicegate_policy_reload_failures_total") >= 5.0);
+
+    // Every record names a policy that was valid and in force.
+    let version_b = put_versions
+        .iter()
+        .find(|v| **v != version_a)
+        .cloned()
+        .unwrap();
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        ids.len() as f64,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&spool);
+    let seen: HashSet<String> = records
+        .iter()
+        .filter(|r| r["schema"] == "sluicegate.record.v1")
+        .map(|r| r["policy"]["version"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        seen.contains(&version_b),
+        "some requests were decided by the second policy"
+    );
+    assert!(
+        seen.iter().all(|v| *v == version_a || *v == version_b),
+        "only valid policies decided: {seen:?}"
+    );
+    // The threshold's settings never changed: its estimator was never reset.
+    let after = proxy.metric("sluicegate_threshold");
+    assert!(
+        (after - 0.9).abs() > 0.01,
+        "threshold reset to its initial value: {after}"
+    );
+}
+
+/// The kubelet's way: a new timestamped directory, then an atomic swap of the `..data`
+/// symlink; `policy.yaml` is a symlink through `..data`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_update_is_picked_up_within_two_seconds() {
+    use std::os::unix::fs::symlink;
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let cm = dir.path().join("policy");
+    std::fs::create_dir(&cm).unwrap();
+    let publish = |n: u32, text: &str| {
+        let ts = cm.join(format!("..2026_11_28_00_00_0{n}.000"));
+        std::fs::create_dir(&ts).unwrap();
+        std::fs::write(ts.join("policy.yaml"), text).unwrap();
+        let tmp = cm.join("..data_tmp");
+        symlink(ts.file_name().unwrap(), &tmp).unwrap();
+        std::fs::rename(&tmp, cm.join("..data")).unwrap();
+    };
+    // Threshold 0: everything is spam. Then 2: nothing is.
+    publish(1, &policy("{fixed: 0.0}", 1_000_000));
+    symlink("..data/policy.yaml", cm.join("policy.yaml")).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let up = format!("http://{model}");
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(&dir.path().join("spool")),
+        "--policy",
+        path_str(&cm.join("policy.yaml")),
+        "--admin-token-file",
+        path_str(&token),
+    ]);
+    let c = client();
+    let action = |h: &http::HeaderMap| h["sluicegate-action"].to_str().unwrap().to_owned();
+    let (_, h, _) = post(
+        &c,
+        &proxy.url("/v2/models/spam-filter/infer"),
+        v2_request(1, 1),
+    )
+    .await;
+    assert_eq!(action(&h), "spam");
+    let before = version(proxy.admin);
+
+    publish(2, &policy("{fixed: 2.0}", 1_000_000));
+    let start = Instant::now();
+    loop {
+        let (_, h, _) = post(
+            &c,
+            &proxy.url("/v2/models/spam-filter/infer"),
+            v2_request(1, 1),
+        )
+        .await;
+        if action(&h) == "ham" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the new policy was not applied within 2s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = version(proxy.admin);
+    assert_ne!(before, after);
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    assert!(
+        metrics.contains(&format!("sluicegate_policy_info{{version=\"{after}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&format!("version=\"{before}\"")),
+        "the old version is no longer shown"
+    );
+}
