@@ -122,8 +122,8 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> 
     };
     let path = parts.uri.path();
     if path.starts_with("/admin/") {
-        if let Err(resp) = authorize(&parts.headers, admin) {
-            return resp;
+        if let Some(refused) = refusal(&parts.headers, admin) {
+            return refused;
         }
         return admin_call(&parts.method, path, &body, admin).await;
     }
@@ -156,10 +156,11 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> 
     }
 }
 
-/// Checks `authorization: Bearer TOKEN` against the token file, in constant time.
-fn authorize(headers: &http::HeaderMap, admin: &Admin) -> Result<(), Response<Full<Bytes>>> {
+/// Checks `authorization: Bearer TOKEN` against the token file, in constant time; the
+/// response refusing the call, if it is refused.
+fn refusal(headers: &http::HeaderMap, admin: &Admin) -> Option<Response<Full<Bytes>>> {
     let Some(file) = &admin.token_file else {
-        return Err(json(
+        return Some(json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "admin_disabled", "message": "the admin API is off: start with --admin-token-file"}),
         ));
@@ -168,7 +169,7 @@ fn authorize(headers: &http::HeaderMap, admin: &Admin) -> Result<(), Response<Fu
         Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
         _ => {
             tracing::warn!(file = %file.display(), "cannot read the admin token file; refusing admin calls");
-            return Err(json(
+            return Some(json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"error": "token_unavailable", "message": "the admin token file cannot be read"}),
             ));
@@ -180,7 +181,7 @@ fn authorize(headers: &http::HeaderMap, admin: &Admin) -> Result<(), Response<Fu
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
-        Ok(())
+        None
     } else {
         let mut resp = json(
             StatusCode::UNAUTHORIZED,
@@ -190,7 +191,7 @@ fn authorize(headers: &http::HeaderMap, admin: &Admin) -> Result<(), Response<Fu
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
-        Err(resp)
+        Some(resp)
     }
 }
 

@@ -1016,7 +1016,7 @@ mod tests {
 
     fn entry(i: usize) -> SpoolEntry {
         SpoolEntry {
-            kind: if i % 5 == 0 {
+            kind: if i.is_multiple_of(5) {
                 EntryKind::Alert
             } else {
                 EntryKind::Record
