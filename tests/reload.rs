@@ -130,7 +130,7 @@ async fn reloads_from_every_source_under_load_fail_no_request() {
         let deadline = Instant::now() + Duration::from_millis(5500);
         let mut i = 0u32;
         while Instant::now() < deadline {
-            let text = if i % 2 == 0 { &b2 } else { &a2 };
+            let text = if i.is_multiple_of(2) { &b2 } else { &a2 };
             match i % 5 {
                 // The file, picked up by the watch.
                 0 => write_atomically(&file2, text),
