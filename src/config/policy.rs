@@ -342,6 +342,8 @@ pub struct PolicySnapshot {
     pub routes: RouteTable,
     /// `consumers.header`, parsed once.
     pub consumer_header: HeaderName,
+    /// `tee.redact_body` and `tee.hash_body`, parsed once.
+    pub body_redaction: crate::tee::record::BodyRedaction,
 }
 
 impl PolicySnapshot {
@@ -365,6 +367,8 @@ impl PolicySnapshot {
         let consumer_header =
             HeaderName::from_bytes(policy.consumers.header.to_ascii_lowercase().as_bytes())
                 .unwrap_or(HeaderName::from_static("sluicegate-consumer"));
+        let body_redaction =
+            crate::tee::record::BodyRedaction::new(&policy.tee.redact_body, &policy.tee.hash_body);
         PolicySnapshot {
             policy,
             version,
@@ -373,6 +377,7 @@ impl PolicySnapshot {
             body_cap,
             routes,
             consumer_header,
+            body_redaction,
         }
     }
 

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderName, Method};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 use serde_json::value::RawValue;
+use sha2::Digest;
 
 use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::PolicySnapshot;
@@ -242,12 +243,17 @@ fn raw_str(v: Option<&RawValue>) -> Option<String> {
 struct Body<'a> {
     capture: &'a Capture,
     json: Option<&'a RawValue>,
+    /// The JSON body with the policy's redactions applied (re-serialized).
+    redacted: Option<Box<RawValue>>,
+    /// The policy redacts body fields: a body that cannot be redacted (not whole JSON) is
+    /// not recorded at all.
+    must_redact: bool,
     probe: Probe<'a>,
     binary_type: bool,
 }
 
 impl<'a> Body<'a> {
-    fn new(capture: &'a Capture, headers: &HeaderMap) -> Self {
+    fn new(capture: &'a Capture, headers: &HeaderMap, redaction: &BodyRedaction) -> Self {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -265,12 +271,91 @@ impl<'a> Body<'a> {
                 }
             }
         }
+        let must_redact = !redaction.is_empty();
+        let redacted = json
+            .filter(|_| must_redact)
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+            .and_then(|mut v| {
+                redaction.apply(&mut v);
+                serde_json::value::to_raw_value(&v).ok()
+            });
         Body {
             capture,
             json,
+            redacted,
+            must_redact,
             probe,
             binary_type,
         }
+    }
+}
+
+/// Body fields redacted or hashed in records, by JSON pointer (`*` matches every element).
+#[derive(Clone, Debug, Default)]
+pub struct BodyRedaction {
+    redact: Vec<Vec<String>>,
+    hash: Vec<Vec<String>>,
+}
+
+impl BodyRedaction {
+    pub fn new(redact: &[String], hash: &[String]) -> Self {
+        let parse = |ps: &[String]| {
+            ps.iter()
+                .map(|p| {
+                    p.split('/')
+                        .skip(1)
+                        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+                        .collect()
+                })
+                .collect()
+        };
+        BodyRedaction {
+            redact: parse(redact),
+            hash: parse(hash),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.redact.is_empty() && self.hash.is_empty()
+    }
+
+    fn apply(&self, v: &mut serde_json::Value) {
+        for path in &self.redact {
+            at(v, path, &|x| {
+                *x = serde_json::Value::String(REDACTED.into())
+            });
+        }
+        for path in &self.hash {
+            at(v, path, &|x| {
+                let digest = sha2::Sha256::digest(x.to_string().as_bytes());
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                *x = serde_json::Value::String(format!("sha256:{hex}"));
+            });
+        }
+    }
+}
+
+/// Applies `f` to every value at `path` (segments; `*` is every element or member).
+fn at(v: &mut serde_json::Value, path: &[String], f: &dyn Fn(&mut serde_json::Value)) {
+    use serde_json::Value;
+    let Some((seg, rest)) = path.split_first() else {
+        f(v);
+        return;
+    };
+    match v {
+        Value::Array(items) if seg == "*" => items.iter_mut().for_each(|x| at(x, rest, f)),
+        Value::Object(members) if seg == "*" => members.values_mut().for_each(|x| at(x, rest, f)),
+        Value::Array(items) => {
+            if let Some(x) = seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                at(x, rest, f);
+            }
+        }
+        Value::Object(members) => {
+            if let Some(x) = members.get_mut(seg.as_str()) {
+                at(x, rest, f);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -293,11 +378,20 @@ impl Serialize for BodyView<'_> {
         let bytes = &capture.bytes[..capture.bytes.len().min(self.limit)];
         let truncated = (bytes.len() as u64) < capture.size;
         match (self.body.json, truncated) {
+            (Some(_), false) if self.body.must_redact => match &self.body.redacted {
+                Some(redacted) => {
+                    m.serialize_entry("encoding", "json")?;
+                    m.serialize_entry("data", redacted)?;
+                }
+                None => m.serialize_entry("encoding", "none")?,
+            },
             // Complete JSON goes in as raw JSON: numbers exactly as sent.
             (Some(raw), false) => {
                 m.serialize_entry("encoding", "json")?;
                 m.serialize_entry("data", raw)?;
             }
+            // Fields must be redacted but the body is not whole JSON: record none of it.
+            _ if self.body.must_redact => m.serialize_entry("encoding", "none")?,
             _ => match text_prefix(bytes, truncated).filter(|_| !self.body.binary_type) {
                 Some(text) => {
                     m.serialize_entry("encoding", "text")?;
@@ -381,8 +475,12 @@ impl Serialize for RecordView<'_> {
         let policy = &ex.policy;
         let captured = ex.capture_bodies;
         let redacted = policy.redacted_headers.as_slice();
-        let request_body = Body::new(&ex.request.body, &ex.request.headers);
-        let response_body = ex.response.as_ref().map(|r| Body::new(&r.body, &r.headers));
+        let redaction = &policy.body_redaction;
+        let request_body = Body::new(&ex.request.body, &ex.request.headers, redaction);
+        let response_body = ex
+            .response
+            .as_ref()
+            .map(|r| Body::new(&r.body, &r.headers, redaction));
 
         let (path_model, path_version) = model_from_path(&ex.path);
         let probe = response_body.as_ref().map(|b| &b.probe);
@@ -623,6 +721,30 @@ mod tests {
         assert_eq!(body["truncated"], true);
         assert_eq!(body["size"], long.len());
         assert!(body["data"].as_str().unwrap().len() <= 51);
+    }
+
+    #[test]
+    fn body_fields_are_redacted_or_hashed_by_pointer() {
+        let mut p = Policy::default();
+        p.tee.redact_body = vec!["/inputs/*/data".into()];
+        p.tee.hash_body = vec!["/parameters/user".into()];
+        let mut ex = exchange(
+            br#"{"inputs":[{"name":"a","data":[1,2]},{"name":"b","data":[3]}],"parameters":{"user":"bob"}}"#,
+            b"{not json",
+            1024,
+        );
+        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        let v = decode(&ex.encode(&ctx(1 << 20)));
+        let body = &v["request"]["body"];
+        assert_eq!(body["encoding"], "json");
+        assert_eq!(body["data"]["inputs"][0]["data"], REDACTED);
+        assert_eq!(body["data"]["inputs"][1]["data"], REDACTED);
+        assert_eq!(body["data"]["inputs"][0]["name"], "a");
+        let hashed = body["data"]["parameters"]["user"].as_str().unwrap();
+        assert!(hashed.starts_with("sha256:") && hashed.len() == 7 + 64);
+        // Not JSON, so it cannot be redacted field by field: none of it is recorded.
+        assert_eq!(v["response"]["body"]["encoding"], "none");
+        assert!(v["response"]["body"].get("data").is_none());
     }
 
     #[test]
