@@ -26,6 +26,34 @@ pub struct Policy {
     /// Routes by stable name: the name carries threshold and limit state across reloads.
     #[serde(default)]
     pub routes: BTreeMap<String, Route>,
+    /// Signed provenance tags on decided responses. Absent: responses are not tagged.
+    #[serde(default)]
+    pub tagging: Option<Tagging>,
+}
+
+/// How decided responses are tagged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tagging {
+    /// `ed25519` (verifiers hold only the public key) or `hmac-sha256` (one shared secret).
+    pub algorithm: String,
+    /// The id of the key that signs: a file `<id>.ed25519` or `<id>.hmac` in the settings'
+    /// tag key directory. Every key there verifies, so rotation is: add the new key, point
+    /// this at it, remove the old key once its tags no longer matter.
+    pub signing_key: String,
+}
+
+/// Exploration: with probability `epsilon` the action is drawn at random over the route's
+/// actions instead of the thresholded one, and the record and tag say so, with the
+/// propensity, so training can weight by inverse propensity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exploration {
+    /// Probability of exploring, in [0, 1).
+    pub epsilon: f64,
+    /// A fixed seed makes the draws repeatable (tests, replays); absent, they are random.
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 /// The tee's hot settings.
@@ -124,6 +152,13 @@ pub struct Route {
     /// Overrides `tee.capture_bodies` for this route.
     #[serde(default)]
     pub capture_bodies: Option<bool>,
+    /// Opt-in exploration.
+    #[serde(default)]
+    pub exploration: Option<Exploration>,
+    /// Also write the tag into the JSON response body at this pointer (for clients that drop
+    /// headers), e.g. `/sluicegate_tag`.
+    #[serde(default)]
+    pub tag_field: Option<String>,
 }
 
 /// A route's matcher: exactly one of the two.

@@ -36,6 +36,9 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     /// File holding the bearer token of `/admin/*`; `None` turns the admin API off.
     pub admin_token_file: Option<PathBuf>,
+    /// Directory of tag keys (`<id>.ed25519`, `<id>.ed25519.pub`, `<id>.hmac`), read again at
+    /// every policy reload.
+    pub tag_keys_dir: Option<PathBuf>,
     pub kafka: Option<KafkaSettings>,
     pub spool: SpoolSettings,
 }
@@ -112,6 +115,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(20),
             policy: None,
             admin_token_file: None,
+            tag_keys_dir: None,
             kafka: None,
             spool: SpoolSettings {
                 dir: PathBuf::from("sluicegate-spool"),
@@ -157,6 +161,8 @@ pub struct SettingsFile {
     pub policy: Option<PathBuf>,
     /// File with the admin API's bearer token.
     pub admin_token_file: Option<PathBuf>,
+    /// Directory of provenance tag keys.
+    pub tag_keys_dir: Option<PathBuf>,
     /// Kafka connection.
     pub kafka: Option<KafkaFile>,
     /// Disk spool.
@@ -244,6 +250,9 @@ pub struct SettingsArgs {
     /// File with the bearer token for /admin/* (unset: the admin API is off).
     #[arg(long, env = "SLUICEGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Directory of provenance tag keys, one file per key (a Secret mounted as a directory).
+    #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
+    pub tag_keys_dir: Option<PathBuf>,
     /// Kafka bootstrap brokers; unset, the spool is the sink.
     #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -395,6 +404,7 @@ impl SettingsArgs {
         }
         s.policy = self.policy.clone().or(file.policy);
         s.admin_token_file = self.admin_token_file.clone().or(file.admin_token_file);
+        s.tag_keys_dir = self.tag_keys_dir.clone().or(file.tag_keys_dir);
 
         let spool = file.spool.unwrap_or_default();
         if let Some(d) = self.spool_dir.clone().or(spool.dir) {

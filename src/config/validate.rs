@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveSpec, ConsumersPolicy, Decision, Limit, OnBreach, Policy, Protocol, Route, RouteMatch,
-    ScoreSpec, TeePolicy, Threshold, WriteDecisions,
+    AdaptiveSpec, ConsumersPolicy, Decision, Exploration, Limit, OnBreach, Policy, Protocol, Route,
+    RouteMatch, ScoreSpec, Tagging, TeePolicy, Threshold, WriteDecisions,
 };
 
 /// One problem in a policy, with where it is.
@@ -156,7 +156,12 @@ fn structure(value: &Value, errors: &mut Errors) -> Policy {
     if value.is_null() {
         return policy;
     }
-    let Some(map) = mapping(value, "", &["tee", "consumers", "routes"], errors) else {
+    let Some(map) = mapping(
+        value,
+        "",
+        &["tee", "consumers", "routes", "tagging"],
+        errors,
+    ) else {
         return policy;
     };
     let get = |k: &str| map.get(Value::String(k.into()));
@@ -166,6 +171,9 @@ fn structure(value: &Value, errors: &mut Errors) -> Policy {
     if let Some(c) = get("consumers").and_then(|v| part::<ConsumersPolicy>(v, "consumers", errors))
     {
         policy.consumers = c;
+    }
+    if let Some(v) = get("tagging").filter(|v| !v.is_null()) {
+        policy.tagging = part::<Tagging>(v, "tagging", errors);
     }
     match get("routes") {
         None => {}
@@ -199,6 +207,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
         "limits",
         "write_decisions",
         "capture_bodies",
+        "exploration",
+        "tag_field",
     ];
     let before = errors.0.len();
     let map = mapping(value, &path, &keys, errors)?;
@@ -233,6 +243,9 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
         .map(|v| part::<WriteDecisions>(v, &join(&path, "write_decisions"), errors));
     let capture_bodies =
         get("capture_bodies").map(|v| part::<bool>(v, &join(&path, "capture_bodies"), errors));
+    let exploration =
+        get("exploration").map(|v| part::<Exploration>(v, &join(&path, "exploration"), errors));
+    let tag_field = get("tag_field").map(|v| part::<String>(v, &join(&path, "tag_field"), errors));
     if errors.0.len() > before {
         return None;
     }
@@ -244,6 +257,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
         limits,
         write_decisions: write_decisions.flatten(),
         capture_bodies: capture_bodies.flatten(),
+        exploration: exploration.flatten(),
+        tag_field: tag_field.flatten(),
     })
 }
 
@@ -300,6 +315,17 @@ fn check(policy: &Policy, max_record_bytes: u64, errors: &mut Errors) {
         }
     }
 
+    if let Some(t) = &policy.tagging {
+        if !matches!(t.algorithm.as_str(), "ed25519" | "hmac-sha256" | "hs256") {
+            errors.add(
+                "tagging.algorithm",
+                format!("{:?}: use ed25519 or hmac-sha256", t.algorithm),
+            );
+        }
+        if t.signing_key.is_empty() {
+            errors.add("tagging.signing_key", "empty");
+        }
+    }
     for (name, route) in &policy.routes {
         check_route(name, route, errors);
     }
@@ -373,6 +399,31 @@ fn check_route(name: &str, route: &Route, errors: &mut Errors) {
         }
     }
 
+    if let Some(x) = &route.exploration {
+        if !(0.0..1.0).contains(&x.epsilon) {
+            errors.add(format!("{path}.exploration.epsilon"), "must be in [0, 1)");
+        }
+        if route.decision.is_none() {
+            errors.add(
+                format!("{path}.exploration"),
+                "exploration needs a decision to explore",
+            );
+        }
+    }
+    if let Some(f) = &route.tag_field {
+        if !f.starts_with('/') || f.len() < 2 {
+            errors.add(
+                format!("{path}.tag_field"),
+                "a JSON pointer to a field, e.g. /sluicegate_tag",
+            );
+        }
+        if route.decision.is_none() {
+            errors.add(
+                format!("{path}.tag_field"),
+                "only decided responses are tagged",
+            );
+        }
+    }
     let Some(decision) = &route.decision else {
         if !route.limits.is_empty() {
             errors.add(format!("{path}.limits"), "limits need a decision to limit");

@@ -89,6 +89,29 @@ pub enum Decider {
     },
 }
 
+impl Decider {
+    /// Every action the route can take, without repeats, in a stable order.
+    pub fn actions(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = match self {
+            Decider::Binary {
+                action, otherwise, ..
+            } => vec![action.clone(), otherwise.clone()],
+            Decider::Multiclass {
+                classes,
+                default_action,
+                ..
+            } => classes
+                .iter()
+                .cloned()
+                .chain(std::iter::once(default_action.clone()))
+                .collect(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|a| seen.insert(a.clone()));
+        out
+    }
+}
+
 /// A limit in force.
 #[derive(Debug)]
 pub struct ActiveLimit {
@@ -104,6 +127,35 @@ pub struct CompiledRoute {
     pub spec: Route,
     pub decider: Option<Decider>,
     pub limits: Vec<ActiveLimit>,
+    /// Opt-in exploration; kept across reloads while its settings do not change, so a seeded
+    /// sequence goes on.
+    pub explorer: Option<Arc<Explorer>>,
+}
+
+/// Draws exploration decisions.
+#[derive(Debug)]
+pub struct Explorer {
+    pub spec: crate::config::policy::Exploration,
+    rng: std::sync::Mutex<fastrand::Rng>,
+}
+
+impl Explorer {
+    fn new(spec: crate::config::policy::Exploration) -> Self {
+        let rng = match spec.seed {
+            Some(seed) => fastrand::Rng::with_seed(seed),
+            None => fastrand::Rng::new(),
+        };
+        Explorer {
+            spec,
+            rng: std::sync::Mutex::new(rng),
+        }
+    }
+
+    /// For one row: `Some(index)` of the action to take when this row explores.
+    fn draw(&self, choices: usize) -> Option<usize> {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        (rng.f64() < self.spec.epsilon).then(|| rng.usize(..choices))
+    }
 }
 
 /// The limit outcome of one row.
@@ -136,9 +188,14 @@ pub struct RowDecision {
     pub threshold_mode: Option<&'static str>,
     /// What the threshold alone said.
     pub model_action: Arc<str>,
-    /// What was done, after limits.
+    /// What was done, after exploration and limits.
     pub final_action: Arc<str>,
     pub limit: LimitOutcome,
+    /// Whether exploration drew this row's action at random.
+    pub explored: bool,
+    /// The probability of the action taken under the policy's randomization, when the route
+    /// explores: (1 − ε)·[taken = model action] + ε / number of actions.
+    pub propensity: Option<f64>,
 }
 
 /// A limit's breach starting or ending.
@@ -210,6 +267,8 @@ impl CompiledRoute {
                             model_action: a.clone(),
                             final_action: a.clone(),
                             limit: LimitOutcome::Ok,
+                            explored: false,
+                            propensity: None,
                         }
                     })
                     .collect(),
@@ -245,12 +304,30 @@ impl CompiledRoute {
                                 model_action: a.clone(),
                                 final_action: a.clone(),
                                 limit: LimitOutcome::Ok,
+                                explored: false,
+                                propensity: None,
                             }
                         })
                         .collect()
                 }
                 _ => Vec::new(),
             };
+
+        // Exploration comes before limits, so a limit always sees the action about to be
+        // taken, and a fallback or reject is never overridden by a random draw.
+        if let (Some(x), Some(d)) = (&self.explorer, &self.decider) {
+            let actions = d.actions();
+            let eps = x.spec.epsilon;
+            for row in &mut rows {
+                if let Some(i) = x.draw(actions.len()) {
+                    row.final_action = actions[i].clone();
+                    row.explored = true;
+                }
+                let same = row.final_action == row.model_action;
+                row.propensity =
+                    Some((1.0 - eps) * f64::from(u8::from(same)) + eps / actions.len() as f64);
+            }
+        }
 
         let mut events = Vec::new();
         let mut rejected = None;
@@ -268,7 +345,7 @@ impl CompiledRoute {
         for (index, limit) in order {
             let mask: Vec<bool> = rows
                 .iter()
-                .map(|r| *r.model_action == *limit.spec.action)
+                .map(|r| *r.final_action == *limit.spec.action)
                 .collect();
             let on_breach = match limit.spec.on_breach {
                 OnBreach::Flag => Recorded::Taken,
@@ -485,12 +562,18 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         ],
         (None, None) => Vec::new(),
     };
+    let explorer = spec.exploration.as_ref().map(|x| {
+        old.and_then(|o| o.explorer.clone())
+            .filter(|e| e.spec == *x)
+            .unwrap_or_else(|| Arc::new(Explorer::new(x.clone())))
+    });
     CompiledRoute {
         name: name.into(),
         prefixes,
         spec: spec.clone(),
         decider,
         limits,
+        explorer,
     }
 }
 
@@ -505,5 +588,80 @@ fn adaptive_config(a: &AdaptiveSpec, score_range: (f64, f64)) -> AdaptiveConfig 
         max_step: a.max_step,
         min_samples: a.min_samples,
         score_range,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::validate::parse;
+
+    fn route(extra: &str) -> Arc<CompiledRoute> {
+        let policy = parse(
+            &format!(
+                r#"
+routes:
+  r:
+    match: {{model: m}}
+    protocol: v1
+    decision:
+      binary: {{action: spam, otherwise: ham, threshold: {{fixed: 0.5}}}}
+    score: {{}}
+{extra}
+"#
+            ),
+            1 << 20,
+        )
+        .unwrap();
+        RouteTable::build(&policy, None, Instant::now()).routes[0].clone()
+    }
+
+    #[test]
+    fn exploration_rate_and_propensities() {
+        let r = route("    exploration: {epsilon: 0.1, seed: 7}");
+        let n = 20_000;
+        let scores = Scores::Binary((0..n).map(|i| if i % 2 == 0 { 0.9 } else { 0.1 }).collect());
+        let d = r.decide(&scores, Instant::now());
+        let explored = d.rows.iter().filter(|r| r.explored).count() as f64;
+        // Binomial(n, 0.1): σ = √(n·0.1·0.9) ≈ 42; allow 4σ.
+        let sigma = (n as f64 * 0.1 * 0.9).sqrt();
+        assert!(
+            (explored - 0.1 * n as f64).abs() < 4.0 * sigma,
+            "explored {explored}"
+        );
+        for row in &d.rows {
+            let p = row.propensity.unwrap();
+            if row.final_action == row.model_action {
+                assert!((p - (0.9 + 0.05)).abs() < 1e-12);
+            } else {
+                assert!(row.explored);
+                assert!((p - 0.05).abs() < 1e-12);
+            }
+        }
+        // About half of the explored rows keep the model's action by chance.
+        let flipped = d
+            .rows
+            .iter()
+            .filter(|r| r.final_action != r.model_action)
+            .count() as f64;
+        assert!((flipped - 0.05 * n as f64).abs() < 4.0 * (n as f64 * 0.05 * 0.95).sqrt());
+
+        // Seeded: the same draws again from a fresh route.
+        let again =
+            route("    exploration: {epsilon: 0.1, seed: 7}").decide(&scores, Instant::now());
+        let a: Vec<bool> = d.rows.iter().map(|r| r.explored).collect();
+        let b: Vec<bool> = again.rows.iter().map(|r| r.explored).collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn exploration_never_overrides_a_fallback() {
+        let r = route(
+            "    exploration: {epsilon: 0.5, seed: 1}\n    limits:\n      - {action: spam, max_count: 1, window: 1m, on_breach: fallback, fallback: ham}",
+        );
+        let d = r.decide(&Scores::Binary(vec![0.9; 200]), Instant::now());
+        let spam = d.rows.iter().filter(|r| &*r.final_action == "spam").count();
+        assert_eq!(spam, 1, "the limit holds whatever exploration drew");
+        assert!(d.rows.iter().any(|r| r.explored));
     }
 }

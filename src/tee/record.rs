@@ -198,6 +198,9 @@ struct RowView<'a> {
     model_action: &'a str,
     final_action: &'a str,
     limit: &'static str,
+    explored: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    propensity: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -578,6 +581,8 @@ impl Serialize for RecordView<'_> {
                         model_action: &d.model_action,
                         final_action: &d.final_action,
                         limit: d.limit.as_str(),
+                        explored: d.explored,
+                        propensity: d.propensity,
                     })
                     .collect();
                 m.serialize_entry("decisions", &rows)?;
