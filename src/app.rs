@@ -86,7 +86,17 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         })?,
         None => policy::Policy::default(),
     };
-    let policy = policy::shared(initial, settings.max_record_bytes);
+    let keys = policy::load_keys(&initial, settings.tag_keys_dir.as_deref()).map_err(|errors| {
+        StartError::Policy {
+            file: settings
+                .policy
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "(built-in)".into()),
+            errors,
+        }
+    })?;
+    let policy = policy::shared_with_keys(initial, settings.max_record_bytes, keys);
     {
         let snapshot = policy.load();
         metrics
@@ -96,9 +106,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let reloader = Arc::new(Reloader::new(
         policy.clone(),
         settings.policy.clone(),
+        settings.tag_keys_dir.clone(),
         settings.max_record_bytes,
         metrics.policy.clone(),
-        policy_text.as_deref(),
     ));
 
     let spool_config = SpoolConfig {
@@ -143,6 +153,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         EncodeContext {
             instance: instance_name(),
             max_record_bytes: settings.max_record_bytes as usize,
+            inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
         settings.spool.queue_records,
         settings.spool.queue_bytes,

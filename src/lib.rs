@@ -20,10 +20,12 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod decide;
 pub mod demo;
+pub mod provenance;
 pub mod proxy;
 pub mod tee;
 pub mod telemetry;

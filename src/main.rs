@@ -46,6 +46,13 @@ enum Command {
         /// The proposed policy.
         to: PathBuf,
     },
+    /// Provenance tags: verify one, or make a key.
+    Tag {
+        #[command(subcommand)]
+        command: TagCommand,
+    },
+    /// Feedback-loop, prediction-bias and action-rate reports.
+    Audit(Box<AuditArgs>),
     /// Read the spool.
     Spool {
         #[command(subcommand)]
@@ -73,6 +80,71 @@ enum Command {
         #[arg(long, default_value = "sluicegate-demo-spool")]
         spool_dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TagCommand {
+    /// Decode and verify a tag: prints it, or why it is invalid (exit 1).
+    Verify {
+        /// The `sluicegate-tag` value.
+        token: String,
+        /// The key directory (public keys suffice for Ed25519 tags).
+        #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
+        keys: PathBuf,
+    },
+    /// Write a new key into a key directory.
+    Keygen {
+        /// The key id (also the file name).
+        #[arg(long)]
+        id: String,
+        /// `ed25519` or `hmac-sha256`.
+        #[arg(long, default_value = "ed25519")]
+        algorithm: String,
+        /// The key directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The record stream: spool:DIR or kafka://BROKERS/TOPIC.
+    #[arg(long)]
+    predictions: Option<String>,
+    /// A training set, as MODEL=SOURCE (SOURCE: a JSON-lines file or kafka://BROKERS/TOPIC);
+    /// repeatable, one per model trained.
+    #[arg(long = "training")]
+    training: Vec<String>,
+    /// Labels keyed by prediction id (`{"id": "ID" or "ID:row", "label": …}` per line).
+    #[arg(long)]
+    labels: Option<String>,
+    /// The tag key directory (public keys suffice).
+    #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
+    keys: Option<PathBuf>,
+    /// Only records at or after this time (RFC 3339, or a duration ago: 24h).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only records before this time.
+    #[arg(long)]
+    to: Option<String>,
+    /// Time bucket of the action-rate report.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    bucket: Duration,
+    /// `table` for people, `json` for machines.
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Exit 3 if any training set's share of model-produced rows is above this.
+    #[arg(long)]
+    max_loop_fraction: Option<f64>,
+    /// Commit consumer offsets when reading topics (off: a second run sees the same data).
+    #[arg(long)]
+    commit: bool,
+    /// Consumer group id for topics (default: a fresh one per run).
+    #[arg(long)]
+    group_id: Option<String>,
+    /// A librdkafka property for topic sources, KEY=VALUE (repeatable).
+    #[arg(long = "kafka-property")]
+    kafka_properties: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +198,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { files, max_record } => check(&files, max_record),
+        Command::Tag {
+            command: TagCommand::Verify { token, keys },
+        } => tag_verify(&token, &keys),
+        Command::Tag {
+            command: TagCommand::Keygen { id, algorithm, dir },
+        } => tag_keygen(&id, &algorithm, &dir),
+        Command::Audit(args) => audit(&args),
         Command::Diff { from, to } => diff(&from, &to),
         Command::Spool {
             command: SpoolCommand::Cat { dir, dead_letter },
@@ -221,6 +300,175 @@ fn diff(from: &std::path::Path, to: &std::path::Path) -> ExitCode {
     }
     for c in changes {
         println!("{c}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn tag_verify(token: &str, keys: &std::path::Path) -> ExitCode {
+    let ring = match sluicegate::provenance::KeyRing::load_dir(keys) {
+        Ok(r) => r,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("sluicegate: {e}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match ring.verify(token.trim()) {
+        Ok(claims) => {
+            println!("valid");
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&claims).expect("claims serialize")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("invalid ({}): {e}", e.kind());
+            if let Ok(claims) = sluicegate::provenance::decode_unverified(token.trim()) {
+                println!("it claims (unverified):");
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&claims).expect("claims serialize")
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tag_keygen(id: &str, algorithm: &str, dir: &std::path::Path) -> ExitCode {
+    let algorithm = match algorithm.parse::<sluicegate::provenance::Algorithm>() {
+        Ok(a) => a,
+        Err(_) => {
+            eprintln!("sluicegate: unknown algorithm {algorithm:?} (ed25519 or hmac-sha256)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match sluicegate::provenance::generate_key(dir, id, algorithm) {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluicegate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit code when `--max-loop-fraction` is exceeded: the training pipeline's gate.
+const EXIT_LOOP_GATE: u8 = 3;
+
+fn audit(args: &AuditArgs) -> ExitCode {
+    use sluicegate::audit::{self, source::Source};
+    let usage = |m: String| {
+        eprintln!("sluicegate: {m}");
+        ExitCode::from(EXIT_USAGE)
+    };
+    let mut properties = Vec::new();
+    for kv in &args.kafka_properties {
+        match kv.split_once('=') {
+            Some((k, v)) => properties.push((k.to_owned(), v.to_owned())),
+            None => return usage(format!("--kafka-property {kv:?} is not KEY=VALUE")),
+        }
+    }
+    let source = |s: &str| -> Result<Source, String> {
+        Ok(match Source::parse(s)? {
+            Source::Kafka { brokers, topic, .. } => Source::Kafka {
+                brokers,
+                topic,
+                commit: args.commit,
+                group_id: args.group_id.clone(),
+                properties: properties.clone(),
+            },
+            other => other,
+        })
+    };
+    let mut training = Vec::new();
+    for t in &args.training {
+        let Some((model, src)) = t.split_once('=') else {
+            return usage(format!("--training {t:?}: expected MODEL=SOURCE"));
+        };
+        match source(src) {
+            Ok(s) => training.push((model.to_owned(), s)),
+            Err(e) => return usage(e),
+        }
+    }
+    let predictions = match args.predictions.as_deref().map(source).transpose() {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let labels = match args.labels.as_deref().map(source).transpose() {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    if predictions.is_none() && training.is_empty() {
+        return usage("give --predictions, --training, or both".into());
+    }
+    if labels.is_some() && predictions.is_none() {
+        return usage("--labels needs --predictions to join against".into());
+    }
+    let keys = match &args.keys {
+        Some(dir) => match sluicegate::provenance::KeyRing::load_dir(dir) {
+            Ok(k) => k,
+            Err(errors) => {
+                for e in errors {
+                    eprintln!("sluicegate: {e}");
+                }
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None if !training.is_empty() => {
+            return usage("--training needs --keys to verify the tags it finds".into())
+        }
+        None => Default::default(),
+    };
+    let time = |t: &Option<String>| t.as_deref().map(audit::parse_time).transpose();
+    let (from_ms, to_ms) = match (time(&args.from), time(&args.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return usage(e),
+    };
+    if !matches!(args.format.as_str(), "table" | "json") {
+        return usage(format!("--format {:?}: table or json", args.format));
+    }
+    let opts = audit::AuditOptions {
+        predictions,
+        training,
+        labels,
+        keys,
+        from_ms,
+        to_ms,
+        bucket_ms: args.bucket.as_millis().max(1) as i64,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = match audit::run(&opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluicegate: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", audit::render_table(&report));
+    }
+    if let Some(max) = args.max_loop_fraction {
+        let over = audit::loops_over(&report, max);
+        if !over.is_empty() {
+            for (set, f) in over {
+                eprintln!(
+                    "sluicegate: training set {set}: {f:.4} of its rows came from models, above --max-loop-fraction {max}"
+                );
+            }
+            return ExitCode::from(EXIT_LOOP_GATE);
+        }
     }
     ExitCode::SUCCESS
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::decide::RouteTable;
+use crate::provenance::{Algorithm, KeyRing};
 
 /// The policy as written by an operator.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -379,6 +380,10 @@ pub struct PolicySnapshot {
     pub consumer_header: HeaderName,
     /// `tee.redact_body` and `tee.hash_body`, parsed once.
     pub body_redaction: crate::tee::record::BodyRedaction,
+    /// Tag keys, read with this policy (a rotated Secret applies at the next reload).
+    pub keys: Arc<KeyRing>,
+    /// The key and algorithm that sign tags, when the policy tags.
+    pub signer: Option<(String, Algorithm)>,
 }
 
 impl PolicySnapshot {
@@ -413,7 +418,20 @@ impl PolicySnapshot {
             routes,
             consumer_header,
             body_redaction,
+            keys: Arc::new(KeyRing::default()),
+            signer: None,
         }
+    }
+
+    /// Attaches the tag keys (checked beforehand by [`check_tagging`]).
+    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
+        self.signer = self.policy.tagging.as_ref().and_then(|t| {
+            let alg = t.algorithm.parse::<Algorithm>().ok()?;
+            keys.can_sign(&t.signing_key, alg)
+                .then(|| (t.signing_key.clone(), alg))
+        });
+        self.keys = keys;
+        self
     }
 
     /// Whether `consumer` is declared in the policy.
@@ -426,6 +444,49 @@ impl PolicySnapshot {
         let rate = self.policy.tee.sample_rate;
         rate >= 1.0 || (rate > 0.0 && fastrand::f64() < rate)
     }
+}
+
+/// Loads the tag keys and checks that the policy's signing key can sign; the errors name the
+/// policy key and the files.
+pub fn load_keys(
+    policy: &Policy,
+    dir: Option<&std::path::Path>,
+) -> Result<Arc<KeyRing>, crate::config::validate::PolicyErrors> {
+    use crate::config::validate::{PolicyError, PolicyErrors};
+    let keys = match dir {
+        Some(dir) => KeyRing::load_dir(dir).map_err(|errors| {
+            PolicyErrors(
+                errors
+                    .into_iter()
+                    .map(|e| PolicyError {
+                        path: "tag keys".into(),
+                        message: e.to_string(),
+                    })
+                    .collect(),
+            )
+        })?,
+        None => KeyRing::default(),
+    };
+    if let Some(t) = &policy.tagging {
+        let signs = t
+            .algorithm
+            .parse::<Algorithm>()
+            .is_ok_and(|alg| keys.can_sign(&t.signing_key, alg));
+        if !signs {
+            let where_ = dir.map_or_else(
+                || "no tag key directory is set (--tag-keys-dir)".to_owned(),
+                |d| format!("in {}", d.display()),
+            );
+            return Err(PolicyErrors(vec![PolicyError {
+                path: "tagging.signing_key".into(),
+                message: format!(
+                    "no {} key {:?} that can sign {where_}",
+                    t.algorithm, t.signing_key
+                ),
+            }]));
+        }
+    }
+    Ok(Arc::new(keys))
 }
 
 /// The policy's version: the first 12 hex digits of the SHA-256 of its canonical JSON.
@@ -442,12 +503,14 @@ pub type SharedPolicy = Arc<ArcSwap<PolicySnapshot>>;
 
 /// The shared handle holding `policy` (the built-in default when none is given).
 pub fn shared(policy: Policy, max_record_bytes: u64) -> SharedPolicy {
-    Arc::new(ArcSwap::from_pointee(PolicySnapshot::new(
-        policy,
-        0,
-        max_record_bytes,
-        None,
-    )))
+    shared_with_keys(policy, max_record_bytes, Arc::new(KeyRing::default()))
+}
+
+/// The shared handle holding `policy`, with its tag keys.
+pub fn shared_with_keys(policy: Policy, max_record_bytes: u64, keys: Arc<KeyRing>) -> SharedPolicy {
+    Arc::new(ArcSwap::from_pointee(
+        PolicySnapshot::new(policy, 0, max_record_bytes, None).with_keys(keys),
+    ))
 }
 
 #[cfg(test)]

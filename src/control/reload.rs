@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::config::policy::{Policy, PolicySnapshot, SharedPolicy};
+use crate::config::policy::{load_keys, Policy, PolicySnapshot, SharedPolicy};
 use crate::config::validate::{self, PolicyErrors};
+use crate::provenance::KeyRing;
 use crate::telemetry::PolicyMetrics;
 
 /// What a reload did.
@@ -35,26 +35,28 @@ pub enum Source {
 pub struct Reloader {
     policy: SharedPolicy,
     file: Option<PathBuf>,
+    keys_dir: Option<PathBuf>,
     max_record_bytes: u64,
     metrics: PolicyMetrics,
     /// Serializes reloads: two at once could each build from the same previous snapshot.
-    lock: Mutex<Option<[u8; 32]>>,
+    lock: Mutex<()>,
 }
 
 impl Reloader {
     pub fn new(
         policy: SharedPolicy,
         file: Option<PathBuf>,
+        keys_dir: Option<PathBuf>,
         max_record_bytes: u64,
         metrics: PolicyMetrics,
-        initial_text: Option<&str>,
     ) -> Self {
         Reloader {
             policy,
             file,
+            keys_dir,
             max_record_bytes,
             metrics,
-            lock: Mutex::new(initial_text.map(digest)),
+            lock: Mutex::new(()),
         }
     }
 
@@ -86,14 +88,8 @@ impl Reloader {
 
     /// Validates `text` and, if it is a valid policy, swaps it in.
     pub async fn apply_text(&self, text: &str, source: Source) -> Result<Reloaded, PolicyErrors> {
-        let mut last = self.lock.lock().await;
-        let hash = digest(text);
+        let _one_at_a_time = self.lock.lock().await;
         let current = self.policy.load_full();
-        if *last == Some(hash) {
-            return Ok(Reloaded::Unchanged {
-                version: current.version.clone(),
-            });
-        }
         let policy = match validate::parse(text, self.max_record_bytes) {
             Ok(p) => p,
             Err(errors) => {
@@ -101,14 +97,35 @@ impl Reloader {
                 return Err(errors);
             }
         };
-        *last = Some(hash);
-        Ok(self.swap(policy, &current, source))
+        // Keys are read at every reload, even of an unchanged policy: a rotated Secret.
+        let keys = match load_keys(&policy, self.keys_dir.as_deref()) {
+            Ok(k) => k,
+            Err(errors) => {
+                self.refused(source, &errors);
+                return Err(errors);
+            }
+        };
+        Ok(self.swap(policy, keys, &current, source))
     }
 
-    fn swap(&self, policy: Policy, current: &PolicySnapshot, source: Source) -> Reloaded {
+    fn swap(
+        &self,
+        policy: Policy,
+        keys: Arc<KeyRing>,
+        current: &PolicySnapshot,
+        source: Source,
+    ) -> Reloaded {
         let new_version = crate::config::policy::version_of(&policy);
         if new_version == current.version {
-            // Same meaning (comments or formatting changed): nothing to swap.
+            // Same meaning: the same generation, with the keys as they are now on disk.
+            let snapshot = PolicySnapshot::new(
+                policy,
+                current.generation,
+                self.max_record_bytes,
+                Some(current),
+            )
+            .with_keys(keys);
+            self.policy.store(Arc::new(snapshot));
             return Reloaded::Unchanged {
                 version: new_version,
             };
@@ -130,10 +147,6 @@ impl Reloader {
         self.metrics.reload_failures.inc();
         tracing::warn!(?source, errors = %errors.to_string().replace('\n', "; "), "policy refused; the policy in force keeps serving");
     }
-}
-
-fn digest(text: &str) -> [u8; 32] {
-    Sha256::digest(text.as_bytes()).into()
 }
 
 fn one_error(message: &str) -> PolicyErrors {

@@ -23,6 +23,7 @@ use super::Proxy;
 use crate::config::policy::{PolicySnapshot, Protocol};
 use crate::decide::extract::extract;
 use crate::decide::{CompiledRoute, Decided, LimitOutcome};
+use crate::provenance::TagClaims;
 use crate::tee::alert::Alert;
 use crate::tee::record::DecisionOutcome;
 use crate::telemetry::{AlertLabel, RouteAction, RouteActionOutcome, RouteKind};
@@ -31,6 +32,7 @@ pub const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action
 pub const MODEL_ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-model-action");
 pub const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit");
 pub const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
+pub const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
 
 /// The upstream body, read whole if it fits under the limit.
 enum Collected {
@@ -191,16 +193,67 @@ pub async fn decide_response(
         }
     }
     decision_headers(&mut parts.headers, &decided, policy);
-    let body = if route.spec.write_decisions.is_some() {
-        write_into_body(route, &mut value, &decided, id);
+    let tag = sign_tag(route, policy, &value, &decided, id);
+    if let Some(t) = &tag {
+        if let Ok(v) = HeaderValue::from_str(t) {
+            parts.headers.insert(TAG_HEADER, v);
+        }
+    }
+    let tag_in_body = route.spec.tag_field.as_deref().zip(tag.as_deref());
+    let body = if route.spec.write_decisions.is_some() || tag_in_body.is_some() {
+        if route.spec.write_decisions.is_some() {
+            write_into_body(route, &mut value, &decided, id);
+        }
+        if let Some((field, t)) = tag_in_body {
+            set_pointer(&mut value, field, Value::String(t.to_owned()));
+        }
         Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
     } else {
         bytes
     };
     if let Some(p) = pending.as_mut() {
         p.set_decision(DecisionOutcome::Made(decided.rows));
+        p.set_tag(tag);
     }
     finish(parts, body, pending)
+}
+
+/// The signed provenance tag of a decided response, when the policy tags.
+fn sign_tag(
+    route: &CompiledRoute,
+    policy: &PolicySnapshot,
+    value: &Value,
+    decided: &Decided,
+    id: &HeaderValue,
+) -> Option<String> {
+    let (key_id, algorithm) = policy.signer.as_ref()?;
+    // The v2 response names its model; else the route's model matcher does.
+    let text = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_owned);
+    let model = text("model_name").or_else(|| route.spec.matcher.model.clone());
+    let version = text("model_version");
+    let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
+    let explores = route.explorer.is_some();
+    let explored: Vec<bool> = if explores {
+        decided.rows.iter().map(|r| r.explored).collect()
+    } else {
+        Vec::new()
+    };
+    let propensities: Vec<f64> = decided.rows.iter().filter_map(|r| r.propensity).collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut claims = TagClaims::new(
+        id.to_str().unwrap_or_default(),
+        &route.name,
+        model.as_deref(),
+        version.as_deref(),
+        &policy.version,
+        &actions,
+        &explored,
+        &propensities,
+        now_ms,
+    );
+    policy.keys.sign(key_id, *algorithm, &mut claims)
 }
 
 /// Sends `body` whole, with a content-length that fits it; the record is complete.

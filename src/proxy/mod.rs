@@ -152,6 +152,7 @@ impl Proxy {
                     consumer_declared: declared,
                     capture_bodies,
                     decision: None,
+                    tag: None,
                 },
                 shared.clone(),
                 start,

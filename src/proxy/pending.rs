@@ -80,6 +80,13 @@ impl Pending {
         }
     }
 
+    /// The provenance tag the response carries.
+    pub fn set_tag(&mut self, tag: Option<String>) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.tag = tag;
+        }
+    }
+
     /// The status the client got, when the proxy changed it (a limit's 429).
     pub fn set_status(&mut self, status: u16) {
         if let Some(e) = self.exchange.as_mut() {

@@ -97,6 +97,8 @@ pub struct Exchange {
     pub capture_bodies: bool,
     /// The route's decisions, or why none could be made; `None` on routes that do not decide.
     pub decision: Option<DecisionOutcome>,
+    /// The provenance tag sent with the response.
+    pub tag: Option<String>,
 }
 
 /// What the decision layers made of a response.
@@ -125,6 +127,105 @@ impl Exchange {
 pub struct EncodeContext {
     pub instance: String,
     pub max_record_bytes: usize,
+    /// Tags found on the way in, by route and kind (`direct`, `hidden`, `invalid`).
+    pub inbound_tags: prometheus_client::metrics::family::Family<
+        crate::telemetry::RouteKind,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// Most inbound tags recorded per request (a body could carry thousands).
+const MAX_INBOUND_TAGS: usize = 8;
+
+/// A tag that came in with a request: a model's output fed back as an input.
+#[derive(Debug, Serialize)]
+struct InboundTag {
+    /// Where it was: `header` or `body`.
+    found_in: &'static str,
+    valid: bool,
+    /// `direct` (this model's own output) or `hidden` (another model's); absent when invalid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    feedback: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prediction_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<String>,
+    /// Why an invalid tag was not trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'static str>,
+}
+
+impl Exchange {
+    /// Tags in the request (header `sluicegate-tag`, or any JSON string in the body),
+    /// verified with the policy's keys and classified against this exchange's model.
+    fn inbound_tags(&self, this_model: Option<&str>, ctx: &EncodeContext) -> Vec<InboundTag> {
+        use crate::provenance::{find_tags, TAG_PREFIX};
+        let mut tokens: Vec<(&'static str, String)> = self
+            .request
+            .headers
+            .get_all("sluicegate-tag")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|t| ("header", t.trim().to_owned()))
+            .collect();
+        let body = &self.request.body.bytes;
+        // Cheap test first: most bodies carry no tag, and need no second parse.
+        let needle = format!("\"{TAG_PREFIX}");
+        if memchr_find(body, needle.as_bytes()) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+                tokens.extend(
+                    find_tags(&v, MAX_INBOUND_TAGS)
+                        .into_iter()
+                        .map(|t| ("body", t.to_owned())),
+                );
+            }
+        }
+        tokens.truncate(MAX_INBOUND_TAGS);
+        tokens
+            .into_iter()
+            .map(|(found_in, token)| {
+                let tag = match self.policy.keys.verify(&token) {
+                    Ok(c) => {
+                        let same = match (c.model.as_deref(), this_model) {
+                            (Some(a), Some(b)) => a == b,
+                            _ => c.route == *self.route,
+                        };
+                        InboundTag {
+                            found_in,
+                            valid: true,
+                            feedback: Some(if same { "direct" } else { "hidden" }),
+                            prediction_id: Some(c.prediction_id),
+                            model: c.model,
+                            route: Some(c.route),
+                            error: None,
+                        }
+                    }
+                    Err(e) => InboundTag {
+                        found_in,
+                        valid: false,
+                        feedback: None,
+                        prediction_id: None,
+                        model: None,
+                        route: None,
+                        error: Some(e.kind()),
+                    },
+                };
+                ctx.inbound_tags
+                    .get_or_create(&crate::telemetry::RouteKind {
+                        route: self.route.to_string(),
+                        kind: tag.feedback.unwrap_or("invalid"),
+                    })
+                    .inc();
+                tag
+            })
+            .collect()
+    }
+}
+
+fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The pod name (`POD_NAME`, as the Downward API sets it), else `HOSTNAME`, else the host name.
@@ -150,11 +251,19 @@ impl Exchange {
             .len()
             .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len()));
         let mut body_limit = longest;
+        let (path_model, _) = model_from_path(&self.path);
+        let response_model = self
+            .response
+            .as_ref()
+            .and_then(|r| serde_json::from_slice::<Probe>(&r.body.bytes).ok())
+            .and_then(|p| raw_str(p.model_name));
+        let inbound = self.inbound_tags(response_model.as_deref().or(path_model), ctx);
         let payload = loop {
             let json = serde_json::to_vec(&RecordView {
                 exchange: self,
                 instance: &ctx.instance,
                 body_limit,
+                inbound: &inbound,
             })
             .expect("record serializes");
             if json.len() <= ctx.max_record_bytes || body_limit == 0 {
@@ -179,6 +288,7 @@ struct RecordView<'a> {
     exchange: &'a Exchange,
     instance: &'a str,
     body_limit: usize,
+    inbound: &'a [InboundTag],
 }
 
 #[derive(Serialize)]
@@ -567,6 +677,8 @@ impl Serialize for RecordView<'_> {
         m.serialize_entry("status", &ex.status)?;
         m.serialize_entry("error", &ex.error)?;
         m.serialize_entry("complete", &ex.complete)?;
+        m.serialize_entry("tag", &ex.tag)?;
+        m.serialize_entry("inbound_tags", self.inbound)?;
         match &ex.decision {
             Some(DecisionOutcome::Made(rows)) => {
                 let rows: Vec<RowView> = rows
@@ -668,6 +780,7 @@ mod tests {
             consumer_declared: false,
             capture_bodies: true,
             decision: None,
+            tag: None,
         }
     }
 
@@ -675,6 +788,7 @@ mod tests {
         EncodeContext {
             instance: "pod-0".into(),
             max_record_bytes: max,
+            inbound_tags: Default::default(),
         }
     }
 

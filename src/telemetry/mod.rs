@@ -100,6 +100,8 @@ pub struct ProxyMetrics {
     pub limit_in_breach: Family<RouteAction, Gauge>,
     pub limit_alerts: Family<AlertLabel, Counter>,
     pub consumer_requests: Family<ConsumerLabel, Counter>,
+    /// Tags found on requests: `direct` and `hidden` feedback loops, `invalid` (never trusted).
+    pub inbound_tags: Family<RouteKind, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -116,6 +118,7 @@ impl Default for ProxyMetrics {
             limit_in_breach: Family::default(),
             limit_alerts: Family::default(),
             consumer_requests: Family::default(),
+            inbound_tags: Family::default(),
         }
     }
 }
@@ -253,6 +256,11 @@ impl Metrics {
             "consumer_requests",
             "Requests by consumer (every undeclared caller shares one label)",
             proxy.consumer_requests.clone(),
+        );
+        root.register(
+            "inbound_tags",
+            "Provenance tags found on requests, by route and kind (direct, hidden, invalid)",
+            proxy.inbound_tags.clone(),
         );
         root.register(
             "policy_info",
