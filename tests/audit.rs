@@ -247,6 +247,7 @@ async fn audit_finds_the_planted_loops_and_bias() {
     // The table for people.
     let (code, table, _) = run(&args[..args.len() - 2]);
     assert_eq!(code, 0);
+    eprintln!("{table}");
     assert!(
         table.contains("Feedback loops") && table.contains("hidden") && table.contains("direct"),
         "{table}"
