@@ -355,17 +355,7 @@ impl CompiledRoute {
             let verdicts = limit.window.decide_batch(now, &mask, on_breach);
             for v in &verdicts {
                 if let Some(started) = v.transition {
-                    let (decisions, actions) = limit.window.counts(now);
-                    events.push(BreachEvent {
-                        route: self.name.clone(),
-                        action: limit.spec.action.clone(),
-                        limit_index: index,
-                        on_breach: limit.spec.on_breach,
-                        started,
-                        decisions,
-                        actions,
-                        spec: limit.spec.clone(),
-                    });
+                    events.push(self.breach_event(index, limit, started, now));
                 }
             }
             for (row, v) in rows.iter_mut().zip(&verdicts) {
@@ -410,18 +400,28 @@ impl CompiledRoute {
         }
         for (index, limit) in self.limits.iter().enumerate() {
             if let Some(started) = limit.window.tick(now) {
-                let (decisions, actions) = limit.window.counts(now);
-                events.push(BreachEvent {
-                    route: self.name.clone(),
-                    action: limit.spec.action.clone(),
-                    limit_index: index,
-                    on_breach: limit.spec.on_breach,
-                    started,
-                    decisions,
-                    actions,
-                    spec: limit.spec.clone(),
-                });
+                events.push(self.breach_event(index, limit, started, now));
             }
+        }
+    }
+
+    fn breach_event(
+        &self,
+        index: usize,
+        limit: &ActiveLimit,
+        started: bool,
+        now: Instant,
+    ) -> BreachEvent {
+        let (decisions, actions) = limit.window.counts(now);
+        BreachEvent {
+            route: self.name.clone(),
+            action: limit.spec.action.clone(),
+            limit_index: index,
+            on_breach: limit.spec.on_breach,
+            started,
+            decisions,
+            actions,
+            spec: limit.spec.clone(),
         }
     }
 
