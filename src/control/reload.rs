@@ -132,7 +132,8 @@ impl Reloader {
         }
         let generation = current.generation + 1;
         let snapshot =
-            PolicySnapshot::new(policy, generation, self.max_record_bytes, Some(current));
+            PolicySnapshot::new(policy, generation, self.max_record_bytes, Some(current))
+                .with_keys(keys);
         let version = snapshot.version.clone();
         self.policy.store(Arc::new(snapshot));
         self.metrics.set_version(&version, generation);
