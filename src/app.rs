@@ -200,6 +200,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let limits = ListenerLimits {
         header_read_timeout: settings.header_read_timeout,
         shutdown_grace: settings.shutdown_grace,
+        max_connections: settings.max_connections,
     };
     let (trigger, triggered) = oneshot::channel::<()>();
     let drain_delay = settings.drain_delay;

@@ -27,6 +27,8 @@ pub struct Settings {
     pub max_record_bytes: u64,
     /// A client that has not sent its request headers within this time is cut off.
     pub header_read_timeout: Duration,
+    /// Client connections served at once; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
     /// After SIGTERM, keep serving this long before closing the listener (lets the pod leave
     /// the Service endpoints first).
     pub drain_delay: Duration,
@@ -111,6 +113,7 @@ impl Default for Settings {
             max_request_body_bytes: 16 << 20,
             max_record_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             policy: None,
@@ -153,6 +156,8 @@ pub struct SettingsFile {
     pub max_record: Option<String>,
     /// Header read timeout, e.g. `10s`.
     pub header_read_timeout: Option<String>,
+    /// Client connections served at once.
+    pub max_connections: Option<usize>,
     /// Delay between SIGTERM and closing the listener.
     pub drain_delay: Option<String>,
     /// Time in-flight requests get after the listener closes.
@@ -238,6 +243,9 @@ pub struct SettingsArgs {
     /// Header read timeout [default: 10s].
     #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
+    /// Client connections served at once [default: 4096].
+    #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Delay between SIGTERM and closing the listener [default: 0s].
     #[arg(long, env = "SLUICEGATE_DRAIN_DELAY")]
     pub drain_delay: Option<String>,
@@ -371,6 +379,12 @@ impl SettingsArgs {
             if let Some(v) = pick(flag, from_file) {
                 set_parsed(slot, key, &v, parse_duration, errors);
             }
+        }
+        if let Some(n) = self.max_connections.or(file.max_connections) {
+            if n == 0 {
+                errors.push("max_connections: must be at least 1".into());
+            }
+            s.max_connections = n;
         }
         if let Some(p) = self.upstream_protocol.or(file.upstream_protocol) {
             s.upstream.protocol = p;

@@ -23,17 +23,24 @@ pub struct ListenerLimits {
     pub header_read_timeout: Duration,
     /// In-flight requests get this long after the listener closes.
     pub shutdown_grace: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
 }
+
+/// Largest request head (HTTP/1) or header list (HTTP/2) accepted; past it, 431.
+const MAX_HEADER_BYTES: usize = 64 << 10;
 
 fn builder(limits: ListenerLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(1024);
     b
 }
@@ -48,8 +55,15 @@ pub async fn serve(
 ) {
     let builder = Arc::new(builder(limits));
     let graceful = GracefulShutdown::new();
+    // At the limit, stop accepting: new connections wait in the kernel's backlog instead of
+    // taking file descriptors and memory here.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -67,6 +81,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = permit;
             // hyper's header-read timeout starts after it has read the first bytes (to tell
             // HTTP/1 from HTTP/2); a connection that sends nothing at all is cut here.
             let mut first = [0u8; 1];
