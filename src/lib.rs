@@ -10,13 +10,22 @@
 //!                                                        ─▶ spool writer thread ─▶ segments
 //!                                                        ─▶ tee::kafka sender thread ─▶ Kafka
 //! ```
-//! - [`config`]: static settings (flags, env, file) and the hot policy snapshot.
-//! - [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy.
-//! - [`tee`]: the record, the disk spool (write-ahead log), the Kafka sender.
-//! - [`control`]: the admin port and the upstream readiness probe.
+//! - [`config`]: static settings (flags, env, file); the policy, its validation and diff.
+//! - [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy;
+//!   deciding routes read the response and decide (its `decision` module).
+//! - [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
+//!   compiled route table that carries their state across policy reloads.
+//! - [`provenance`]: signed tags, the key directory, verification.
+//! - [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender.
+//! - [`control`]: the admin port, the upstream readiness probe, policy reloads.
+//! - [`audit`]: `sluicegate audit` (depends only on records and tag verification).
 //! - [`telemetry`]: metrics and logging.
 //! - [`app`]: builds and starts all of it, owns shutdown. [`demo`] runs it in front of a
 //!   built-in stand-in model.
+//!
+//! Dependency direction: `proxy` uses `decide`, `provenance`, `config` and a tee sender; it
+//! never imports `control`, `audit` or the Kafka producer. `control` changes state only by
+//! swapping the policy snapshot.
 #![forbid(unsafe_code)]
 
 pub mod app;
