@@ -36,4 +36,12 @@ then
 fi
 export SLUICEGATE_REQUIRE_DEPLOY_TESTS=1
 
-cargo test --locked --all-targets "$@"
+# The whole suite; then one closing line with the totals of every test binary.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set -o pipefail
+status=0
+cargo test --locked --all-targets "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
