@@ -350,3 +350,59 @@ impl Drop for Forwarder {
         self.cut();
     }
 }
+
+/// One request of a fixed-rate run: when it was scheduled (from the start), how long it took
+/// from then (no coordinated omission), and its id if it succeeded.
+pub struct Timed {
+    pub at: Duration,
+    pub latency: Duration,
+    pub id: Option<String>,
+}
+
+/// Like [`load`], keeping each request's schedule and latency.
+pub async fn load_timed(proxy: SocketAddr, rate: u32, duration: Duration) -> Vec<Timed> {
+    let c = client();
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..total {
+        let scheduled = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let url = format!("http://{proxy}/v2/models/spam-filter/infer");
+            let body = sluicegate::demo::v2_request(1 + (i % 3) as usize, i);
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let id = match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {
+                    let id = resp.headers()["sluicegate-id"].to_str().unwrap().to_owned();
+                    resp.into_body().collect().await.ok().map(|_| id)
+                }
+                _ => None,
+            };
+            Timed {
+                at: scheduled - start,
+                latency: scheduled.elapsed(),
+                id,
+            }
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// The q-quantile of the latencies of `runs` (0 when empty).
+pub fn quantile(runs: &[&Timed], q: f64) -> Duration {
+    let mut v: Vec<Duration> = runs.iter().map(|t| t.latency).collect();
+    v.sort();
+    v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
