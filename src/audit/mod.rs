@@ -91,7 +91,7 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
     let mut labels: HashMap<String, String> = HashMap::new();
     if let Some(src) = &opts.labels {
         bar.set_message("reading labels");
-        src.for_each(opts.from_ms, None, &mut |v| {
+        src.for_each(None, &mut |v| {
             if let (Some(id), Some(label)) = (v.get("id").and_then(Value::as_str), label_of(&v)) {
                 labels.insert(normalize_row_id(id), label);
             }
@@ -103,7 +103,7 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
         bar.set_message("reading predictions");
         let mut rates = RateAcc::default();
         let mut bias = BiasAcc::default();
-        src.for_each(opts.from_ms, opts.to_ms, &mut |v| {
+        src.for_each(opts.from_ms, &mut |v| {
             bar.inc(1);
             let Some(ms) = time_ms(&v) else { return };
             if opts.from_ms.is_some_and(|f| ms < f) || opts.to_ms.is_some_and(|t| ms >= t) {
@@ -122,7 +122,7 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
     for (model, src) in &opts.training {
         bar.set_message(format!("reading training set {model}"));
         let mut loops = LoopAcc::default();
-        src.for_each(None, None, &mut |v| {
+        src.for_each(None, &mut |v| {
             bar.inc(1);
             loops.add(&v, &opts.keys);
         })?;

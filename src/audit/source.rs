@@ -56,13 +56,9 @@ impl Source {
     }
 
     /// Calls `f` with every JSON object; lines or records that are not JSON are skipped.
-    /// `from_ms` lets a topic start at that time instead of its beginning.
-    pub fn for_each(
-        &self,
-        from_ms: Option<i64>,
-        _to_ms: Option<i64>,
-        f: &mut dyn FnMut(Value),
-    ) -> anyhow::Result<()> {
+    /// `from_ms` lets a topic start at that time instead of its beginning (the caller filters
+    /// by time exactly; this only skips what is surely too old).
+    pub fn for_each(&self, from_ms: Option<i64>, f: &mut dyn FnMut(Value)) -> anyhow::Result<()> {
         use anyhow::Context;
         match self {
             Source::File(path) => {
