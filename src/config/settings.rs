@@ -126,7 +126,7 @@ impl Default for Settings {
                 segment_bytes: 16 << 20,
                 fsync_interval: Duration::from_secs(1),
                 queue_records: 8192,
-                queue_bytes: 64 << 20,
+                queue_bytes: 16 << 20,
             },
         }
     }

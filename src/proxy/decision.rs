@@ -171,26 +171,46 @@ pub async fn decide_response(
         return resp;
     }
 
+    // Counted per distinct action, not per row: a batch of hundreds of rows takes a handful
+    // of metric lookups, not hundreds of label allocations.
+    let mut taken: Vec<(&str, u64)> = Vec::new();
+    let mut limited: Vec<(&str, &'static str, u64)> = Vec::new();
     for row in &decided.rows {
+        match taken.iter_mut().find(|(a, _)| *a == &*row.final_action) {
+            Some((_, n)) => *n += 1,
+            None => taken.push((&row.final_action, 1)),
+        }
+        if row.limit != LimitOutcome::Ok {
+            let outcome = row.limit.as_str();
+            match limited
+                .iter_mut()
+                .find(|(a, o, _)| *a == &*row.model_action && *o == outcome)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => limited.push((&row.model_action, outcome, 1)),
+            }
+        }
+    }
+    for (action, n) in taken {
         proxy
             .metrics
             .decisions
             .get_or_create(&RouteAction {
                 route: route.name.to_string(),
-                action: row.final_action.to_string(),
+                action: action.to_owned(),
             })
-            .inc();
-        if row.limit != LimitOutcome::Ok {
-            proxy
-                .metrics
-                .limit_outcomes
-                .get_or_create(&RouteActionOutcome {
-                    route: route.name.to_string(),
-                    action: row.model_action.to_string(),
-                    outcome: row.limit.as_str(),
-                })
-                .inc();
-        }
+            .inc_by(n);
+    }
+    for (action, outcome, n) in limited {
+        proxy
+            .metrics
+            .limit_outcomes
+            .get_or_create(&RouteActionOutcome {
+                route: route.name.to_string(),
+                action: action.to_owned(),
+                outcome,
+            })
+            .inc_by(n);
     }
     decision_headers(&mut parts.headers, &decided, policy);
     let tag = sign_tag(route, policy, &value, &decided, id);

@@ -27,7 +27,11 @@ use crate::telemetry::TeeMetrics;
 /// Records read from the spool and not yet acknowledged, at most. Matches the producer's own
 /// queue bound below, so memory stays bounded however long Kafka is away.
 const MAX_IN_FLIGHT: usize = 10_000;
-const READ_BATCH: usize = 1_000;
+/// Bytes of records the sender holds in memory (in flight or waiting to be resent), at most:
+/// with large bodies the record count alone would let memory grow to hundreds of MiB while
+/// Kafka is slower than the traffic. The backlog stays on disk.
+const MAX_HELD_BYTES: usize = 16 << 20;
+const READ_BATCH: usize = 256;
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Deliveries failing with no acknowledgement for this long while a broker is reachable: the
@@ -46,7 +50,10 @@ pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientCo
         .set("linger.ms", "5")
         // librdkafka's own queue: bounded by count and bytes.
         .set("queue.buffering.max.messages", MAX_IN_FLIGHT.to_string())
-        .set("queue.buffering.max.kbytes", "65536")
+        .set(
+            "queue.buffering.max.kbytes",
+            (MAX_HELD_BYTES >> 10).to_string(),
+        )
         // Short: a failed delivery is retried from the spool, not held inside librdkafka.
         .set("message.timeout.ms", "30000")
         .set(
@@ -193,6 +200,7 @@ impl KafkaSender {
         let mut backoff = RETRY_MIN;
         let mut writer_done = false;
         let mut reader_caught_up = false;
+        let mut held_bytes = 0usize;
         let mut health = Health {
             last_ack: Instant::now(),
             last_rebuild: Instant::now(),
@@ -223,13 +231,14 @@ impl KafkaSender {
                 }
             }
             reader_caught_up = false;
-            if retry.is_empty() && in_flight.len() < MAX_IN_FLIGHT {
+            if retry.is_empty() && in_flight.len() < MAX_IN_FLIGHT && held_bytes < MAX_HELD_BYTES {
                 let upto = *self.written.borrow();
                 let room = (MAX_IN_FLIGHT - in_flight.len()).min(READ_BATCH);
                 match reader.next_batch(upto, room) {
                     Ok(batch) => {
                         reader_caught_up = batch.len() < room;
                         for entry in batch {
+                            held_bytes += entry.entry.payload.len();
                             if entry.pos.segment < self.first_live_segment {
                                 self.metrics.replayed.inc();
                             }
@@ -250,7 +259,7 @@ impl KafkaSender {
             }
 
             // Wait for a delivery, new records, a retry slot or the drain signal.
-            let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT {
+            let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT || held_bytes >= MAX_HELD_BYTES {
                 // Full: only a delivery can make room.
                 Instant::now() + Duration::from_secs(1)
             } else if retry.is_empty() && !reader_caught_up {
@@ -263,10 +272,10 @@ impl KafkaSender {
             tokio::select! {
                 Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                     let mut fatal = false;
-                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health);
+                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health, &mut held_bytes);
                     // Settle everything already finished before going round again.
                     while let Some(Some((entry, outcome))) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health);
+                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health, &mut held_bytes);
                     }
                     let stalled = !retry.is_empty() && health.stalled();
                     let fatal_error = producer.client().fatal_error();
@@ -364,9 +373,11 @@ impl KafkaSender {
         backoff: &mut Duration,
         retry_at: &mut Instant,
         health: &mut Health,
+        held_bytes: &mut usize,
     ) {
         match outcome {
             Outcome::Acked => {
+                *held_bytes = held_bytes.saturating_sub(entry.entry.payload.len());
                 health.last_ack = Instant::now();
                 self.metrics.sent.inc();
                 if self.metrics.kafka_connected.set(1) != 1 {
@@ -392,7 +403,10 @@ impl KafkaSender {
                     None => Err(std::io::Error::other("no dead-letter file")),
                 };
                 match written {
-                    Ok(()) => self.ack(reader, entry.pos),
+                    Ok(()) => {
+                        *held_bytes = held_bytes.saturating_sub(entry.entry.payload.len());
+                        self.ack(reader, entry.pos)
+                    }
                     Err(e) => {
                         // Keep it in the spool rather than lose it.
                         tracing::error!(error = %e, "cannot write the dead-letter file");

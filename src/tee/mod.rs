@@ -25,8 +25,9 @@ use spool::{SpoolEntry, SpoolWriter};
 
 use crate::telemetry::TeeMetrics;
 
-/// Most records the writer encodes and appends in one write.
-const WRITE_BATCH: usize = 512;
+/// Most records the writer encodes and appends in one write (with large bodies, a batch is
+/// held in memory twice: captured and encoded).
+const WRITE_BATCH: usize = 128;
 
 /// What goes through the queue to the spool.
 #[derive(Debug)]
