@@ -384,7 +384,10 @@ impl<'a> Body<'a> {
                 }
             }
         }
-        let must_redact = !redaction.is_empty();
+        // A pointer whose keys are nowhere in the body cannot match: skip the parse and
+        // re-serialization it would cost (the body is recorded as sent).
+        let must_redact =
+            !redaction.is_empty() && json.is_none_or(|raw| redaction.may_apply(raw.get()));
         let redacted = json
             .filter(|_| must_redact)
             .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
@@ -430,6 +433,25 @@ impl BodyRedaction {
 
     pub fn is_empty(&self) -> bool {
         self.redact.is_empty() && self.hash.is_empty()
+    }
+
+    /// Whether some pointer may match in this JSON text: false only when, for every pointer,
+    /// an object key it names does not appear in the text at all.
+    fn may_apply(&self, text: &str) -> bool {
+        // A key may be spelled with \u escapes, which a text search would miss.
+        if text.contains("\\u") {
+            return true;
+        }
+        self.redact.iter().chain(&self.hash).any(|path| {
+            let key = path.iter().find(|seg| {
+                *seg != "*" && seg.parse::<usize>().is_err() && !seg.contains(['"', '\\'])
+            });
+            match key {
+                Some(key) => text.contains(&format!("\"{key}\"")),
+                // Only wildcards and indexes: cannot tell without parsing.
+                None => true,
+            }
+        })
     }
 
     fn apply(&self, v: &mut serde_json::Value) {
@@ -864,6 +886,30 @@ mod tests {
         // Not JSON, so it cannot be redacted field by field: none of it is recorded.
         assert_eq!(v["response"]["body"]["encoding"], "none");
         assert!(v["response"]["body"].get("data").is_none());
+    }
+
+    #[test]
+    fn a_pointer_that_cannot_match_leaves_the_body_as_sent() {
+        let mut p = Policy::default();
+        p.tee.hash_body = vec!["/parameters/user_id".into()];
+        p.tee.redact_body = vec!["/0/secret".into()];
+        let mut ex = exchange(br#"{"inputs":[1.10, 2e3]}"#, b"[1,2]", 1024);
+        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        let entry = ex.encode(&ctx(1 << 20));
+        let text = String::from_utf8(entry.payload.clone()).unwrap();
+        assert!(text.contains("[1.10, 2e3]"), "kept exactly as sent: {text}");
+        let v = decode(&entry);
+        // `/0/secret` names the key "secret", absent from both bodies: nothing to redact.
+        assert_eq!(v["response"]["body"]["encoding"], "json");
+        let r = BodyRedaction::new(&["/*/0".into()], &[]);
+        assert!(r.may_apply("{}"), "wildcards alone cannot be ruled out");
+        let r = BodyRedaction::new(&["/a/b".into()], &[]);
+        assert!(r.may_apply(r#"{"a":{"b":1}}"#));
+        assert!(!r.may_apply(r#"{"c":1}"#));
+        assert!(
+            r.may_apply(r#"{"\u0061":{"\u0062":1}}"#),
+            "escaped keys are parsed, not guessed"
+        );
     }
 
     #[test]
