@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,7 +32,7 @@ routes:
     )
 }
 
-/// An HTTP/1.0 request to the admin port: (status, body).
+/// A call on the admin port: (status, JSON body).
 fn admin(
     addr: SocketAddr,
     method: &str,
@@ -41,24 +40,8 @@ fn admin(
     token: Option<&str>,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: a\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(serde_json::Value::Null);
+    let (status, text) = http10(addr, method, path, token, body);
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json)
 }
 
