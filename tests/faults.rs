@@ -1,6 +1,7 @@
-//! Faults: hostile clients (idle floods, slowloris, oversized and invalid requests), a dead,
-//! garbage-speaking or returning upstream, and SIGKILL under load — the proxy stays bounded,
-//! answers what it must, and recovers.
+//! Faults: hostile clients (idle floods, slowloris, oversized and invalid requests); an
+//! upstream that dies, resets, speaks garbage or stalls, then returns; SIGKILL under load; a
+//! long Kafka outage; a full spool with Kafka down — the proxy stays bounded, answers what it
+//! must, leaks nothing, and recovers.
 
 mod common;
 
@@ -38,8 +39,44 @@ fn raw_status(addr: SocketAddr, request: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
+/// This process's soft limit on open files (from /proc/self/limits).
+fn open_files_soft_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// The largest file-descriptor count and RSS (KiB) of `pid` seen until `done` is set.
+fn sample_peaks(
+    pid: u32,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, u64)> {
+    std::thread::spawn(move || {
+        let (mut fds, mut rss) = (0, 0);
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            fds = fds.max(open_fds(pid));
+            rss = rss.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (fds, rss)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // 2,000 idle connections, fewer only if this process may not open that many files (the
+    // flood's sockets are this process's; the proxy holds at most --max-connections of them).
+    let soft = open_files_soft_limit();
+    let flood = 2000.min(soft.saturating_sub(300));
+    assert!(
+        flood >= 1000,
+        "raise the open-files limit (ulimit -n {soft}) to at least 1300 for this test"
+    );
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
     let up = format!("http://{model}");
@@ -51,17 +88,19 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
         "--max-connections",
         "200",
         "--header-read-timeout",
-        "2s",
+        "1s",
     ]);
     let pid = proxy.child.id();
     let data = proxy.data;
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    // A client already connected before the flood, on one keep-alive connection.
+    let kept = client();
+    assert_eq!(post(&kept, &url, v2_request(1, 0)).await.0, 200);
     let base_fds = open_fds(pid);
 
-    // 1,000 connections that send nothing, and 50 that send a header byte every 300 ms.
-    let idle: Vec<TcpStream> = (0..1000)
-        .filter_map(|_| TcpStream::connect(data).ok())
-        .collect();
-    assert!(idle.len() >= 900, "only {} connections opened", idle.len());
+    let done = Arc::new(AtomicBool::new(false));
+    let peaks = sample_peaks(pid, done.clone());
+    // 50 clients that send a header byte every 300 ms.
     let slow = std::thread::spawn(move || {
         let mut conns: Vec<TcpStream> = (0..50)
             .filter_map(|_| TcpStream::connect(data).ok())
@@ -80,40 +119,85 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
         }
         cut
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let fds = open_fds(pid);
-    assert!(
-        fds <= base_fds + 200 + 20,
-        "{fds} file descriptors open (base {base_fds}, limit 200 connections)"
-    );
-
-    // Real clients still get through: the flood is cut after the header-read timeout.
-    let c = client();
+    // The flood: connections that send nothing, opened from 8 threads. Past the limit and the
+    // listen backlog, a connect waits until the proxy cuts idle ones after the header timeout.
     let start = Instant::now();
+    let openers: Vec<_> = (0..8)
+        .map(|t| {
+            let n = flood / 8 + usize::from(t < flood % 8);
+            std::thread::spawn(move || {
+                (0..n)
+                    .filter_map(|_| TcpStream::connect_timeout(&data, Duration::from_secs(30)).ok())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // The kept client is served all through the flood.
+    let mut kept_worst = Duration::ZERO;
+    let mut i = 1;
+    while !openers.iter().all(|t| t.is_finished()) {
+        let t = Instant::now();
+        let (status, _, _) =
+            tokio::time::timeout(Duration::from_secs(5), post(&kept, &url, v2_request(1, i)))
+                .await
+                .expect("the kept client is served during the flood");
+        assert_eq!(status, 200);
+        kept_worst = kept_worst.max(t.elapsed());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let idle: Vec<TcpStream> = openers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let opened_in = start.elapsed();
+    assert!(
+        idle.len() * 10 >= flood * 9,
+        "only {} of {flood} connections opened",
+        idle.len()
+    );
+    // A new client, while the flood's connections are still held open, gets through once
+    // the connections ahead of it are cut.
+    let fresh = Instant::now();
     let (status, _, _) = tokio::time::timeout(
         Duration::from_secs(15),
-        post(
-            &c,
-            &proxy.url("/v2/models/spam-filter/infer"),
-            v2_request(1, 1),
-        ),
+        post(&client(), &url, v2_request(1, 1_000_000)),
     )
     .await
-    .expect("a request is served while the flood lasts");
+    .expect("a new client is served while the flood lasts");
     assert_eq!(status, 200);
-    eprintln!("served during the flood after {:?}", start.elapsed());
+    let fresh = fresh.elapsed();
     let cut = tokio::task::spawn_blocking(move || slow.join().unwrap())
         .await
         .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let (peak_fds, peak_rss) = peaks.join().unwrap();
+    eprintln!(
+        "idle flood: {} connections opened in {opened_in:?} against --max-connections 200; proxy fds {base_fds} → peak {peak_fds}, peak RSS {} MiB; kept client served {} times, worst {kept_worst:?}; a new client served in {fresh:?}; {cut} of 50 slowloris cut",
+        idle.len(),
+        peak_rss >> 10,
+        i - 1
+    );
+    assert!(
+        peak_fds <= base_fds + 200 + 20,
+        "{peak_fds} file descriptors open (base {base_fds}, limit 200 connections)"
+    );
+    assert!(peak_rss < 100 << 10, "peak RSS {peak_rss} KiB");
     assert!(cut > 0, "slowloris connections are cut off");
+
+    // The flood gone, the proxy's descriptors come back down: nothing leaked.
     drop(idle);
-    assert!(rss_kib(pid) < 100 << 10, "RSS {} KiB", rss_kib(pid));
-    let (status, _, _) = post(
-        &c,
-        &proxy.url("/v2/models/spam-filter/infer"),
-        v2_request(1, 2),
-    )
-    .await;
+    drop(kept);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(pid) > base_fds + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "{} file descriptors still open after the flood (base {base_fds})",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, _) = post(&client(), &url, v2_request(1, 2)).await;
     assert_eq!(status, 200);
 }
 
@@ -219,6 +303,198 @@ async fn an_upstream_that_dies_speaks_garbage_and_returns_is_survived() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What the upstream of [`faulty_upstream`] does with the next connection or request.
+const NORMAL: u8 = 0;
+const SLOW: u8 = 1;
+const RESET: u8 = 2;
+const GARBAGE: u8 = 3;
+
+/// An upstream whose behaviour `mode` switches: it answers (one request per connection, so
+/// every request meets the current mode), answers after 3 s, resets the connection, or
+/// writes something that is not HTTP.
+async fn faulty_upstream(
+    listener: tokio::net::TcpListener,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            match mode.load(Ordering::Relaxed) {
+                RESET => {
+                    let mut buf = [0u8; 16];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.set_zero_linger();
+                }
+                GARBAGE => {
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(b"NOT HTTP AT ALL\r\n\r\n").await;
+                }
+                _ => {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let slow = mode.load(Ordering::Relaxed) == SLOW;
+                        async move {
+                            if slow {
+                                tokio::time::sleep(Duration::from_secs(3)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    br#"{"outputs":[]}"#,
+                                )),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                }
+            }
+        });
+    }
+}
+
+/// `n` requests, `concurrency` at a time, on a fresh client: each one's (status, error code).
+async fn burst(url: &str, n: usize, concurrency: usize) -> Vec<(u16, String)> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(concurrency) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..concurrency.min(n - chunk * concurrency) {
+            let (c, url) = (c.clone(), url.to_owned());
+            set.spawn(async move {
+                let (status, _, body) = post(&c, &url, v2_request(1, i as u64)).await;
+                let code = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (status, code)
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            out.push(r.unwrap());
+        }
+    }
+    out
+}
+
+/// The upstream resetting, speaking garbage, answering after seconds and gone, each for a
+/// burst of requests: the right 502/504 every time, file descriptors back to where they were
+/// and RSS barely moved afterwards, and normal service as soon as the upstream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_leak_nothing_and_service_recovers() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mode = Arc::new(AtomicU8::new(NORMAL));
+    let upstream = tokio::spawn(faulty_upstream(listener, mode.clone()));
+    let spool = spool_dir();
+    let up = format!("http://{addr}");
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(spool.path()),
+        "--upstream-timeout",
+        "1s",
+    ]);
+    let pid = proxy.child.id();
+    let url = proxy.url("/v2/models/m/infer");
+    let all = |got: &[(u16, String)], status: u16, code: &str| {
+        assert!(
+            got.iter().all(|(s, c)| *s == status && c == code),
+            "wanted {status} {code:?}, got {:?}",
+            got.iter()
+                .filter(|(s, c)| *s != status || c != code)
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+    };
+
+    // Warm up, then the baseline with no client connected.
+    all(&burst(&url, 200, 20).await, 200, "");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (base_fds, base_rss) = (open_fds(pid), rss_kib(pid));
+
+    let started = Instant::now();
+    let mut failed = 0;
+    for (m, n, status, code) in [
+        (RESET, 500, 502, "upstream_failed"),
+        (GARBAGE, 500, 502, "upstream_failed"),
+        // 3 s upstream against a 1 s timeout: 60 requests, 20 at a time.
+        (SLOW, 60, 504, "upstream_timeout"),
+    ] {
+        mode.store(m, Ordering::Relaxed);
+        all(&burst(&url, n, 20).await, status, code);
+        failed += n;
+    }
+    // Gone: the listener closed, connections refused.
+    mode.store(NORMAL, Ordering::Relaxed);
+    upstream.abort();
+    let _ = upstream.await;
+    all(&burst(&url, 500, 20).await, 502, "upstream_unavailable");
+    failed += 500;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.ready() {
+        assert!(
+            Instant::now() < deadline,
+            "still ready with the upstream gone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during_fds = open_fds(pid);
+
+    // Back on the same port: served at once, and ready again.
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    tokio::spawn(faulty_upstream(listener, mode.clone()));
+    let back = Instant::now();
+    all(&burst(&url, 1, 1).await, 200, "");
+    let first_ok = back.elapsed();
+    all(&burst(&url, 200, 20).await, 200, "");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !proxy.ready() {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the upstream returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Nothing leaked: descriptors back to the baseline (the clients are gone), RSS within a
+    // few MiB of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(pid) > base_fds + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} file descriptors open after {failed} upstream failures (base {base_fds})",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (end_fds, end_rss) = (open_fds(pid), rss_kib(pid));
+    eprintln!(
+        "upstream faults: {failed} failed requests in {:?}; proxy fds {base_fds} → {during_fds} (upstream gone) → {end_fds}, RSS {} → {} KiB; first request served {first_ok:?} after the upstream returned",
+        started.elapsed(),
+        base_rss,
+        end_rss
+    );
+    assert!(
+        end_rss < base_rss + (8 << 10),
+        "RSS grew from {base_rss} to {end_rss} KiB over {failed} upstream failures"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,5 +614,113 @@ async fn a_long_kafka_outage_under_load_costs_no_request_and_no_record() {
         0,
         "{missing} of {} records missing after the outage",
         ids.len()
+    );
+}
+
+/// Kafka down and the spool full: requests are still served; the records that reached the
+/// spool are kept and delivered when Kafka returns, and the ones that did not fit are
+/// dropped and counted, never the older ones; the spool takes records again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_kafka_down_keeps_the_oldest_and_counts_the_drops() {
+    use rdkafka::mocking::MockCluster;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("predictions", 3, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let up = format!("http://{model}");
+    let proxy = ProxyProcess::start(&[
+        "--upstream",
+        &up,
+        "--spool-dir",
+        path_str(spool.path()),
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        "predictions",
+        "--kafka-property",
+        "message.timeout.ms=2000",
+        "--max-record",
+        "16KiB",
+        "--spool-segment-bytes",
+        "16KiB",
+        "--spool-max-bytes",
+        "64KiB",
+    ]);
+    let c = client();
+    let url = proxy.url("/v2/models/m/infer");
+    let mut ids = Vec::new();
+    let (status, h, _) = post(&c, &url, v2_request(4, 0)).await;
+    assert_eq!(status, 200);
+    ids.push(h["sluicegate-id"].to_str().unwrap().to_owned());
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        1.0,
+        Duration::from_secs(20),
+    );
+
+    cluster.broker_down(1).unwrap();
+    for i in 1..=400 {
+        let (status, h, _) = post(&c, &url, v2_request(4, i)).await;
+        assert_eq!(status, 200, "a full spool fails no request");
+        ids.push(h["sluicegate-id"].to_str().unwrap().to_owned());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("sluicegate_tee_records_spooled_total")
+        + proxy.metric("sluicegate_tee_records_dropped_spool_full_total")
+        < ids.len() as f64
+    {
+        assert!(
+            Instant::now() < deadline,
+            "records neither spooled nor dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spooled = proxy.metric("sluicegate_tee_records_spooled_total") as usize;
+    let dropped = proxy.metric("sluicegate_tee_records_dropped_spool_full_total") as usize;
+    assert!(dropped > 0, "the 64 KiB spool filled up");
+    assert_eq!(spooled + dropped, ids.len());
+
+    cluster.broker_up(1).unwrap();
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        spooled as f64,
+        Duration::from_secs(60),
+    );
+    // The spool takes records again once Kafka has them.
+    for i in 1000..1050 {
+        let (status, h, _) = post(&c, &url, v2_request(4, i)).await;
+        assert_eq!(status, 200);
+        ids.push(h["sluicegate-id"].to_str().unwrap().to_owned());
+    }
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        (spooled + 50) as f64,
+        Duration::from_secs(30),
+    );
+    let b = brokers.clone();
+    let want = spooled + 50;
+    let got: std::collections::HashSet<String> = tokio::task::spawn_blocking(move || {
+        common::kafka::consume(&b, "predictions", want, Duration::from_secs(30), &[])
+            .into_iter()
+            .map(|m| m.key)
+            .collect()
+    })
+    .await
+    .unwrap();
+    // Exactly the oldest `spooled` records, then the 50 after recovery.
+    let expected: std::collections::HashSet<String> = ids[..spooled]
+        .iter()
+        .chain(&ids[ids.len() - 50..])
+        .cloned()
+        .collect();
+    eprintln!(
+        "spool full with Kafka down: {} requests served, {spooled} records spooled and delivered after recovery, {dropped} dropped and counted, {} delivered in all",
+        ids.len(),
+        got.len()
+    );
+    assert_eq!(
+        got, expected,
+        "the oldest records are kept, the newest dropped"
     );
 }

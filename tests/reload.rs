@@ -102,19 +102,44 @@ async fn reloads_from_every_source_under_load_fail_no_request() {
         "the threshold adapted away from its initial 0.9: {warmed}"
     );
 
+    // The storm: SWAPS swaps (SLUICEGATE_LONG_TESTS: 1,000), paced to fit inside the load,
+    // cycling through seven kinds so that every source sees valid and invalid policies.
+    let swaps_wanted: u32 = if std::env::var_os("SLUICEGATE_LONG_TESTS").is_some() {
+        1000
+    } else {
+        300
+    };
+    let pace = Duration::from_millis(25);
+    let traffic_for = pace * swaps_wanted + Duration::from_secs(3);
     let data = proxy.data;
-    let traffic = tokio::spawn(async move { load(data, 200, Duration::from_secs(6)).await });
+    let traffic = tokio::spawn(async move { load(data, 200, traffic_for).await });
     let pid = proxy.child.id();
     let file2 = file.clone();
     let (a2, b2) = (a.clone(), b.clone());
     let storm = tokio::task::spawn_blocking(move || {
         let mut versions = HashSet::new();
-        let invalid = policy("{fixed: 0.5}", 0); // max_count 0 is refused
-        let deadline = Instant::now() + Duration::from_millis(5500);
-        let mut i = 0u32;
-        while Instant::now() < deadline {
+        // Three ways to be wrong: a refused value, broken YAML, an unknown key.
+        let invalid = [
+            (policy("{fixed: 0.5}", 0), "max_count"),
+            (policy("{fixed: 0.5", 5), "YAML"),
+            (
+                format!("{}    surprise: 1\n", policy("{fixed: 0.5}", 5)),
+                "unknown key",
+            ),
+        ];
+        let mut refused_by_api = 0u32;
+        // Let the load start first.
+        std::thread::sleep(Duration::from_millis(500));
+        let start = Instant::now();
+        for i in 0..swaps_wanted {
+            let next = start + pace * i;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            // Seven kinds, an odd number, so each kind gets both valid texts in turn.
             let text = if i.is_multiple_of(2) { &b2 } else { &a2 };
-            match i % 5 {
+            let (bad, expected) = &invalid[(i as usize / 7) % invalid.len()];
+            match i % 7 {
                 // The file, picked up by the watch.
                 0 => write_atomically(&file2, text),
                 // The file, then SIGHUP.
@@ -134,30 +159,54 @@ async fn reloads_from_every_source_under_load_fail_no_request() {
                     assert_eq!(s, 200, "{v}");
                     versions.insert(v["version"].as_str().unwrap().to_owned());
                 }
-                // PUT and file, invalid: refused whole, the old one serves on.
-                _ => {
-                    let (s, v) = admin(admin_addr, "PUT", "/admin/policy", Some(TOKEN), &invalid);
+                // PUT, invalid: refused whole with its errors, the old one serves on.
+                4 => {
+                    let (s, v) = admin(admin_addr, "PUT", "/admin/policy", Some(TOKEN), bad);
                     assert_eq!(s, 422, "{v}");
-                    assert!(
-                        v["errors"][0].as_str().unwrap().contains("max_count"),
-                        "{v}"
-                    );
-                    write_atomically(&file2, &invalid);
+                    assert!(v["errors"][0].as_str().unwrap().contains(expected), "{v}");
+                    refused_by_api += 1;
+                }
+                // An invalid file, seen by the watch and by SIGHUP.
+                5 => {
+                    write_atomically(&file2, bad);
+                    signal(pid, "HUP");
+                }
+                // An invalid file, then the API's reload: 422.
+                _ => {
+                    write_atomically(&file2, bad);
+                    let (s, v) = admin(admin_addr, "POST", "/admin/reload", Some(TOKEN), "");
+                    assert_eq!(s, 422, "{v}");
+                    assert!(v["errors"][0].as_str().unwrap().contains(expected), "{v}");
+                    refused_by_api += 1;
                 }
             }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(40));
         }
+        let took = start.elapsed();
         // End on a valid file so the watch settles on it.
         write_atomically(&file2, &a2);
-        (versions, i)
+        (versions, swaps_wanted, refused_by_api, took)
     });
     let (ids, failed) = traffic.await.unwrap();
-    let (put_versions, swaps) = storm.await.unwrap();
-    assert!(swaps > 50, "only {swaps} swaps");
+    let (put_versions, swaps, refused_by_api, took) = storm.await.unwrap();
+    eprintln!(
+        "policy storm: {swaps} swaps in {took:?} under 200 req/s, {} requests, {failed} failed",
+        ids.len() + failed
+    );
+    assert!(
+        took + Duration::from_millis(500) < traffic_for,
+        "the storm ({took:?}) outlasted the load ({traffic_for:?})"
+    );
+    assert!(swaps >= 300, "only {swaps} swaps");
     assert_eq!(failed, 0, "no request failed during {swaps} policy swaps");
-    assert!(proxy.metric("sluicegate_policy_generation") >= 20.0);
-    assert!(proxy.metric("sluicegate_policy_reload_failures_total") >= 5.0);
+    let generation = proxy.metric("sluicegate_policy_generation");
+    let refused = proxy.metric("sluicegate_policy_reload_failures_total");
+    eprintln!("policy storm: generation {generation}, {refused} reloads refused");
+    assert!(generation >= 20.0);
+    assert!(refused >= 5.0);
+    assert!(
+        refused >= refused_by_api as f64,
+        "every refusal is counted: {refused} < {refused_by_api}"
+    );
 
     // Every record names a policy that was valid and in force.
     let version_b = put_versions
