@@ -139,6 +139,22 @@ impl Health {
     }
 }
 
+/// What the sender owes the spool besides the deliveries in flight.
+struct Backlog {
+    reader: SpoolReader,
+    /// Opened at the first record Kafka will never take.
+    dead_letter: Option<DeadLetter>,
+    /// Failed deliveries, oldest first, sent again from `retry_at` on.
+    retry: VecDeque<SpooledEntry>,
+    retry_at: Instant,
+    backoff: Duration,
+    /// Bytes of records in flight or waiting to be resent (bounded by `MAX_HELD_BYTES`).
+    held_bytes: usize,
+    health: Health,
+    /// A delivery failed in a way only a new producer can fix.
+    fatal: bool,
+}
+
 /// The Kafka sender task.
 pub struct KafkaSender {
     pub kafka: KafkaSettings,
@@ -185,31 +201,34 @@ impl KafkaSender {
                 return;
             }
         };
-        let mut reader = match SpoolReader::open(&self.spool_dir, self.metrics.spool.clone(), true)
-        {
+        let reader = match SpoolReader::open(&self.spool_dir, self.metrics.spool.clone(), true) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, dir = %self.spool_dir.display(), "cannot read the spool; records stay in it");
                 return;
             }
         };
-        let mut dead_letter: Option<DeadLetter> = None;
+        let mut b = Backlog {
+            reader,
+            dead_letter: None,
+            retry: VecDeque::new(),
+            retry_at: Instant::now(),
+            backoff: RETRY_MIN,
+            held_bytes: 0,
+            health: Health {
+                last_ack: Instant::now(),
+                last_rebuild: Instant::now(),
+            },
+            fatal: false,
+        };
         let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-        let mut retry: VecDeque<SpooledEntry> = VecDeque::new();
-        let mut retry_at = Instant::now();
-        let mut backoff = RETRY_MIN;
         let mut writer_done = false;
         let mut reader_caught_up = false;
-        let mut held_bytes = 0usize;
-        let mut health = Health {
-            last_ack: Instant::now(),
-            last_rebuild: Instant::now(),
-        };
 
         loop {
             let deadline = *drain.borrow();
             if let Some(deadline) = deadline {
-                let idle = in_flight.is_empty() && retry.is_empty() && reader_caught_up;
+                let idle = in_flight.is_empty() && b.retry.is_empty() && reader_caught_up;
                 if Instant::now() >= deadline || (idle && writer_done) {
                     break;
                 }
@@ -217,79 +236,83 @@ impl KafkaSender {
 
             // Send: retries first (they are older), then new records, while there is room.
             let now = Instant::now();
-            while in_flight.len() < MAX_IN_FLIGHT && now >= retry_at {
-                let Some(entry) = retry.pop_front() else {
+            while in_flight.len() < MAX_IN_FLIGHT && now >= b.retry_at {
+                let Some(entry) = b.retry.pop_front() else {
                     break;
                 };
                 match self.send(&producer, entry) {
                     Ok(fut) => in_flight.push(fut),
                     Err(entry) => {
-                        retry.push_front(entry);
-                        retry_at = now + RETRY_MIN;
+                        b.retry.push_front(entry);
+                        b.retry_at = now + RETRY_MIN;
                         break;
                     }
                 }
             }
             reader_caught_up = false;
-            if retry.is_empty() && in_flight.len() < MAX_IN_FLIGHT && held_bytes < MAX_HELD_BYTES {
+            if b.retry.is_empty()
+                && in_flight.len() < MAX_IN_FLIGHT
+                && b.held_bytes < MAX_HELD_BYTES
+            {
                 let upto = *self.written.borrow();
                 let room = (MAX_IN_FLIGHT - in_flight.len()).min(READ_BATCH);
-                match reader.next_batch(upto, room) {
+                match b.reader.next_batch(upto, room) {
                     Ok(batch) => {
                         reader_caught_up = batch.len() < room;
                         for entry in batch {
-                            held_bytes += entry.entry.payload.len();
+                            b.held_bytes += entry.entry.payload.len();
                             if entry.pos.segment < self.first_live_segment {
                                 self.metrics.replayed.inc();
                             }
                             match self.send(&producer, entry) {
                                 Ok(fut) => in_flight.push(fut),
                                 Err(entry) => {
-                                    retry.push_back(entry);
-                                    retry_at = Instant::now() + RETRY_MIN;
+                                    b.retry.push_back(entry);
+                                    b.retry_at = Instant::now() + RETRY_MIN;
                                 }
                             }
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "spool read failed; retrying");
-                        retry_at = Instant::now() + RETRY_MAX;
+                        b.retry_at = Instant::now() + RETRY_MAX;
                     }
                 }
             }
 
             // Wait for a delivery, new records, a retry slot or the drain signal.
-            let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT || held_bytes >= MAX_HELD_BYTES {
+            let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT || b.held_bytes >= MAX_HELD_BYTES
+            {
                 // Full: only a delivery can make room.
                 Instant::now() + Duration::from_secs(1)
-            } else if retry.is_empty() && !reader_caught_up {
+            } else if b.retry.is_empty() && !reader_caught_up {
                 Instant::now() + Duration::from_millis(1)
-            } else if retry.is_empty() {
+            } else if b.retry.is_empty() {
                 Instant::now() + Duration::from_secs(1)
             } else {
-                retry_at
+                b.retry_at
             };
             tokio::select! {
                 Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let mut fatal = false;
-                    self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health, &mut held_bytes);
+                    b.fatal = false;
+                    self.settle(&mut b, entry, outcome);
                     // Settle everything already finished before going round again.
                     while let Some(Some((entry, outcome))) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-                        self.settle(entry, outcome, &mut reader, &mut dead_letter, &mut retry, &mut fatal, &mut backoff, &mut retry_at, &mut health, &mut held_bytes);
+                        self.settle(&mut b, entry, outcome);
                     }
-                    let stalled = !retry.is_empty() && health.stalled();
+                    let stalled = !b.retry.is_empty() && b.health.stalled();
                     let fatal_error = producer.client().fatal_error();
-                    if fatal || stalled || fatal_error.is_some() {
+                    if b.fatal || stalled || fatal_error.is_some() {
                         let reason = match fatal_error {
                             Some((_, reason)) => reason,
-                            None if stalled => format!("no delivery for {:?}", health.last_ack.elapsed()),
+                            None if stalled => format!("no delivery for {:?}", b.health.last_ack.elapsed()),
                             None => "fatal delivery error".into(),
                         };
                         tracing::warn!(reason, "rebuilding the kafka producer; unacknowledged records are sent again from the spool");
                         // Outstanding deliveries of the old producer are failed back as retries.
                         drop(producer);
                         while let Some((entry, _)) = in_flight.next().await {
-                            retry.push_back(entry);
+                            b.retry.push_back(entry);
                         }
                         producer = loop {
                             match self.producer() {
@@ -301,7 +324,7 @@ impl KafkaSender {
                             }
                         };
                         self.metrics.producer_rebuilds.inc();
-                        health.last_rebuild = Instant::now();
+                        b.health.last_rebuild = Instant::now();
                     }
                 }
                 changed = self.written.changed(), if !writer_done => {
@@ -313,7 +336,7 @@ impl KafkaSender {
                 _ = tokio::time::sleep_until(sleep_until.into()) => {}
             }
         }
-        let left = in_flight.len() + retry.len();
+        let left = in_flight.len() + b.retry.len();
         if left > 0 {
             tracing::warn!(
                 unsent = left,
@@ -361,71 +384,60 @@ impl KafkaSender {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn settle(
-        &self,
-        entry: SpooledEntry,
-        outcome: Outcome,
-        reader: &mut SpoolReader,
-        dead_letter: &mut Option<DeadLetter>,
-        retry: &mut VecDeque<SpooledEntry>,
-        fatal: &mut bool,
-        backoff: &mut Duration,
-        retry_at: &mut Instant,
-        health: &mut Health,
-        held_bytes: &mut usize,
-    ) {
+    /// Books a finished delivery: acknowledged records leave the spool, refused ones go to the
+    /// dead-letter file, the rest wait in the backlog to be sent again.
+    fn settle(&self, b: &mut Backlog, entry: SpooledEntry, outcome: Outcome) {
         match outcome {
             Outcome::Acked => {
-                *held_bytes = held_bytes.saturating_sub(entry.entry.payload.len());
-                health.last_ack = Instant::now();
+                b.held_bytes = b.held_bytes.saturating_sub(entry.entry.payload.len());
+                b.health.last_ack = Instant::now();
                 self.metrics.sent.inc();
                 if self.metrics.kafka_connected.set(1) != 1 {
                     tracing::info!("kafka acknowledges records again");
                 }
-                *backoff = RETRY_MIN;
+                b.backoff = RETRY_MIN;
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
                 let lag_ms = (now_ms - entry.entry.timestamp_ms).max(0);
                 self.metrics.lag.observe(lag_ms as f64 / 1e3);
-                self.ack(reader, entry.pos);
+                self.ack(&mut b.reader, entry.pos);
             }
             Outcome::DeadLetter(reason) => {
-                if dead_letter.is_none() {
+                if b.dead_letter.is_none() {
                     match DeadLetter::open(&self.spool_dir, self.metrics.spool.clone()) {
-                        Ok(d) => *dead_letter = Some(d),
+                        Ok(d) => b.dead_letter = Some(d),
                         Err(e) => tracing::error!(error = %e, "cannot open the dead-letter file"),
                     }
                 }
-                let written = match dead_letter.as_mut() {
+                let written = match b.dead_letter.as_mut() {
                     Some(d) => d.append(&entry.entry, &reason),
                     None => Err(std::io::Error::other("no dead-letter file")),
                 };
                 match written {
                     Ok(()) => {
-                        *held_bytes = held_bytes.saturating_sub(entry.entry.payload.len());
-                        self.ack(reader, entry.pos)
+                        b.held_bytes = b.held_bytes.saturating_sub(entry.entry.payload.len());
+                        self.ack(&mut b.reader, entry.pos)
                     }
                     Err(e) => {
                         // Keep it in the spool rather than lose it.
                         tracing::error!(error = %e, "cannot write the dead-letter file");
-                        retry.push_back(entry);
-                        *retry_at = Instant::now() + RETRY_MAX;
+                        b.retry.push_back(entry);
+                        b.retry_at = Instant::now() + RETRY_MAX;
                     }
                 }
             }
             Outcome::Fatal => {
-                *fatal = true;
-                retry.push_back(entry);
+                b.fatal = true;
+                b.retry.push_back(entry);
             }
             Outcome::Retry => {
                 self.metrics.delivery_retries.inc();
-                if retry.is_empty() {
-                    *retry_at = Instant::now() + *backoff;
-                    *backoff = (*backoff * 2).min(RETRY_MAX);
+                if b.retry.is_empty() {
+                    b.retry_at = Instant::now() + b.backoff;
+                    b.backoff = (b.backoff * 2).min(RETRY_MAX);
                 }
-                retry.push_back(entry);
+                b.retry.push_back(entry);
             }
         }
     }
