@@ -14,8 +14,8 @@ use std::time::{Instant, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use body::{BodyTooLarge, RequestBody, RequestCapture, ResponseBody, UpstreamBody};
@@ -36,7 +36,19 @@ pub const POLICY_HEADER: HeaderName = HeaderName::from_static("sluicegate-policy
 /// The only route until the policy file defines routes.
 const DEFAULT_ROUTE: &str = "default";
 
-type UpstreamClient = Client<HttpConnector, RequestBody>;
+/// A pooled upstream client over any connector: TCP in production, in memory in the benches.
+/// Its future is boxed by hyper-util already, so the indirection allocates nothing more.
+trait SendUpstream: Send + Sync {
+    fn request(&self, req: Request<RequestBody>) -> ResponseFuture;
+}
+
+impl<C: Connect + Clone + Send + Sync + 'static> SendUpstream for Client<C, RequestBody> {
+    fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
+        Client::request(self, req)
+    }
+}
+
+type UpstreamClient = Box<dyn SendUpstream>;
 
 /// Shared state of the data plane.
 pub struct Proxy {
@@ -61,13 +73,26 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(upstream.connect_timeout));
+        Self::with_connector(connector, upstream, max_request_body, policy, tee, metrics)
+    }
+
+    /// As [`Proxy::new`], reaching the upstream through `connector` instead of TCP (the
+    /// benches' in-memory upstream).
+    pub fn with_connector<C: Connect + Clone + Send + Sync + 'static>(
+        connector: C,
+        upstream: Upstream,
+        max_request_body: u64,
+        policy: SharedPolicy,
+        tee: TeeSender,
+        metrics: ProxyMetrics,
+    ) -> Self {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .timer(TokioTimer::new());
-        let http1 = builder.build(connector.clone());
-        let http2 = builder.http2_only(true).build(connector);
+        let http1 = Box::new(builder.build(connector.clone()));
+        let http2 = Box::new(builder.http2_only(true).build(connector));
         Proxy {
             upstream,
             http1,

@@ -11,7 +11,8 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::Proxy;
@@ -45,6 +46,35 @@ fn builder(limits: ListenerLimits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// Serves the proxy on single connections, HTTP/1.1 or h2c, with the listener's limits.
+pub struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+}
+
+impl Connections {
+    pub fn new(proxy: Arc<Proxy>, limits: ListenerLimits) -> Self {
+        Connections {
+            builder: builder(limits),
+            proxy,
+        }
+    }
+
+    /// Serves `io`, a connection from `client`, until it closes or `watcher`'s graceful
+    /// shutdown ends it.
+    pub async fn serve<I>(&self, io: I, client: SocketAddr, watcher: Watcher)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, client));
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, %client, "connection ended with an error");
+        }
+    }
+}
+
 /// Serves the proxy on `listener` until `shutdown` resolves, then waits up to the grace period
 /// for in-flight requests.
 pub async fn serve(
@@ -53,7 +83,7 @@ pub async fn serve(
     limits: ListenerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builder = Arc::new(builder(limits));
+    let connections = Arc::new(Connections::new(proxy, limits));
     let graceful = GracefulShutdown::new();
     // At the limit, stop accepting: new connections wait in the kernel's backlog instead of
     // taking file descriptors and memory here.
@@ -77,8 +107,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let builder = builder.clone();
+        let connections = connections.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = permit;
@@ -89,14 +118,7 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            let service =
-                service_fn(move |req: Request<Incoming>| proxy.clone().handle(req, client));
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(error = %e, %client, "connection ended with an error");
-            }
+            connections.serve(stream, client, watcher).await;
         });
     }
     drop(listener);

@@ -1,0 +1,322 @@
+//! The whole proxy per request, in memory: a hyper client sends a v2 request over a duplex
+//! stream to the proxy's connection handling (`proxy::server::Connections`), `Proxy::handle`
+//! forwards it through its pooled upstream client to a model server on other duplex streams
+//! that answers a fixed stand-in response, and the client reads the whole answer. No sockets,
+//! one keep-alive connection on each side, everything on one current-thread runtime (the tee's
+//! spool writer on its own thread, as in production), so the time per request is the request
+//! path's CPU cost. Setups, with the ~1 KiB and ~16 KiB bodies of the end-to-end bench:
+//! - `baseline_hyper_passthrough`: a minimal proxy, a `service_fn` that rewrites the URI and
+//!   calls a hyper-util legacy client (the same server builder and upstream);
+//! - `sluicegate_tee`: no policy, every exchange recorded to a spool in a temporary directory
+//!   (`sluicegate-tee` of the end-to-end bench);
+//! - `sluicegate_full`: the end-to-end bench's full policy (adaptive threshold, a limit,
+//!   decisions written into the body, Ed25519 tags) with the same tee.
+//!
+//! After each sluicegate setup it prints how many records the tee queued and dropped: drops
+//! mean the spool writer could not keep up with the request path run flat out.
+//!
+//! Run: `cargo bench --bench stack`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http::header::{CONTENT_TYPE, HOST};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use sluicegate::config::policy::{self, Policy, SharedPolicy};
+use sluicegate::config::settings::Settings;
+use sluicegate::config::validate::parse;
+use sluicegate::demo::{v2_request, StandInModel};
+use sluicegate::provenance::{generate_key, Algorithm};
+use sluicegate::proxy::server::{Connections, ListenerLimits};
+use sluicegate::proxy::Proxy;
+use sluicegate::tee::record::EncodeContext;
+use sluicegate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
+use sluicegate::tee::TeeWriter;
+use sluicegate::telemetry::Metrics;
+use tokio::io::{duplex, DuplexStream};
+
+/// Rows of the end-to-end bench's bodies: ~1 KiB and ~16 KiB v2 responses.
+const SIZES: [(&str, usize); 2] = [("1KiB", 23), ("16KiB", 421)];
+const PATH: &str = "/v2/models/spam-filter/infer";
+/// Room for a whole 16 KiB message in each direction of a duplex stream.
+const PIPE_BYTES: usize = 64 << 10;
+
+/// One end of an in-memory connection, as hyper-util's client wants it.
+struct MemoryIo(TokioIo<DuplexStream>);
+
+impl hyper::rt::Read for MemoryIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MemoryIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for MemoryIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// A connector whose every connection is a duplex stream to a fresh HTTP/1.1 model server that
+/// reads the request and answers `response`.
+#[derive(Clone)]
+struct MemoryUpstream {
+    response: Bytes,
+}
+
+impl tower::Service<Uri> for MemoryUpstream {
+    type Response = MemoryIo;
+    type Error = io::Error;
+    type Future = std::future::Ready<io::Result<MemoryIo>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (near, far) = duplex(PIPE_BYTES);
+        let response = self.response.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let response = response.clone();
+            async move {
+                req.into_body().collect().await?;
+                let mut resp = Response::new(Full::new(response));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+                Ok::<_, hyper::Error>(resp)
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), service),
+        );
+        std::future::ready(Ok(MemoryIo(TokioIo::new(near))))
+    }
+}
+
+async fn client_over(io: DuplexStream) -> SendRequest<Full<Bytes>> {
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The naive proxy: forward each request as it is, stream the answer back.
+async fn baseline(upstream: MemoryUpstream) -> SendRequest<Full<Bytes>> {
+    let client: Client<MemoryUpstream, Incoming> =
+        Client::builder(TokioExecutor::new()).build(upstream);
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = format!("http://model{path}").parse().unwrap();
+        client.request(req)
+    });
+    let (near, far) = duplex(PIPE_BYTES);
+    tokio::spawn(async move {
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(far), service)
+            .await;
+    });
+    client_over(near).await
+}
+
+/// A running sluicegate: what must outlive the benchmark, and what it reports after.
+struct Sluicegate {
+    writer: TeeWriter,
+    metrics: Arc<Metrics>,
+    /// Dropping it would end the proxy's connection (a graceful shutdown).
+    _graceful: GracefulShutdown,
+}
+
+impl Sluicegate {
+    fn close(self, name: &str) {
+        self.writer.close();
+        let tee = &self.metrics.tee;
+        eprintln!(
+            "{name}: the tee queued {} entries (records and alerts) and dropped {} (queue full)",
+            tee.queued.get(),
+            tee.dropped_queue_full.get()
+        );
+    }
+}
+
+/// Builds the tee and the proxy as `app::start` does, with the default settings, the upstream
+/// in memory and the spool in `spool_dir`.
+async fn sluicegate(
+    policy: SharedPolicy,
+    upstream: MemoryUpstream,
+    spool_dir: &std::path::Path,
+) -> (SendRequest<Full<Bytes>>, Sluicegate) {
+    let settings = Settings::default();
+    let metrics = Arc::new(Metrics::new());
+    let (spool, _) = SpoolWriter::open(
+        SpoolConfig {
+            dir: spool_dir.to_owned(),
+            // Bounded: a long run rotates instead of filling the disk.
+            max_bytes: 256 << 20,
+            segment_bytes: settings.spool.segment_bytes,
+            fsync_interval: settings.spool.fsync_interval,
+            mode: SpoolMode::Rotate,
+        },
+        metrics.tee.spool.clone(),
+    )
+    .unwrap();
+    let (tee, writer) = TeeWriter::spawn(
+        spool,
+        EncodeContext {
+            instance: "bench".into(),
+            max_record_bytes: settings.max_record_bytes as usize,
+            inbound_tags: metrics.proxy.inbound_tags.clone(),
+        },
+        settings.spool.queue_records,
+        settings.spool.queue_bytes,
+        settings.spool.fsync_interval,
+        metrics.tee.clone(),
+    )
+    .unwrap();
+    let proxy = Arc::new(Proxy::with_connector(
+        upstream,
+        settings.upstream.clone(),
+        settings.max_request_body_bytes,
+        policy,
+        tee,
+        metrics.proxy.clone(),
+    ));
+    tokio::spawn(proxy.clone().run_upkeep());
+    let connections = Connections::new(
+        proxy,
+        ListenerLimits {
+            header_read_timeout: settings.header_read_timeout,
+            shutdown_grace: settings.shutdown_grace,
+            max_connections: settings.max_connections,
+        },
+    );
+    let graceful = GracefulShutdown::new();
+    let watcher = graceful.watcher();
+    let (near, far) = duplex(PIPE_BYTES);
+    let client = "10.0.0.7:41000".parse().unwrap();
+    tokio::spawn(async move { connections.serve(far, client, watcher).await });
+    let sender = client_over(near).await;
+    let running = Sluicegate {
+        writer,
+        metrics,
+        _graceful: graceful,
+    };
+    (sender, running)
+}
+
+async fn round_trip(sender: &mut SendRequest<Full<Bytes>>, body: &Bytes) -> Response<Bytes> {
+    let req = Request::post(PATH)
+        .header(HOST, "sluicegate")
+        .header(CONTENT_TYPE, "application/json")
+        .header("sluicegate-consumer", "mail-ingest")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let (parts, body) = sender.send_request(req).await.unwrap().into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Response::from_parts(parts, body)
+}
+
+fn full_policy(keys: &std::path::Path) -> SharedPolicy {
+    generate_key(keys, "bench", Algorithm::Ed25519).unwrap();
+    let settings = Settings::default();
+    let p = parse(
+        include_str!("e2e/policy.full.yaml"),
+        settings.max_record_bytes,
+    )
+    .unwrap();
+    let keys = policy::load_keys(&p, Some(keys)).unwrap();
+    policy::shared_with_keys(p, settings.max_record_bytes, keys)
+}
+
+fn stack(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (size, rows) in SIZES {
+        let request = v2_request(rows, 7);
+        let response = StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap();
+        let upstream = MemoryUpstream {
+            response: serde_json::to_vec(&response).unwrap().into(),
+        };
+        let body = Bytes::from(request);
+        let mut g = c.benchmark_group(format!("stack_{size}"));
+        g.throughput(Throughput::Elements(1));
+
+        let mut sender = rt.block_on(baseline(upstream.clone()));
+        let resp = rt.block_on(round_trip(&mut sender, &body));
+        assert_eq!(resp.body(), &upstream.response);
+        g.bench_function("baseline_hyper_passthrough", |b| {
+            b.iter(|| rt.block_on(round_trip(&mut sender, &body)))
+        });
+        drop(sender);
+
+        let dir = tempfile::tempdir().unwrap();
+        let setups = [
+            (
+                "sluicegate_tee",
+                policy::shared(Policy::default(), Settings::default().max_record_bytes),
+            ),
+            ("sluicegate_full", full_policy(&dir.path().join("keys"))),
+        ];
+        for (name, policy) in setups {
+            let (mut sender, running) =
+                rt.block_on(sluicegate(policy, upstream.clone(), &dir.path().join(name)));
+            let resp = rt.block_on(round_trip(&mut sender, &body));
+            assert!(resp.status().is_success(), "{resp:?}");
+            // The full policy decides and tags; the tee-only one passes the body through.
+            let full = name == "sluicegate_full";
+            assert_eq!(resp.headers().contains_key("sluicegate-tag"), full);
+            assert_eq!(resp.body() == &upstream.response, !full);
+            g.bench_function(name, |b| {
+                b.iter(|| rt.block_on(round_trip(&mut sender, &body)))
+            });
+            drop(sender);
+            running.close(&format!("stack_{size}/{name}"));
+        }
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = stack
+}
+criterion_main!(benches);
