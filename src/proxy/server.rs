@@ -130,9 +130,23 @@ pub async fn serve(
     }
 }
 
+/// Connections the kernel queues while every `--max-connections` slot is taken (std's
+/// default is 128, too few for a burst of reconnecting clients; nginx uses 511).
+const LISTEN_BACKLOG: u32 = 1024;
+
 /// Binds, with a message that names the address when it fails.
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
     })
 }
