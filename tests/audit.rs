@@ -7,11 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::kafka::{mock_cluster, TOPIC};
 use common::*;
-use rdkafka::mocking::MockCluster;
 use sluicegate::demo::{v2_request, StandInModel};
-
-const TOPIC: &str = "predictions";
 
 const POLICY: &str = r#"
 tagging: {algorithm: ed25519, signing_key: k1}
@@ -40,38 +38,41 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Makes the signing key k1 in DIR/keys, then starts the proxy in front of `model` with
+/// [`POLICY`] and its spool in DIR/spool; `extra` flags follow.
+fn start_tagging(
+    model: std::net::SocketAddr,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> ProxyProcess {
+    let keys = dir.join("keys");
+    let (code, _, err) = run(&["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)]);
+    assert_eq!(code, 0, "{err}");
+    let policy = write_policy(dir, POLICY);
+    let mut args = vec!["--tag-keys-dir", path_str(&keys)];
+    args.extend_from_slice(extra);
+    start_with_policy(model, dir, &policy, &args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_finds_the_planted_loops_and_bias() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic(TOPIC, 3, 1).unwrap();
+    let cluster = mock_cluster();
     let brokers = cluster.bootstrap_servers();
     let model = StandInModel::spawn().await.unwrap();
     let dir = spool_dir();
-    let keys = dir.path().join("keys");
-    let (code, _, err) = run(&["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)]);
-    assert_eq!(code, 0, "{err}");
+    let proxy = start_tagging(
+        model,
+        dir.path(),
+        &["--kafka-brokers", &brokers, "--kafka-topic", TOPIC],
+    );
     // The auditor holds only the public key.
     let public = dir.path().join("public");
     std::fs::create_dir(&public).unwrap();
-    std::fs::copy(keys.join("k1.ed25519.pub"), public.join("k1.ed25519.pub")).unwrap();
-
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(&dir.path().join("spool")),
-        "--policy",
-        path_str(&policy),
-        "--tag-keys-dir",
-        path_str(&keys),
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        TOPIC,
-    ]);
+    std::fs::copy(
+        dir.path().join("keys/k1.ed25519.pub"),
+        public.join("k1.ed25519.pub"),
+    )
+    .unwrap();
     let c = client();
     let mut spam_tags = Vec::new();
     let mut spam_actions = HashMap::new();
@@ -258,25 +259,7 @@ async fn audit_finds_the_planted_loops_and_bias() {
 async fn tags_coming_back_in_are_recorded_as_direct_or_hidden_loops() {
     let model = StandInModel::spawn().await.unwrap();
     let dir = spool_dir();
-    let keys = dir.path().join("keys");
-    assert_eq!(
-        run(&["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)]).0,
-        0
-    );
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let up = format!("http://{model}");
-    let spool = dir.path().join("spool");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(&spool),
-        "--policy",
-        path_str(&policy),
-        "--tag-keys-dir",
-        path_str(&keys),
-    ]);
+    let proxy = start_tagging(model, dir.path(), &[]);
     let c = client();
     let (_, h, _) = post(
         &c,
@@ -329,7 +312,7 @@ async fn tags_coming_back_in_are_recorded_as_direct_or_hidden_loops() {
         5.0,
         Duration::from_secs(10),
     );
-    let records = spool_records(&spool);
+    let records = spool_records(&dir.path().join("spool"));
     let inbound =
         |id: &str| records.iter().find(|r| r["id"] == id).unwrap()["inbound_tags"].clone();
     let d = inbound(&direct_id);

@@ -12,18 +12,8 @@ use sluicegate::demo::{v2_request, StandInModel};
 async fn proxy_with(policy: &str) -> (ProxyProcess, tempfile::TempDir) {
     let model = StandInModel::spawn().await.unwrap();
     let dir = spool_dir();
-    let file = dir.path().join("policy.yaml");
-    std::fs::write(&file, policy).unwrap();
-    let up = format!("http://{model}");
-    let spool = dir.path().join("spool");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(&spool),
-        "--policy",
-        path_str(&file),
-    ]);
+    let file = write_policy(dir.path(), policy);
+    let proxy = start_with_policy(model, dir.path(), &file, &[]);
     (proxy, dir)
 }
 
@@ -33,23 +23,17 @@ fn header(h: &http::HeaderMap, name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn spam_route(threshold: &str, limits: &str, extra: &str) -> String {
-    format!(
-        r#"
-routes:
-  spam:
-    match: {{model: spam-filter}}
-    protocol: v2
-    score: {{output: predict_proba, column: 1}}
-    decision:
-      binary:
-        action: spam
-        otherwise: ham
-        threshold: {threshold}
-    limits: {limits}
-{extra}
-"#
-    )
+/// The stand-in model's spam probability for each row of the v2 request `body`, computed
+/// independently of the proxy.
+fn row_scores(body: &str) -> Vec<f64> {
+    let req: serde_json::Value = serde_json::from_str(body).unwrap();
+    let data: Vec<f64> = req["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    data.chunks(4).map(StandInModel::score).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,23 +46,9 @@ async fn a_v2_batch_of_n_by_2_probabilities_gives_n_correct_decisions() {
         post(&c, &proxy.url("/v2/models/spam-filter/infer"), body.clone()).await;
     assert_eq!(status, 200);
 
-    // What the model said, computed independently from the request.
-    let req: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let data: Vec<f64> = req["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let expected: Vec<&str> = data
-        .chunks(4)
-        .map(|row| {
-            if StandInModel::score(row) >= 0.5 {
-                "spam"
-            } else {
-                "ham"
-            }
-        })
+    let expected: Vec<&str> = row_scores(&body)
+        .into_iter()
+        .map(|p| if p >= 0.5 { "spam" } else { "ham" })
         .collect();
     assert!(
         expected.contains(&"spam") && expected.contains(&"ham"),
@@ -341,17 +311,9 @@ routes:
     let body = v2_request(8, 9);
     let (s, h, _) = one_with(&proxy, &c, &body).await;
     assert_eq!(s, 200);
-    let req: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let data: Vec<f64> = req["inputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let expected: Vec<&str> = data
-        .chunks(4)
-        .map(|row| {
-            let p = StandInModel::score(row);
+    let expected: Vec<&str> = row_scores(&body)
+        .into_iter()
+        .map(|p| {
             if p > 1.0 - p {
                 if p >= 0.8 {
                     "spam"

@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::kafka::{count_missing, keys, mock_cluster, start_teeing, wait_sent_then_consume};
 use common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
@@ -37,6 +38,29 @@ fn raw_status(addr: SocketAddr, request: &[u8]) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
+}
+
+/// Polls until `pid` has at most `max` file descriptors open; after 10 s panics with the count
+/// and `what`.
+async fn wait_fds_at_most(pid: u32, max: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(pid) > max {
+        assert!(
+            Instant::now() < deadline,
+            "{} file descriptors {what}",
+            open_fds(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls the proxy's readiness until it is `ready`; panics with `what` after 5 s.
+async fn wait_readiness(proxy: &ProxyProcess, ready: bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.ready() != ready {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// This process's soft limit on open files (from /proc/self/limits).
@@ -79,17 +103,11 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
     );
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--max-connections",
-        "200",
-        "--header-read-timeout",
-        "1s",
-    ]);
+    let proxy = start_proxy(
+        model,
+        spool.path(),
+        &["--max-connections", "200", "--header-read-timeout", "1s"],
+    );
     let pid = proxy.child.id();
     let data = proxy.data;
     let url = proxy.url("/v2/models/spam-filter/infer");
@@ -188,15 +206,12 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
     // The flood gone, the proxy's descriptors come back down: nothing leaked.
     drop(idle);
     drop(kept);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open_fds(pid) > base_fds + 5 {
-        assert!(
-            Instant::now() < deadline,
-            "{} file descriptors still open after the flood (base {base_fds})",
-            open_fds(pid)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_fds_at_most(
+        pid,
+        base_fds + 5,
+        &format!("still open after the flood (base {base_fds})"),
+    )
+    .await;
     let (status, _, _) = post(&client(), &url, v2_request(1, 2)).await;
     assert_eq!(status, 200);
 }
@@ -205,8 +220,7 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
 async fn oversized_headers_and_invalid_http_are_refused_and_service_continues() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&["--upstream", &up, "--spool-dir", path_str(spool.path())]);
+    let proxy = start_proxy(model, spool.path(), &[]);
     let data = proxy.data;
     let statuses = tokio::task::spawn_blocking(move || {
         let huge = format!(
@@ -260,8 +274,7 @@ async fn an_upstream_that_dies_speaks_garbage_and_returns_is_survived() {
         }
     });
     let spool = spool_dir();
-    let up = format!("http://{addr}");
-    let proxy = ProxyProcess::start(&["--upstream", &up, "--spool-dir", path_str(spool.path())]);
+    let proxy = start_proxy(addr, spool.path(), &[]);
     let c = client();
     let (status, _, body) = post(&c, &proxy.url("/x"), "{}").await;
     assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
@@ -276,14 +289,7 @@ async fn an_upstream_that_dies_speaks_garbage_and_returns_is_survived() {
     let (status, _, body) = post(&c, &proxy.url("/x"), "{}").await;
     assert_eq!(status, 502);
     assert!(String::from_utf8_lossy(&body).contains("upstream_unavailable"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.ready() {
-        assert!(
-            Instant::now() < deadline,
-            "still ready with the upstream gone"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readiness(&proxy, false, "still ready with the upstream gone").await;
 
     // Back: served again, ready again.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -295,14 +301,7 @@ async fn an_upstream_that_dies_speaks_garbage_and_returns_is_survived() {
     )
     .await;
     assert_eq!(status, 200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !proxy.ready() {
-        assert!(
-            Instant::now() < deadline,
-            "not ready again after the upstream returned"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readiness(&proxy, true, "not ready again after the upstream returned").await;
 }
 
 /// What the upstream of [`faulty_upstream`] does with the next connection or request.
@@ -397,15 +396,7 @@ async fn upstream_faults_leak_nothing_and_service_recovers() {
     let mode = Arc::new(AtomicU8::new(NORMAL));
     let upstream = tokio::spawn(faulty_upstream(listener, mode.clone()));
     let spool = spool_dir();
-    let up = format!("http://{addr}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--upstream-timeout",
-        "1s",
-    ]);
+    let proxy = start_proxy(addr, spool.path(), &["--upstream-timeout", "1s"]);
     let pid = proxy.child.id();
     let url = proxy.url("/v2/models/m/infer");
     let all = |got: &[(u16, String)], status: u16, code: &str| {
@@ -442,14 +433,7 @@ async fn upstream_faults_leak_nothing_and_service_recovers() {
     let _ = upstream.await;
     all(&burst(&url, 500, 20).await, 502, "upstream_unavailable");
     failed += 500;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.ready() {
-        assert!(
-            Instant::now() < deadline,
-            "still ready with the upstream gone"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readiness(&proxy, false, "still ready with the upstream gone").await;
     let during_fds = open_fds(pid);
 
     // Back on the same port: served at once, and ready again.
@@ -464,26 +448,16 @@ async fn upstream_faults_leak_nothing_and_service_recovers() {
     all(&burst(&url, 1, 1).await, 200, "");
     let first_ok = back.elapsed();
     all(&burst(&url, 200, 20).await, 200, "");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !proxy.ready() {
-        assert!(
-            Instant::now() < deadline,
-            "not ready again after the upstream returned"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_readiness(&proxy, true, "not ready again after the upstream returned").await;
 
     // Nothing leaked: descriptors back to the baseline (the clients are gone), RSS within a
     // few MiB of it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open_fds(pid) > base_fds + 2 {
-        assert!(
-            Instant::now() < deadline,
-            "{} file descriptors open after {failed} upstream failures (base {base_fds})",
-            open_fds(pid)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_fds_at_most(
+        pid,
+        base_fds + 2,
+        &format!("open after {failed} upstream failures (base {base_fds})"),
+    )
+    .await;
     let (end_fds, end_rss) = (open_fds(pid), rss_kib(pid));
     eprintln!(
         "upstream faults: {failed} failed requests in {:?}; proxy fds {base_fds} → {during_fds} (upstream gone) → {end_fds}, RSS {} → {} KiB; first request served {first_ok:?} after the upstream returned",
@@ -501,9 +475,7 @@ async fn upstream_faults_leak_nothing_and_service_recovers() {
 async fn sigkill_under_load_loses_only_the_in_memory_queue() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let mut proxy =
-        ProxyProcess::start(&["--upstream", &up, "--spool-dir", path_str(spool.path())]);
+    let mut proxy = start_proxy(model, spool.path(), &[]);
     let data = proxy.data;
     let traffic = tokio::spawn(async move { load(data, 300, Duration::from_secs(3)).await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -536,30 +508,21 @@ async fn sigkill_under_load_loses_only_the_in_memory_queue() {
 /// delivered after recovery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_kafka_outage_under_load_costs_no_request_and_no_record() {
-    use rdkafka::mocking::MockCluster;
     let outage = if std::env::var_os("SLUICEGATE_LONG_TESTS").is_some() {
         Duration::from_secs(60)
     } else {
         Duration::from_secs(11)
     };
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("predictions", 3, 1).unwrap();
+    let cluster = mock_cluster();
     let brokers = cluster.bootstrap_servers();
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--kafka-brokers",
+    let proxy = start_teeing(
+        model,
+        spool.path(),
         &brokers,
-        "--kafka-topic",
-        "predictions",
-        "--kafka-property",
-        "message.timeout.ms=3000",
-    ]);
+        &["--kafka-property", "message.timeout.ms=3000"],
+    );
     let data = proxy.data;
     let lead = Duration::from_secs(3);
     let run = lead + outage + Duration::from_secs(3);
@@ -588,27 +551,16 @@ async fn a_long_kafka_outage_under_load_costs_no_request_and_no_record() {
         during.len()
     );
     let ids: Vec<String> = runs.into_iter().filter_map(|t| t.id).collect();
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
+    let got = wait_sent_then_consume(
+        &proxy,
+        &brokers,
+        ids.len(),
         Duration::from_secs(90),
-    );
-    let wanted = ids.len();
-    let got = tokio::task::spawn_blocking(move || {
-        common::kafka::consume(
-            &brokers,
-            "predictions",
-            wanted,
-            Duration::from_secs(60),
-            &[],
-        )
-        .into_iter()
-        .map(|m| m.key)
-        .collect::<std::collections::HashSet<_>>()
-    })
-    .await
-    .unwrap();
-    let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+        Duration::from_secs(60),
+        &[],
+    )
+    .await;
+    let missing = count_missing(&ids, &keys(&got));
     assert_eq!(
         missing,
         0,
@@ -622,31 +574,13 @@ async fn a_long_kafka_outage_under_load_costs_no_request_and_no_record() {
 /// dropped and counted, never the older ones; the spool takes records again afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_with_kafka_down_keeps_the_oldest_and_counts_the_drops() {
-    use rdkafka::mocking::MockCluster;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("predictions", 3, 1).unwrap();
+    let cluster = mock_cluster();
     let brokers = cluster.bootstrap_servers();
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--kafka-brokers",
-        &brokers,
-        "--kafka-topic",
-        "predictions",
-        "--kafka-property",
-        "message.timeout.ms=2000",
-        "--max-record",
-        "16KiB",
-        "--spool-segment-bytes",
-        "16KiB",
-        "--spool-max-bytes",
-        "64KiB",
-    ]);
+    let mut extra = vec!["--kafka-property", "message.timeout.ms=2000"];
+    extra.extend(SMALL_SPOOL);
+    let proxy = start_teeing(model, spool.path(), &brokers, &extra);
     let c = client();
     let url = proxy.url("/v2/models/m/infer");
     let mut ids = Vec::new();
@@ -693,21 +627,17 @@ async fn a_full_spool_with_kafka_down_keeps_the_oldest_and_counts_the_drops() {
         assert_eq!(status, 200);
         ids.push(h["sluicegate-id"].to_str().unwrap().to_owned());
     }
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        (spooled + 50) as f64,
-        Duration::from_secs(30),
+    let got = keys(
+        &wait_sent_then_consume(
+            &proxy,
+            &brokers,
+            spooled + 50,
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            &[],
+        )
+        .await,
     );
-    let b = brokers.clone();
-    let want = spooled + 50;
-    let got: std::collections::HashSet<String> = tokio::task::spawn_blocking(move || {
-        common::kafka::consume(&b, "predictions", want, Duration::from_secs(30), &[])
-            .into_iter()
-            .map(|m| m.key)
-            .collect()
-    })
-    .await
-    .unwrap();
     // Exactly the oldest `spooled` records, then the 50 after recovery.
     let expected: std::collections::HashSet<String> = ids[..spooled]
         .iter()

@@ -6,39 +6,31 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::kafka::{check_contract, consume};
+use common::kafka::{
+    check_contract, count_missing, keys, mock_cluster, start_teeing, stays_ready_through_outage,
+    wait_sent_then_consume, Consumed,
+};
 use common::*;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use sluicegate::demo::StandInModel;
 
-const TOPIC: &str = "predictions";
-
-fn mock_cluster() -> MockCluster<'static, DefaultProducerContext> {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 3, 1).expect("topic");
-    cluster
-}
-
 fn start(model: std::net::SocketAddr, brokers: &str, spool: &std::path::Path) -> ProxyProcess {
-    let up = format!("http://{model}");
-    ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool),
-        "--kafka-brokers",
+    // Short, so the retry-from-spool path runs within the test's time.
+    start_teeing(
+        model,
+        spool,
         brokers,
-        "--kafka-topic",
-        TOPIC,
-        // Short, so the retry-from-spool path runs within the test's time.
-        "--kafka-property",
-        "message.timeout.ms=2000",
-    ])
+        &["--kafka-property", "message.timeout.ms=2000"],
+    )
 }
 
-fn distinct(messages: &[common::kafka::Consumed]) -> HashSet<String> {
-    messages.iter().map(|m| m.key.clone()).collect()
+/// Waits up to `sent_within` for `n` records sent, then reads them back within 30 s.
+async fn delivered(
+    proxy: &ProxyProcess,
+    brokers: &str,
+    n: usize,
+    sent_within: Duration,
+) -> Vec<Consumed> {
+    wait_sent_then_consume(proxy, brokers, n, sent_within, Duration::from_secs(30), &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,19 +42,10 @@ async fn n_requests_give_n_records_in_kafka() {
     let proxy = start(model, &brokers, spool.path());
     let (ids, failed) = load(proxy.data, 200, Duration::from_secs(2)).await;
     assert_eq!(failed, 0);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(20),
-    );
-    let b = brokers.clone();
     let n = ids.len();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
+    let got = delivered(&proxy, &brokers, n, Duration::from_secs(20)).await;
     check_contract(&got);
-    assert_eq!(distinct(&got), ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(keys(&got), ids.iter().cloned().collect::<HashSet<_>>());
     assert_eq!(got[0].record["request"]["body"]["encoding"], "json");
     // Acknowledged segments leave the spool (the active one stays).
     assert!(proxy.metric("sluicegate_tee_lag_seconds_count") >= n as f64);
@@ -80,41 +63,14 @@ async fn broker_down_mid_load_loses_nothing_and_keeps_serving() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.broker_down(1).unwrap();
     // The outage spans more than the delivery timeout, so deliveries fail and are retried.
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            proxy.ready(),
-            "a Kafka outage must not make the proxy unready"
-        );
-    }
-    assert_eq!(
-        proxy.metric("sluicegate_tee_kafka_connected"),
-        0.0,
-        "the outage was seen"
-    );
-    let sent_during_outage = proxy.metric("sluicegate_tee_records_sent_total");
+    let sent_during_outage = stays_ready_through_outage(&proxy, 8).await;
     cluster.broker_up(1).unwrap();
     let (ids, failed) = traffic.await.unwrap();
     assert_eq!(failed, 0, "every request succeeds through the outage");
     assert!(sent_during_outage < ids.len() as f64);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(60),
-    );
-    let b = brokers.clone();
-    let n = ids.len();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
-    let got = distinct(&got);
-    let missing: Vec<_> = ids.iter().filter(|id| !got.contains(*id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} ids missing after recovery",
-        missing.len()
-    );
+    let got = delivered(&proxy, &brokers, ids.len(), Duration::from_secs(60)).await;
+    let missing = count_missing(&ids, &keys(&got));
+    assert_eq!(missing, 0, "{missing} ids missing after recovery");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,18 +88,8 @@ async fn refused_produce_requests_wait_in_the_spool_then_arrive() {
     let proxy = start(model, &brokers, spool.path());
     let (ids, failed) = load(proxy.data, 100, Duration::from_secs(2)).await;
     assert_eq!(failed, 0);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(60),
-    );
-    let b = brokers.clone();
-    let n = ids.len();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
-    assert_eq!(distinct(&got), ids.into_iter().collect::<HashSet<_>>());
+    let got = delivered(&proxy, &brokers, ids.len(), Duration::from_secs(60)).await;
+    assert_eq!(keys(&got), ids.into_iter().collect::<HashSet<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,21 +118,10 @@ async fn sigkill_with_records_in_the_spool_then_restart_sends_them() {
         ids.len() as f64,
         Duration::from_secs(30),
     );
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(60),
-    );
-    let b = brokers.clone();
-    let n = ids.len();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, n, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
-    let got = distinct(&got);
-    let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+    let got = delivered(&proxy, &brokers, ids.len(), Duration::from_secs(60)).await;
     assert_eq!(
-        missing, 0,
+        count_missing(&ids, &keys(&got)),
+        0,
         "records spooled before SIGKILL reach Kafka after restart"
     );
 }
@@ -197,20 +132,13 @@ async fn a_record_kafka_will_never_accept_is_dead_lettered_and_blocks_nothing() 
     let brokers = cluster.bootstrap_servers();
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
     // A producer limit of 4000 bytes stands in for a broker's message.max.bytes.
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--kafka-brokers",
+    let proxy = start_teeing(
+        model,
+        spool.path(),
         &brokers,
-        "--kafka-topic",
-        TOPIC,
-        "--kafka-property",
-        "message.max.bytes=4000",
-    ]);
+        &["--kafka-property", "message.max.bytes=4000"],
+    );
     let c = client();
     let big = sluicegate::demo::v2_request(200, 1);
     let (status, headers, _) = post(&c, &proxy.url("/v2/models/m/infer"), big).await;
@@ -232,11 +160,7 @@ async fn a_record_kafka_will_never_accept_is_dead_lettered_and_blocks_nothing() 
         1.0,
         Duration::from_secs(20),
     );
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        20.0,
-        Duration::from_secs(20),
-    );
+    let got = delivered(&proxy, &brokers, 20, Duration::from_secs(20)).await;
 
     let out = std::process::Command::new(BIN)
         .args(["spool", "cat", "--dead-letter"])
@@ -250,13 +174,8 @@ async fn a_record_kafka_will_never_accept_is_dead_lettered_and_blocks_nothing() 
         .collect();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["id"], big_id.as_str());
-    let b = brokers.clone();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, 20, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
     assert_eq!(
-        distinct(&got),
+        keys(&got),
         small_ids,
         "the records behind it were delivered"
     );
@@ -286,17 +205,7 @@ async fn a_producer_error_librdkafka_calls_fatal_rebuilds_the_producer() {
     let (second, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
     assert_eq!(failed, 0);
     let all = first.len() + second.len();
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        all as f64,
-        Duration::from_secs(60),
-    );
-    let b = brokers.clone();
-    let got =
-        tokio::task::spawn_blocking(move || consume(&b, TOPIC, all, Duration::from_secs(30), &[]))
-            .await
-            .unwrap();
-    let got = distinct(&got);
+    let got = keys(&delivered(&proxy, &brokers, all, Duration::from_secs(60)).await);
     assert!(first.iter().chain(&second).all(|id| got.contains(id)));
     assert!(proxy.metric("sluicegate_tee_producer_rebuilds_total") >= 1.0);
 }

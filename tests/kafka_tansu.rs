@@ -7,49 +7,45 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::kafka::{check_contract, consume};
+use common::kafka::{
+    check_contract, count_missing, keys, start_teeing, stays_ready_through_outage,
+    wait_sent_then_consume, TOPIC,
+};
 use common::tansu::{self, Tansu};
 use common::*;
 use sluicegate::demo::StandInModel;
 
-const TOPIC: &str = "predictions";
-
-fn start_proxy(
+fn start(
     model: std::net::SocketAddr,
     brokers: &str,
     spool: &std::path::Path,
     extra: &[&str],
 ) -> ProxyProcess {
-    let up = format!("http://{model}");
-    let mut args = vec![
-        "--upstream",
-        up.as_str(),
-        "--spool-dir",
-        path_str(spool),
-        "--kafka-brokers",
-        brokers,
-        "--kafka-topic",
-        TOPIC,
-        "--kafka-property",
-        "message.timeout.ms=3000",
-    ];
+    let mut args = vec!["--kafka-property", "message.timeout.ms=3000"];
     args.extend_from_slice(extra);
-    ProxyProcess::start(&args)
+    start_teeing(model, spool, brokers, &args)
 }
 
-async fn read_back(
-    brokers: String,
+/// Waits up to `sent_within` for `n` records sent, then reads them back within 60 s (with the
+/// consumer `config`) and checks the Kafka contract on them.
+async fn delivered(
+    proxy: &ProxyProcess,
+    brokers: &str,
     n: usize,
-    extra: Vec<(&'static str, String)>,
+    sent_within: Duration,
+    config: &[(&str, &str)],
 ) -> HashSet<String> {
-    tokio::task::spawn_blocking(move || {
-        let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let got = consume(&brokers, TOPIC, n, Duration::from_secs(60), &extra);
-        check_contract(&got);
-        got.into_iter().map(|m| m.key).collect()
-    })
-    .await
-    .unwrap()
+    let got = wait_sent_then_consume(
+        proxy,
+        brokers,
+        n,
+        sent_within,
+        Duration::from_secs(60),
+        config,
+    )
+    .await;
+    check_contract(&got);
+    keys(&got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,15 +56,17 @@ async fn n_requests_are_read_back_by_a_consumer_group() {
     broker.create_topic(TOPIC, 3);
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let proxy = start(model, &broker.brokers(), spool.path(), &[]);
     let (ids, failed) = load(proxy.data, 200, Duration::from_secs(2)).await;
     assert_eq!(failed, 0);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
+    let got = delivered(
+        &proxy,
+        &broker.brokers(),
+        ids.len(),
         Duration::from_secs(30),
-    );
-    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+        &[],
+    )
+    .await;
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
 }
 
@@ -87,36 +85,19 @@ async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
     let brokers = format!("127.0.0.1:{front}");
-    let proxy = start_proxy(model, &brokers, spool.path(), &[]);
+    let proxy = start(model, &brokers, spool.path(), &[]);
     let data = proxy.data;
     let traffic = tokio::spawn(async move { load(data, 100, Duration::from_secs(8)).await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     link.cut();
     // Longer than the delivery timeout: deliveries fail and are sent again from the spool.
-    for _ in 0..10 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            proxy.ready(),
-            "a Kafka outage must not make the proxy unready"
-        );
-    }
-    assert_eq!(
-        proxy.metric("sluicegate_tee_kafka_connected"),
-        0.0,
-        "the outage was seen"
-    );
-    let sent_during_outage = proxy.metric("sluicegate_tee_records_sent_total");
+    let sent_during_outage = stays_ready_through_outage(&proxy, 10).await;
     link.restore().await;
     let (ids, failed) = traffic.await.unwrap();
     assert_eq!(failed, 0, "every request succeeds while the broker is away");
     assert!(sent_during_outage < ids.len() as f64);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(90),
-    );
-    let got = read_back(brokers, ids.len(), vec![]).await;
-    let missing = ids.iter().filter(|id| !got.contains(*id)).count();
+    let got = delivered(&proxy, &brokers, ids.len(), Duration::from_secs(90), &[]).await;
+    let missing = count_missing(&ids, &got);
     assert_eq!(
         missing,
         0,
@@ -132,7 +113,7 @@ async fn records_wait_in_the_spool_until_the_topic_exists() {
     let broker = Tansu::start(bin, port, port, "memory://tansu/", &std::env::temp_dir());
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let proxy = start_proxy(model, &broker.brokers(), spool.path(), &[]);
+    let proxy = start(model, &broker.brokers(), spool.path(), &[]);
     let (ids, failed) = load(proxy.data, 100, Duration::from_secs(2)).await;
     assert_eq!(failed, 0);
     proxy.wait_metric(
@@ -147,12 +128,14 @@ async fn records_wait_in_the_spool_until_the_topic_exists() {
         "no topic, nothing sent"
     );
     broker.create_topic(TOPIC, 3);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
+    let got = delivered(
+        &proxy,
+        &broker.brokers(),
+        ids.len(),
         Duration::from_secs(90),
-    );
-    let got = read_back(broker.brokers(), ids.len(), vec![]).await;
+        &[],
+    )
+    .await;
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
 }
 
@@ -215,7 +198,7 @@ async fn the_producer_reaches_a_tls_listener() {
     let spool = spool_dir();
     let brokers = format!("127.0.0.1:{tls}");
     let ca = format!("ssl.ca.location={}", cert.display());
-    let proxy = start_proxy(
+    let proxy = start(
         model,
         &brokers,
         spool.path(),
@@ -228,17 +211,14 @@ async fn the_producer_reaches_a_tls_listener() {
     );
     let (ids, failed) = load(proxy.data, 50, Duration::from_secs(2)).await;
     assert_eq!(failed, 0);
-    proxy.wait_metric(
-        "sluicegate_tee_records_sent_total",
-        ids.len() as f64,
-        Duration::from_secs(30),
-    );
-    let got = read_back(
-        brokers,
+    let got = delivered(
+        &proxy,
+        &brokers,
         ids.len(),
-        vec![
-            ("security.protocol", "ssl".into()),
-            ("ssl.ca.location", cert.display().to_string()),
+        Duration::from_secs(30),
+        &[
+            ("security.protocol", "ssl"),
+            ("ssl.ca.location", &cert.display().to_string()),
         ],
     )
     .await;

@@ -62,13 +62,6 @@ async fn echo(req: Request<Incoming>) -> Response<BoxBody> {
     r
 }
 
-fn start_proxy(upstream: SocketAddr, spool: &std::path::Path, extra: &[&str]) -> ProxyProcess {
-    let up = format!("http://{upstream}");
-    let mut args = vec!["--upstream", &up, "--spool-dir", path_str(spool)];
-    args.extend_from_slice(extra);
-    ProxyProcess::start(&args)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_and_v2_json_pass_byte_for_byte_and_are_recorded() {
     let model = StandInModel::spawn().await.unwrap();

@@ -14,22 +14,19 @@ use sluicegate::demo::{v2_request, StandInModel};
 const TOKEN: &str = "s3cret-token";
 
 fn policy(threshold: &str, max_count: u64) -> String {
-    format!(
-        r#"
-routes:
-  spam:
-    match: {{model: spam-filter}}
-    protocol: v2
-    score: {{output: predict_proba, column: 1}}
-    decision:
-      binary:
-        action: spam
-        otherwise: ham
-        threshold: {threshold}
-    limits:
-      - {{action: spam, max_count: {max_count}, window: 1m, on_breach: flag}}
-"#
+    spam_route(
+        threshold,
+        &format!("[{{action: spam, max_count: {max_count}, window: 1m, on_breach: flag}}]"),
+        "",
     )
+}
+
+/// Starts the proxy in front of `model` with the policy file `policy`, its spool in DIR/spool
+/// and the admin token file DIR/token holding `token`.
+fn start(model: SocketAddr, dir: &Path, policy: &Path, token: &str) -> ProxyProcess {
+    let file = dir.join("token");
+    std::fs::write(&file, token).unwrap();
+    start_with_policy(model, dir, policy, &["--admin-token-file", path_str(&file)])
 }
 
 /// A call on the admin port: (status, JSON body).
@@ -62,25 +59,11 @@ fn write_atomically(path: &Path, text: &str) {
 async fn reloads_from_every_source_under_load_fail_no_request() {
     let model = StandInModel::spawn().await.unwrap();
     let dir = spool_dir();
-    let file = dir.path().join("policy.yaml");
-    let token = dir.path().join("token");
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let adaptive = "{adaptive: {target_rate: 0.3, window: 1m, initial: 0.9, min: 0.05, max: 0.95, max_step: 0.5, update_interval: 1s, min_samples: 20}}";
     let a = policy(adaptive, 1_000_000);
     let b = policy(adaptive, 2_000_000);
-    std::fs::write(&file, &a).unwrap();
-    let up = format!("http://{model}");
-    let spool = dir.path().join("spool");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(&spool),
-        "--policy",
-        path_str(&file),
-        "--admin-token-file",
-        path_str(&token),
-    ]);
+    let file = write_policy(dir.path(), &a);
+    let proxy = start(model, dir.path(), &file, &format!("{TOKEN}\n"));
     let admin_addr = proxy.admin;
     let version_a = version(admin_addr);
 
@@ -219,7 +202,7 @@ async fn reloads_from_every_source_under_load_fail_no_request() {
         ids.len() as f64,
         Duration::from_secs(10),
     );
-    let records = spool_records(&spool);
+    let records = spool_records(&dir.path().join("spool"));
     let seen: HashSet<String> = records
         .iter()
         .filter(|r| r["schema"] == "sluicegate.record.v1")
@@ -261,19 +244,7 @@ async fn a_configmap_style_update_is_picked_up_within_two_seconds() {
     // Threshold 0: everything is spam. Then 2: nothing is.
     publish(1, &policy("{fixed: 0.0}", 1_000_000));
     symlink("..data/policy.yaml", cm.join("policy.yaml")).unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(&token, TOKEN).unwrap();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(&dir.path().join("spool")),
-        "--policy",
-        path_str(&cm.join("policy.yaml")),
-        "--admin-token-file",
-        path_str(&token),
-    ]);
+    let proxy = start(model, dir.path(), &cm.join("policy.yaml"), TOKEN);
     let c = client();
     let action = |h: &http::HeaderMap| h["sluicegate-action"].to_str().unwrap().to_owned();
     let (_, h, _) = post(

@@ -18,8 +18,7 @@ fn schema_validator() -> jsonschema::Validator {
 async fn every_request_gives_one_schema_valid_record() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&["--upstream", &up, "--spool-dir", path_str(spool.path())]);
+    let proxy = start_proxy(model, spool.path(), &[]);
     let c = client();
     let n = 200;
     let mut ids = std::collections::HashSet::new();
@@ -89,14 +88,7 @@ async fn every_request_gives_one_schema_valid_record() {
 async fn sigkill_loses_nothing_that_was_reported_written() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let args = [
-        "--upstream",
-        up.as_str(),
-        "--spool-dir",
-        path_str(spool.path()),
-    ];
-    let mut proxy = ProxyProcess::start(&args);
+    let mut proxy = start_proxy(model, spool.path(), &[]);
     let c = client();
     let mut ids = Vec::new();
     for i in 0..300 {
@@ -122,7 +114,7 @@ async fn sigkill_loses_nothing_that_was_reported_written() {
     }
 
     // Restarted on the same spool, it keeps the old records and adds new ones after them.
-    let proxy = ProxyProcess::start(&args);
+    let proxy = start_proxy(model, spool.path(), &[]);
     let (status, _, _) = post(&c, &proxy.url("/v2/models/m/infer"), v2_request(1, 9)).await;
     assert_eq!(status, 200);
     proxy.wait_metric(
@@ -137,19 +129,7 @@ async fn sigkill_loses_nothing_that_was_reported_written() {
 async fn a_full_spool_without_kafka_rotates_out_its_oldest_segment() {
     let model = StandInModel::spawn().await.unwrap();
     let spool = spool_dir();
-    let up = format!("http://{model}");
-    let proxy = ProxyProcess::start(&[
-        "--upstream",
-        &up,
-        "--spool-dir",
-        path_str(spool.path()),
-        "--max-record",
-        "16KiB",
-        "--spool-segment-bytes",
-        "16KiB",
-        "--spool-max-bytes",
-        "64KiB",
-    ]);
+    let proxy = start_proxy(model, spool.path(), &SMALL_SPOOL);
     let c = client();
     let mut last = String::new();
     for i in 0..300 {

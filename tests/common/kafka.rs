@@ -1,12 +1,40 @@
 //! Kafka helpers for tests: a consumer that is not the proxy's own code (an rdkafka consumer in
 //! a consumer group), reading records back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+use super::{start_proxy, ProxyProcess};
+
+pub const TOPIC: &str = "predictions";
+
+/// librdkafka's in-process mock cluster: one broker, [`TOPIC`] in 3 partitions.
+pub fn mock_cluster() -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 3, 1).expect("topic");
+    cluster
+}
+
+/// Starts the proxy in front of `upstream`, teeing to [`TOPIC`] on `brokers`; `extra` flags
+/// follow.
+pub fn start_teeing(
+    upstream: SocketAddr,
+    spool: &Path,
+    brokers: &str,
+    extra: &[&str],
+) -> ProxyProcess {
+    let mut args = vec!["--kafka-brokers", brokers, "--kafka-topic", TOPIC];
+    args.extend_from_slice(extra);
+    start_proxy(upstream, spool, &args)
+}
 
 /// One message as a consumer sees it.
 #[derive(Clone, Debug)]
@@ -88,4 +116,56 @@ pub fn check_contract(messages: &[Consumed]) {
             "message timestamp is the request time"
         );
     }
+}
+
+/// With Kafka just made unreachable: checks every 500 ms, `checks` times, that the proxy stays
+/// ready, then that it saw the outage. Returns the records it had sent by then.
+pub async fn stays_ready_through_outage(proxy: &ProxyProcess, checks: u32) -> f64 {
+    for _ in 0..checks {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            proxy.ready(),
+            "a Kafka outage must not make the proxy unready"
+        );
+    }
+    assert_eq!(
+        proxy.metric("sluicegate_tee_kafka_connected"),
+        0.0,
+        "the outage was seen"
+    );
+    proxy.metric("sluicegate_tee_records_sent_total")
+}
+
+/// Waits up to `sent_within` until `proxy` reports `n` records sent, then [`consume`]s `n` keys
+/// of [`TOPIC`] within `read_within`, on a blocking thread so the runtime keeps running.
+pub async fn wait_sent_then_consume(
+    proxy: &ProxyProcess,
+    brokers: &str,
+    n: usize,
+    sent_within: Duration,
+    read_within: Duration,
+    config: &[(&str, &str)],
+) -> Vec<Consumed> {
+    proxy.wait_metric("sluicegate_tee_records_sent_total", n as f64, sent_within);
+    let brokers = brokers.to_owned();
+    let config: Vec<(String, String)> = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (&**k, &**v)).collect();
+        consume(&brokers, TOPIC, n, read_within, &config)
+    })
+    .await
+    .unwrap()
+}
+
+/// The distinct keys (prediction ids) of `messages`.
+pub fn keys(messages: &[Consumed]) -> HashSet<String> {
+    messages.iter().map(|m| m.key.clone()).collect()
+}
+
+/// How many of `ids` are not among `got`.
+pub fn count_missing(ids: &[String], got: &HashSet<String>) -> usize {
+    ids.iter().filter(|id| !got.contains(*id)).count()
 }

@@ -132,6 +132,65 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Starts `sluicegate serve` in front of `upstream`, spooling to `spool`; `extra` flags follow.
+pub fn start_proxy(upstream: SocketAddr, spool: &Path, extra: &[&str]) -> ProxyProcess {
+    let up = format!("http://{upstream}");
+    let mut args = vec!["--upstream", &up, "--spool-dir", path_str(spool)];
+    args.extend_from_slice(extra);
+    ProxyProcess::start(&args)
+}
+
+/// Flags for a spool of at most 64 KiB in 16 KiB segments: full after a few hundred records.
+pub const SMALL_SPOOL: [&str; 6] = [
+    "--max-record",
+    "16KiB",
+    "--spool-segment-bytes",
+    "16KiB",
+    "--spool-max-bytes",
+    "64KiB",
+];
+
+/// Writes `text` to DIR/policy.yaml and returns that path.
+pub fn write_policy(dir: &Path, text: &str) -> PathBuf {
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// Starts the proxy in front of `upstream` with the policy file `policy` and its spool in
+/// DIR/spool; `extra` flags follow.
+pub fn start_with_policy(
+    upstream: SocketAddr,
+    dir: &Path,
+    policy: &Path,
+    extra: &[&str],
+) -> ProxyProcess {
+    let mut args = vec!["--policy", path_str(policy)];
+    args.extend_from_slice(extra);
+    start_proxy(upstream, &dir.join("spool"), &args)
+}
+
+/// A binary `spam` route on the stand-in model's `spam-filter` (YAML), with `limits` (a YAML
+/// sequence) and `extra` lines appended to the route.
+pub fn spam_route(threshold: &str, limits: &str, extra: &str) -> String {
+    format!(
+        r#"
+routes:
+  spam:
+    match: {{model: spam-filter}}
+    protocol: v2
+    score: {{output: predict_proba, column: 1}}
+    decision:
+      binary:
+        action: spam
+        otherwise: ham
+        threshold: {threshold}
+    limits: {limits}
+{extra}
+"#
+    )
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -273,39 +332,9 @@ pub fn repo_path(rel: &str) -> PathBuf {
 /// Fixed-rate v2 traffic to `proxy` for `duration`; returns the ids of every response and
 /// how many requests failed (non-2xx or transport error).
 pub async fn load(proxy: SocketAddr, rate: u32, duration: Duration) -> (Vec<String>, usize) {
-    let c = client();
-    let total = (rate as f64 * duration.as_secs_f64()) as u64;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let start = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        tokio::time::sleep_until(start + interval.mul_f64(i as f64)).await;
-        let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            let url = format!("http://{proxy}/v2/models/spam-filter/infer");
-            let body = sluicegate::demo::v2_request(1 + (i % 3) as usize, i);
-            let req = http::Request::post(url)
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap();
-            match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
-                Ok(Ok(resp)) if resp.status().is_success() => {
-                    let id = resp.headers()["sluicegate-id"].to_str().unwrap().to_owned();
-                    resp.into_body().collect().await.ok().map(|_| id)
-                }
-                _ => None,
-            }
-        }));
-    }
-    let mut ids = Vec::new();
-    let mut failed = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Some(id) => ids.push(id),
-            None => failed += 1,
-        }
-    }
-    (ids, failed)
+    let runs = load_timed(proxy, rate, duration).await;
+    let failed = runs.iter().filter(|t| t.id.is_none()).count();
+    (runs.into_iter().filter_map(|t| t.id).collect(), failed)
 }
 
 /// A TCP forwarder on a fixed loopback port that can be cut and restored: a network outage
