@@ -220,8 +220,14 @@ pub async fn decide_response(
         }
     }
     let tag_in_body = route.spec.tag_field.as_deref().zip(tag.as_deref());
-    let body = if route.spec.write_decisions.is_some() || tag_in_body.is_some() {
-        if route.spec.write_decisions.is_some() {
+    let writes = route.spec.write_decisions.is_some();
+    let spliced = (writes && tag_in_body.is_none() && route.protocol() == Protocol::V2)
+        .then(|| splice_v2_actions(&bytes, &decided))
+        .flatten();
+    let body = if let Some(spliced) = spliced {
+        spliced
+    } else if writes || tag_in_body.is_some() {
+        if writes {
             write_into_body(route, &mut value, &decided, id);
         }
         if let Some((field, t)) = tag_in_body {
@@ -386,18 +392,49 @@ fn decision_headers(h: &mut http::HeaderMap, decided: &Decided, policy: &PolicyS
     set(super::POLICY_HEADER, policy.version.clone());
 }
 
+/// The v2 output tensor carrying the final action of each row.
+fn v2_action_tensor(decided: &Decided) -> Value {
+    let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
+    json!({
+        "name": "sluicegate_action",
+        "shape": [actions.len()],
+        "datatype": "BYTES",
+        "data": actions,
+    })
+}
+
+/// The v2 response with the action tensor appended to its `outputs`, everything else kept
+/// byte for byte: re-serializing the whole body would cost more than deciding (float
+/// formatting of every output) and would reformat the model's numbers. `None` when the body
+/// has no `outputs` array (the caller then falls back to rewriting the parsed value).
+fn splice_v2_actions(bytes: &Bytes, decided: &Decided) -> Option<Bytes> {
+    #[derive(serde::Deserialize)]
+    struct Outputs<'a> {
+        #[serde(borrow)]
+        outputs: &'a serde_json::value::RawValue,
+    }
+    let outputs = serde_json::from_slice::<Outputs>(bytes).ok()?.outputs.get();
+    let inner = outputs.strip_prefix('[')?.strip_suffix(']')?;
+    // Where the array's closing bracket sits in the body (the raw value borrows from it).
+    let close = outputs.as_ptr() as usize - bytes.as_ptr() as usize + outputs.len() - 1;
+    let tensor = serde_json::to_vec(&v2_action_tensor(decided)).expect("a JSON value serializes");
+    let mut out = Vec::with_capacity(bytes.len() + tensor.len() + 1);
+    out.extend_from_slice(&bytes[..close]);
+    if !inner.trim().is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(&tensor);
+    out.extend_from_slice(&bytes[close..]);
+    Some(Bytes::from(out))
+}
+
 /// Adds the decisions to the body: a v2 output tensor, a v1 top-level object, or a pointer.
 fn write_into_body(route: &CompiledRoute, value: &mut Value, decided: &Decided, id: &HeaderValue) {
     let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
     match route.protocol() {
         Protocol::V2 => {
             if let Some(outputs) = value.get_mut("outputs").and_then(Value::as_array_mut) {
-                outputs.push(json!({
-                    "name": "sluicegate_action",
-                    "shape": [actions.len()],
-                    "datatype": "BYTES",
-                    "data": actions,
-                }));
+                outputs.push(v2_action_tensor(decided));
             }
         }
         Protocol::V1 => {
@@ -444,6 +481,64 @@ fn set_pointer(value: &mut Value, pointer: &str, new: Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::RowDecision;
+
+    fn decided(actions: &[&str]) -> Decided {
+        Decided {
+            rows: actions
+                .iter()
+                .map(|a| RowDecision {
+                    score: 0.5,
+                    class_scores: None,
+                    threshold: Some(0.5),
+                    threshold_mode: Some("fixed"),
+                    model_action: (*a).into(),
+                    final_action: (*a).into(),
+                    limit: LimitOutcome::Ok,
+                    explored: false,
+                    propensity: None,
+                })
+                .collect(),
+            rejected: None,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn actions_are_spliced_into_v2_outputs_leaving_the_rest_byte_for_byte() {
+        let body = Bytes::from_static(
+            br#"{"model_name":"m", "outputs" : [ {"name":"p","shape":[2],"datatype":"FP64","data":[1.50, 2e-3]} ] , "id":"x"}"#,
+        );
+        let spliced = splice_v2_actions(&body, &decided(&["spam", "ham"])).unwrap();
+        let text = std::str::from_utf8(&spliced).unwrap();
+        // The model's numbers and spacing are untouched; the tensor closes the array.
+        assert!(text.starts_with(
+            r#"{"model_name":"m", "outputs" : [ {"name":"p","shape":[2],"datatype":"FP64","data":[1.50, 2e-3]} ,"#
+        ));
+        assert!(text.ends_with(r#"] , "id":"x"}"#));
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            v["outputs"][1],
+            v2_action_tensor(&decided(&["spam", "ham"]))
+        );
+        assert_eq!(v["outputs"][1]["data"], json!(["spam", "ham"]));
+
+        let empty = Bytes::from_static(br#"{"outputs":[ ]}"#);
+        let v: Value =
+            serde_json::from_slice(&splice_v2_actions(&empty, &decided(&["ham"])).unwrap())
+                .unwrap();
+        assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
+
+        // Nothing to splice into: the caller rewrites the parsed value instead.
+        for body in [
+            &br#"{"outputs":{}}"#[..],
+            br#"{"x":1}"#,
+            br#"[1]"#,
+            b"not json",
+        ] {
+            assert!(splice_v2_actions(&Bytes::copy_from_slice(body), &decided(&["ham"])).is_none());
+        }
+    }
 
     #[test]
     fn pointers_are_set_where_their_parent_exists() {
