@@ -28,6 +28,9 @@ use crate::telemetry::TeeMetrics;
 /// Most records the writer encodes and appends in one write (with large bodies, a batch is
 /// held in memory twice: captured and encoded).
 const WRITE_BATCH: usize = 128;
+/// A batch also ends once its encoded records pass this size: a record of a large batched
+/// response (one decision per row) can be several times its captured bodies.
+const WRITE_BATCH_BYTES: usize = 4 << 20;
 
 /// How long the writer, woken from an empty queue, lets records gather before it writes them.
 /// While it lingers the request path enqueues without waking it, so at moderate rates a
@@ -215,9 +218,15 @@ fn write_loop(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let mut freed = 0;
+        let mut encoded = 0;
         for item in std::iter::once(first).chain(rx.try_iter().take(WRITE_BATCH - 1)) {
             freed += item.captured_bytes();
-            entries.push(item.encode(&ctx));
+            let entry = item.encode(&ctx);
+            encoded += entry.payload.len();
+            entries.push(entry);
+            if encoded >= WRITE_BATCH_BYTES {
+                break;
+            }
         }
         queued_bytes.fetch_sub(freed, Ordering::Relaxed);
         if let Err(e) = spool.append_batch(&entries) {
