@@ -397,7 +397,7 @@ impl std::fmt::Display for LoadReport {
         )?;
         write!(
             f,
-            "latency through the proxy (from the scheduled send time): p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+            "latency (from the scheduled send time): p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
             q(0.5),
             q(0.9),
             q(0.99),
