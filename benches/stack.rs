@@ -202,9 +202,7 @@ async fn sluicegate(
             max_record_bytes: settings.max_record_bytes as usize,
             inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
-        settings.spool.queue_records,
-        settings.spool.queue_bytes,
-        settings.spool.fsync_interval,
+        &settings.spool,
         metrics.tee.clone(),
     )
     .unwrap();
@@ -217,14 +215,7 @@ async fn sluicegate(
         metrics.proxy.clone(),
     ));
     tokio::spawn(proxy.clone().run_upkeep());
-    let connections = Connections::new(
-        proxy,
-        ListenerLimits {
-            header_read_timeout: settings.header_read_timeout,
-            shutdown_grace: settings.shutdown_grace,
-            max_connections: settings.max_connections,
-        },
-    );
+    let connections = Connections::new(proxy, ListenerLimits::from_settings(&settings));
     let graceful = GracefulShutdown::new();
     let watcher = graceful.watcher();
     let (near, far) = duplex(PIPE_BYTES);

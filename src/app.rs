@@ -155,9 +155,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             max_record_bytes: settings.max_record_bytes as usize,
             inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
-        settings.spool.queue_records,
-        settings.spool.queue_bytes,
-        settings.spool.fsync_interval,
+        &settings.spool,
         metrics.tee.clone(),
     )
     .map_err(StartError::Thread)?;
@@ -197,11 +195,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         metrics.proxy.clone(),
     ));
     let upkeep = tokio::spawn(proxy.clone().run_upkeep());
-    let limits = ListenerLimits {
-        header_read_timeout: settings.header_read_timeout,
-        shutdown_grace: settings.shutdown_grace,
-        max_connections: settings.max_connections,
-    };
+    let limits = ListenerLimits::from_settings(&settings);
     let (trigger, triggered) = oneshot::channel::<()>();
     let drain_delay = settings.drain_delay;
     let lifecycle = tokio::spawn(async move {

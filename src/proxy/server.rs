@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use super::Proxy;
+use crate::config::settings::Settings;
 
 /// Connection settings for the data-plane listener.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +27,16 @@ pub struct ListenerLimits {
     pub shutdown_grace: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+}
+
+impl ListenerLimits {
+    pub fn from_settings(settings: &Settings) -> Self {
+        ListenerLimits {
+            header_read_timeout: settings.header_read_timeout,
+            shutdown_grace: settings.shutdown_grace,
+            max_connections: settings.max_connections,
+        }
+    }
 }
 
 /// Largest request head (HTTP/1) or header list (HTTP/2) accepted; past it, 431.

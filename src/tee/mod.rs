@@ -23,6 +23,7 @@ use alert::Alert;
 use record::{EncodeContext, Exchange};
 use spool::{SpoolEntry, SpoolWriter};
 
+use crate::config::settings::SpoolSettings;
 use crate::telemetry::TeeMetrics;
 
 /// Most records the writer encodes and appends in one write (with large bodies, a batch is
@@ -156,21 +157,21 @@ impl TeeWriter {
     pub fn spawn(
         spool: SpoolWriter,
         ctx: EncodeContext,
-        queue_records: usize,
-        queue_bytes: usize,
-        fsync_interval: Duration,
+        settings: &SpoolSettings,
         metrics: TeeMetrics,
     ) -> std::io::Result<(TeeSender, TeeWriter)> {
-        let (tx, rx) = mpsc::sync_channel(queue_records);
+        let (tx, rx) = mpsc::sync_channel(settings.queue_records);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let sender = TeeSender {
             tx,
             queued_bytes: queued_bytes.clone(),
-            max_bytes: queue_bytes,
+            max_bytes: settings.queue_bytes,
             metrics,
             drops: Arc::new(DropLog::new()),
         };
-        let tick = fsync_interval.clamp(Duration::from_millis(10), Duration::from_millis(100));
+        let tick = settings
+            .fsync_interval
+            .clamp(Duration::from_millis(10), Duration::from_millis(100));
         let closing = Arc::new(AtomicBool::new(false));
         let flag = closing.clone();
         let writer_metrics = sender.metrics.clone();
