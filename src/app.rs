@@ -97,15 +97,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }
     })?;
     let policy = policy::shared_with_keys(initial, settings.max_record_bytes, keys);
-    {
-        let snapshot = policy.load();
-        metrics
-            .policy
-            .set_version(&snapshot.version, snapshot.generation);
-    }
     let reloader = Arc::new(Reloader::new(
         policy.clone(),
         settings.policy.clone(),
+        policy_text,
         settings.tag_keys_dir.clone(),
         settings.max_record_bytes,
         metrics.policy.clone(),
@@ -177,12 +172,13 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     ));
     let admin = tokio::spawn(control::serve_admin(
         admin_listener,
-        Arc::new(control::Admin {
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-            reloader: reloader.clone(),
-            token_file: settings.admin_token_file.clone(),
-        }),
+        Arc::new(control::Admin::new(
+            metrics.clone(),
+            readiness.clone(),
+            reloader.clone(),
+            settings.admin_token_file.clone(),
+            control::AdminLimits::from_settings(&settings),
+        )),
     ));
     let watch = tokio::spawn(reload::watch_file(reloader.clone()));
     let hup = tokio::spawn(reload::on_sighup(reloader));

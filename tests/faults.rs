@@ -216,6 +216,167 @@ async fn idle_floods_and_slowloris_stay_bounded_and_service_continues() {
     assert_eq!(status, 200);
 }
 
+/// Reads from `conn` until the peer closes it (or 30 s pass): whether it was closed.
+fn closed_by_peer(mut conn: TcpStream) -> bool {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_flood_without_a_token_stays_bounded_and_the_data_port_serves_on() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let soft = open_files_soft_limit();
+    let half_heads = 2000.min(soft.saturating_sub(700));
+    assert!(
+        half_heads >= 1000,
+        "raise the open-files limit (ulimit -n {soft}) to at least 1700 for this test"
+    );
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let token = spool.path().join("token");
+    std::fs::write(&token, "t0ken").unwrap();
+    let proxy = start_proxy(
+        model,
+        &spool.path().join("spool"),
+        &[
+            "--admin-token-file",
+            path_str(&token),
+            "--admin-max-connections",
+            "256",
+            "--admin-header-timeout",
+            "1s",
+        ],
+    );
+    let (pid, admin) = (proxy.child.id(), proxy.admin);
+    let url = proxy.url("/v2/models/spam-filter/infer");
+
+    // The token is checked from the head: a body announced but never sent changes nothing.
+    let put_head = |auth: &str, len: usize| {
+        format!("PUT /admin/policy HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: {len}\r\n\r\n")
+    };
+    let t = Instant::now();
+    assert_eq!(raw_status(admin, put_head("", 1 << 20).as_bytes()), 401);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // Authorized, but larger than --admin-max-body: 413 before any byte of it is read.
+    let auth = "Authorization: Bearer t0ken\r\n";
+    assert_eq!(raw_status(admin, put_head(auth, 300 << 10).as_bytes()), 413);
+    // Authorized and small, but the body never comes: 408 after the timeout.
+    let t = Instant::now();
+    assert_eq!(raw_status(admin, put_head(auth, 100).as_bytes()), 408);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    let (base_fds, base_rss) = (open_fds(pid), rss_kib(pid));
+    let done = Arc::new(AtomicBool::new(false));
+    let peaks = sample_peaks(pid, done.clone());
+    let start = Instant::now();
+    // 296 PUTs without a token, each announcing 1 MiB and sending 64 KiB of it, and
+    // `half_heads` connections that send half a request head and wait.
+    let openers: Vec<_> = (0..8)
+        .map(|t| {
+            let heads = half_heads / 8 + usize::from(t < half_heads % 8);
+            let put = put_head("", 1 << 20);
+            std::thread::spawn(move || {
+                let mut conns = Vec::new();
+                for i in 0..(heads + 300 / 8) {
+                    let Ok(mut c) = TcpStream::connect_timeout(&admin, Duration::from_secs(30))
+                    else {
+                        continue;
+                    };
+                    let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+                    if i < 300 / 8 {
+                        let _ = c.write_all(put.as_bytes());
+                        let _ = c.write_all(&[b'x'; 64 << 10]);
+                    } else {
+                        let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHo");
+                    }
+                    conns.push(c);
+                }
+                conns
+            })
+        })
+        .collect();
+    // The data port is served all through.
+    let c = client();
+    let mut worst = Duration::ZERO;
+    let mut served = 0;
+    while !openers.iter().all(|t| t.is_finished()) {
+        let t = Instant::now();
+        let (status, _, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            post(&c, &url, v2_request(1, served)),
+        )
+        .await
+        .expect("the data port is served during the admin flood");
+        assert_eq!(status, 200);
+        worst = worst.max(t.elapsed());
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conns: Vec<TcpStream> = openers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let opened = conns.len();
+    // Every one of them is cut by the proxy, none waits for the client to give up.
+    let closed = tokio::task::spawn_blocking(move || {
+        let per_thread = conns.len().div_ceil(8).max(1);
+        let mut conns = conns;
+        let mut readers = Vec::new();
+        while !conns.is_empty() {
+            let chunk: Vec<TcpStream> = conns.drain(..per_thread.min(conns.len())).collect();
+            readers.push(std::thread::spawn(move || {
+                chunk
+                    .into_iter()
+                    .filter(|c| closed_by_peer(c.try_clone().unwrap()))
+                    .count()
+            }));
+        }
+        readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .sum::<usize>()
+    })
+    .await
+    .unwrap();
+    let all_cut_in = start.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let (peak_fds, peak_rss) = peaks.join().unwrap();
+    eprintln!(
+        "admin flood: {opened} connections (296 unauthorized 1 MiB PUTs, {half_heads} half heads) against --admin-max-connections 256: {closed} cut by the proxy, all within {all_cut_in:?}; proxy fds {base_fds} → peak {peak_fds}, RSS {} → peak {} MiB; data port served {served} requests, worst {worst:?}",
+        base_rss >> 10,
+        peak_rss >> 10
+    );
+    assert_eq!(closed, opened, "every flood connection is cut by the proxy");
+    assert!(
+        peak_fds <= base_fds + 256 + 20,
+        "{peak_fds} file descriptors (base {base_fds}, limit 256 admin connections)"
+    );
+    assert!(
+        peak_rss < base_rss + (40 << 10),
+        "RSS {base_rss} → {peak_rss} KiB"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "worst data-port request {worst:?}"
+    );
+    // The flood over, the admin port answers again.
+    assert_eq!(admin_get(admin, "/healthz").0, 200);
+    wait_fds_at_most(pid, base_fds + 5, "still open after the admin flood").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_and_invalid_http_are_refused_and_service_continues() {
     let model = StandInModel::spawn().await.unwrap();

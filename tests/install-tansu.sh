@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Kafka-compatible `tansu` broker once per machine and cache it.
-# Prints the binary's path. DESIGN.md: ~11 minutes on 2 cores the first time.
+# Prints the binary's path. The first build takes ~11 minutes on 2 cores.
 set -euo pipefail
 version=0.6.0
 cache="${SLUICEGATE_CACHE:-$HOME/.cache/sluicegate}/tansu-$version"

@@ -278,11 +278,251 @@ async fn a_configmap_style_update_is_picked_up_within_two_seconds() {
     assert_ne!(before, after);
     let metrics = admin_get(proxy.admin, "/metrics").1;
     assert!(
-        metrics.contains(&format!("sluicegate_policy_info{{version=\"{after}\"}} 1")),
+        metrics.contains(&format!(
+            "sluicegate_policy_info{{version=\"{after}\",source=\"file\"}} 1"
+        )),
         "{metrics}"
     );
     assert!(
         !metrics.contains(&format!("version=\"{before}\"")),
         "the old version is no longer shown"
     );
+}
+
+/// A spam route that calls everything spam (threshold 0) and refuses the fourth in a minute.
+fn capped_at_three() -> String {
+    spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_count: 3, window: 1m, on_breach: reject}]",
+        "",
+    )
+}
+
+/// POSTs one spam-filter request: (status, sluicegate-action).
+async fn infer(c: &HttpClient, proxy: &ProxyProcess) -> (u16, String) {
+    let (s, h, _) = post(
+        c,
+        &proxy.url("/v2/models/spam-filter/infer"),
+        v2_request(1, 1),
+    )
+    .await;
+    let action = h
+        .get("sluicegate-action")
+        .map_or("", |v| v.to_str().unwrap())
+        .to_owned();
+    (s, action)
+}
+
+/// Requests every 50 ms for `d`: the statuses seen.
+async fn statuses_for(c: &HttpClient, proxy: &ProxyProcess, d: Duration) -> Vec<u16> {
+    let until = Instant::now() + d;
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        seen.push(infer(c, proxy).await.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_written_in_place_is_applied_only_whole_and_an_empty_one_never() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let full = capped_at_three();
+    let file = write_policy(dir.path(), &full);
+    let proxy = start(model, dir.path(), &file, TOKEN);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(infer(&c, &proxy).await, (200, "spam".into()));
+    }
+    assert_eq!(infer(&c, &proxy).await.0, 429, "the cap of 3 a minute");
+    let version_before = version(proxy.admin);
+
+    // `: > policy.yaml; sleep 0.6; cat full.yaml > policy.yaml`, then the same with only the
+    // part before `routes:` written first. The limit must hold throughout: never a 200.
+    for first in ["", "tee: {sample_rate: 1.0}\n"] {
+        let f = file.clone();
+        let full2 = full.clone();
+        let first = first.to_owned();
+        let writer = tokio::task::spawn_blocking(move || {
+            std::fs::write(&f, first).unwrap();
+            std::thread::sleep(Duration::from_millis(600));
+            std::fs::write(&f, full2).unwrap();
+        });
+        let seen = statuses_for(&c, &proxy, Duration::from_millis(2500)).await;
+        writer.await.unwrap();
+        let served = seen.iter().filter(|s| **s == 200).count();
+        eprintln!(
+            "in-place rewrite: {} requests during it, {served} let through past the cap",
+            seen.len()
+        );
+        assert!(seen.iter().all(|s| *s == 429), "{seen:?}");
+    }
+    assert_eq!(version(proxy.admin), version_before);
+    assert_eq!(proxy.metric("sluicegate_policy_reload_failures_total"), 0.0);
+
+    // An empty file that stays empty is refused once; the policy in force serves on.
+    std::fs::write(&file, "").unwrap();
+    let seen = statuses_for(&c, &proxy, Duration::from_millis(2500)).await;
+    assert!(seen.iter().all(|s| *s == 429), "{seen:?}");
+    assert_eq!(proxy.metric("sluicegate_policy_reload_failures_total"), 1.0);
+    // So is an empty PUT body.
+    let (status, body) = admin(proxy.admin, "PUT", "/admin/policy", Some(TOKEN), "");
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["errors"][0].as_str().unwrap().contains("empty"),
+        "{body}"
+    );
+    assert_eq!(infer(&c, &proxy).await.0, 429);
+    assert_eq!(version(proxy.admin), version_before);
+}
+
+/// Polls until a request gets `action`; panics with `what` after 5 s.
+async fn until_action(c: &HttpClient, proxy: &ProxyProcess, action: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while infer(c, proxy).await.1 != action {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The source of the policy in force, from `GET /admin/policy`.
+fn source(addr: SocketAddr) -> String {
+    admin(addr, "GET", "/admin/policy", Some(TOKEN), "").1["source"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_put_through_the_api_holds_until_the_file_changes() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let ham = policy("{fixed: 2.0}", 1_000_000);
+    let spam = policy("{fixed: 0.0}", 1_000_000);
+    let file = write_policy(dir.path(), &ham);
+    let proxy = start(model, dir.path(), &file, TOKEN);
+    let c = client();
+    assert_eq!(infer(&c, &proxy).await.1, "ham");
+    assert_eq!(source(proxy.admin), "file");
+
+    let put = || {
+        let (s, v) = admin(proxy.admin, "PUT", "/admin/policy", Some(TOKEN), &spam);
+        assert_eq!(s, 200, "{v}");
+    };
+    put();
+    // Held past every watch and debounce interval, with the file untouched.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(infer(&c, &proxy).await.1, "spam");
+    assert_eq!(source(proxy.admin), "api");
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    assert!(metrics.contains("source=\"api\"} 1"), "{metrics}");
+
+    // SIGHUP and POST /admin/reload apply the file and end the override.
+    signal(proxy.child.id(), "HUP");
+    until_action(&c, &proxy, "ham", "SIGHUP did not re-apply the file").await;
+    assert_eq!(source(proxy.admin), "file");
+    put();
+    let (s, _) = admin(proxy.admin, "POST", "/admin/reload", Some(TOKEN), "");
+    assert_eq!(s, 200);
+    assert_eq!(infer(&c, &proxy).await.1, "ham");
+    assert_eq!(source(proxy.admin), "file");
+
+    // A change to the file's content ends it too.
+    put();
+    write_atomically(&file, &policy("{fixed: 2.0}", 2_000_000));
+    until_action(&c, &proxy, "ham", "the changed file was not applied").await;
+    assert_eq!(source(proxy.admin), "file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_policy_is_not_reloaded_and_a_rotated_key_is() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let keys = dir.path().join("keys");
+    let keygen = || {
+        let out = std::process::Command::new(BIN)
+            .args(["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    keygen();
+    let tagged = format!(
+        "{}tagging: {{algorithm: ed25519, signing_key: k1}}\n",
+        policy("{fixed: 0.5}", 1_000_000)
+    );
+    let file = write_policy(dir.path(), &tagged);
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &file,
+        &[
+            "--admin-token-file",
+            path_str(&token),
+            "--tag-keys-dir",
+            path_str(&keys),
+        ],
+    );
+
+    // An invalid file is refused once, not at every look at it.
+    write_atomically(&file, "routes: [");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failures = proxy.metric("sluicegate_policy_reload_failures_total");
+    eprintln!("invalid policy file left 4 s: {failures} refusals counted");
+    assert_eq!(failures, 1.0);
+    write_atomically(&file, &tagged);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let generation = proxy.metric("sluicegate_policy_generation");
+
+    // A rotated key (the same id, new material) signs from the next request on, without a
+    // reload of the unchanged policy.
+    let old_public = dir.path().join("old");
+    std::fs::create_dir(&old_public).unwrap();
+    std::fs::rename(
+        keys.join("k1.ed25519.pub"),
+        old_public.join("k1.ed25519.pub"),
+    )
+    .unwrap();
+    std::fs::remove_file(keys.join("k1.ed25519")).unwrap();
+    keygen();
+    let new_public = dir.path().join("new");
+    std::fs::create_dir(&new_public).unwrap();
+    std::fs::copy(
+        keys.join("k1.ed25519.pub"),
+        new_public.join("k1.ed25519.pub"),
+    )
+    .unwrap();
+    let c = client();
+    let verifies_with = |tag: &str, keys: &Path| {
+        std::process::Command::new(BIN)
+            .args(["tag", "verify", tag, "--keys", path_str(keys)])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, h, _) = post(
+            &c,
+            &proxy.url("/v2/models/spam-filter/infer"),
+            v2_request(1, 1),
+        )
+        .await;
+        let tag = h["sluicegate-tag"].to_str().unwrap().to_owned();
+        if verifies_with(&tag, &new_public) {
+            assert!(!verifies_with(&tag, &old_public));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated key was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(proxy.metric("sluicegate_policy_generation"), generation);
+    assert_eq!(proxy.metric("sluicegate_policy_reload_failures_total"), 1.0);
 }

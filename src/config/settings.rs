@@ -38,6 +38,13 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     /// File holding the bearer token of `/admin/*`; `None` turns the admin API off.
     pub admin_token_file: Option<PathBuf>,
+    /// Admin connections served at once; past it, new ones wait in the listen backlog.
+    pub admin_max_connections: usize,
+    /// Largest `PUT /admin/policy` body.
+    pub admin_max_body_bytes: u64,
+    /// An admin connection must send its request head within this (and its body within as
+    /// long again).
+    pub admin_header_timeout: Duration,
     /// Directory of tag keys (`<id>.ed25519`, `<id>.ed25519.pub`, `<id>.hmac`), read again at
     /// every policy reload.
     pub tag_keys_dir: Option<PathBuf>,
@@ -118,6 +125,9 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(20),
             policy: None,
             admin_token_file: None,
+            admin_max_connections: 64,
+            admin_max_body_bytes: 256 << 10,
+            admin_header_timeout: Duration::from_secs(5),
             tag_keys_dir: None,
             kafka: None,
             spool: SpoolSettings {
@@ -166,6 +176,12 @@ pub struct SettingsFile {
     pub policy: Option<PathBuf>,
     /// File with the admin API's bearer token.
     pub admin_token_file: Option<PathBuf>,
+    /// Admin connections served at once.
+    pub admin_max_connections: Option<usize>,
+    /// Largest admin request body, e.g. `256KiB`.
+    pub admin_max_body: Option<String>,
+    /// Admin request head (and body) timeout, e.g. `5s`.
+    pub admin_header_timeout: Option<String>,
     /// Directory of provenance tag keys.
     pub tag_keys_dir: Option<PathBuf>,
     /// Kafka connection.
@@ -258,6 +274,15 @@ pub struct SettingsArgs {
     /// File with the bearer token for /admin/* (unset: the admin API is off).
     #[arg(long, env = "SLUICEGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Admin connections served at once [default: 64].
+    #[arg(long, env = "SLUICEGATE_ADMIN_MAX_CONNECTIONS")]
+    pub admin_max_connections: Option<usize>,
+    /// Largest PUT /admin/policy body [default: 256KiB].
+    #[arg(long, env = "SLUICEGATE_ADMIN_MAX_BODY")]
+    pub admin_max_body: Option<String>,
+    /// Time an admin connection gets to send its request head, and as long again for its body [default: 5s].
+    #[arg(long, env = "SLUICEGATE_ADMIN_HEADER_TIMEOUT")]
+    pub admin_header_timeout: Option<String>,
     /// Directory of provenance tag keys, one file per key (a Secret mounted as a directory).
     #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
     pub tag_keys_dir: Option<PathBuf>,
@@ -343,7 +368,7 @@ impl SettingsArgs {
                 Err(e) => errors.push(format!("upstream: {e}")),
             }
         }
-        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 5] = [
+        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 6] = [
             (
                 "upstream_timeout",
                 &self.upstream_timeout,
@@ -361,6 +386,12 @@ impl SettingsArgs {
                 &self.header_read_timeout,
                 file.header_read_timeout,
                 &mut s.header_read_timeout,
+            ),
+            (
+                "admin_header_timeout",
+                &self.admin_header_timeout,
+                file.admin_header_timeout,
+                &mut s.admin_header_timeout,
             ),
             (
                 "drain_delay",
@@ -385,6 +416,24 @@ impl SettingsArgs {
                 errors.push("max_connections: must be at least 1".into());
             }
             s.max_connections = n;
+        }
+        if let Some(n) = self.admin_max_connections.or(file.admin_max_connections) {
+            if n == 0 {
+                errors.push("admin_max_connections: must be at least 1".into());
+            }
+            s.admin_max_connections = n;
+        }
+        if let Some(v) = pick(&self.admin_max_body, file.admin_max_body) {
+            set_parsed(
+                &mut s.admin_max_body_bytes,
+                "admin_max_body",
+                &v,
+                parse_bytes,
+                errors,
+            );
+        }
+        if s.admin_header_timeout.is_zero() {
+            errors.push("admin_header_timeout: must be above 0".into());
         }
         if let Some(p) = self.upstream_protocol.or(file.upstream_protocol) {
             s.upstream.protocol = p;

@@ -60,7 +60,9 @@ impl Errors {
 }
 
 /// Parses and validates policy text. `max_record_bytes` is the settings' largest record: the
-/// body cap may not exceed it.
+/// body cap may not exceed it. An empty document (nothing, or only comments) is refused: it is
+/// what a file truncated for rewriting looks like, and applying it would switch every guardrail
+/// off. A policy that wants every default says `{}`.
 pub fn parse(text: &str, max_record_bytes: u64) -> Result<Policy, PolicyErrors> {
     let mut errors = Errors(Vec::new());
     let value: Value = match serde_yaml_ng::from_str(text) {
@@ -70,6 +72,13 @@ pub fn parse(text: &str, max_record_bytes: u64) -> Result<Policy, PolicyErrors> 
             return Err(PolicyErrors(errors.0));
         }
     };
+    if value.is_null() {
+        errors.add(
+            "",
+            "the policy is empty (write `{}` for the built-in defaults)",
+        );
+        return Err(PolicyErrors(errors.0));
+    }
     let policy = structure(&value, &mut errors);
     check(&policy, max_record_bytes, &mut errors);
     if errors.0.is_empty() {
@@ -153,9 +162,6 @@ fn join(path: &str, key: &str) -> String {
 /// the semantic checks still run on every part that parsed.
 fn structure(value: &Value, errors: &mut Errors) -> Policy {
     let mut policy = Policy::default();
-    if value.is_null() {
-        return policy;
-    }
     let Some(map) = mapping(
         value,
         "",
@@ -697,7 +703,15 @@ routes:
     fn a_good_policy_parses() {
         let p = parse(GOOD, MAX).unwrap();
         assert_eq!(p.routes["spam"].limits[0].fallback.as_deref(), Some("ham"));
-        assert!(parse("", MAX).unwrap() == Policy::default());
+        assert!(parse("{}", MAX).unwrap() == Policy::default());
+    }
+
+    #[test]
+    fn an_empty_document_is_refused() {
+        for text in ["", "\n", "# only a comment\n", "---\n", "~"] {
+            let err = parse(text, MAX).unwrap_err().to_string();
+            assert!(err.contains("empty"), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ pub mod reload;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::config::settings::Upstream;
@@ -81,50 +81,117 @@ pub struct Admin {
     /// The bearer token's file, read at every call so a rotated Secret applies at once;
     /// `None` disables `/admin/*`.
     pub token_file: Option<std::path::PathBuf>,
+    pub limits: AdminLimits,
+    /// When a missing token file was last logged: once a minute is enough to be seen.
+    token_warned: std::sync::Mutex<Option<Instant>>,
 }
 
-/// Largest policy accepted by `PUT /admin/policy`.
-const MAX_POLICY_BYTES: usize = 1 << 20;
+impl Admin {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        reloader: Arc<reload::Reloader>,
+        token_file: Option<std::path::PathBuf>,
+        limits: AdminLimits,
+    ) -> Self {
+        Admin {
+            metrics,
+            readiness,
+            reloader,
+            token_file,
+            limits,
+            token_warned: std::sync::Mutex::new(None),
+        }
+    }
+}
 
-/// Serves the admin port until the listener is dropped with the task.
+/// Bounds on the admin port, so that a flood of it (it needs no token to connect) costs
+/// bounded memory and leaves the data port alone.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminLimits {
+    /// Connections served at once; past it, new ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest `PUT /admin/policy` body.
+    pub max_body: usize,
+    /// A connection must send its request head within this, and its body within as long
+    /// again.
+    pub header_timeout: Duration,
+}
+
+impl AdminLimits {
+    pub fn from_settings(settings: &crate::config::settings::Settings) -> Self {
+        AdminLimits {
+            max_connections: settings.admin_max_connections,
+            max_body: settings.admin_max_body_bytes as usize,
+            header_timeout: settings.admin_header_timeout,
+        }
+    }
+}
+
+/// Serves the admin port until the listener is dropped with the task. One request per
+/// connection: an idle keep-alive connection would hold a slot with no deadline.
 pub async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+    let limits = admin.limits;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_ADMIN_HEAD_BYTES)
+        .keep_alive(false);
     loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let admin = admin.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = permit;
+            // hyper's head timeout starts at the first byte; a silent connection is cut here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(limits.header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(req, &admin).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            // Head, body and a slow reader of the answer: the whole exchange is bounded.
+            let _ = tokio::time::timeout(
+                limits.header_timeout * 3,
+                builder.serve_connection(TokioIo::new(stream), service),
+            )
+            .await;
         });
     }
 }
 
+/// Largest admin request head: a token and a few headers.
+const MAX_ADMIN_HEAD_BYTES: usize = 16 << 10;
+
 async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = match http_body_util::Limited::new(body, MAX_POLICY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return json(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::json!({"error": "too_large", "message": format!("admin requests are at most {MAX_POLICY_BYTES} bytes")}),
-            )
-        }
-    };
     let path = parts.uri.path();
     if path.starts_with("/admin/") {
+        // The token is checked from the head: no byte of an unauthorized body is read.
         if let Some(refused) = refusal(&parts.headers, admin) {
             return refused;
         }
+        let body = if parts.method == Method::PUT {
+            match read_body(&parts.headers, body, admin.limits).await {
+                Ok(b) => b,
+                Err(refused) => return refused,
+            }
+        } else {
+            Bytes::new()
+        };
         return admin_call(&parts.method, path, &body, admin).await;
     }
     let (metrics, readiness) = (&admin.metrics, &admin.readiness);
@@ -156,6 +223,41 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> 
     }
 }
 
+/// Reads an authorized call's body: at most `max_body` bytes (a larger declared length is
+/// refused before reading), within the head timeout.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limits: AdminLimits,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    let too_large = || {
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({"error": "too_large", "message": format!("admin request bodies are at most {} bytes (--admin-max-body)", limits.max_body)}),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        return Err(too_large());
+    }
+    let read = http_body_util::Limited::new(body, limits.max_body).collect();
+    match tokio::time::timeout(limits.header_timeout, read).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "client_body_error", "message": "the request body was cut short or malformed"}),
+        )),
+        Err(_) => Err(json(
+            StatusCode::REQUEST_TIMEOUT,
+            serde_json::json!({"error": "client_body_timeout", "message": format!("the request body did not arrive within {}", humantime::format_duration(limits.header_timeout))}),
+        )),
+    }
+}
+
 /// Checks `authorization: Bearer TOKEN` against the token file, in constant time; the
 /// response refusing the call, if it is refused.
 fn refusal(headers: &http::HeaderMap, admin: &Admin) -> Option<Response<Full<Bytes>>> {
@@ -168,19 +270,18 @@ fn refusal(headers: &http::HeaderMap, admin: &Admin) -> Option<Response<Full<Byt
     let expected = match std::fs::read_to_string(file) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
         _ => {
-            tracing::warn!(file = %file.display(), "cannot read the admin token file; refusing admin calls");
+            let mut warned = admin.token_warned.lock().expect("not poisoned");
+            if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *warned = Some(Instant::now());
+                tracing::warn!(file = %file.display(), "cannot read the admin token file; refusing admin calls (logged once a minute)");
+            }
             return Some(json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"error": "token_unavailable", "message": "the admin token file cannot be read"}),
             ));
         }
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+    if constant_time_eq(bearer_token(headers).as_bytes(), expected.as_bytes()) {
         None
     } else {
         let mut resp = json(
@@ -193,6 +294,17 @@ fn refusal(headers: &http::HeaderMap, admin: &Admin) -> Option<Response<Full<Byt
         );
         Some(resp)
     }
+}
+
+/// The token of `authorization: Bearer TOKEN`; the scheme is case-insensitive (RFC 9110
+/// §11.1). Empty when there is none.
+fn bearer_token(headers: &http::HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim())
 }
 
 /// Compares without an early exit, so timing does not reveal how much of a guess was right.
@@ -236,10 +348,10 @@ async fn admin_call(
             outcome(admin.reloader.reload_file(reload::Source::Api).await)
         }
         (&Method::GET, "/admin/policy") => {
-            let s = admin.reloader.current();
+            let (s, origin) = admin.reloader.current_with_origin().await;
             json(
                 StatusCode::OK,
-                serde_json::json!({"version": s.version, "generation": s.generation, "policy": s.policy}),
+                serde_json::json!({"version": s.version, "generation": s.generation, "source": origin.as_str(), "policy": s.policy}),
             )
         }
         (&Method::PUT, "/admin/policy") => match std::str::from_utf8(body) {
@@ -274,7 +386,22 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let mut h = http::HeaderMap::new();
+        for (value, token) in [
+            ("Bearer abc", "abc"),
+            ("bearer abc", "abc"),
+            ("BEARER  abc ", "abc"),
+            ("Basic abc", ""),
+            ("Bearerabc", ""),
+        ] {
+            h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer_token(&h), token, "{value:?}");
+        }
+    }
 
     #[test]
     fn token_comparison() {

@@ -425,6 +425,17 @@ impl CompiledRoute {
         }
     }
 
+    /// The longest window any of the route's state covers (limits, adaptive thresholds);
+    /// `None` when it keeps no state worth carrying.
+    fn state_window(&self) -> Option<Duration> {
+        let limits = self.limits.iter().map(|l| l.spec.window);
+        let thresholds = self.cutoffs().into_iter().filter_map(|c| match c {
+            Cutoff::Adaptive(a) => Some(a.spec.window),
+            Cutoff::Fixed(_) => None,
+        });
+        limits.chain(thresholds).max()
+    }
+
     /// Every cut-off of the route with its class label (`""` for a binary route).
     pub fn cutoffs(&self) -> Vec<&Cutoff> {
         match &self.decider {
@@ -454,21 +465,55 @@ impl CompiledRoute {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub routes: Vec<Arc<CompiledRoute>>,
+    /// Routes a reload removed, kept (unmatched) for their longest window: a route that comes
+    /// back within it, say after a half-written policy was replaced by the whole one, gets its
+    /// threshold and limit state back instead of starting empty.
+    retired: Vec<Retired>,
+}
+
+#[derive(Debug)]
+struct Retired {
+    route: Arc<CompiledRoute>,
+    until: Instant,
 }
 
 impl RouteTable {
-    /// Builds the table, taking over state from `previous` wherever settings did not change.
+    /// Builds the table, taking over state from `previous` (its routes, and the routes it
+    /// keeps retired) wherever settings did not change.
     pub fn build(policy: &Policy, previous: Option<&RouteTable>, now: Instant) -> RouteTable {
+        let find_old = |name: &str| {
+            let t = previous?;
+            t.routes.iter().find(|r| &*r.name == name).or_else(|| {
+                t.retired
+                    .iter()
+                    .find(|r| &*r.route.name == name && r.until > now)
+                    .map(|r| &r.route)
+            })
+        };
         let routes = policy
             .routes
             .iter()
-            .map(|(name, spec)| {
-                let old =
-                    previous.and_then(|t| t.routes.iter().find(|r| &*r.name == name.as_str()));
-                Arc::new(compile(name, spec, old.map(|r| &**r), now))
-            })
+            .map(|(name, spec)| Arc::new(compile(name, spec, find_old(name).map(|r| &**r), now)))
             .collect();
-        RouteTable { routes }
+        let mut retired = Vec::new();
+        if let Some(t) = previous {
+            let removed = t.routes.iter().filter_map(|r| {
+                let until = now + r.state_window()?;
+                Some(Retired {
+                    route: r.clone(),
+                    until,
+                })
+            });
+            let still_kept = t.retired.iter().filter(|r| r.until > now).map(|r| Retired {
+                route: r.route.clone(),
+                until: r.until,
+            });
+            retired = removed
+                .chain(still_kept)
+                .filter(|r| !policy.routes.contains_key(&*r.route.name))
+                .collect();
+        }
+        RouteTable { routes, retired }
     }
 
     /// The route taking `path`, if any (validation guarantees at most one).
@@ -596,8 +641,9 @@ mod tests {
     use super::*;
     use crate::config::validate::parse;
 
-    fn route(extra: &str) -> Arc<CompiledRoute> {
-        let policy = parse(
+    /// A policy with one binary route `r`, `extra` lines appended to the route.
+    fn policy(extra: &str) -> Policy {
+        parse(
             &format!(
                 r#"
 routes:
@@ -612,8 +658,11 @@ routes:
             ),
             1 << 20,
         )
-        .unwrap();
-        RouteTable::build(&policy, None, Instant::now()).routes[0].clone()
+        .unwrap()
+    }
+
+    fn route(extra: &str) -> Arc<CompiledRoute> {
+        RouteTable::build(&policy(extra), None, Instant::now()).routes[0].clone()
     }
 
     #[test]
@@ -663,5 +712,38 @@ routes:
         let spam = d.rows.iter().filter(|r| &*r.final_action == "spam").count();
         assert_eq!(spam, 1, "the limit holds whatever exploration drew");
         assert!(d.rows.iter().any(|r| r.explored));
+    }
+
+    #[test]
+    fn a_removed_route_gets_its_state_back_within_its_window() {
+        let with = |window: &str| {
+            policy(&format!(
+                "    limits:\n      - {{action: spam, max_count: 3, window: {window}, on_breach: fallback, fallback: ham}}"
+            ))
+        };
+        let without = parse("routes: {}", 1 << 20).unwrap();
+        let spam = |t: &RouteTable, now| {
+            let d = t.routes[0].decide(&Scores::Binary(vec![0.9; 2]), now);
+            d.rows.iter().filter(|r| &*r.final_action == "spam").count()
+        };
+        let t0 = Instant::now();
+        let table = RouteTable::build(&with("1m"), None, t0);
+        assert_eq!(spam(&table, t0), 2);
+
+        // Removed (a half-written file), then back: the two taken still count.
+        let gone = RouteTable::build(&without, Some(&table), t0);
+        assert!(gone.routes.is_empty());
+        let gone_again = RouteTable::build(&without, Some(&gone), t0);
+        let back = RouteTable::build(&with("1m"), Some(&gone_again), t0);
+        assert_eq!(spam(&back, t0), 1, "the cap of 3 holds across the removal");
+
+        // Back only after its window: it starts afresh.
+        let gone = RouteTable::build(&without, Some(&back), t0);
+        let later = t0 + Duration::from_secs(61);
+        let back = RouteTable::build(&with("1m"), Some(&gone), later);
+        assert_eq!(spam(&back, later), 2);
+        assert!(RouteTable::build(&without, Some(&gone), later)
+            .retired
+            .is_empty());
     }
 }

@@ -1,5 +1,5 @@
 //! Adaptive thresholds: turn a stream of model scores into a threshold that holds a target
-//! action rate `r` ("fixed thresholds in dynamic systems", DESIGN.md).
+//! action rate `r` ("fixed thresholds in dynamic systems", Sculley et al. 2015).
 //!
 //! The threshold is the `(1 − r)` quantile of the scores seen over a sliding time window, so
 //! that about a fraction `r` of scores are `≥` it. It is recomputed off the hot path by

@@ -68,6 +68,8 @@ pub struct ConsumerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: String,
+    /// Where the policy came from: `file`, `api` (`PUT /admin/policy`) or `default`.
+    pub source: &'static str,
 }
 
 /// Where a failed request's error came from: picks its status and its label here.
@@ -174,12 +176,13 @@ pub struct PolicyMetrics {
 }
 
 impl PolicyMetrics {
-    /// Shows `version` as the one in force (and only it).
-    pub fn set_version(&self, version: &str, generation: u64) {
+    /// Shows `version`, from `source`, as the one in force (and only it).
+    pub fn set_version(&self, version: &str, generation: u64, source: &'static str) {
         self.info.clear();
         self.info
             .get_or_create(&VersionLabel {
                 version: version.to_owned(),
+                source,
             })
             .set(1);
         self.generation.set(generation as i64);
