@@ -327,3 +327,109 @@ routes:
         .collect();
     assert_eq!(header(&h, "sluicegate-action"), expected.join(","));
 }
+
+/// Sends `path` (a trick on the stand-in's `spam-filter`) once the route's reject limit is
+/// spent by three plain requests; returns its status, headers and record.
+async fn after_the_limit(path: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+    let policy = spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_count: 3, window: 1m, on_breach: reject}]",
+        "",
+    );
+    let (proxy, dir) = proxy_with(&policy).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(one(&proxy, &c).await.0, 200);
+    }
+    let (status, headers, _) = post(&c, &proxy.url(path), v2_request(1, 5)).await;
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        4.0,
+        Duration::from_secs(10),
+    );
+    let id = header(&headers, "sluicegate-id");
+    let record = spool_records(&dir.path().join("spool"))
+        .into_iter()
+        .find(|r| r["id"] == id.as_str())
+        .expect("the trick's record");
+    (status, headers, record)
+}
+
+/// The trick reaches the route under its normalized path: the limit refuses it.
+async fn assert_routed(path: &str) {
+    let (status, _, r) = after_the_limit(path).await;
+    eprintln!("path trick {path}: {status} on route {}", r["route"]);
+    assert_eq!(status, 429, "{path} stepped around the limit");
+    assert_eq!(r["route"], "spam", "{path}");
+    assert_eq!(
+        r["request"]["path"], "/v2/models/spam-filter/infer",
+        "{path}"
+    );
+    assert_eq!(r["status"], 429, "{path}");
+}
+
+/// The trick is refused: 400 `ambiguous_path`, recorded as sent.
+async fn assert_refused(path: &str) {
+    let (status, _, r) = after_the_limit(path).await;
+    eprintln!("path trick {path}: {status} {}", r["error"]["code"]);
+    assert_eq!(status, 400, "{path}");
+    assert_eq!(r["error"]["code"], "ambiguous_path", "{path}");
+    assert_eq!(r["request"]["path"], path, "{path}");
+    assert!(r["response"].is_null(), "{path} was forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_hyphen_is_routed_and_limited() {
+    assert_routed("/v2/models/spam%2Dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_lower_case_encoding_is_routed_and_limited() {
+    assert_routed("/v2/models/spam%2dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_letters_are_routed_and_limited() {
+    assert_routed("/v2/%6Dodels/%73pam%2Dfilte%72/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_slash_is_refused() {
+    assert_refused("/v2/models/spam-filter%2Finfer").await;
+    assert_refused("/v2/models/x%2f..%2fspam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_backslash_is_refused() {
+    assert_refused("/v2/models/x%5C..%5Cspam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_double_encoding_is_refused() {
+    assert_refused("/v2/models/spam%252Dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_nul_is_refused() {
+    assert_refused("/v2/models/spam-filter%00/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_dot_dot_segment_is_refused() {
+    assert_refused("/v2/models/x/../spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_dot_dot_segment_is_refused() {
+    assert_refused("/v2/models/x/%2e%2E/spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_dot_segment_is_refused() {
+    assert_refused("/v2/models/./spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_colon_on_v1_is_refused() {
+    assert_refused("/v1/models/spam-filter%3Apredict").await;
+}

@@ -469,3 +469,31 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         "the in-flight request's record was written before exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_normalized_path_is_forwarded_with_the_query_as_sent() {
+    // Answers with the path and query it was asked for.
+    let up = upstream(|req: Request<Incoming>| async move {
+        let pq = req.uri().path_and_query().unwrap().to_string();
+        Response::new(full(pq))
+    })
+    .await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let c = client();
+    let (status, _, body) = post(
+        &c,
+        &proxy.url("/v2/models/spam%2Dfilter/%69nfer?x=%2D&y=%2F"),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "/v2/models/spam-filter/infer?x=%2D&y=%2F");
+    // Encodings that are not unreserved characters reach the upstream as sent.
+    let (status, _, body) = post(&c, &proxy.url("/files/a%20b%C3%A9"), "{}").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "/files/a%20b%C3%A9");
+    let (status, _, body) = post(&c, &proxy.url("/files/a%2Fb"), "{}").await;
+    assert_eq!(status, 400);
+    assert_eq!(error_code(&body), "ambiguous_path");
+}

@@ -23,6 +23,8 @@ pub enum ProxyError {
     ConsumerUndeclared,
     /// Taking the model's action would breach an action limit whose policy is `reject`.
     LimitExceeded { retry_after_secs: u64 },
+    /// The path would read differently to a server that decodes it further (see `path`).
+    AmbiguousPath,
 }
 
 impl ProxyError {
@@ -35,6 +37,7 @@ impl ProxyError {
             ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
             // 429, not 503: meshes retry 503 by default, which would run the model again.
             ProxyError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::AmbiguousPath => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -48,6 +51,7 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body_error",
             ProxyError::ConsumerUndeclared => "consumer_undeclared",
             ProxyError::LimitExceeded { .. } => "limit_exceeded",
+            ProxyError::AmbiguousPath => "ambiguous_path",
         }
     }
 
@@ -70,6 +74,7 @@ impl ProxyError {
             ProxyError::LimitExceeded { retry_after_secs } => format!(
                 "{detail}; retry after {retry_after_secs}s"
             ),
+            ProxyError::AmbiguousPath => detail.to_owned(),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod body;
 mod decision;
 pub mod error;
+mod path;
 mod pending;
 pub mod server;
 
@@ -115,7 +116,27 @@ impl Proxy {
         let time = SystemTime::now();
         // One policy snapshot for the whole request.
         let policy = self.policy.load_full();
-        let compiled = policy.routes.route_for(req.uri().path()).cloned();
+        // Routed, forwarded and recorded alike: the normalized path, the query as sent.
+        let normalized = path::normalize(req.uri().path());
+        let path_and_query = match (&normalized, req.uri().query()) {
+            (Ok(p), Some(q)) => format!("{p}?{q}"),
+            // An authority-form target (`CONNECT host:port`) has no path at all.
+            (Ok(p), None) if p.is_empty() => "/".to_owned(),
+            (Ok(p), None) => p.clone().into_owned(),
+            (Err(_), _) => req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_owned(), |pq| pq.to_string()),
+        };
+        let refused_path = normalized.err();
+        // A refused path gets no route: it is answered before anything is decided.
+        let compiled = match refused_path {
+            None => {
+                let path = path_and_query.split('?').next().unwrap_or_default();
+                policy.routes.route_for(path).cloned()
+            }
+            Some(_) => None,
+        };
         let route = compiled
             .as_ref()
             .map_or_else(|| self.default_route.clone(), |r| r.name.clone());
@@ -160,10 +181,7 @@ impl Proxy {
                     policy: policy.clone(),
                     consumer: consumer.clone(),
                     method: parts.method.clone(),
-                    path: parts
-                        .uri
-                        .path_and_query()
-                        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string()),
+                    path: path_and_query.clone(),
                     request: Message {
                         headers: parts.headers.clone(),
                         ..Default::default()
@@ -184,6 +202,10 @@ impl Proxy {
             )
         });
 
+        if let Some(why) = refused_path {
+            let detail = why.to_string();
+            return Ok(self.fail(ProxyError::AmbiguousPath, &detail, &id, &route, pending));
+        }
         if !declared && policy.policy.consumers.undeclared == Undeclared::Refuse {
             let who = consumer.map_or_else(|| "(unnamed)".to_owned(), |c| format!("{c:?}"));
             return Ok(self.fail(ProxyError::ConsumerUndeclared, &who, &id, &route, pending));
@@ -207,11 +229,6 @@ impl Proxy {
             UpstreamProtocol::Http2 => Version::HTTP_2,
             _ => Version::HTTP_11,
         };
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
         parts.uri = Uri::builder()
             .scheme("http")
             .authority(self.upstream.authority.clone())

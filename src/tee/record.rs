@@ -79,7 +79,7 @@ pub struct Exchange {
     pub policy: Arc<PolicySnapshot>,
     pub consumer: Option<String>,
     pub method: Method,
-    /// Path and query as the client sent them.
+    /// The normalized path (as routed and forwarded; as sent when refused) and the query.
     pub path: String,
     pub request: Message,
     /// Status sent to the client.
