@@ -238,6 +238,13 @@ impl Proxy {
         let original_version = parts.version;
         parts.version = version;
         strip_hop_by_hop(&mut parts.headers);
+        if compiled.as_ref().is_some_and(|r| r.decider.is_some()) {
+            // A deciding route reads the body: ask for it uncompressed.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if let Some(host) = parts.headers.remove(header::HOST) {
             parts.headers.insert("x-forwarded-host", host);
         }

@@ -61,6 +61,14 @@ impl Pending {
         }
     }
 
+    /// The response's content coding was undone before deciding: the record holds the
+    /// decoded body, so its headers no longer name the coding.
+    pub fn response_decoded(&mut self) {
+        if let Some(resp) = self.exchange.as_mut().and_then(|e| e.response.as_mut()) {
+            resp.headers.remove(http::header::CONTENT_ENCODING);
+        }
+    }
+
     /// A response frame went by.
     pub fn capture_frame(&mut self, frame: &Frame<Bytes>) {
         let Some(resp) = self.exchange.as_mut().and_then(|e| e.response.as_mut()) else {
