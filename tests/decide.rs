@@ -191,6 +191,9 @@ async fn reject_refuses_with_429_and_retry_after() {
     let (s, h, body) = one(&proxy, &c).await;
     assert_eq!(s, 429);
     assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+    // The client got no action; what the model wanted is beside it.
+    assert_eq!(header(&h, "sluicegate-action"), "rejected");
+    assert_eq!(header(&h, "sluicegate-model-action"), "spam");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "limit_exceeded");
     // A rejected decision is not an action taken: still refused, not counted up.

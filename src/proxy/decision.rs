@@ -188,6 +188,10 @@ pub async fn decide_response(
         }
         let mut resp = err.response(id, &err.message(&detail));
         decision_headers(resp.headers_mut(), &decided, policy);
+        // No action was taken: the client is told so, the model's choice stays beside it.
+        if let Ok(v) = HeaderValue::from_str(&joined(&decided.rows, |_| "rejected".to_owned())) {
+            resp.headers_mut().insert(ACTION_HEADER, v);
+        }
         return resp;
     }
 
