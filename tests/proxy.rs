@@ -671,3 +671,68 @@ async fn api_keys_are_redacted_by_default_also_as_the_consumer_id() {
     );
     assert_eq!(refused["error"]["code"], "consumer_undeclared");
 }
+
+/// A route's `capture_bodies` against the policy's: the record of one 200 KiB JSON echo
+/// through route `quiet` (`/quiet…`), and how many records were dropped for a full queue.
+/// `small_queue` sets the tee's queue to 64 KiB: a record holding the body cannot be queued.
+async fn capture_through_route(
+    global: bool,
+    route: bool,
+    small_queue: bool,
+) -> (serde_json::Value, f64) {
+    let up = upstream(echo).await;
+    let dir = spool_dir();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "tee: {{capture_bodies: {global}}}\nroutes:\n  quiet:\n    match: {{path_prefix: /quiet}}\n    protocol: json\n    capture_bodies: {route}\n"
+        ),
+    );
+    let settings = dir.path().join("settings.yaml");
+    let queue = if small_queue { "64KiB" } else { "16MiB" };
+    std::fs::write(&settings, format!("spool:\n  queue_bytes: {queue}\n")).unwrap();
+    let proxy = start_with_policy(up, dir.path(), &policy, &["--config", path_str(&settings)]);
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 << 10));
+    let (status, _, echoed) = post(&client(), &proxy.url("/quiet/x"), body.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed.len(), body.len());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("sluicegate_tee_records_spooled_total")
+        + proxy.metric("sluicegate_tee_records_dropped_queue_full_total")
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no record spooled or dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dropped = proxy.metric("sluicegate_tee_records_dropped_queue_full_total");
+    let record = spool_records(&dir.path().join("spool"))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    (record, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_turns_capture_off_holds_no_response_body() {
+    let (r, dropped) = capture_through_route(true, false, true).await;
+    eprintln!("route capture off under policy on: {dropped} records dropped for a full queue");
+    assert_eq!(dropped, 0.0, "the response body was held for the record");
+    assert_eq!(r["response"]["body"]["encoding"], "none");
+    assert_eq!(r["request"]["body"]["encoding"], "none");
+    assert!(r["response"]["body"]["size"].as_u64().unwrap() > 200 << 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_turns_capture_on_records_the_whole_response() {
+    let (r, _) = capture_through_route(false, true, false).await;
+    for side in ["request", "response"] {
+        let b = &r[side]["body"];
+        assert_eq!(b["encoding"], "json", "{side}");
+        assert_eq!(b["truncated"], false, "{side}");
+        assert_eq!(
+            b["data"]["pad"].as_str().unwrap().len(),
+            200 << 10,
+            "{side}"
+        );
+    }
+}

@@ -36,10 +36,11 @@ impl Pending {
         }
     }
 
-    /// Bytes of each body to capture (0 when the policy turns capture off).
+    /// Bytes of each body to capture (0 when the route, or else the policy, turns capture off).
     pub fn body_cap(&self) -> usize {
         self.exchange.as_ref().map_or(0, |e| {
-            if e.policy.policy.tee.capture_bodies {
+            // The route's switch, already resolved against the policy's.
+            if e.capture_bodies {
                 e.policy.body_cap
             } else {
                 0
