@@ -397,6 +397,11 @@ impl Proxy {
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `te: trailers`
 /// is kept: gRPC needs it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // A message framed by `transfer-encoding` was read by it (RFC 9112 §6.3); a
+    // `content-length` beside it is stale and, forwarded, would cut the body short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -535,6 +540,18 @@ mod tests {
         assert!(h.get("connection").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("content-type").unwrap(), "application/grpc");
+
+        let mut h = HeaderMap::new();
+        h.insert("content-length", "5".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("content-length").unwrap(), "5");
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("content-length").is_none(),
+            "stale beside chunked framing"
+        );
+        assert!(h.get("transfer-encoding").is_none());
     }
 
     #[test]
