@@ -363,7 +363,10 @@ fn decode_content(
     let read = |mut reader: Box<dyn Read + '_>| -> std::io::Result<Vec<u8>> {
         let mut out = Vec::new();
         // One byte past the limit tells a body at the limit from one over it.
-        reader.by_ref().take(limit + 1).read_to_end(&mut out)?;
+        reader
+            .by_ref()
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut out)?;
         Ok(out)
     };
     let decoded = if name == "gzip" {

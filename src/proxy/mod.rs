@@ -213,11 +213,11 @@ impl Proxy {
         if !declared && policy.policy.consumers.undeclared == Undeclared::Refuse {
             // The message is recorded too: a redacted consumer header stays out of it.
             let who = match consumer {
-                _ if policy.redacted_headers.contains(&policy.consumer_header) => {
+                None => "(unnamed)".to_owned(),
+                Some(_) if policy.redacted_headers.contains(&policy.consumer_header) => {
                     "(redacted)".to_owned()
                 }
                 Some(c) => format!("{c:?}"),
-                None => "(unnamed)".to_owned(),
             };
             return Ok(self.fail(ProxyError::ConsumerUndeclared, &who, &id, &route, pending));
         }
