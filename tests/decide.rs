@@ -191,6 +191,9 @@ async fn reject_refuses_with_429_and_retry_after() {
     let (s, h, body) = one(&proxy, &c).await;
     assert_eq!(s, 429);
     assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+    // The client got no action; what the model wanted is beside it.
+    assert_eq!(header(&h, "sluicegate-action"), "rejected");
+    assert_eq!(header(&h, "sluicegate-model-action"), "spam");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"], "limit_exceeded");
     // A rejected decision is not an action taken: still refused, not counted up.
@@ -326,4 +329,317 @@ routes:
         })
         .collect();
     assert_eq!(header(&h, "sluicegate-action"), expected.join(","));
+}
+
+/// Sends `path` (a trick on the stand-in's `spam-filter`) once the route's reject limit is
+/// spent by three plain requests; returns its status, headers and record.
+async fn after_the_limit(path: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+    let policy = spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_count: 3, window: 1m, on_breach: reject}]",
+        "",
+    );
+    let (proxy, dir) = proxy_with(&policy).await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(one(&proxy, &c).await.0, 200);
+    }
+    let (status, headers, _) = post(&c, &proxy.url(path), v2_request(1, 5)).await;
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        4.0,
+        Duration::from_secs(10),
+    );
+    let id = header(&headers, "sluicegate-id");
+    let record = spool_records(&dir.path().join("spool"))
+        .into_iter()
+        .find(|r| r["id"] == id.as_str())
+        .expect("the trick's record");
+    (status, headers, record)
+}
+
+/// The trick reaches the route under its normalized path: the limit refuses it.
+async fn assert_routed(path: &str) {
+    let (status, _, r) = after_the_limit(path).await;
+    eprintln!("path trick {path}: {status} on route {}", r["route"]);
+    assert_eq!(status, 429, "{path} stepped around the limit");
+    assert_eq!(r["route"], "spam", "{path}");
+    assert_eq!(
+        r["request"]["path"], "/v2/models/spam-filter/infer",
+        "{path}"
+    );
+    assert_eq!(r["status"], 429, "{path}");
+}
+
+/// The trick is refused: 400 `ambiguous_path`, recorded as sent.
+async fn assert_refused(path: &str) {
+    let (status, _, r) = after_the_limit(path).await;
+    eprintln!("path trick {path}: {status} {}", r["error"]["code"]);
+    assert_eq!(status, 400, "{path}");
+    assert_eq!(r["error"]["code"], "ambiguous_path", "{path}");
+    assert_eq!(r["request"]["path"], path, "{path}");
+    assert!(r["response"].is_null(), "{path} was forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_hyphen_is_routed_and_limited() {
+    assert_routed("/v2/models/spam%2Dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_lower_case_encoding_is_routed_and_limited() {
+    assert_routed("/v2/models/spam%2dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_letters_are_routed_and_limited() {
+    assert_routed("/v2/%6Dodels/%73pam%2Dfilte%72/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_slash_is_refused() {
+    assert_refused("/v2/models/spam-filter%2Finfer").await;
+    assert_refused("/v2/models/x%2f..%2fspam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_backslash_is_refused() {
+    assert_refused("/v2/models/x%5C..%5Cspam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_double_encoding_is_refused() {
+    assert_refused("/v2/models/spam%252Dfilter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_nul_is_refused() {
+    assert_refused("/v2/models/spam-filter%00/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_dot_dot_segment_is_refused() {
+    assert_refused("/v2/models/x/../spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_dot_dot_segment_is_refused() {
+    assert_refused("/v2/models/x/%2e%2E/spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_dot_segment_is_refused() {
+    assert_refused("/v2/models/./spam-filter/infer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_trick_encoded_colon_on_v1_is_refused() {
+    assert_refused("/v1/models/spam-filter%3Apredict").await;
+}
+
+/// How the compressing stand-in encodes its answers.
+#[derive(Clone, Copy)]
+enum Compress {
+    /// gzip when the request's `accept-encoding` allows it, as Triton does.
+    WhenAsked,
+    /// This coding (gzip or deflate) whatever was asked.
+    Always(&'static str),
+    /// Bytes that claim this coding but are not it.
+    Broken(&'static str),
+}
+
+/// The stand-in model behind a compressing layer; each request's `accept-encoding` is kept.
+async fn compressing_model(
+    how: Compress,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let accept = header(req.headers(), "accept-encoding");
+                        log.lock().unwrap().push(accept.clone());
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let out = StandInModel::infer_v2(&v).unwrap().to_string();
+                        let coding = match how {
+                            Compress::WhenAsked if accept.contains("gzip") => Some("gzip"),
+                            Compress::WhenAsked => None,
+                            Compress::Always(c) | Compress::Broken(c) => Some(c),
+                        };
+                        let body = match coding {
+                            _ if matches!(how, Compress::Broken(_)) => {
+                                b"\x1f\x8b\x08 not a real stream".to_vec()
+                            }
+                            Some("gzip") => {
+                                let mut e =
+                                    flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                                e.write_all(out.as_bytes()).unwrap();
+                                e.finish().unwrap()
+                            }
+                            Some("deflate") => {
+                                let mut e =
+                                    flate2::write::ZlibEncoder::new(Vec::new(), Default::default());
+                                e.write_all(out.as_bytes()).unwrap();
+                                e.finish().unwrap()
+                            }
+                            _ => out.into_bytes(),
+                        };
+                        let mut resp = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        resp.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        if let Some(c) = coding {
+                            resp.headers_mut()
+                                .insert("content-encoding", c.parse().unwrap());
+                        }
+                        Ok::<_, hyper::Error>(resp)
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A v2 request to the proxy saying the client takes gzip.
+async fn gzip_accepting(
+    proxy: &ProxyProcess,
+    c: &HttpClient,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let req = http::Request::post(proxy.url("/v2/models/spam-filter/infer"))
+        .header("content-type", "application/json")
+        .header("accept-encoding", "gzip, deflate")
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            2, 5,
+        ))))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+/// A spam route whose limit allows four `spam` answers (every row is spam), writing its
+/// decisions into the body.
+fn compressed_policy() -> String {
+    spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_count: 4, window: 1m, on_breach: reject}]",
+        "    write_decisions: {}",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_server_that_compresses_when_asked_is_asked_for_identity() {
+    let (model, seen) = compressing_model(Compress::WhenAsked).await;
+    let dir = spool_dir();
+    let file = write_policy(dir.path(), &compressed_policy());
+    let proxy = start_with_policy(model, dir.path(), &file, &[]);
+    let c = client();
+    let (status, h, body) = gzip_accepting(&proxy, &c).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "sluicegate-action"), "spam,spam");
+    assert!(h.get("content-encoding").is_none());
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("a plain JSON body");
+    assert_eq!(v["outputs"][1]["name"], "sluicegate_action");
+    assert_eq!(seen.lock().unwrap().as_slice(), ["identity"]);
+    // Routes that do not decide pass the client's accept-encoding on.
+    let (status, h, _) = {
+        use http_body_util::BodyExt;
+        let req = http::Request::post(proxy.url("/v2/models/other/infer"))
+            .header("accept-encoding", "gzip")
+            .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+                1, 1,
+            ))))
+            .unwrap();
+        let (p, b) = c.request(req).await.unwrap().into_parts();
+        (p.status, p.headers, b.collect().await.unwrap().to_bytes())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "content-encoding"), "gzip");
+    assert_eq!(seen.lock().unwrap()[1], "gzip");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_server_that_always_compresses_is_decoded_decided_and_limited() {
+    for coding in ["gzip", "deflate"] {
+        let (model, _) = compressing_model(Compress::Always(coding)).await;
+        let dir = spool_dir();
+        let file = write_policy(dir.path(), &compressed_policy());
+        let proxy = start_with_policy(model, dir.path(), &file, &[]);
+        let c = client();
+        // Two rows of spam each: the third request would take the count to 6 > 4.
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let (status, h, body) = gzip_accepting(&proxy, &c).await;
+            statuses.push(status);
+            if status == 200 {
+                assert_eq!(header(&h, "sluicegate-action"), "spam,spam", "{coding}");
+                assert!(h.get("content-encoding").is_none(), "{coding}");
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["outputs"][1]["data"], serde_json::json!(["spam", "spam"]));
+            }
+        }
+        eprintln!("always-{coding} model, 3 requests through a limit of 4 spam: {statuses:?}");
+        assert_eq!(statuses, [200, 200, 429], "{coding}");
+        proxy.wait_metric(
+            "sluicegate_tee_records_spooled_total",
+            3.0,
+            Duration::from_secs(10),
+        );
+        let records = spool_records(&dir.path().join("spool"));
+        let r = &records[0];
+        assert_eq!(r["decisions"].as_array().unwrap().len(), 2, "{coding}");
+        assert_eq!(
+            r["response"]["body"]["encoding"], "json",
+            "{coding}: recorded decoded"
+        );
+        assert!(r["response"]["headers"].get("content-encoding").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_in_a_coding_that_cannot_be_undone_gets_a_decision_error() {
+    for coding in ["br", "gzip", "deflate"] {
+        let (model, _) = compressing_model(Compress::Broken(coding)).await;
+        let dir = spool_dir();
+        let file = write_policy(dir.path(), &compressed_policy());
+        let proxy = start_with_policy(model, dir.path(), &file, &[]);
+        let c = client();
+        let (status, h, _) = gzip_accepting(&proxy, &c).await;
+        assert_eq!(
+            status, 200,
+            "{coding}: passed through, as an unreadable body is"
+        );
+        assert!(h.get("sluicegate-action").is_none());
+        assert_eq!(header(&h, "content-encoding"), coding);
+        assert_eq!(proxy.metric("sluicegate_decision_errors_total"), 1.0);
+        proxy.wait_metric(
+            "sluicegate_tee_records_spooled_total",
+            1.0,
+            Duration::from_secs(10),
+        );
+        let r = &spool_records(&dir.path().join("spool"))[0];
+        assert_eq!(r["decision_error"]["kind"], "content_encoding", "{coding}");
+    }
 }

@@ -815,3 +815,64 @@ async fn a_full_spool_with_kafka_down_keeps_the_oldest_and_counts_the_drops() {
         "the oldest records are kept, the newest dropped"
     );
 }
+
+/// An upstream that frames its answer with chunks but also sends a stale `Content-Length`
+/// (RFC 9112 §6.3: `Transfer-Encoding` overrides it): the client gets the whole body, framed
+/// anew, not the body cut at the stale length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_sending_content_length_and_chunked_is_framed_by_its_chunks() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = r#"{"outputs":[1,2,3,4,5,6,7,8,9]}"#;
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let (first, rest) = body.split_at(10);
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\
+                 Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+                 {:x}\r\n{first}\r\n{:x}\r\n{rest}\r\n0\r\n\r\n",
+                first.len(),
+                rest.len()
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let spool = spool_dir();
+    let proxy = start_proxy(addr, spool.path(), &[]);
+    let (status, headers, got) = post(&client(), &proxy.url("/v2/models/m/infer"), "{}").await;
+    eprintln!(
+        "stale content-length 5 beside chunked framing: the client got {} of {} bytes",
+        got.len(),
+        body.len()
+    );
+    assert_eq!(status, 200);
+    assert_eq!(got, body.as_bytes(), "the whole body");
+    assert!(
+        headers
+            .get("content-length")
+            .is_none_or(|v| v.to_str().unwrap() == body.len().to_string()),
+        "{headers:?}"
+    );
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let r = &spool_records(spool.path())[0];
+    assert_eq!(r["complete"], true);
+    assert_eq!(r["response"]["body"]["size"], body.len());
+    assert!(r["response"]["headers"].get("content-length").is_none());
+}

@@ -237,6 +237,11 @@ async fn http2_with_trailers_passes_through() {
     assert_eq!(r["response"]["body"]["encoding"], "base64");
 }
 
+fn error_message(body: &Bytes) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
+    v["message"].as_str().unwrap().to_owned()
+}
+
 fn error_code(body: &Bytes) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
@@ -288,6 +293,18 @@ async fn upstream_down_refused_reset_and_slow() {
     assert_eq!(status, 502);
     assert!(headers.contains_key("sluicegate-id"));
     assert_eq!(error_code(&body), "upstream_unavailable");
+    // A short stable message for the client; hyper's error chain stays in the record.
+    assert_eq!(error_message(&body), "cannot connect to the model server");
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let recorded = spool_records(spool.path())[0]["error"]["message"].clone();
+    assert!(
+        recorded.as_str().unwrap().contains("refused"),
+        "the cause is recorded: {recorded}"
+    );
     std::thread::sleep(Duration::from_millis(1200));
     assert!(!proxy.ready(), "not ready while the upstream is down");
     drop(proxy);
@@ -313,6 +330,7 @@ async fn upstream_down_refused_reset_and_slow() {
     let (status, _, body) = post(&c, &proxy.url("/v2/models/m/infer"), "{}").await;
     assert_eq!(status, 502);
     assert_eq!(error_code(&body), "upstream_failed");
+    assert_eq!(error_message(&body), "the model server failed to answer");
     drop(proxy);
 
     // Slow: 504 after the upstream timeout, then the proxy still serves.
@@ -468,4 +486,253 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         1,
         "the in-flight request's record was written before exit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_normalized_path_is_forwarded_with_the_query_as_sent() {
+    // Answers with the path and query it was asked for.
+    let up = upstream(|req: Request<Incoming>| async move {
+        let pq = req.uri().path_and_query().unwrap().to_string();
+        Response::new(full(pq))
+    })
+    .await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let c = client();
+    let (status, _, body) = post(
+        &c,
+        &proxy.url("/v2/models/spam%2Dfilter/%69nfer?x=%2D&y=%2F"),
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "/v2/models/spam-filter/infer?x=%2D&y=%2F");
+    // Encodings that are not unreserved characters reach the upstream as sent.
+    let (status, _, body) = post(&c, &proxy.url("/files/a%20b%C3%A9"), "{}").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "/files/a%20b%C3%A9");
+    let (status, _, body) = post(&c, &proxy.url("/files/a%2Fb"), "{}").await;
+    assert_eq!(status, 400);
+    assert_eq!(error_code(&body), "ambiguous_path");
+}
+
+/// One raw HTTP/1.x exchange on a fresh connection: (status, lower-case head, body).
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_invalid_host_and_connect_get_400_and_are_never_forwarded() {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let xff = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        async move { Response::new(full(xff)) }
+    })
+    .await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let data = proxy.data;
+    let results = tokio::task::spawn_blocking(move || {
+        [
+            &b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            b"GET /x HTTP/1.1\r\nHost: user@model\r\nConnection: close\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: model:port\r\nConnection: close\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        ]
+        .map(|r| {
+            (
+                String::from_utf8_lossy(r).into_owned(),
+                raw_exchange(data, r),
+            )
+        })
+    })
+    .await
+    .unwrap();
+    for (request, (status, head, body)) in &results {
+        assert_eq!(*status, 400, "{request:?}: {head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert_eq!(
+            error_code(&Bytes::from(body.clone())),
+            "bad_request",
+            "{request:?}"
+        );
+    }
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "none forwarded"
+    );
+
+    // HTTP/1.0 may leave Host out; every x-forwarded-for line is kept, in order.
+    let (status, _, body) = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            data,
+            b"GET /x HTTP/1.0\r\nX-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nX-Forwarded-For: 3.3.3.3\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parse_errors_hyper_answers_itself_have_no_body() {
+    // Pins what the README says of hyper's own 400 and 431: status line, no body.
+    let up = upstream(echo).await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    let data = proxy.data;
+    let (too_large, invalid) = tokio::task::spawn_blocking(move || {
+        let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+        (
+            raw_exchange(
+                data,
+                format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n").as_bytes(),
+            ),
+            raw_exchange(data, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n"),
+        )
+    })
+    .await
+    .unwrap();
+    for (want, (status, head, body)) in [(431, too_large), (400, invalid)] {
+        assert_eq!(status, want, "{head}");
+        assert!(head.contains("content-length: 0"), "{head}");
+        assert!(!head.contains("sluicegate-id"), "{head}");
+        assert_eq!(body, "");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_redacted_by_default_also_as_the_consumer_id() {
+    let up = upstream(echo).await;
+    let dir = spool_dir();
+    let policy = write_policy(
+        dir.path(),
+        "consumers: {header: x-api-key, declared: [ops-key], undeclared: refuse}\n",
+    );
+    let proxy = start_with_policy(up, dir.path(), &policy, &[]);
+    let req = Request::post(proxy.url("/v2/models/m/infer"))
+        .header("x-api-key", "sk-live-1111")
+        .header("api-key", "azure-2222")
+        .header("x-amz-security-token", "sts-3333")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let req = Request::post(proxy.url("/v2/models/m/infer"))
+        .header("x-api-key", "ops-key")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    let text = serde_json::to_string(&records).unwrap();
+    for secret in ["sk-live-1111", "azure-2222", "sts-3333", "ops-key"] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into a record: {text}"
+        );
+    }
+    for r in &records {
+        assert_eq!(r["consumer"]["id"], "[redacted]");
+        assert_eq!(r["request"]["headers"]["x-api-key"], "[redacted]");
+    }
+    let refused = records.iter().find(|r| r["status"] == 403).unwrap();
+    assert_eq!(refused["request"]["headers"]["api-key"], "[redacted]");
+    assert_eq!(
+        refused["request"]["headers"]["x-amz-security-token"],
+        "[redacted]"
+    );
+    assert_eq!(refused["error"]["code"], "consumer_undeclared");
+}
+
+/// A route's `capture_bodies` against the policy's: the record of one 200 KiB JSON echo
+/// through route `quiet` (`/quiet…`), and how many records were dropped for a full queue.
+/// `small_queue` sets the tee's queue to 64 KiB: a record holding the body cannot be queued.
+async fn capture_through_route(
+    global: bool,
+    route: bool,
+    small_queue: bool,
+) -> (serde_json::Value, f64) {
+    let up = upstream(echo).await;
+    let dir = spool_dir();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "tee: {{capture_bodies: {global}}}\nroutes:\n  quiet:\n    match: {{path_prefix: /quiet}}\n    protocol: json\n    capture_bodies: {route}\n"
+        ),
+    );
+    let settings = dir.path().join("settings.yaml");
+    let queue = if small_queue { "64KiB" } else { "16MiB" };
+    std::fs::write(&settings, format!("spool:\n  queue_bytes: {queue}\n")).unwrap();
+    let proxy = start_with_policy(up, dir.path(), &policy, &["--config", path_str(&settings)]);
+    let body = format!(r#"{{"pad":"{}"}}"#, "x".repeat(200 << 10));
+    let (status, _, echoed) = post(&client(), &proxy.url("/quiet/x"), body.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed.len(), body.len());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.metric("sluicegate_tee_records_spooled_total")
+        + proxy.metric("sluicegate_tee_records_dropped_queue_full_total")
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no record spooled or dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dropped = proxy.metric("sluicegate_tee_records_dropped_queue_full_total");
+    let record = spool_records(&dir.path().join("spool"))
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    (record, dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_turns_capture_off_holds_no_response_body() {
+    let (r, dropped) = capture_through_route(true, false, true).await;
+    eprintln!("route capture off under policy on: {dropped} records dropped for a full queue");
+    assert_eq!(dropped, 0.0, "the response body was held for the record");
+    assert_eq!(r["response"]["body"]["encoding"], "none");
+    assert_eq!(r["request"]["body"]["encoding"], "none");
+    assert!(r["response"]["body"]["size"].as_u64().unwrap() > 200 << 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_turns_capture_on_records_the_whole_response() {
+    let (r, _) = capture_through_route(false, true, false).await;
+    for side in ["request", "response"] {
+        let b = &r[side]["body"];
+        assert_eq!(b["encoding"], "json", "{side}");
+        assert_eq!(b["truncated"], false, "{side}");
+        assert_eq!(
+            b["data"]["pad"].as_str().unwrap().len(),
+            200 << 10,
+            "{side}"
+        );
+    }
 }

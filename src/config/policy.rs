@@ -86,6 +86,9 @@ impl Default for TeePolicy {
                 "proxy-authorization",
                 "cookie",
                 "set-cookie",
+                "x-api-key",
+                "api-key",
+                "x-amz-security-token",
             ]
             .map(String::from)
             .to_vec(),

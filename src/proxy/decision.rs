@@ -1,7 +1,8 @@
 //! The decision step of a deciding route: read the whole response, extract scores, apply the
 //! threshold and the limits, and write the decisions into headers (always) and the body (if
-//! the route asks). A response the route cannot read passes through unchanged, recorded with a
-//! decision error — never a 5xx to the client because of sluicegate.
+//! the route asks). A gzip or deflate response is decoded first. A response the route cannot
+//! read passes through unchanged, recorded with a decision error — never a 5xx to the client
+//! because of sluicegate.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -112,6 +113,25 @@ pub async fn decide_response(
             );
         }
     };
+    // Asked for `identity`, a server may compress all the same: decided on what it says,
+    // sent on decoded (identity is acceptable to every client), recorded decoded.
+    let bytes = match decode_content(&parts.headers, bytes, proxy.max_request_body) {
+        Ok(Decoded::Identity(bytes)) => bytes,
+        Ok(Decoded::Decoded(bytes)) => {
+            parts.headers.remove(header::CONTENT_ENCODING);
+            if let Some(p) = pending.as_mut() {
+                p.response_decoded();
+            }
+            bytes
+        }
+        Err((err, raw)) => {
+            decision_error(proxy, route, &mut pending, err.kind(), err.to_string());
+            if let Some(p) = pending.as_mut() {
+                p.capture_frame(&http_body::Frame::data(raw.clone()));
+            }
+            return finish(parts, raw, pending);
+        }
+    };
     if let Some(p) = pending.as_mut() {
         p.capture_frame(&http_body::Frame::data(bytes.clone()));
     }
@@ -168,6 +188,10 @@ pub async fn decide_response(
         }
         let mut resp = err.response(id, &err.message(&detail));
         decision_headers(resp.headers_mut(), &decided, policy);
+        // No action was taken: the client is told so, the model's choice stays beside it.
+        if let Ok(v) = HeaderValue::from_str(&joined(&decided.rows, |_| "rejected".to_owned())) {
+            resp.headers_mut().insert(ACTION_HEADER, v);
+        }
         return resp;
     }
 
@@ -280,6 +304,83 @@ fn sign_tag(
         now_ms,
     );
     policy.keys.sign(key_id, *algorithm, &mut claims)
+}
+
+/// A response body as the decision step reads it.
+enum Decoded {
+    /// Sent without a content coding.
+    Identity(Bytes),
+    /// Decoded from gzip or deflate.
+    Decoded(Bytes),
+}
+
+/// Why a response's content coding could not be undone (it passes through undecided).
+#[derive(Debug, thiserror::Error)]
+enum DecodeError {
+    #[error("content-encoding {0:?} is not one sluicegate decodes (gzip, deflate); passed through undecided")]
+    Unsupported(String),
+    #[error("the {0} body does not decode: {1}; passed through undecided")]
+    Broken(&'static str, std::io::Error),
+    #[error("response larger than {0} bytes once decoded; passed through undecided")]
+    TooLarge(u64),
+}
+
+impl DecodeError {
+    fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Unsupported(_) | DecodeError::Broken(..) => "content_encoding",
+            DecodeError::TooLarge(_) => "response_too_large",
+        }
+    }
+}
+
+/// Undoes the response's `content-encoding` (gzip or deflate, once), decoding at most `limit`
+/// bytes; on failure the body comes back as it was.
+fn decode_content(
+    headers: &http::HeaderMap,
+    body: Bytes,
+    limit: u64,
+) -> Result<Decoded, (DecodeError, Bytes)> {
+    use std::io::Read;
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            let shown = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            return Err((DecodeError::Unsupported(shown), body));
+        };
+        codings.extend(
+            text.split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty() && c != "identity"),
+        );
+    }
+    let name = match codings.as_slice() {
+        [] => return Ok(Decoded::Identity(body)),
+        [c] if c == "gzip" || c == "x-gzip" => "gzip",
+        [c] if c == "deflate" => "deflate",
+        _ => return Err((DecodeError::Unsupported(codings.join(", ")), body)),
+    };
+    let read = |mut reader: Box<dyn Read + '_>| -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        // One byte past the limit tells a body at the limit from one over it.
+        reader
+            .by_ref()
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut out)?;
+        Ok(out)
+    };
+    let decoded = if name == "gzip" {
+        read(Box::new(flate2::read::MultiGzDecoder::new(&body[..])))
+    } else {
+        // `deflate` is zlib-wrapped (RFC 9110 §8.4.1.2); some servers send it raw.
+        read(Box::new(flate2::read::ZlibDecoder::new(&body[..])))
+            .or_else(|_| read(Box::new(flate2::read::DeflateDecoder::new(&body[..]))))
+    };
+    match decoded {
+        Ok(out) if out.len() as u64 > limit => Err((DecodeError::TooLarge(limit), body)),
+        Ok(out) => Ok(Decoded::Decoded(Bytes::from(out))),
+        Err(e) => Err((DecodeError::Broken(name, e), body)),
+    }
 }
 
 /// Sends `body` whole, with a content-length that fits it; the record is complete.
@@ -538,6 +639,84 @@ mod tests {
         ] {
             assert!(splice_v2_actions(&Bytes::copy_from_slice(body), &decided(&["ham"])).is_none());
         }
+    }
+
+    #[test]
+    fn gzip_and_deflate_are_decoded_within_the_limit() {
+        use std::io::Write;
+        let plain = br#"{"outputs":[]}"#;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(plain).unwrap();
+        let gz = Bytes::from(gz.finish().unwrap());
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), Default::default());
+        zlib.write_all(plain).unwrap();
+        let zlib = Bytes::from(zlib.finish().unwrap());
+        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
+        raw.write_all(plain).unwrap();
+        let raw = Bytes::from(raw.finish().unwrap());
+        let headers = |coding: &str| {
+            let mut h = http::HeaderMap::new();
+            for c in coding.split(';') {
+                h.append(header::CONTENT_ENCODING, c.parse().unwrap());
+            }
+            h
+        };
+        let decoded = |h: &http::HeaderMap, body: &Bytes, limit: u64| match decode_content(
+            h,
+            body.clone(),
+            limit,
+        ) {
+            Ok(Decoded::Decoded(b)) => Ok(b),
+            Ok(Decoded::Identity(_)) => panic!("not decoded"),
+            Err((e, back)) => {
+                assert_eq!(&back, body, "handed back as it was");
+                Err(e.kind())
+            }
+        };
+        for (coding, body) in [
+            ("gzip", &gz),
+            ("X-GZIP", &gz),
+            ("identity, gzip", &gz),
+            ("deflate", &zlib),
+            ("deflate", &raw),
+        ] {
+            assert_eq!(
+                decoded(&headers(coding), body, 100).unwrap(),
+                &plain[..],
+                "{coding}"
+            );
+        }
+        assert!(matches!(
+            decode_content(&http::HeaderMap::new(), gz.clone(), 100),
+            Ok(Decoded::Identity(b)) if b == gz
+        ));
+        assert!(matches!(
+            decode_content(&headers("identity"), gz.clone(), 100),
+            Ok(Decoded::Identity(_))
+        ));
+        // Exactly at the limit decodes; one byte less does not (a gzip bomb stops there).
+        let n = plain.len() as u64;
+        assert!(decoded(&headers("gzip"), &gz, n).is_ok());
+        assert_eq!(
+            decoded(&headers("gzip"), &gz, n - 1),
+            Err("response_too_large")
+        );
+        for coding in ["br", "gzip, gzip", "gzip;deflate", "zstd"] {
+            assert_eq!(
+                decoded(&headers(coding), &gz, 100),
+                Err("content_encoding"),
+                "{coding}"
+            );
+        }
+        let broken = Bytes::from_static(b"\x1f\x8b not really gzip");
+        assert_eq!(
+            decoded(&headers("gzip"), &broken, 100),
+            Err("content_encoding")
+        );
+        assert_eq!(
+            decoded(&headers("deflate"), &broken, 100),
+            Err("content_encoding")
+        );
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub enum ProxyError {
     ConsumerUndeclared,
     /// Taking the model's action would breach an action limit whose policy is `reject`.
     LimitExceeded { retry_after_secs: u64 },
+    /// The request cannot be forwarded as it is: no or an invalid `Host`, or `CONNECT`.
+    BadRequest,
+    /// The path would read differently to a server that decodes it further (see `path`).
+    AmbiguousPath,
 }
 
 impl ProxyError {
@@ -35,6 +39,7 @@ impl ProxyError {
             ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
             // 429, not 503: meshes retry 503 by default, which would run the model again.
             ProxyError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BadRequest | ProxyError::AmbiguousPath => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -48,6 +53,8 @@ impl ProxyError {
             ProxyError::ClientBody => "client_body_error",
             ProxyError::ConsumerUndeclared => "consumer_undeclared",
             ProxyError::LimitExceeded { .. } => "limit_exceeded",
+            ProxyError::BadRequest => "bad_request",
+            ProxyError::AmbiguousPath => "ambiguous_path",
         }
     }
 
@@ -56,10 +63,10 @@ impl ProxyError {
             ProxyError::BodyTooLarge { limit } => {
                 format!("request body is larger than the {limit}-byte limit")
             }
-            ProxyError::UpstreamUnavailable => {
-                format!("cannot connect to the model server: {detail}")
-            }
-            ProxyError::UpstreamFailed => format!("the model server failed to answer: {detail}"),
+            // The cause (hyper's error chain) stays in the log and the record: it names
+            // internals, and its wording changes between versions.
+            ProxyError::UpstreamUnavailable => "cannot connect to the model server".into(),
+            ProxyError::UpstreamFailed => "the model server failed to answer".into(),
             ProxyError::UpstreamTimeout => {
                 format!("the model server did not answer within {detail}")
             }
@@ -70,7 +77,17 @@ impl ProxyError {
             ProxyError::LimitExceeded { retry_after_secs } => format!(
                 "{detail}; retry after {retry_after_secs}s"
             ),
+            ProxyError::BadRequest | ProxyError::AmbiguousPath => detail.to_owned(),
         }
+    }
+
+    /// Whether `detail` is kept out of the client's message (it goes to the log and the
+    /// record instead).
+    pub fn detail_is_internal(self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed
+        )
     }
 
     /// The JSON response sent to the client.

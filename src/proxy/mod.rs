@@ -4,6 +4,7 @@
 pub mod body;
 mod decision;
 pub mod error;
+mod path;
 mod pending;
 pub mod server;
 
@@ -115,7 +116,32 @@ impl Proxy {
         let time = SystemTime::now();
         // One policy snapshot for the whole request.
         let policy = self.policy.load_full();
-        let compiled = policy.routes.route_for(req.uri().path()).cloned();
+        let malformed = malformed(&req);
+        // Routed, forwarded and recorded alike: the normalized path, the query as sent.
+        let normalized = path::normalize(req.uri().path());
+        let path_and_query = match (&normalized, req.uri().query()) {
+            (Ok(p), Some(q)) => format!("{p}?{q}"),
+            // An authority-form target (`CONNECT host:port`) has no path at all.
+            (Ok(p), None) if p.is_empty() => "/".to_owned(),
+            (Ok(p), None) => p.clone().into_owned(),
+            (Err(_), _) => req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().path().to_owned(), |pq| pq.to_string()),
+        };
+        let refusal = match (malformed, normalized) {
+            (Some(why), _) => Some((ProxyError::BadRequest, why.to_owned())),
+            (None, Err(why)) => Some((ProxyError::AmbiguousPath, why.to_string())),
+            (None, Ok(_)) => None,
+        };
+        // A refused request gets no route: it is answered before anything is decided.
+        let compiled = match refusal {
+            None => {
+                let path = path_and_query.split('?').next().unwrap_or_default();
+                policy.routes.route_for(path).cloned()
+            }
+            Some(_) => None,
+        };
         let route = compiled
             .as_ref()
             .map_or_else(|| self.default_route.clone(), |r| r.name.clone());
@@ -160,10 +186,7 @@ impl Proxy {
                     policy: policy.clone(),
                     consumer: consumer.clone(),
                     method: parts.method.clone(),
-                    path: parts
-                        .uri
-                        .path_and_query()
-                        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string()),
+                    path: path_and_query.clone(),
                     request: Message {
                         headers: parts.headers.clone(),
                         ..Default::default()
@@ -184,8 +207,18 @@ impl Proxy {
             )
         });
 
+        if let Some((err, detail)) = refusal {
+            return Ok(self.fail(err, &detail, &id, &route, pending));
+        }
         if !declared && policy.policy.consumers.undeclared == Undeclared::Refuse {
-            let who = consumer.map_or_else(|| "(unnamed)".to_owned(), |c| format!("{c:?}"));
+            // The message is recorded too: a redacted consumer header stays out of it.
+            let who = match consumer {
+                None => "(unnamed)".to_owned(),
+                Some(_) if policy.redacted_headers.contains(&policy.consumer_header) => {
+                    "(redacted)".to_owned()
+                }
+                Some(c) => format!("{c:?}"),
+            };
             return Ok(self.fail(ProxyError::ConsumerUndeclared, &who, &id, &route, pending));
         }
 
@@ -207,11 +240,6 @@ impl Proxy {
             UpstreamProtocol::Http2 => Version::HTTP_2,
             _ => Version::HTTP_11,
         };
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
         parts.uri = Uri::builder()
             .scheme("http")
             .authority(self.upstream.authority.clone())
@@ -221,6 +249,13 @@ impl Proxy {
         let original_version = parts.version;
         parts.version = version;
         strip_hop_by_hop(&mut parts.headers);
+        if compiled.as_ref().is_some_and(|r| r.decider.is_some()) {
+            // A deciding route reads the body: ask for it uncompressed.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
         if let Some(host) = parts.headers.remove(header::HOST) {
             parts.headers.insert("x-forwarded-host", host);
         }
@@ -336,8 +371,14 @@ impl Proxy {
             .get_or_create(&ErrorLabel { kind: err.code() })
             .inc();
         self.count(route, err.status().as_u16());
+        let recorded = if err.detail_is_internal() {
+            tracing::debug!(code = err.code(), id = ?id, cause = detail, "{message}");
+            format!("{message}: {detail}")
+        } else {
+            message.clone()
+        };
         if let Some(p) = pending {
-            p.finish_error(err.status().as_u16(), err.for_record(message.clone()));
+            p.finish_error(err.status().as_u16(), err.for_record(recorded));
         }
         err.response(id, &message)
     }
@@ -356,6 +397,11 @@ impl Proxy {
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1). `te: trailers`
 /// is kept: gRPC needs it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // A message framed by `transfer-encoding` was read by it (RFC 9112 §6.3); a
+    // `content-length` beside it is stale and, forwarded, would cut the body short.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -384,12 +430,67 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+/// Why a request is refused with 400 before anything else, if it is: `CONNECT` (sluicegate is
+/// a reverse proxy, not a tunnel), or a `Host` missing from HTTP/1.1, repeated, or invalid
+/// (RFC 9112 §3.2).
+fn malformed<B>(req: &Request<B>) -> Option<&'static str> {
+    if req.method() == http::Method::CONNECT {
+        return Some("CONNECT is not supported: sluicegate forwards requests, it opens no tunnels");
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => {
+            Some("an HTTP/1.1 request must carry a Host header")
+        }
+        (None, _) => None,
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (Some(host), None) if !valid_host(host) => {
+            Some("the Host header is not a valid host[:port]")
+        }
+        (Some(_), None) => None,
+    }
+}
+
+/// `uri-host [":" port]`, or empty (allowed for a target without an authority).
+fn valid_host(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else {
+        return false;
     };
+    if text.is_empty() {
+        return true;
+    }
+    // An authority may hold `user@`; a Host may not.
+    if text.contains('@') {
+        return false;
+    }
+    let Ok(authority) = text.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    let host = authority.host();
+    // What follows the host: nothing, or `:` and a port number.
+    let port = text.strip_prefix(host).unwrap_or(text);
+    !host.is_empty()
+        && (port.is_empty()
+            || port.strip_prefix(':').is_some_and(|p| {
+                !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+            }))
+}
+
+/// Every `x-forwarded-for` the client sent, joined in order, then the client's address.
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let mut value = String::new();
+    for prev in headers.get_all("x-forwarded-for") {
+        // Only visible ASCII can be joined into one valid value; anything else is not an
+        // address list.
+        if let Ok(prev) = prev.to_str() {
+            let prev = prev.trim();
+            if !prev.is_empty() {
+                value.push_str(prev);
+                value.push_str(", ");
+            }
+        }
+    }
+    value.push_str(&client.ip().to_string());
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert("x-forwarded-for", v);
     }
@@ -439,6 +540,18 @@ mod tests {
         assert!(h.get("connection").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("content-type").unwrap(), "application/grpc");
+
+        let mut h = HeaderMap::new();
+        h.insert("content-length", "5".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("content-length").unwrap(), "5");
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("content-length").is_none(),
+            "stale beside chunked framing"
+        );
+        assert!(h.get("transfer-encoding").is_none());
     }
 
     #[test]
@@ -447,5 +560,58 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
         append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn every_forwarded_for_header_is_kept() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
+        h.append("x-forwarded-for", "3.3.3.3".parse().unwrap());
+        append_forwarded_for(&mut h, "127.0.0.1:5".parse().unwrap());
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn hosts_are_checked_as_rfc_9112_asks() {
+        let req = |version: Version, hosts: &[&str]| {
+            let mut r = Request::get("/x").version(version);
+            for h in hosts {
+                r = r.header(header::HOST, *h);
+            }
+            r.body(()).unwrap()
+        };
+        let v11 = Version::HTTP_11;
+        for ok in [
+            "model",
+            "model:8080",
+            "10.0.0.1:80",
+            "[::1]:8090",
+            "a.b-c.d",
+            "",
+        ] {
+            assert_eq!(malformed(&req(v11, &[ok])), None, "{ok:?}");
+        }
+        for bad in [
+            "user@model",
+            "a b",
+            "model:port",
+            "model:",
+            "model:99999",
+            "model/x",
+            ":80",
+            "[::1",
+        ] {
+            assert!(malformed(&req(v11, &[bad])).is_some(), "{bad:?}");
+        }
+        assert!(malformed(&req(v11, &[])).is_some(), "HTTP/1.1 without Host");
+        assert!(malformed(&req(v11, &["a", "a"])).is_some(), "two Hosts");
+        assert_eq!(malformed(&req(Version::HTTP_10, &[])), None);
+        assert_eq!(malformed(&req(Version::HTTP_2, &[])), None);
+        let connect = Request::connect("model:443").body(()).unwrap();
+        assert!(malformed(&connect).is_some());
     }
 }

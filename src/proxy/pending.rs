@@ -36,10 +36,11 @@ impl Pending {
         }
     }
 
-    /// Bytes of each body to capture (0 when the policy turns capture off).
+    /// Bytes of each body to capture (0 when the route, or else the policy, turns capture off).
     pub fn body_cap(&self) -> usize {
         self.exchange.as_ref().map_or(0, |e| {
-            if e.policy.policy.tee.capture_bodies {
+            // The route's switch, already resolved against the policy's.
+            if e.capture_bodies {
                 e.policy.body_cap
             } else {
                 0
@@ -58,6 +59,14 @@ impl Pending {
                 trailers: None,
                 body: Capture::with_cap(cap),
             });
+        }
+    }
+
+    /// The response's content coding was undone before deciding: the record holds the
+    /// decoded body, so its headers no longer name the coding.
+    pub fn response_decoded(&mut self) {
+        if let Some(resp) = self.exchange.as_mut().and_then(|e| e.response.as_mut()) {
+            resp.headers.remove(http::header::CONTENT_ENCODING);
         }
     }
 

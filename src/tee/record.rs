@@ -79,7 +79,7 @@ pub struct Exchange {
     pub policy: Arc<PolicySnapshot>,
     pub consumer: Option<String>,
     pub method: Method,
-    /// Path and query as the client sent them.
+    /// The normalized path (as routed and forwarded; as sent when refused) and the query.
     pub path: String,
     pub request: Message,
     /// Status sent to the client.
@@ -643,10 +643,15 @@ impl Serialize for RecordView<'_> {
                 version: model_version.as_deref().or(path_version),
             },
         )?;
+        // The consumer header is a header like any other: redacted, its value stays out.
+        let consumer_redacted = redacted.contains(&policy.consumer_header);
         m.serialize_entry(
             "consumer",
             &Consumer {
-                id: ex.consumer.as_deref(),
+                id: ex
+                    .consumer
+                    .as_deref()
+                    .map(|c| if consumer_redacted { REDACTED } else { c }),
                 declared: ex.consumer_declared,
             },
         )?;
@@ -844,6 +849,23 @@ mod tests {
             "the response wins over the path"
         );
         assert_eq!(v["time"], "2023-11-14T22:13:20.123000Z");
+    }
+
+    #[test]
+    fn a_redacted_consumer_header_keeps_its_value_out_of_the_consumer_id() {
+        let v = decode(&exchange(b"{}", b"{}", 1024).encode(&ctx(1 << 20)));
+        assert_eq!(v["consumer"]["id"], "checkout");
+        let mut p = Policy::default();
+        p.consumers.header = "X-Api-Key".into();
+        let mut ex = exchange(b"{}", b"{}", 1024);
+        ex.consumer = Some("sk-live-123".into());
+        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        let entry = ex.encode(&ctx(1 << 20));
+        assert!(!String::from_utf8_lossy(&entry.payload).contains("sk-live-123"));
+        let v = decode(&entry);
+        assert_eq!(v["consumer"]["id"], REDACTED);
+        ex.consumer = None;
+        assert!(decode(&ex.encode(&ctx(1 << 20)))["consumer"]["id"].is_null());
     }
 
     #[test]
