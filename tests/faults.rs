@@ -654,3 +654,211 @@ async fn a_full_spool_with_kafka_down_keeps_the_oldest_and_counts_the_drops() {
         "the oldest records are kept, the newest dropped"
     );
 }
+
+/// Counts the requests an upstream is working on (a guard, so a reset stream counts down too).
+struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An h2c model server that allows 100 streams per connection, as many servers do: it reads
+/// each request's body whole, then answers. Returns its address, the requests it is reading
+/// and the connections that carried requests.
+async fn h2_upstream_limited_to_100_streams() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (count, conns) = (in_flight.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (count, conns) = (count.clone(), conns.clone());
+            let used = std::sync::atomic::AtomicBool::new(false);
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    if !used.swap(true, Ordering::Relaxed) {
+                        conns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let working = InFlight::enter(&count);
+                    async move {
+                        use http_body_util::BodyExt;
+                        let _ = req.into_body().collect().await?;
+                        drop(working);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(br#"{"outputs":[]}"#),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(100)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, in_flight, connections)
+}
+
+/// An HTTP/2 connection to `addr`, its task spawned.
+async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Polls `count` until it reaches `want` or 10 s pass; returns where it got.
+async fn wait_count(count: &std::sync::atomic::AtomicUsize, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = count.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client holding 300 streams whose bodies never end does not hold up an unrelated HTTP/2
+/// client: one client connection gets at most 100 streams (`--max-concurrent-streams`), and
+/// the upstream pool opens connections past the model server's 100-stream limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_streams_of_one_client_do_not_hold_up_another() {
+    use std::sync::atomic::Ordering;
+    type Stalled = http_body_util::StreamBody<
+        futures_util::stream::Pending<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    let (model, upstream_busy, upstream_conns) = h2_upstream_limited_to_100_streams().await;
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &[]);
+    let url = proxy.url("/v2/models/m/infer");
+
+    // The client's first connection asks for 300 streams, then two more connections for 100
+    // each; no request body ever ends.
+    let mut stalled = tokio::task::JoinSet::new();
+    let mut one_connection = 0;
+    for n in [300, 100, 100] {
+        let send = h2_client::<Stalled>(proxy.data).await;
+        for _ in 0..n {
+            let mut send = send.clone();
+            let req = http::Request::post(&url)
+                .header("content-type", "application/json")
+                .body(http_body_util::StreamBody::new(
+                    futures_util::stream::pending(),
+                ))
+                .unwrap();
+            stalled.spawn(async move { send.send_request(req).await.map(|r| r.status()) });
+        }
+        if n == 300 {
+            wait_count(&upstream_busy, 100).await;
+            // More would show up now if the proxy let one connection have them.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            one_connection = upstream_busy.load(Ordering::Relaxed);
+        }
+    }
+    let held = wait_count(&upstream_busy, 300).await;
+
+    let mut other = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let req = http::Request::post(&url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let start = Instant::now();
+    let answered = tokio::time::timeout(Duration::from_secs(5), other.send_request(req)).await;
+    let took = start.elapsed();
+    eprintln!(
+        "stalled HTTP/2 streams: one client connection asking for 300 held {one_connection} at the model server; three connections held {held} over {} upstream connections (the model server allows 100 each); an unrelated request answered in {took:?}",
+        upstream_conns.load(Ordering::Relaxed)
+    );
+    let resp = answered
+        .expect("the unrelated request is answered while the stalled streams are held")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    assert_eq!(
+        one_connection, 100,
+        "one client connection holds 100 streams"
+    );
+    assert_eq!(held, 300, "every stalled stream reached the model server");
+    assert!(
+        stalled.try_join_next().is_none(),
+        "the stalled streams are still held"
+    );
+    stalled.abort_all();
+}
+
+/// With `--upstream-h2-max-connections 1` the pool cannot grow: a request waits for a stream,
+/// and gets one as soon as a client that held them all goes away (its streams given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upstream_h2_pool_gives_streams_back_when_their_client_leaves() {
+    type Stalled = http_body_util::StreamBody<
+        futures_util::stream::Pending<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    let (model, upstream_busy, _) = h2_upstream_limited_to_100_streams().await;
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &["--upstream-h2-max-connections", "1"]);
+    let url = proxy.url("/v2/models/m/infer");
+    let mut stalled = tokio::task::JoinSet::new();
+    let send = h2_client::<Stalled>(proxy.data).await;
+    for _ in 0..100 {
+        let mut send = send.clone();
+        let req = http::Request::post(&url)
+            .body(http_body_util::StreamBody::new(
+                futures_util::stream::pending(),
+            ))
+            .unwrap();
+        stalled.spawn(async move { send.send_request(req).await.map(|r| r.status()) });
+    }
+    assert_eq!(wait_count(&upstream_busy, 100).await, 100);
+
+    let mut other = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let req = http::Request::post(&url)
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let waiting = tokio::spawn(async move { other.send_request(req).await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "no stream is free on the one connection"
+    );
+    stalled.abort_all();
+    drop(send);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a stream is given back when its client leaves")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}

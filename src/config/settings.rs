@@ -29,6 +29,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Client connections served at once; past it, new ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// After SIGTERM, keep serving this long before closing the listener (lets the pod leave
     /// the Service endpoints first).
     pub drain_delay: Duration,
@@ -58,6 +60,9 @@ pub struct Upstream {
     pub protocol: UpstreamProtocol,
     /// Path probed for readiness (`GET`, 2xx = ready); `None` probes with a TCP connect.
     pub ready_path: Option<String>,
+    /// HTTP/2 connections opened to the upstream at most, each carrying as many streams as
+    /// the upstream allows.
+    pub h2_max_connections: usize,
 }
 
 /// Which HTTP version sluicegate speaks to the upstream.
@@ -109,11 +114,13 @@ impl Default for Settings {
                 connect_timeout: Duration::from_secs(2),
                 protocol: UpstreamProtocol::Auto,
                 ready_path: None,
+                h2_max_connections: 16,
             },
             max_request_body_bytes: 16 << 20,
             max_record_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_concurrent_streams: 100,
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             policy: None,
@@ -150,6 +157,8 @@ pub struct SettingsFile {
     pub upstream_protocol: Option<UpstreamProtocol>,
     /// Readiness probe path on the upstream, e.g. `/v2/health/ready`.
     pub upstream_ready_path: Option<String>,
+    /// HTTP/2 connections to the upstream at most.
+    pub upstream_h2_max_connections: Option<usize>,
     /// Largest request body, e.g. `16MiB`.
     pub max_request_body: Option<String>,
     /// Largest tee record, e.g. `1MiB`.
@@ -158,6 +167,8 @@ pub struct SettingsFile {
     pub header_read_timeout: Option<String>,
     /// Client connections served at once.
     pub max_connections: Option<usize>,
+    /// Streams open at once on one HTTP/2 client connection.
+    pub max_concurrent_streams: Option<u32>,
     /// Delay between SIGTERM and closing the listener.
     pub drain_delay: Option<String>,
     /// Time in-flight requests get after the listener closes.
@@ -234,6 +245,9 @@ pub struct SettingsArgs {
     /// Readiness probe path on the upstream (default: TCP connect).
     #[arg(long, env = "SLUICEGATE_UPSTREAM_READY_PATH")]
     pub upstream_ready_path: Option<String>,
+    /// HTTP/2 connections to the upstream at most [default: 16].
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_H2_MAX_CONNECTIONS")]
+    pub upstream_h2_max_connections: Option<usize>,
     /// Largest request body accepted [default: 16MiB].
     #[arg(long, env = "SLUICEGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<String>,
@@ -246,6 +260,9 @@ pub struct SettingsArgs {
     /// Client connections served at once [default: 4096].
     #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Streams open at once on one HTTP/2 client connection [default: 100].
+    #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Delay between SIGTERM and closing the listener [default: 0s].
     #[arg(long, env = "SLUICEGATE_DRAIN_DELAY")]
     pub drain_delay: Option<String>,
@@ -385,6 +402,21 @@ impl SettingsArgs {
                 errors.push("max_connections: must be at least 1".into());
             }
             s.max_connections = n;
+        }
+        if let Some(n) = self.max_concurrent_streams.or(file.max_concurrent_streams) {
+            if n == 0 {
+                errors.push("max_concurrent_streams: must be at least 1".into());
+            }
+            s.max_concurrent_streams = n;
+        }
+        if let Some(n) = self
+            .upstream_h2_max_connections
+            .or(file.upstream_h2_max_connections)
+        {
+            if n == 0 {
+                errors.push("upstream_h2_max_connections: must be at least 1".into());
+            }
+            s.upstream.h2_max_connections = n;
         }
         if let Some(p) = self.upstream_protocol.or(file.upstream_protocol) {
             s.upstream.protocol = p;

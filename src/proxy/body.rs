@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::pending::Pending;
+use super::pool::Stream;
 use crate::tee::record::Capture;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -41,6 +42,8 @@ pub struct RequestBody {
     /// `None` when this request is not recorded.
     capture: Option<Arc<RequestCapture>>,
     too_large: Arc<RequestCapture>,
+    /// The pooled HTTP/2 stream this body goes out on, given back once it is done.
+    stream: Option<Arc<Stream>>,
 }
 
 impl RequestBody {
@@ -51,7 +54,12 @@ impl RequestBody {
             seen: 0,
             capture: capture.then(|| shared.clone()),
             too_large: shared,
+            stream: None,
         }
+    }
+
+    pub(crate) fn hold(&mut self, stream: Arc<Stream>) {
+        self.stream = Some(stream);
     }
 }
 
@@ -109,15 +117,53 @@ impl ResponseBody {
     }
 }
 
+/// The upstream's response body as it arrives, holding its pooled HTTP/2 stream until it is
+/// done.
+pub struct UpstreamIncoming {
+    inner: Incoming,
+    _stream: Option<Arc<Stream>>,
+}
+
+impl UpstreamIncoming {
+    pub(crate) fn new(inner: Incoming, stream: Option<Arc<Stream>>) -> Self {
+        UpstreamIncoming {
+            inner,
+            _stream: stream,
+        }
+    }
+}
+
+impl Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The upstream's response body, captured for the tee as it streams.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: UpstreamIncoming,
     /// `None` once the record is handed off, or when the request is not recorded.
     pending: Option<Pending>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, pending: Option<Pending>) -> Self {
+    pub fn new(inner: UpstreamIncoming, pending: Option<Pending>) -> Self {
         UpstreamBody { inner, pending }
     }
 
@@ -175,7 +221,6 @@ impl UpstreamBody {
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
-                let e: BoxError = e.into();
                 self.finish(false, Some(&e));
                 Poll::Ready(Some(Err(e)))
             }

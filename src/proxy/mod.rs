@@ -5,6 +5,7 @@ pub mod body;
 mod decision;
 pub mod error;
 mod pending;
+mod pool;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -14,13 +15,17 @@ use std::time::{Instant, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use body::{BodyTooLarge, RequestBody, RequestCapture, ResponseBody, UpstreamBody};
+use body::{
+    BodyTooLarge, BoxError, RequestBody, RequestCapture, ResponseBody, UpstreamBody,
+    UpstreamIncoming,
+};
 use error::ProxyError;
 use pending::Pending;
+use pool::{H2Error, H2Pool, SendH2};
 
 use crate::config::policy::{SharedPolicy, Undeclared};
 use crate::config::settings::{Upstream, UpstreamProtocol};
@@ -36,25 +41,68 @@ pub const POLICY_HEADER: HeaderName = HeaderName::from_static("sluicegate-policy
 /// The only route until the policy file defines routes.
 const DEFAULT_ROUTE: &str = "default";
 
-/// A pooled upstream client over any connector: TCP in production, in memory in the benches.
-/// Its future is boxed by hyper-util already, so the indirection allocates nothing more.
-trait SendUpstream: Send + Sync {
+/// What opens upstream connections: TCP in production, in memory in the benches (any
+/// connector hyper-util's client takes).
+pub trait UpstreamConnector:
+    tower::Service<
+        Uri,
+        Response: hyper::rt::Read
+                      + hyper::rt::Write
+                      + hyper_util::client::legacy::connect::Connection
+                      + Unpin
+                      + Send
+                      + 'static,
+        Error: Into<BoxError>,
+        Future: Unpin + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<C> UpstreamConnector for C where
+    C: tower::Service<
+            Uri,
+            Response: hyper::rt::Read
+                          + hyper::rt::Write
+                          + hyper_util::client::legacy::connect::Connection
+                          + Unpin
+                          + Send
+                          + 'static,
+            Error: Into<BoxError>,
+            Future: Unpin + Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A pooled HTTP/1.1 client over any connector. Its future is boxed by hyper-util already, so
+/// the indirection allocates nothing more.
+trait SendHttp1: Send + Sync {
     fn request(&self, req: Request<RequestBody>) -> ResponseFuture;
 }
 
-impl<C: Connect + Clone + Send + Sync + 'static> SendUpstream for Client<C, RequestBody> {
+impl<C: UpstreamConnector> SendHttp1 for Client<C, RequestBody> {
     fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
         Client::request(self, req)
     }
 }
 
-type UpstreamClient = Box<dyn SendUpstream>;
+/// Why the upstream gave no response.
+struct SendError {
+    /// No connection could be opened.
+    connect: bool,
+    error: BoxError,
+}
 
 /// Shared state of the data plane.
 pub struct Proxy {
     upstream: Upstream,
-    http1: UpstreamClient,
-    http2: UpstreamClient,
+    http1: Box<dyn SendHttp1>,
+    http2: Box<dyn SendH2>,
     max_request_body: u64,
     policy: SharedPolicy,
     tee: TeeSender,
@@ -78,7 +126,7 @@ impl Proxy {
 
     /// As [`Proxy::new`], reaching the upstream through `connector` instead of TCP (the
     /// benches' in-memory upstream).
-    pub fn with_connector<C: Connect + Clone + Send + Sync + 'static>(
+    pub fn with_connector<C: UpstreamConnector>(
         connector: C,
         upstream: Upstream,
         max_request_body: u64,
@@ -92,7 +140,11 @@ impl Proxy {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .timer(TokioTimer::new());
         let http1 = Box::new(builder.build(connector.clone()));
-        let http2 = Box::new(builder.http2_only(true).build(connector));
+        let http2 = Box::new(H2Pool::new(
+            connector,
+            upstream.authority.clone(),
+            upstream.h2_max_connections,
+        ));
         Proxy {
             upstream,
             http1,
@@ -228,35 +280,27 @@ impl Proxy {
         let body = RequestBody::new(body, self.max_request_body, shared.clone(), sampled);
         let upstream_req = Request::from_parts(parts, body);
 
-        let client_for_version = if version == Version::HTTP_2 {
-            &self.http2
-        } else {
-            &self.http1
-        };
         let sent = Instant::now();
-        let result = tokio::time::timeout(
-            self.upstream.timeout,
-            client_for_version.request(upstream_req),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(self.upstream.timeout, self.send(version, upstream_req)).await;
         let upstream_time = sent.elapsed();
-        let resp = match result {
+        let (resp, stream) = match result {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let err = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
                     ProxyError::BodyTooLarge {
                         limit: self.max_request_body,
                     }
-                } else if e.is_connect() {
+                } else if e.connect {
                     ProxyError::UpstreamUnavailable
-                } else if source_is::<BodyTooLarge>(&e) {
+                } else if source_is::<BodyTooLarge>(&*e.error) {
                     ProxyError::BodyTooLarge {
                         limit: self.max_request_body,
                     }
                 } else {
                     ProxyError::UpstreamFailed
                 };
-                let detail = error_chain(&e);
+                let detail = error_chain(&*e.error);
                 return Ok(self.fail(err, &detail, &id, &route, pending));
             }
             Err(_) => {
@@ -272,6 +316,7 @@ impl Proxy {
             })
             .observe(upstream_time.as_secs_f64());
         let (mut parts, body) = resp.into_parts();
+        let body = UpstreamIncoming::new(body, stream);
         strip_hop_by_hop(&mut parts.headers);
         parts.version = original_version;
         if let Some(p) = pending.as_mut() {
@@ -292,6 +337,36 @@ impl Proxy {
         self.count(&route, parts.status.as_u16());
         let body = UpstreamBody::new(body, pending);
         Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+    }
+
+    /// Sends `req` over HTTP/1.1 or from the HTTP/2 pool; the pooled stream comes back with the
+    /// response, for its body to hold.
+    async fn send(
+        &self,
+        version: Version,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Arc<pool::Stream>>), SendError> {
+        if version == Version::HTTP_2 {
+            match self.http2.send(req).await {
+                Ok((resp, stream)) => Ok((resp, Some(stream))),
+                Err(H2Error::Connect(e)) => Err(SendError {
+                    connect: true,
+                    error: e.to_string().into(),
+                }),
+                Err(H2Error::Request(e)) => Err(SendError {
+                    connect: false,
+                    error: e.into(),
+                }),
+            }
+        } else {
+            match self.http1.request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) => Err(SendError {
+                    connect: e.is_connect(),
+                    error: e.into(),
+                }),
+            }
+        }
     }
 
     /// Upkeep off the request path, once a second: recomputes due adaptive thresholds,
