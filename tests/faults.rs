@@ -862,3 +862,173 @@ async fn a_full_upstream_h2_pool_gives_streams_back_when_their_client_leaves() {
         .unwrap();
     assert_eq!(status, 200);
 }
+
+/// One raw exchange on a fresh connection: writes `request`, optionally closes the write
+/// half, reads to the end: (status, the whole answer, the time it took); status 0 when the
+/// proxy closed without answering.
+fn raw_exchange(addr: SocketAddr, request: &[u8], close_write: bool) -> (u16, String, Duration) {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    if close_write {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text, start.elapsed())
+}
+
+/// A client body that is malformed, cut short or stalled is the client's fault: 400
+/// `client_body_error` or 408 `client_body_timeout`, counted under `source="client"`, never as
+/// an upstream fault; the record is incomplete; the upstream is not left waiting for the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_body_faults_are_the_clients_not_the_upstreams() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    // A model server on HTTP/1.1 and h2c that reads each body whole, then answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = listener.local_addr().unwrap();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let count = busy.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let working = InFlight::enter(&count);
+                    async move {
+                        use http_body_util::BodyExt;
+                        let _ = req.into_body().collect().await?;
+                        drop(working);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(br#"{"outputs":[]}"#),
+                        )))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let spool = spool_dir();
+    let proxy = start_proxy(
+        model,
+        spool.path(),
+        &["--client-body-timeout", "500ms", "--upstream-timeout", "3s"],
+    );
+    let data = proxy.data;
+    let head = |framing: &str| {
+        format!(
+            "POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{framing}\r\n\r\n"
+        )
+    };
+    let malformed = format!(
+        "{}5\r\nhello\r\nZZZ\r\n\r\n",
+        head("Transfer-Encoding: chunked")
+    );
+    let partial = format!("{}0123456789", head("Content-Length: 100"));
+    let (broken, cut, stalled) = tokio::task::spawn_blocking(move || {
+        (
+            raw_exchange(data, malformed.as_bytes(), false),
+            raw_exchange(data, partial.as_bytes(), true),
+            raw_exchange(data, partial.as_bytes(), false),
+        )
+    })
+    .await
+    .unwrap();
+    // HTTP/2: a stream that sends a piece of its body, then nothing.
+    let mut h2 = h2_client::<http_body_util::StreamBody<_>>(data).await;
+    let piece: Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible> = Ok(
+        http_body::Frame::data(bytes::Bytes::from_static(b"{\"inputs\"")),
+    );
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::iter([piece]),
+        futures_util::stream::pending(),
+    );
+    let req = http::Request::post(proxy.url("/v2/models/m/infer"))
+        .body(http_body_util::StreamBody::new(body))
+        .unwrap();
+    let start = Instant::now();
+    let h2_status = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req))
+        .await
+        .expect("the stalled HTTP/2 stream is answered")
+        .unwrap()
+        .status();
+    let h2_took = start.elapsed();
+    eprintln!(
+        "client body faults: malformed chunked → {}; cut short → {} (0: closed); stalled → {} in {:?}; stalled over HTTP/2 → {h2_status} in {h2_took:?}",
+        broken.0, cut.0, stalled.0, stalled.2
+    );
+    assert_eq!(broken.0, 400, "{}", broken.1);
+    assert!(broken.1.contains("client_body_error"), "{}", broken.1);
+    assert!(cut.0 == 400 || cut.0 == 0, "{}", cut.1);
+    assert_eq!(stalled.0, 408, "{}", stalled.1);
+    assert!(stalled.1.contains("client_body_timeout"), "{}", stalled.1);
+    assert_eq!(h2_status, 408);
+    assert_eq!(
+        wait_zero(&busy).await,
+        0,
+        "the model server is still waiting for a body"
+    );
+
+    // Four records, each incomplete with the client's code; no upstream fault counted.
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        4.0,
+        Duration::from_secs(10),
+    );
+    let codes: Vec<(String, bool)> = spool_records(spool.path())
+        .iter()
+        .map(|r| {
+            (
+                r["error"]["code"].as_str().unwrap_or_default().to_owned(),
+                r["complete"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("client_body_error".to_owned(), false),
+            ("client_body_error".to_owned(), false),
+            ("client_body_timeout".to_owned(), false),
+            ("client_body_timeout".to_owned(), false),
+        ],
+        "{codes:?}"
+    );
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    let errors = |source: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sluicegate_proxy_errors_total{") && l.contains(source))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(errors("source=\"client\""), 4.0, "{metrics}");
+    assert_eq!(errors("source=\"upstream\""), 0.0, "{metrics}");
+}
+
+/// Polls `count` until it is 0 or 5 s pass; returns where it got.
+async fn wait_zero(count: &std::sync::atomic::AtomicUsize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = count.load(std::sync::atomic::Ordering::Relaxed);
+        if now == 0 || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -27,6 +27,8 @@ pub struct Settings {
     pub max_record_bytes: u64,
     /// A client that has not sent its request headers within this time is cut off.
     pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body; past it, 408.
+    pub client_body_timeout: Duration,
     /// Client connections served at once; past it, new ones wait in the listen backlog.
     pub max_connections: usize,
     /// Streams one HTTP/2 client connection may have open at once.
@@ -119,6 +121,7 @@ impl Default for Settings {
             max_request_body_bytes: 16 << 20,
             max_record_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
+            client_body_timeout: Duration::from_secs(15),
             max_connections: 4096,
             max_concurrent_streams: 100,
             drain_delay: Duration::ZERO,
@@ -165,6 +168,8 @@ pub struct SettingsFile {
     pub max_record: Option<String>,
     /// Header read timeout, e.g. `10s`.
     pub header_read_timeout: Option<String>,
+    /// Longest pause inside a request body, e.g. `15s`.
+    pub client_body_timeout: Option<String>,
     /// Client connections served at once.
     pub max_connections: Option<usize>,
     /// Streams open at once on one HTTP/2 client connection.
@@ -257,6 +262,9 @@ pub struct SettingsArgs {
     /// Header read timeout [default: 10s].
     #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
+    /// Longest pause inside a request body before 408 [default: 15s].
+    #[arg(long, env = "SLUICEGATE_CLIENT_BODY_TIMEOUT")]
+    pub client_body_timeout: Option<String>,
     /// Client connections served at once [default: 4096].
     #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -360,7 +368,7 @@ impl SettingsArgs {
                 Err(e) => errors.push(format!("upstream: {e}")),
             }
         }
-        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 5] = [
+        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 6] = [
             (
                 "upstream_timeout",
                 &self.upstream_timeout,
@@ -380,6 +388,12 @@ impl SettingsArgs {
                 &mut s.header_read_timeout,
             ),
             (
+                "client_body_timeout",
+                &self.client_body_timeout,
+                file.client_body_timeout,
+                &mut s.client_body_timeout,
+            ),
+            (
                 "drain_delay",
                 &self.drain_delay,
                 file.drain_delay,
@@ -396,6 +410,9 @@ impl SettingsArgs {
             if let Some(v) = pick(flag, from_file) {
                 set_parsed(slot, key, &v, parse_duration, errors);
             }
+        }
+        if s.client_body_timeout.is_zero() {
+            errors.push("client_body_timeout: must be more than 0s".into());
         }
         if let Some(n) = self.max_connections.or(file.max_connections) {
             if n == 0 {

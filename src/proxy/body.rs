@@ -1,13 +1,16 @@
 //! Bodies that stream through untouched while the tee keeps a capped copy.
 //!
-//! [`RequestBody`] enforces the request size limit and captures into a shared slot (the
-//! request may still be streaming when the response ends: gRPC bidi). [`ResponseBody`] owns
-//! the pending record and hands it to the tee when the body ends, fails or is dropped.
+//! [`RequestBody`] enforces the request size limit and the client's idle timeout, and captures
+//! into a shared slot (the request may still be streaming when the response ends: gRPC bidi).
+//! [`ResponseBody`] owns the pending record and hands it to the tee when the body ends, fails
+//! or is dropped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -26,12 +29,60 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The client's body failed: it broke off (the client gets 400) or went quiet (408). Told
+/// apart from the upstream's faults, which look the same from the upstream request's side.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ClientFault {
+    #[error("{0}")]
+    Broken(String),
+    #[error("no request body data for {}", humantime::format_duration(*.0))]
+    Stalled(Duration),
+}
+
 /// What the request side shares with the pending record.
 #[derive(Debug, Default)]
 pub struct RequestCapture {
     pub capture: Mutex<Capture>,
     pub trailers: Mutex<Option<http::HeaderMap>>,
     pub too_large: AtomicBool,
+    pub client_fault: OnceLock<ClientFault>,
+}
+
+/// Time a body has spent waiting for its sender. The clock restarts each time a wait begins,
+/// so time the receiving side spent not asking for data (flow control) never counts.
+pub(crate) struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(limit: Duration) -> Self {
+        IdleTimer {
+            limit,
+            sleep: None,
+            waiting: false,
+        }
+    }
+
+    /// The body is pending: ready once it has been so for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.limit;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                // Made on the first wait only: a body that is all there never needs a timer.
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.sleep.as_mut().expect("armed above").as_mut().poll(cx)
+    }
+
+    /// Data came.
+    fn progress(&mut self) {
+        self.waiting = false;
+    }
 }
 
 /// The client's request body on its way upstream.
@@ -41,19 +92,26 @@ pub struct RequestBody {
     seen: u64,
     /// `None` when this request is not recorded.
     capture: Option<Arc<RequestCapture>>,
-    too_large: Arc<RequestCapture>,
+    shared: Arc<RequestCapture>,
+    idle: IdleTimer,
     /// The pooled HTTP/2 stream this body goes out on, given back once it is done.
     stream: Option<Arc<Stream>>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, shared: Arc<RequestCapture>, capture: bool) -> Self {
+    pub fn new(
+        inner: Incoming,
+        limits: RequestLimits,
+        shared: Arc<RequestCapture>,
+        capture: bool,
+    ) -> Self {
         RequestBody {
             inner,
-            limit,
+            limit: limits.max_body,
             seen: 0,
             capture: capture.then(|| shared.clone()),
-            too_large: shared,
+            shared,
+            idle: IdleTimer::new(limits.body_timeout),
             stream: None,
         }
     }
@@ -71,24 +129,20 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            None => return Poll::Ready(None),
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-            Some(Ok(frame)) => frame,
+        let fault = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                ready!(self.idle.poll_expired(cx));
+                ClientFault::Stalled(self.idle.limit)
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => ClientFault::Broken(super::error_chain(&e)),
+            Poll::Ready(Some(Ok(frame))) => {
+                self.idle.progress();
+                return Poll::Ready(Some(self.pass(frame)));
+            }
         };
-        if let Some(data) = frame.data_ref() {
-            self.seen += data.len() as u64;
-            if self.seen > self.limit {
-                self.too_large.too_large.store(true, Ordering::Relaxed);
-                return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: self.limit }))));
-            }
-            if let Some(c) = &self.capture {
-                c.capture.lock().expect("capture lock").push(data);
-            }
-        } else if let (Some(t), Some(c)) = (frame.trailers_ref(), &self.capture) {
-            *c.trailers.lock().expect("trailers lock") = Some(t.clone());
-        }
-        Poll::Ready(Some(Ok(frame)))
+        let fault = self.shared.client_fault.get_or_init(|| fault).clone();
+        Poll::Ready(Some(Err(Box::new(fault))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -97,6 +151,43 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl RequestBody {
+    /// Counts and captures a frame from the client on its way upstream.
+    fn pass(&mut self, frame: Frame<Bytes>) -> Result<Frame<Bytes>, BoxError> {
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+            if self.seen > self.limit {
+                self.shared.too_large.store(true, Ordering::Relaxed);
+                return Err(Box::new(BodyTooLarge { limit: self.limit }));
+            }
+            if let Some(c) = &self.capture {
+                c.capture.lock().expect("capture lock").push(data);
+            }
+        } else if let (Some(t), Some(c)) = (frame.trailers_ref(), &self.capture) {
+            *c.trailers.lock().expect("trailers lock") = Some(t.clone());
+        }
+        Ok(frame)
+    }
+}
+
+/// What a client's request body may do.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimits {
+    /// Largest body; past it, 413.
+    pub max_body: u64,
+    /// Longest wait for the next piece of the body; past it, 408.
+    pub body_timeout: Duration,
+}
+
+impl RequestLimits {
+    pub fn from_settings(settings: &crate::config::settings::Settings) -> Self {
+        RequestLimits {
+            max_body: settings.max_request_body_bytes,
+            body_timeout: settings.client_body_timeout,
+        }
     }
 }
 

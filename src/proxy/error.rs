@@ -17,8 +17,11 @@ pub enum ProxyError {
     UpstreamFailed,
     /// The upstream did not send response headers in time.
     UpstreamTimeout,
-    /// The client's request could not be forwarded (its body failed mid-stream).
+    /// The client's request could not be forwarded: its body broke off (malformed chunked
+    /// framing, fewer bytes than its `content-length`, a reset stream).
     ClientBody,
+    /// The client stopped sending its body for `--client-body-timeout`.
+    ClientBodyTimeout,
     /// The caller is not a declared consumer and the policy refuses undeclared ones.
     ConsumerUndeclared,
     /// Taking the model's action would breach an action limit whose policy is `reject`.
@@ -32,9 +35,24 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
             // 429, not 503: meshes retry 503 by default, which would run the model again.
             ProxyError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// Whose fault it was, the `source` label of the error counter: `client`, `upstream` or
+    /// `policy` (the proxy refused by its policy).
+    pub fn source(self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody
+            | ProxyError::ClientBodyTimeout => "client",
+            ProxyError::UpstreamUnavailable
+            | ProxyError::UpstreamFailed
+            | ProxyError::UpstreamTimeout => "upstream",
+            ProxyError::ConsumerUndeclared | ProxyError::LimitExceeded { .. } => "policy",
         }
     }
 
@@ -46,6 +64,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::ClientBody => "client_body_error",
+            ProxyError::ClientBodyTimeout => "client_body_timeout",
             ProxyError::ConsumerUndeclared => "consumer_undeclared",
             ProxyError::LimitExceeded { .. } => "limit_exceeded",
         }
@@ -64,6 +83,7 @@ impl ProxyError {
                 format!("the model server did not answer within {detail}")
             }
             ProxyError::ClientBody => format!("the request body could not be read: {detail}"),
+            ProxyError::ClientBodyTimeout => format!("the request body stalled: {detail}"),
             ProxyError::ConsumerUndeclared => format!(
                 "caller {detail} is not a declared consumer; name yourself in the consumer header, or ask for your name to be added to the policy"
             ),

@@ -20,8 +20,8 @@ use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use body::{
-    BodyTooLarge, BoxError, RequestBody, RequestCapture, ResponseBody, UpstreamBody,
-    UpstreamIncoming,
+    BodyTooLarge, BoxError, ClientFault, RequestBody, RequestCapture, RequestLimits, ResponseBody,
+    UpstreamBody, UpstreamIncoming,
 };
 use error::ProxyError;
 use pending::Pending;
@@ -104,6 +104,7 @@ pub struct Proxy {
     http1: Box<dyn SendHttp1>,
     http2: Box<dyn SendH2>,
     max_request_body: u64,
+    client_body_timeout: std::time::Duration,
     policy: SharedPolicy,
     tee: TeeSender,
     metrics: ProxyMetrics,
@@ -113,7 +114,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         upstream: Upstream,
-        max_request_body: u64,
+        limits: RequestLimits,
         policy: SharedPolicy,
         tee: TeeSender,
         metrics: ProxyMetrics,
@@ -121,7 +122,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(upstream.connect_timeout));
-        Self::with_connector(connector, upstream, max_request_body, policy, tee, metrics)
+        Self::with_connector(connector, upstream, limits, policy, tee, metrics)
     }
 
     /// As [`Proxy::new`], reaching the upstream through `connector` instead of TCP (the
@@ -129,7 +130,7 @@ impl Proxy {
     pub fn with_connector<C: UpstreamConnector>(
         connector: C,
         upstream: Upstream,
-        max_request_body: u64,
+        limits: RequestLimits,
         policy: SharedPolicy,
         tee: TeeSender,
         metrics: ProxyMetrics,
@@ -149,7 +150,8 @@ impl Proxy {
             upstream,
             http1,
             http2,
-            max_request_body,
+            max_request_body: limits.max_body,
+            client_body_timeout: limits.body_timeout,
             policy,
             tee,
             metrics,
@@ -277,7 +279,11 @@ impl Proxy {
             parts.headers.insert("x-forwarded-host", host);
         }
         append_forwarded_for(&mut parts.headers, client);
-        let body = RequestBody::new(body, self.max_request_body, shared.clone(), sampled);
+        let limits = RequestLimits {
+            max_body: self.max_request_body,
+            body_timeout: self.client_body_timeout,
+        };
+        let body = RequestBody::new(body, limits, shared.clone(), sampled);
         let upstream_req = Request::from_parts(parts, body);
 
         let sent = Instant::now();
@@ -286,6 +292,15 @@ impl Proxy {
         let upstream_time = sent.elapsed();
         let (resp, stream) = match result {
             Ok(Ok(resp)) => resp,
+            // The client's body failed first: the upstream request failed because of it.
+            _ if shared.client_fault.get().is_some() => {
+                let fault = shared.client_fault.get().expect("checked");
+                let err = match fault {
+                    ClientFault::Broken(_) => ProxyError::ClientBody,
+                    ClientFault::Stalled(_) => ProxyError::ClientBodyTimeout,
+                };
+                return Ok(self.fail(err, &fault.to_string(), &id, &route, pending));
+            }
             Ok(Err(e)) => {
                 let err = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
                     ProxyError::BodyTooLarge {
@@ -408,11 +423,20 @@ impl Proxy {
         let message = err.message(detail);
         self.metrics
             .errors
-            .get_or_create(&ErrorLabel { kind: err.code() })
+            .get_or_create(&ErrorLabel {
+                kind: err.code(),
+                source: err.source(),
+            })
             .inc();
         self.count(route, err.status().as_u16());
         if let Some(p) = pending {
-            p.finish_error(err.status().as_u16(), err.for_record(message.clone()));
+            // A client whose body failed did not send a whole request.
+            let complete = !matches!(err, ProxyError::ClientBody | ProxyError::ClientBodyTimeout);
+            p.finish_error(
+                err.status().as_u16(),
+                err.for_record(message.clone()),
+                complete,
+            );
         }
         err.response(id, &message)
     }
