@@ -1032,3 +1032,94 @@ async fn wait_zero(count: &std::sync::atomic::AtomicUsize) -> usize {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An upstream that sends its headers and a piece of its body, then nothing, holds no client:
+/// after `--upstream-body-timeout` a streamed response is cut (the client sees the body fail)
+/// and a response a deciding route reads whole gets 504 `upstream_body_timeout`; both records
+/// say `upstream_body_timeout`, `complete: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_body_that_stops_midway_times_out() {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req| async {
+                let piece: Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible> =
+                    Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                        br#"{"model_name":"spam-filter","outputs":["#,
+                    )));
+                let body = futures_util::StreamExt::chain(
+                    futures_util::stream::iter([piece]),
+                    futures_util::stream::pending(),
+                );
+                let mut resp = http::Response::new(http_body_util::StreamBody::new(body));
+                resp.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let dir = spool_dir();
+    let policy = write_policy(dir.path(), &spam_route("{fixed: 0.5}", "[]", ""));
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &policy,
+        &["--upstream-body-timeout", "500ms"],
+    );
+    let c = client();
+
+    // Streamed: the headers arrive, then the body fails once the upstream has been quiet.
+    let req = http::Request::post(proxy.url("/v2/models/other/infer"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let start = Instant::now();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the stalled response body ends");
+    let streamed = start.elapsed();
+    assert!(
+        body.is_err(),
+        "the client sees the response cut, not a complete body"
+    );
+
+    // Read whole by a deciding route: the proxy still owns the answer.
+    let start = Instant::now();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(
+            &c,
+            &proxy.url("/v2/models/spam-filter/infer"),
+            v2_request(1, 2),
+        ),
+    )
+    .await
+    .expect("the deciding route answers");
+    let decided = start.elapsed();
+    eprintln!(
+        "upstream body stopped midway, 500 ms timeout: streamed response cut after {streamed:?}; deciding route answered {status} after {decided:?}"
+    );
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("upstream_body_timeout"));
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(r["error"]["code"], "upstream_body_timeout", "{r}");
+        assert_eq!(r["complete"], false, "{r}");
+    }
+}

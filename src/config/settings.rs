@@ -56,6 +56,8 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// Time allowed for the upstream's response headers.
     pub timeout: Duration,
+    /// Longest wait for the next piece of a response body; past it, the response is cut.
+    pub body_timeout: Duration,
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
     /// HTTP version spoken to the upstream.
@@ -113,6 +115,7 @@ impl Default for Settings {
             upstream: Upstream {
                 authority: http::uri::Authority::from_static("127.0.0.1:8080"),
                 timeout: Duration::from_secs(30),
+                body_timeout: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(2),
                 protocol: UpstreamProtocol::Auto,
                 ready_path: None,
@@ -156,6 +159,8 @@ pub struct SettingsFile {
     pub upstream_timeout: Option<String>,
     /// Upstream connect timeout, e.g. `2s`.
     pub upstream_connect_timeout: Option<String>,
+    /// Longest pause inside an upstream response body, e.g. `60s`.
+    pub upstream_body_timeout: Option<String>,
     /// `auto`, `http1` or `http2`.
     pub upstream_protocol: Option<UpstreamProtocol>,
     /// Readiness probe path on the upstream, e.g. `/v2/health/ready`.
@@ -244,6 +249,9 @@ pub struct SettingsArgs {
     /// Upstream connect timeout [default: 2s].
     #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
+    /// Longest pause inside an upstream response body before it is cut [default: 60s].
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_BODY_TIMEOUT")]
+    pub upstream_body_timeout: Option<String>,
     /// HTTP version to the upstream [default: auto].
     #[arg(long, env = "SLUICEGATE_UPSTREAM_PROTOCOL", value_enum)]
     pub upstream_protocol: Option<UpstreamProtocol>,
@@ -368,7 +376,7 @@ impl SettingsArgs {
                 Err(e) => errors.push(format!("upstream: {e}")),
             }
         }
-        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 6] = [
+        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 7] = [
             (
                 "upstream_timeout",
                 &self.upstream_timeout,
@@ -380,6 +388,12 @@ impl SettingsArgs {
                 &self.upstream_connect_timeout,
                 file.upstream_connect_timeout,
                 &mut s.upstream.connect_timeout,
+            ),
+            (
+                "upstream_body_timeout",
+                &self.upstream_body_timeout,
+                file.upstream_body_timeout,
+                &mut s.upstream.body_timeout,
             ),
             (
                 "header_read_timeout",
@@ -411,8 +425,13 @@ impl SettingsArgs {
                 set_parsed(slot, key, &v, parse_duration, errors);
             }
         }
-        if s.client_body_timeout.is_zero() {
-            errors.push("client_body_timeout: must be more than 0s".into());
+        for (key, timeout) in [
+            ("client_body_timeout", s.client_body_timeout),
+            ("upstream_body_timeout", s.upstream.body_timeout),
+        ] {
+            if timeout.is_zero() {
+                errors.push(format!("{key}: must be more than 0s"));
+            }
         }
         if let Some(n) = self.max_connections.or(file.max_connections) {
             if n == 0 {

@@ -39,6 +39,11 @@ pub enum ClientFault {
     Stalled(Duration),
 }
 
+/// The upstream sent no piece of its response body for `--upstream-body-timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no response body data from the model server for {}", humantime::format_duration(*.0))]
+pub struct UpstreamBodyTimeout(pub Duration);
+
 /// What the request side shares with the pending record.
 #[derive(Debug, Default)]
 pub struct RequestCapture {
@@ -209,16 +214,18 @@ impl ResponseBody {
 }
 
 /// The upstream's response body as it arrives, holding its pooled HTTP/2 stream until it is
-/// done.
+/// done, and failing with [`UpstreamBodyTimeout`] when it goes quiet.
 pub struct UpstreamIncoming {
     inner: Incoming,
+    idle: IdleTimer,
     _stream: Option<Arc<Stream>>,
 }
 
 impl UpstreamIncoming {
-    pub(crate) fn new(inner: Incoming, stream: Option<Arc<Stream>>) -> Self {
+    pub(crate) fn new(inner: Incoming, timeout: Duration, stream: Option<Arc<Stream>>) -> Self {
         UpstreamIncoming {
             inner,
+            idle: IdleTimer::new(timeout),
             _stream: stream,
         }
     }
@@ -232,9 +239,16 @@ impl Body for UpstreamIncoming {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner)
-            .poll_frame(cx)
-            .map_err(BoxError::from)
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                ready!(self.idle.poll_expired(cx));
+                Poll::Ready(Some(Err(Box::new(UpstreamBodyTimeout(self.idle.limit)))))
+            }
+            Poll::Ready(frame) => {
+                self.idle.progress();
+                Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

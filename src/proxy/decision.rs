@@ -15,7 +15,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use super::body::{BoxError, ResponseBody, UpstreamBody, UpstreamIncoming};
+use super::body::{BoxError, ResponseBody, UpstreamBody, UpstreamBodyTimeout, UpstreamIncoming};
 use super::error::ProxyError;
 use super::pending::Pending;
 use super::Proxy;
@@ -102,13 +102,12 @@ pub async fn decide_response(
         }
         Collected::Broken(e) => {
             let detail = e.to_string();
-            return proxy.fail(
-                ProxyError::UpstreamFailed,
-                &detail,
-                id,
-                &route.name,
-                pending,
-            );
+            let err = if e.is::<UpstreamBodyTimeout>() {
+                ProxyError::UpstreamBodyTimeout
+            } else {
+                ProxyError::UpstreamFailed
+            };
+            return proxy.fail(err, &detail, id, &route.name, pending);
         }
     };
     if let Some(p) = pending.as_mut() {

@@ -17,6 +17,9 @@ pub enum ProxyError {
     UpstreamFailed,
     /// The upstream did not send response headers in time.
     UpstreamTimeout,
+    /// The upstream stopped sending a body the proxy had to read whole (a deciding route)
+    /// for `--upstream-body-timeout`.
+    UpstreamBodyTimeout,
     /// The client's request could not be forwarded: its body broke off (malformed chunked
     /// framing, fewer bytes than its `content-length`, a reset stream).
     ClientBody,
@@ -33,7 +36,9 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout | ProxyError::UpstreamBodyTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
@@ -51,7 +56,8 @@ impl ProxyError {
             | ProxyError::ClientBodyTimeout => "client",
             ProxyError::UpstreamUnavailable
             | ProxyError::UpstreamFailed
-            | ProxyError::UpstreamTimeout => "upstream",
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamBodyTimeout => "upstream",
             ProxyError::ConsumerUndeclared | ProxyError::LimitExceeded { .. } => "policy",
         }
     }
@@ -63,6 +69,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamBodyTimeout => "upstream_body_timeout",
             ProxyError::ClientBody => "client_body_error",
             ProxyError::ClientBodyTimeout => "client_body_timeout",
             ProxyError::ConsumerUndeclared => "consumer_undeclared",
@@ -82,6 +89,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => {
                 format!("the model server did not answer within {detail}")
             }
+            ProxyError::UpstreamBodyTimeout => format!("the model server's body stalled: {detail}"),
             ProxyError::ClientBody => format!("the request body could not be read: {detail}"),
             ProxyError::ClientBodyTimeout => format!("the request body stalled: {detail}"),
             ProxyError::ConsumerUndeclared => format!(

@@ -331,7 +331,7 @@ impl Proxy {
             })
             .observe(upstream_time.as_secs_f64());
         let (mut parts, body) = resp.into_parts();
-        let body = UpstreamIncoming::new(body, stream);
+        let body = UpstreamIncoming::new(body, self.upstream.body_timeout, stream);
         strip_hop_by_hop(&mut parts.headers);
         parts.version = original_version;
         if let Some(p) = pending.as_mut() {
@@ -430,8 +430,13 @@ impl Proxy {
             .inc();
         self.count(route, err.status().as_u16());
         if let Some(p) = pending {
-            // A client whose body failed did not send a whole request.
-            let complete = !matches!(err, ProxyError::ClientBody | ProxyError::ClientBodyTimeout);
+            // A body that failed on either side did not arrive whole.
+            let complete = !matches!(
+                err,
+                ProxyError::ClientBody
+                    | ProxyError::ClientBodyTimeout
+                    | ProxyError::UpstreamBodyTimeout
+            );
             p.finish_error(
                 err.status().as_u16(),
                 err.for_record(message.clone()),

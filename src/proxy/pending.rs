@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Frame;
 
-use super::body::{BoxError, ClientFault, RequestCapture};
+use super::body::{BoxError, ClientFault, RequestCapture, UpstreamBodyTimeout};
 use crate::tee::record::{Capture, DecisionOutcome, Exchange, ExchangeError, Message};
 use crate::tee::TeeSender;
 
@@ -109,7 +109,11 @@ impl Pending {
                 });
             } else if let Some(err) = error {
                 e.error = Some(ExchangeError {
-                    code: "upstream_body_error",
+                    code: if err.is::<UpstreamBodyTimeout>() {
+                        "upstream_body_timeout"
+                    } else {
+                        "upstream_body_error"
+                    },
                     message: err.to_string(),
                 });
             } else if !complete {
