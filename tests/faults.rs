@@ -679,9 +679,20 @@ async fn h2_upstream_limited_to_100_streams() -> (
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    h2_upstream_on(listener)
+}
+
+/// [`h2_upstream_limited_to_100_streams`] on `listener`.
+fn h2_upstream_on(
+    listener: tokio::net::TcpListener,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
@@ -861,6 +872,41 @@ async fn a_full_upstream_h2_pool_gives_streams_back_when_their_client_leaves() {
         .unwrap()
         .unwrap();
     assert_eq!(status, 200);
+}
+
+/// An HTTP/2 request while the upstream is down gets 502 `upstream_unavailable`; once the
+/// upstream is back the pool opens a connection again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_h2_pool_reports_a_dead_upstream_and_recovers() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(addr, spool.path(), &[]);
+    let mut c = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let mut ask = |i| {
+        let req = http::Request::post(proxy.url("/v2/models/m/infer"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+                1, i,
+            ))))
+            .unwrap();
+        let sent = c.send_request(req);
+        async move {
+            let resp = sent.await.unwrap();
+            let status = resp.status().as_u16();
+            use http_body_util::BodyExt;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    for i in 0..3 {
+        let (status, body) = ask(i).await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream_unavailable"), "{body}");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    h2_upstream_on(listener);
+    let (status, body) = ask(3).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// One raw exchange on a fresh connection: writes `request`, optionally closes the write

@@ -348,3 +348,27 @@ impl Drop for UpstreamBody {
         self.finish(false, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `timer` once, as a body does when its sender has nothing.
+    async fn expired(timer: &mut IdleTimer) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(timer.poll_expired(cx).is_ready())).await
+    }
+
+    #[tokio::test]
+    async fn the_idle_clock_runs_only_while_waiting_for_the_sender() {
+        let limit = Duration::from_millis(300);
+        let mut timer = IdleTimer::new(limit);
+        assert!(!expired(&mut timer).await);
+        timer.progress();
+        // Not asked for data (flow control) for longer than the limit: that is not idleness.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!expired(&mut timer).await, "a new wait starts a new clock");
+        let start = std::time::Instant::now();
+        std::future::poll_fn(|cx| timer.poll_expired(cx)).await;
+        assert!(start.elapsed() >= limit - Duration::from_millis(5));
+    }
+}
