@@ -6,7 +6,9 @@
 //! pool puts a request on the oldest connection with a free stream and opens another when all
 //! are full, up to `--upstream-h2-max-connections`; past that, a request waits for a stream to
 //! be given back (bounded by `--upstream-timeout`). A stream counts as taken until both the
-//! request body and the response body are done with it, as in HTTP/2 itself.
+//! request body and the response body are done with it, as in HTTP/2 itself. A new connection
+//! takes up to 100 requests before its server's limit is known; a server allowing fewer
+//! queues the rest on that connection (hyper does) while later requests go elsewhere.
 
 use std::future::Future;
 use std::pin::Pin;
