@@ -687,6 +687,40 @@ mod tests {
     }
 
     #[test]
+    fn stream_and_body_timeout_settings_load_and_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(
+            &path,
+            "max_concurrent_streams: 50\nupstream_h2_max_connections: 4\nclient_body_timeout: 2s\nupstream_body_timeout: 3s\n",
+        )
+        .unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        assert_eq!(s.max_concurrent_streams, 50);
+        assert_eq!(s.upstream.h2_max_connections, 4);
+        assert_eq!(s.client_body_timeout, Duration::from_secs(2));
+        assert_eq!(s.upstream.body_timeout, Duration::from_secs(3));
+
+        let err = args(|a| {
+            a.max_concurrent_streams = Some(0);
+            a.upstream_h2_max_connections = Some(0);
+            a.client_body_timeout = Some("0s".into());
+            a.upstream_body_timeout = Some("0s".into());
+        })
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "max_concurrent_streams",
+            "upstream_h2_max_connections",
+            "client_body_timeout",
+            "upstream_body_timeout",
+        ] {
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.yaml");
