@@ -41,6 +41,7 @@ use sluicegate::config::settings::Settings;
 use sluicegate::config::validate::parse;
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::provenance::{generate_key, Algorithm};
+use sluicegate::proxy::body::RequestLimits;
 use sluicegate::proxy::server::{Connections, ListenerLimits};
 use sluicegate::proxy::Proxy;
 use sluicegate::tee::record::EncodeContext;
@@ -209,7 +210,7 @@ async fn sluicegate(
     let proxy = Arc::new(Proxy::with_connector(
         upstream,
         settings.upstream.clone(),
-        settings.max_request_body_bytes,
+        RequestLimits::from_settings(&settings),
         policy,
         tee,
         metrics.proxy.clone(),

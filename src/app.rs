@@ -12,6 +12,7 @@ use crate::config::settings::Settings;
 use crate::config::validate::{self, PolicyError, PolicyErrors};
 use crate::control::reload::{self, Reloader};
 use crate::control::{self, Readiness};
+use crate::proxy::body::RequestLimits;
 use crate::proxy::server::{self, ListenerLimits};
 use crate::proxy::Proxy;
 use crate::tee::kafka::KafkaSender;
@@ -185,7 +186,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
-        settings.max_request_body_bytes,
+        RequestLimits::from_settings(&settings),
         policy,
         tee,
         metrics.proxy.clone(),

@@ -11,8 +11,9 @@
 //!                                                        ─▶ tee::kafka sender thread ─▶ Kafka
 //! ```
 //! - [`config`]: static settings (flags, env, file); the policy, its validation and diff.
-//! - [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy;
-//!   deciding routes read the response and decide (its `decision` module).
+//! - [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
+//!   and times out a side that goes quiet; deciding routes read the response and decide (its
+//!   `decision` module); HTTP/2 goes upstream over a pool of h2c connections (`pool`).
 //! - [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
 //!   compiled route table that carries their state across policy reloads.
 //! - [`provenance`]: signed tags, the key directory, verification.

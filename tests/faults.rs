@@ -876,3 +876,518 @@ async fn an_upstream_sending_content_length_and_chunked_is_framed_by_its_chunks(
     assert_eq!(r["response"]["body"]["size"], body.len());
     assert!(r["response"]["headers"].get("content-length").is_none());
 }
+
+/// Counts the requests an upstream is working on (a guard, so a reset stream counts down too).
+struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An h2c model server that allows 100 streams per connection, as many servers do: it reads
+/// each request's body whole, then answers. Returns its address, the requests it is reading
+/// and the connections that carried requests.
+async fn h2_upstream_limited_to_100_streams() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    h2_upstream_on(listener)
+}
+
+/// [`h2_upstream_limited_to_100_streams`] on `listener`.
+fn h2_upstream_on(
+    listener: tokio::net::TcpListener,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let addr = listener.local_addr().unwrap();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (count, conns) = (in_flight.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (count, conns) = (count.clone(), conns.clone());
+            let used = std::sync::atomic::AtomicBool::new(false);
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    if !used.swap(true, Ordering::Relaxed) {
+                        conns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let working = InFlight::enter(&count);
+                    async move {
+                        use http_body_util::BodyExt;
+                        let _ = req.into_body().collect().await?;
+                        drop(working);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(br#"{"outputs":[]}"#),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(100)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, in_flight, connections)
+}
+
+/// An HTTP/2 connection to `addr`, its task spawned.
+async fn h2_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// Polls `count` until it reaches `want` or 10 s pass; returns where it got.
+async fn wait_count(count: &std::sync::atomic::AtomicUsize, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = count.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client holding 300 streams whose bodies never end does not hold up an unrelated HTTP/2
+/// client: one client connection gets at most 100 streams (`--max-concurrent-streams`), and
+/// the upstream pool opens connections past the model server's 100-stream limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_streams_of_one_client_do_not_hold_up_another() {
+    use std::sync::atomic::Ordering;
+    type Stalled = http_body_util::StreamBody<
+        futures_util::stream::Pending<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    let (model, upstream_busy, upstream_conns) = h2_upstream_limited_to_100_streams().await;
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &[]);
+    let url = proxy.url("/v2/models/m/infer");
+
+    // The client's first connection asks for 300 streams, then two more connections for 100
+    // each; no request body ever ends.
+    let mut stalled = tokio::task::JoinSet::new();
+    let mut one_connection = 0;
+    for n in [300, 100, 100] {
+        let send = h2_client::<Stalled>(proxy.data).await;
+        for _ in 0..n {
+            let mut send = send.clone();
+            let req = http::Request::post(&url)
+                .header("content-type", "application/json")
+                .body(http_body_util::StreamBody::new(
+                    futures_util::stream::pending(),
+                ))
+                .unwrap();
+            stalled.spawn(async move { send.send_request(req).await.map(|r| r.status()) });
+        }
+        if n == 300 {
+            wait_count(&upstream_busy, 100).await;
+            // More would show up now if the proxy let one connection have them.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            one_connection = upstream_busy.load(Ordering::Relaxed);
+        }
+    }
+    let held = wait_count(&upstream_busy, 300).await;
+
+    let mut other = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let req = http::Request::post(&url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let start = Instant::now();
+    let answered = tokio::time::timeout(Duration::from_secs(5), other.send_request(req)).await;
+    let took = start.elapsed();
+    eprintln!(
+        "stalled HTTP/2 streams: one client connection asking for 300 held {one_connection} at the model server; three connections held {held} over {} upstream connections (the model server allows 100 each); an unrelated request answered in {took:?}",
+        upstream_conns.load(Ordering::Relaxed)
+    );
+    let resp = answered
+        .expect("the unrelated request is answered while the stalled streams are held")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    assert_eq!(
+        one_connection, 100,
+        "one client connection holds 100 streams"
+    );
+    assert_eq!(held, 300, "every stalled stream reached the model server");
+    assert!(
+        stalled.try_join_next().is_none(),
+        "the stalled streams are still held"
+    );
+    stalled.abort_all();
+}
+
+/// With `--upstream-h2-max-connections 1` the pool cannot grow: a request waits for a stream,
+/// and gets one as soon as a client that held them all goes away (its streams given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upstream_h2_pool_gives_streams_back_when_their_client_leaves() {
+    type Stalled = http_body_util::StreamBody<
+        futures_util::stream::Pending<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    let (model, upstream_busy, _) = h2_upstream_limited_to_100_streams().await;
+    let spool = spool_dir();
+    let proxy = start_proxy(model, spool.path(), &["--upstream-h2-max-connections", "1"]);
+    let url = proxy.url("/v2/models/m/infer");
+    let mut stalled = tokio::task::JoinSet::new();
+    let send = h2_client::<Stalled>(proxy.data).await;
+    for _ in 0..100 {
+        let mut send = send.clone();
+        let req = http::Request::post(&url)
+            .body(http_body_util::StreamBody::new(
+                futures_util::stream::pending(),
+            ))
+            .unwrap();
+        stalled.spawn(async move { send.send_request(req).await.map(|r| r.status()) });
+    }
+    assert_eq!(wait_count(&upstream_busy, 100).await, 100);
+
+    let mut other = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let req = http::Request::post(&url)
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let waiting = tokio::spawn(async move { other.send_request(req).await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "no stream is free on the one connection"
+    );
+    stalled.abort_all();
+    drop(send);
+    let status = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a stream is given back when its client leaves")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+/// An HTTP/2 request while the upstream is down gets 502 `upstream_unavailable`; once the
+/// upstream is back the pool opens a connection again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_h2_pool_reports_a_dead_upstream_and_recovers() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let spool = spool_dir();
+    let proxy = start_proxy(addr, spool.path(), &[]);
+    let mut c = h2_client::<http_body_util::Full<bytes::Bytes>>(proxy.data).await;
+    let mut ask = |i| {
+        let req = http::Request::post(proxy.url("/v2/models/m/infer"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+                1, i,
+            ))))
+            .unwrap();
+        let sent = c.send_request(req);
+        async move {
+            let resp = sent.await.unwrap();
+            let status = resp.status().as_u16();
+            use http_body_util::BodyExt;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    for i in 0..3 {
+        let (status, body) = ask(i).await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream_unavailable"), "{body}");
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    h2_upstream_on(listener);
+    let (status, body) = ask(3).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// One raw exchange on a fresh connection: writes `request`, optionally closes the write
+/// half, reads to the end: (status, the whole answer, the time it took); status 0 when the
+/// proxy closed without answering.
+fn raw_exchange(addr: SocketAddr, request: &[u8], close_write: bool) -> (u16, String, Duration) {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    if close_write {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text, start.elapsed())
+}
+
+/// A client body that is malformed, cut short or stalled is the client's fault: 400
+/// `client_body_error` or 408 `client_body_timeout`, counted under `source="client"`, never as
+/// an upstream fault; the record is incomplete; the upstream is not left waiting for the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_body_faults_are_the_clients_not_the_upstreams() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    // A model server on HTTP/1.1 and h2c that reads each body whole, then answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = listener.local_addr().unwrap();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let count = busy.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let working = InFlight::enter(&count);
+                    async move {
+                        use http_body_util::BodyExt;
+                        let _ = req.into_body().collect().await?;
+                        drop(working);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(br#"{"outputs":[]}"#),
+                        )))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    let spool = spool_dir();
+    let proxy = start_proxy(
+        model,
+        spool.path(),
+        &["--client-body-timeout", "500ms", "--upstream-timeout", "3s"],
+    );
+    let data = proxy.data;
+    let head = |framing: &str| {
+        format!(
+            "POST /v2/models/m/infer HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{framing}\r\n\r\n"
+        )
+    };
+    let malformed = format!(
+        "{}5\r\nhello\r\nZZZ\r\n\r\n",
+        head("Transfer-Encoding: chunked")
+    );
+    let partial = format!("{}0123456789", head("Content-Length: 100"));
+    let (broken, cut, stalled) = tokio::task::spawn_blocking(move || {
+        (
+            raw_exchange(data, malformed.as_bytes(), false),
+            raw_exchange(data, partial.as_bytes(), true),
+            raw_exchange(data, partial.as_bytes(), false),
+        )
+    })
+    .await
+    .unwrap();
+    // HTTP/2: a stream that sends a piece of its body, then nothing.
+    let mut h2 = h2_client::<http_body_util::StreamBody<_>>(data).await;
+    let piece: Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible> = Ok(
+        http_body::Frame::data(bytes::Bytes::from_static(b"{\"inputs\"")),
+    );
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::iter([piece]),
+        futures_util::stream::pending(),
+    );
+    let req = http::Request::post(proxy.url("/v2/models/m/infer"))
+        .body(http_body_util::StreamBody::new(body))
+        .unwrap();
+    let start = Instant::now();
+    let h2_status = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req))
+        .await
+        .expect("the stalled HTTP/2 stream is answered")
+        .unwrap()
+        .status();
+    let h2_took = start.elapsed();
+    eprintln!(
+        "client body faults: malformed chunked → {}; cut short → {} (0: closed); stalled → {} in {:?}; stalled over HTTP/2 → {h2_status} in {h2_took:?}",
+        broken.0, cut.0, stalled.0, stalled.2
+    );
+    assert_eq!(broken.0, 400, "{}", broken.1);
+    assert!(broken.1.contains("client_body_error"), "{}", broken.1);
+    assert!(cut.0 == 400 || cut.0 == 0, "{}", cut.1);
+    assert_eq!(stalled.0, 408, "{}", stalled.1);
+    assert!(stalled.1.contains("client_body_timeout"), "{}", stalled.1);
+    assert_eq!(h2_status, 408);
+    assert_eq!(
+        wait_zero(&busy).await,
+        0,
+        "the model server is still waiting for a body"
+    );
+
+    // Four records, each incomplete with the client's code; no upstream fault counted.
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        4.0,
+        Duration::from_secs(10),
+    );
+    let codes: Vec<(String, bool)> = spool_records(spool.path())
+        .iter()
+        .map(|r| {
+            (
+                r["error"]["code"].as_str().unwrap_or_default().to_owned(),
+                r["complete"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = codes.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("client_body_error".to_owned(), false),
+            ("client_body_error".to_owned(), false),
+            ("client_body_timeout".to_owned(), false),
+            ("client_body_timeout".to_owned(), false),
+        ],
+        "{codes:?}"
+    );
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    let errors = |source: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sluicegate_proxy_errors_total{") && l.contains(source))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(errors("source=\"client\""), 4.0, "{metrics}");
+    assert_eq!(errors("source=\"upstream\""), 0.0, "{metrics}");
+}
+
+/// Polls `count` until it is 0 or 5 s pass; returns where it got.
+async fn wait_zero(count: &std::sync::atomic::AtomicUsize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = count.load(std::sync::atomic::Ordering::Relaxed);
+        if now == 0 || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An upstream that sends its headers and a piece of its body, then nothing, holds no client:
+/// after `--upstream-body-timeout` a streamed response is cut (the client sees the body fail)
+/// and a response a deciding route reads whole gets 504 `upstream_body_timeout`; both records
+/// say `upstream_body_timeout`, `complete: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_body_that_stops_midway_times_out() {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let model = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req| async {
+                let piece: Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible> =
+                    Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                        br#"{"model_name":"spam-filter","outputs":["#,
+                    )));
+                let body = futures_util::StreamExt::chain(
+                    futures_util::stream::iter([piece]),
+                    futures_util::stream::pending(),
+                );
+                let mut resp = http::Response::new(http_body_util::StreamBody::new(body));
+                resp.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    let dir = spool_dir();
+    let policy = write_policy(dir.path(), &spam_route("{fixed: 0.5}", "[]", ""));
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &policy,
+        &["--upstream-body-timeout", "500ms"],
+    );
+    let c = client();
+
+    // Streamed: the headers arrive, then the body fails once the upstream has been quiet.
+    let req = http::Request::post(proxy.url("/v2/models/other/infer"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(v2_request(
+            1, 1,
+        ))))
+        .unwrap();
+    let start = Instant::now();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
+        .await
+        .expect("the stalled response body ends");
+    let streamed = start.elapsed();
+    assert!(
+        body.is_err(),
+        "the client sees the response cut, not a complete body"
+    );
+
+    // Read whole by a deciding route: the proxy still owns the answer.
+    let start = Instant::now();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(5),
+        post(
+            &c,
+            &proxy.url("/v2/models/spam-filter/infer"),
+            v2_request(1, 2),
+        ),
+    )
+    .await
+    .expect("the deciding route answers");
+    let decided = start.elapsed();
+    eprintln!(
+        "upstream body stopped midway, 500 ms timeout: streamed response cut after {streamed:?}; deciding route answered {status} after {decided:?}"
+    );
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("upstream_body_timeout"));
+
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(r["error"]["code"], "upstream_body_timeout", "{r}");
+        assert_eq!(r["complete"], false, "{r}");
+    }
+}

@@ -27,8 +27,12 @@ pub struct Settings {
     pub max_record_bytes: u64,
     /// A client that has not sent its request headers within this time is cut off.
     pub header_read_timeout: Duration,
+    /// Longest wait for the next piece of a request body; past it, 408.
+    pub client_body_timeout: Duration,
     /// Client connections served at once; past it, new ones wait in the listen backlog.
     pub max_connections: usize,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub max_concurrent_streams: u32,
     /// After SIGTERM, keep serving this long before closing the listener (lets the pod leave
     /// the Service endpoints first).
     pub drain_delay: Duration,
@@ -59,12 +63,17 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// Time allowed for the upstream's response headers.
     pub timeout: Duration,
+    /// Longest wait for the next piece of a response body; past it, the response is cut.
+    pub body_timeout: Duration,
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
     /// HTTP version spoken to the upstream.
     pub protocol: UpstreamProtocol,
     /// Path probed for readiness (`GET`, 2xx = ready); `None` probes with a TCP connect.
     pub ready_path: Option<String>,
+    /// HTTP/2 connections opened to the upstream at most, each carrying as many streams as
+    /// the upstream allows.
+    pub h2_max_connections: usize,
 }
 
 /// Which HTTP version sluicegate speaks to the upstream.
@@ -113,14 +122,18 @@ impl Default for Settings {
             upstream: Upstream {
                 authority: http::uri::Authority::from_static("127.0.0.1:8080"),
                 timeout: Duration::from_secs(30),
+                body_timeout: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(2),
                 protocol: UpstreamProtocol::Auto,
                 ready_path: None,
+                h2_max_connections: 16,
             },
             max_request_body_bytes: 16 << 20,
             max_record_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
+            client_body_timeout: Duration::from_secs(15),
             max_connections: 4096,
+            max_concurrent_streams: 100,
             drain_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(20),
             policy: None,
@@ -156,18 +169,26 @@ pub struct SettingsFile {
     pub upstream_timeout: Option<String>,
     /// Upstream connect timeout, e.g. `2s`.
     pub upstream_connect_timeout: Option<String>,
+    /// Longest pause inside an upstream response body, e.g. `60s`.
+    pub upstream_body_timeout: Option<String>,
     /// `auto`, `http1` or `http2`.
     pub upstream_protocol: Option<UpstreamProtocol>,
     /// Readiness probe path on the upstream, e.g. `/v2/health/ready`.
     pub upstream_ready_path: Option<String>,
+    /// HTTP/2 connections to the upstream at most.
+    pub upstream_h2_max_connections: Option<usize>,
     /// Largest request body, e.g. `16MiB`.
     pub max_request_body: Option<String>,
     /// Largest tee record, e.g. `1MiB`.
     pub max_record: Option<String>,
     /// Header read timeout, e.g. `10s`.
     pub header_read_timeout: Option<String>,
+    /// Longest pause inside a request body, e.g. `15s`.
+    pub client_body_timeout: Option<String>,
     /// Client connections served at once.
     pub max_connections: Option<usize>,
+    /// Streams open at once on one HTTP/2 client connection.
+    pub max_concurrent_streams: Option<u32>,
     /// Delay between SIGTERM and closing the listener.
     pub drain_delay: Option<String>,
     /// Time in-flight requests get after the listener closes.
@@ -244,12 +265,18 @@ pub struct SettingsArgs {
     /// Upstream connect timeout [default: 2s].
     #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT")]
     pub upstream_connect_timeout: Option<String>,
+    /// Longest pause inside an upstream response body before it is cut [default: 60s].
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_BODY_TIMEOUT")]
+    pub upstream_body_timeout: Option<String>,
     /// HTTP version to the upstream [default: auto].
     #[arg(long, env = "SLUICEGATE_UPSTREAM_PROTOCOL", value_enum)]
     pub upstream_protocol: Option<UpstreamProtocol>,
     /// Readiness probe path on the upstream (default: TCP connect).
     #[arg(long, env = "SLUICEGATE_UPSTREAM_READY_PATH")]
     pub upstream_ready_path: Option<String>,
+    /// HTTP/2 connections to the upstream at most [default: 16].
+    #[arg(long, env = "SLUICEGATE_UPSTREAM_H2_MAX_CONNECTIONS")]
+    pub upstream_h2_max_connections: Option<usize>,
     /// Largest request body accepted [default: 16MiB].
     #[arg(long, env = "SLUICEGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<String>,
@@ -259,9 +286,15 @@ pub struct SettingsArgs {
     /// Header read timeout [default: 10s].
     #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
+    /// Longest pause inside a request body before 408 [default: 15s].
+    #[arg(long, env = "SLUICEGATE_CLIENT_BODY_TIMEOUT")]
+    pub client_body_timeout: Option<String>,
     /// Client connections served at once [default: 4096].
     #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Streams open at once on one HTTP/2 client connection [default: 100].
+    #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
     /// Delay between SIGTERM and closing the listener [default: 0s].
     #[arg(long, env = "SLUICEGATE_DRAIN_DELAY")]
     pub drain_delay: Option<String>,
@@ -368,7 +401,7 @@ impl SettingsArgs {
                 Err(e) => errors.push(format!("upstream: {e}")),
             }
         }
-        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 6] = [
+        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 8] = [
             (
                 "upstream_timeout",
                 &self.upstream_timeout,
@@ -382,6 +415,12 @@ impl SettingsArgs {
                 &mut s.upstream.connect_timeout,
             ),
             (
+                "upstream_body_timeout",
+                &self.upstream_body_timeout,
+                file.upstream_body_timeout,
+                &mut s.upstream.body_timeout,
+            ),
+            (
                 "header_read_timeout",
                 &self.header_read_timeout,
                 file.header_read_timeout,
@@ -392,6 +431,12 @@ impl SettingsArgs {
                 &self.admin_header_timeout,
                 file.admin_header_timeout,
                 &mut s.admin_header_timeout,
+            ),
+            (
+                "client_body_timeout",
+                &self.client_body_timeout,
+                file.client_body_timeout,
+                &mut s.client_body_timeout,
             ),
             (
                 "drain_delay",
@@ -409,6 +454,15 @@ impl SettingsArgs {
         for (key, flag, from_file, slot) in durations {
             if let Some(v) = pick(flag, from_file) {
                 set_parsed(slot, key, &v, parse_duration, errors);
+            }
+        }
+        for (key, timeout) in [
+            ("client_body_timeout", s.client_body_timeout),
+            ("upstream_body_timeout", s.upstream.body_timeout),
+            ("admin_header_timeout", s.admin_header_timeout),
+        ] {
+            if timeout.is_zero() {
+                errors.push(format!("{key}: must be more than 0s"));
             }
         }
         if let Some(n) = self.max_connections.or(file.max_connections) {
@@ -432,8 +486,20 @@ impl SettingsArgs {
                 errors,
             );
         }
-        if s.admin_header_timeout.is_zero() {
-            errors.push("admin_header_timeout: must be above 0".into());
+        if let Some(n) = self.max_concurrent_streams.or(file.max_concurrent_streams) {
+            if n == 0 {
+                errors.push("max_concurrent_streams: must be at least 1".into());
+            }
+            s.max_concurrent_streams = n;
+        }
+        if let Some(n) = self
+            .upstream_h2_max_connections
+            .or(file.upstream_h2_max_connections)
+        {
+            if n == 0 {
+                errors.push("upstream_h2_max_connections: must be at least 1".into());
+            }
+            s.upstream.h2_max_connections = n;
         }
         if let Some(p) = self.upstream_protocol.or(file.upstream_protocol) {
             s.upstream.protocol = p;
@@ -665,6 +731,40 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
         assert!(err.contains("upstream"), "{err}");
         assert!(err.contains("header_read_timeout"), "{err}");
+    }
+
+    #[test]
+    fn stream_and_body_timeout_settings_load_and_zero_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(
+            &path,
+            "max_concurrent_streams: 50\nupstream_h2_max_connections: 4\nclient_body_timeout: 2s\nupstream_body_timeout: 3s\n",
+        )
+        .unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        assert_eq!(s.max_concurrent_streams, 50);
+        assert_eq!(s.upstream.h2_max_connections, 4);
+        assert_eq!(s.client_body_timeout, Duration::from_secs(2));
+        assert_eq!(s.upstream.body_timeout, Duration::from_secs(3));
+
+        let err = args(|a| {
+            a.max_concurrent_streams = Some(0);
+            a.upstream_h2_max_connections = Some(0);
+            a.client_body_timeout = Some("0s".into());
+            a.upstream_body_timeout = Some("0s".into());
+        })
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "max_concurrent_streams",
+            "upstream_h2_max_connections",
+            "client_body_timeout",
+            "upstream_body_timeout",
+        ] {
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -14,10 +14,9 @@ use http::response::Parts;
 use http::Response;
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use super::body::{ResponseBody, UpstreamBody};
+use super::body::{BoxError, ResponseBody, UpstreamBody, UpstreamBodyTimeout, UpstreamIncoming};
 use super::error::ProxyError;
 use super::pending::Pending;
 use super::Proxy;
@@ -39,11 +38,11 @@ pub const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
 enum Collected {
     Whole(Bytes),
     /// Over the limit: what was read so far, and the rest still streaming.
-    TooLarge(VecDeque<Bytes>, Incoming),
-    Broken(hyper::Error),
+    TooLarge(VecDeque<Bytes>, UpstreamIncoming),
+    Broken(BoxError),
 }
 
-async fn collect_up_to(mut body: Incoming, limit: u64) -> Collected {
+async fn collect_up_to(mut body: UpstreamIncoming, limit: u64) -> Collected {
     let mut chunks = VecDeque::new();
     let mut total = 0u64;
     loop {
@@ -75,7 +74,7 @@ pub async fn decide_response(
     route: &CompiledRoute,
     policy: &PolicySnapshot,
     mut parts: Parts,
-    body: Incoming,
+    body: UpstreamIncoming,
     mut pending: Option<Pending>,
     id: &HeaderValue,
 ) -> Response<ResponseBody> {
@@ -104,13 +103,12 @@ pub async fn decide_response(
         }
         Collected::Broken(e) => {
             let detail = e.to_string();
-            return proxy.fail(
-                ProxyError::UpstreamFailed,
-                &detail,
-                id,
-                &route.name,
-                pending,
-            );
+            let err = if e.is::<UpstreamBodyTimeout>() {
+                ProxyError::UpstreamBodyTimeout
+            } else {
+                ProxyError::UpstreamFailed
+            };
+            return proxy.fail(err, &detail, id, &route.name, pending);
         }
     };
     // Asked for `identity`, a server may compress all the same: decided on what it says,

@@ -17,8 +17,14 @@ pub enum ProxyError {
     UpstreamFailed,
     /// The upstream did not send response headers in time.
     UpstreamTimeout,
-    /// The client's request could not be forwarded (its body failed mid-stream).
+    /// The upstream stopped sending a body the proxy had to read whole (a deciding route)
+    /// for `--upstream-body-timeout`.
+    UpstreamBodyTimeout,
+    /// The client's request could not be forwarded: its body broke off (malformed chunked
+    /// framing, fewer bytes than its `content-length`, a reset stream).
     ClientBody,
+    /// The client stopped sending its body for `--client-body-timeout`.
+    ClientBodyTimeout,
     /// The caller is not a declared consumer and the policy refuses undeclared ones.
     ConsumerUndeclared,
     /// Taking the model's action would breach an action limit whose policy is `reject`.
@@ -34,12 +40,32 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
-            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout | ProxyError::UpstreamBodyTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::ConsumerUndeclared => StatusCode::FORBIDDEN,
             // 429, not 503: meshes retry 503 by default, which would run the model again.
             ProxyError::LimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BadRequest | ProxyError::AmbiguousPath => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Whose fault it was, the `source` label of the error counter: `client`, `upstream` or
+    /// `policy` (the proxy refused by its policy).
+    pub fn source(self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody
+            | ProxyError::ClientBodyTimeout
+            | ProxyError::BadRequest
+            | ProxyError::AmbiguousPath => "client",
+            ProxyError::UpstreamUnavailable
+            | ProxyError::UpstreamFailed
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamBodyTimeout => "upstream",
+            ProxyError::ConsumerUndeclared | ProxyError::LimitExceeded { .. } => "policy",
         }
     }
 
@@ -50,7 +76,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamBodyTimeout => "upstream_body_timeout",
             ProxyError::ClientBody => "client_body_error",
+            ProxyError::ClientBodyTimeout => "client_body_timeout",
             ProxyError::ConsumerUndeclared => "consumer_undeclared",
             ProxyError::LimitExceeded { .. } => "limit_exceeded",
             ProxyError::BadRequest => "bad_request",
@@ -70,7 +98,11 @@ impl ProxyError {
             ProxyError::UpstreamTimeout => {
                 format!("the model server did not answer within {detail}")
             }
-            ProxyError::ClientBody => format!("the request body could not be read: {detail}"),
+            ProxyError::UpstreamBodyTimeout => format!("the model server's body stalled: {detail}"),
+            ProxyError::ClientBody => {
+                "the request body broke off or its framing is invalid".into()
+            }
+            ProxyError::ClientBodyTimeout => format!("the request body stalled: {detail}"),
             ProxyError::ConsumerUndeclared => format!(
                 "caller {detail} is not a declared consumer; name yourself in the consumer header, or ask for your name to be added to the policy"
             ),
@@ -86,7 +118,7 @@ impl ProxyError {
     pub fn detail_is_internal(self) -> bool {
         matches!(
             self,
-            ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed
+            ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed | ProxyError::ClientBody
         )
     }
 

@@ -6,6 +6,7 @@ mod decision;
 pub mod error;
 mod path;
 mod pending;
+mod pool;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -15,13 +16,17 @@ use std::time::{Instant, SystemTime};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use body::{BodyTooLarge, RequestBody, RequestCapture, ResponseBody, UpstreamBody};
+use body::{
+    BodyTooLarge, BoxError, ClientFault, RequestBody, RequestCapture, RequestLimits, ResponseBody,
+    UpstreamBody, UpstreamIncoming,
+};
 use error::ProxyError;
 use pending::Pending;
+use pool::{H2Error, H2Pool, SendH2};
 
 use crate::config::policy::{SharedPolicy, Undeclared};
 use crate::config::settings::{Upstream, UpstreamProtocol};
@@ -37,26 +42,70 @@ pub const POLICY_HEADER: HeaderName = HeaderName::from_static("sluicegate-policy
 /// The only route until the policy file defines routes.
 const DEFAULT_ROUTE: &str = "default";
 
-/// A pooled upstream client over any connector: TCP in production, in memory in the benches.
-/// Its future is boxed by hyper-util already, so the indirection allocates nothing more.
-trait SendUpstream: Send + Sync {
+/// What opens upstream connections: TCP in production, in memory in the benches (any
+/// connector hyper-util's client takes).
+pub trait UpstreamConnector:
+    tower::Service<
+        Uri,
+        Response: hyper::rt::Read
+                      + hyper::rt::Write
+                      + hyper_util::client::legacy::connect::Connection
+                      + Unpin
+                      + Send
+                      + 'static,
+        Error: Into<BoxError>,
+        Future: Unpin + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<C> UpstreamConnector for C where
+    C: tower::Service<
+            Uri,
+            Response: hyper::rt::Read
+                          + hyper::rt::Write
+                          + hyper_util::client::legacy::connect::Connection
+                          + Unpin
+                          + Send
+                          + 'static,
+            Error: Into<BoxError>,
+            Future: Unpin + Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A pooled HTTP/1.1 client over any connector. Its future is boxed by hyper-util already, so
+/// the indirection allocates nothing more.
+trait SendHttp1: Send + Sync {
     fn request(&self, req: Request<RequestBody>) -> ResponseFuture;
 }
 
-impl<C: Connect + Clone + Send + Sync + 'static> SendUpstream for Client<C, RequestBody> {
+impl<C: UpstreamConnector> SendHttp1 for Client<C, RequestBody> {
     fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
         Client::request(self, req)
     }
 }
 
-type UpstreamClient = Box<dyn SendUpstream>;
+/// Why the upstream gave no response.
+struct SendError {
+    /// No connection could be opened.
+    connect: bool,
+    error: BoxError,
+}
 
 /// Shared state of the data plane.
 pub struct Proxy {
     upstream: Upstream,
-    http1: UpstreamClient,
-    http2: UpstreamClient,
+    http1: Box<dyn SendHttp1>,
+    http2: Box<dyn SendH2>,
     max_request_body: u64,
+    client_body_timeout: std::time::Duration,
     policy: SharedPolicy,
     tee: TeeSender,
     metrics: ProxyMetrics,
@@ -66,7 +115,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         upstream: Upstream,
-        max_request_body: u64,
+        limits: RequestLimits,
         policy: SharedPolicy,
         tee: TeeSender,
         metrics: ProxyMetrics,
@@ -74,15 +123,15 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(upstream.connect_timeout));
-        Self::with_connector(connector, upstream, max_request_body, policy, tee, metrics)
+        Self::with_connector(connector, upstream, limits, policy, tee, metrics)
     }
 
     /// As [`Proxy::new`], reaching the upstream through `connector` instead of TCP (the
     /// benches' in-memory upstream).
-    pub fn with_connector<C: Connect + Clone + Send + Sync + 'static>(
+    pub fn with_connector<C: UpstreamConnector>(
         connector: C,
         upstream: Upstream,
-        max_request_body: u64,
+        limits: RequestLimits,
         policy: SharedPolicy,
         tee: TeeSender,
         metrics: ProxyMetrics,
@@ -93,12 +142,17 @@ impl Proxy {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .timer(TokioTimer::new());
         let http1 = Box::new(builder.build(connector.clone()));
-        let http2 = Box::new(builder.http2_only(true).build(connector));
+        let http2 = Box::new(H2Pool::new(
+            connector,
+            upstream.authority.clone(),
+            upstream.h2_max_connections,
+        ));
         Proxy {
             upstream,
             http1,
             http2,
-            max_request_body,
+            max_request_body: limits.max_body,
+            client_body_timeout: limits.body_timeout,
             policy,
             tee,
             metrics,
@@ -260,38 +314,43 @@ impl Proxy {
             parts.headers.insert("x-forwarded-host", host);
         }
         append_forwarded_for(&mut parts.headers, client);
-        let body = RequestBody::new(body, self.max_request_body, shared.clone(), sampled);
+        let limits = RequestLimits {
+            max_body: self.max_request_body,
+            body_timeout: self.client_body_timeout,
+        };
+        let body = RequestBody::new(body, limits, shared.clone(), sampled);
         let upstream_req = Request::from_parts(parts, body);
 
-        let client_for_version = if version == Version::HTTP_2 {
-            &self.http2
-        } else {
-            &self.http1
-        };
         let sent = Instant::now();
-        let result = tokio::time::timeout(
-            self.upstream.timeout,
-            client_for_version.request(upstream_req),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(self.upstream.timeout, self.send(version, upstream_req)).await;
         let upstream_time = sent.elapsed();
-        let resp = match result {
+        let (resp, stream) = match result {
             Ok(Ok(resp)) => resp,
+            // The client's body failed first: the upstream request failed because of it.
+            _ if shared.client_fault.get().is_some() => {
+                let fault = shared.client_fault.get().expect("checked");
+                let err = match fault {
+                    ClientFault::Broken(_) => ProxyError::ClientBody,
+                    ClientFault::Stalled(_) => ProxyError::ClientBodyTimeout,
+                };
+                return Ok(self.fail(err, &fault.to_string(), &id, &route, pending));
+            }
             Ok(Err(e)) => {
                 let err = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
                     ProxyError::BodyTooLarge {
                         limit: self.max_request_body,
                     }
-                } else if e.is_connect() {
+                } else if e.connect {
                     ProxyError::UpstreamUnavailable
-                } else if source_is::<BodyTooLarge>(&e) {
+                } else if source_is::<BodyTooLarge>(&*e.error) {
                     ProxyError::BodyTooLarge {
                         limit: self.max_request_body,
                     }
                 } else {
                     ProxyError::UpstreamFailed
                 };
-                let detail = error_chain(&e);
+                let detail = error_chain(&*e.error);
                 return Ok(self.fail(err, &detail, &id, &route, pending));
             }
             Err(_) => {
@@ -307,6 +366,7 @@ impl Proxy {
             })
             .observe(upstream_time.as_secs_f64());
         let (mut parts, body) = resp.into_parts();
+        let body = UpstreamIncoming::new(body, self.upstream.body_timeout, stream);
         strip_hop_by_hop(&mut parts.headers);
         parts.version = original_version;
         if let Some(p) = pending.as_mut() {
@@ -327,6 +387,36 @@ impl Proxy {
         self.count(&route, parts.status.as_u16());
         let body = UpstreamBody::new(body, pending);
         Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+    }
+
+    /// Sends `req` over HTTP/1.1 or from the HTTP/2 pool; the pooled stream comes back with the
+    /// response, for its body to hold.
+    async fn send(
+        &self,
+        version: Version,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Arc<pool::Stream>>), SendError> {
+        if version == Version::HTTP_2 {
+            match self.http2.send(req).await {
+                Ok((resp, stream)) => Ok((resp, Some(stream))),
+                Err(H2Error::Connect(e)) => Err(SendError {
+                    connect: true,
+                    error: e.to_string().into(),
+                }),
+                Err(H2Error::Request(e)) => Err(SendError {
+                    connect: false,
+                    error: e.into(),
+                }),
+            }
+        } else {
+            match self.http1.request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) => Err(SendError {
+                    connect: e.is_connect(),
+                    error: e.into(),
+                }),
+            }
+        }
     }
 
     /// Upkeep off the request path, once a second: recomputes due adaptive thresholds,
@@ -368,7 +458,10 @@ impl Proxy {
         let message = err.message(detail);
         self.metrics
             .errors
-            .get_or_create(&ErrorLabel { kind: err.code() })
+            .get_or_create(&ErrorLabel {
+                kind: err.code(),
+                source: err.source(),
+            })
             .inc();
         self.count(route, err.status().as_u16());
         let recorded = if err.detail_is_internal() {
@@ -378,7 +471,14 @@ impl Proxy {
             message.clone()
         };
         if let Some(p) = pending {
-            p.finish_error(err.status().as_u16(), err.for_record(recorded));
+            // A body that failed on either side did not arrive whole.
+            let complete = !matches!(
+                err,
+                ProxyError::ClientBody
+                    | ProxyError::ClientBodyTimeout
+                    | ProxyError::UpstreamBodyTimeout
+            );
+            p.finish_error(err.status().as_u16(), err.for_record(recorded), complete);
         }
         err.response(id, &message)
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::Frame;
 
-use super::body::{BoxError, RequestCapture};
+use super::body::{BoxError, ClientFault, RequestCapture, UpstreamBodyTimeout};
 use crate::tee::record::{Capture, DecisionOutcome, Exchange, ExchangeError, Message};
 use crate::tee::TeeSender;
 
@@ -107,9 +107,22 @@ impl Pending {
     pub fn finish_response(mut self, complete: bool, error: Option<&BoxError>) {
         if let Some(e) = self.exchange.as_mut() {
             e.complete = complete;
-            if let Some(err) = error {
+            // The client's body failing mid-exchange ends the upstream's response too.
+            if let Some(fault) = self.request.client_fault.get().filter(|_| !complete) {
                 e.error = Some(ExchangeError {
-                    code: "upstream_body_error",
+                    code: match fault {
+                        ClientFault::Broken(_) => "client_body_error",
+                        ClientFault::Stalled(_) => "client_body_timeout",
+                    },
+                    message: fault.to_string(),
+                });
+            } else if let Some(err) = error {
+                e.error = Some(ExchangeError {
+                    code: if err.is::<UpstreamBodyTimeout>() {
+                        "upstream_body_timeout"
+                    } else {
+                        "upstream_body_error"
+                    },
                     message: err.to_string(),
                 });
             } else if !complete {
@@ -119,11 +132,13 @@ impl Pending {
         self.emit();
     }
 
-    /// The proxy answered the client itself.
-    pub fn finish_error(mut self, status: u16, error: ExchangeError) {
+    /// The proxy answered the client itself; `complete` is false when the client's request
+    /// did not arrive whole.
+    pub fn finish_error(mut self, status: u16, error: ExchangeError, complete: bool) {
         if let Some(e) = self.exchange.as_mut() {
             e.status = Some(status);
             e.error = Some(error);
+            e.complete = complete;
         }
         self.emit();
     }

@@ -27,6 +27,9 @@ pub struct ListenerLimits {
     pub shutdown_grace: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Streams one HTTP/2 connection may have open at once: what one client can hold of the
+    /// upstream's streams.
+    pub max_concurrent_streams: u32,
 }
 
 impl ListenerLimits {
@@ -35,6 +38,7 @@ impl ListenerLimits {
             header_read_timeout: settings.header_read_timeout,
             shutdown_grace: settings.shutdown_grace,
             max_connections: settings.max_connections,
+            max_concurrent_streams: settings.max_concurrent_streams,
         }
     }
 }
@@ -53,7 +57,7 @@ fn builder(limits: ListenerLimits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_concurrent_streams);
     b
 }
 

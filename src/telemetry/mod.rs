@@ -76,6 +76,8 @@ pub struct VersionLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub kind: &'static str,
+    /// `client`, `upstream` or `policy`: whose fault it was.
+    pub source: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
