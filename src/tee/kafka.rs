@@ -38,6 +38,10 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// producer is rebuilt (a fresh connection and producer id). It unwedges a producer whose
 /// idempotence state a restarted broker lost, whatever error that broker answers with.
 const STALL_REBUILD: Duration = Duration::from_secs(20);
+/// How often the acknowledged position is checkpointed (and at shutdown): after a crash, a
+/// restart resends at most what was acknowledged in this last interval (besides the
+/// unacknowledged records, which it must send).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds the producer configuration: sluicegate's defaults, then the user's properties.
 pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
@@ -153,6 +157,24 @@ struct Backlog {
     health: Health,
     /// A delivery failed in a way only a new producer can fix.
     fatal: bool,
+    last_checkpoint: Instant,
+    /// The last checkpoint failed (logged once until one succeeds).
+    checkpoint_failing: bool,
+}
+
+impl Backlog {
+    /// Checkpoints the acknowledged position (see [`CHECKPOINT_INTERVAL`]).
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        match self.reader.checkpoint() {
+            Ok(()) => self.checkpoint_failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.checkpoint_failing, true) {
+                    tracing::warn!(error = %e, "cannot checkpoint the acknowledged spool position; a restart will resend more");
+                }
+            }
+        }
+    }
 }
 
 /// The Kafka sender task.
@@ -220,6 +242,8 @@ impl KafkaSender {
                 last_rebuild: Instant::now(),
             },
             fatal: false,
+            last_checkpoint: Instant::now(),
+            checkpoint_failing: false,
         };
         let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
         let mut writer_done = false;
@@ -291,7 +315,8 @@ impl KafkaSender {
                 Instant::now() + Duration::from_secs(1)
             } else {
                 b.retry_at
-            };
+            }
+            .min(b.last_checkpoint + CHECKPOINT_INTERVAL);
             tokio::select! {
                 Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                     b.fatal = false;
@@ -335,7 +360,11 @@ impl KafkaSender {
                 _ = drain.changed() => {}
                 _ = tokio::time::sleep_until(sleep_until.into()) => {}
             }
+            if b.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                b.checkpoint();
+            }
         }
+        b.checkpoint();
         let left = in_flight.len() + b.retry.len();
         if left > 0 {
             tracing::warn!(

@@ -23,10 +23,17 @@
 //!   [`DeadLetter`] lifetime (created on its first append, numbered above the highest present), so
 //!   a [`SpoolReader`] opened on `DIR/dead-letter` reads them. The reason is logged, not stored.
 //!
+//! - The producer's acknowledged prefix is checkpointed in `DIR/acked.ckpt` (written to
+//!   `DIR/acked.ckpt.tmp`, fsynced, renamed): magic `b"SGA1"`, segment `u64` LE, offset `u64` LE,
+//!   CRC-32 of those 20 bytes as `u32` LE. Every entry before that position was acknowledged, so a
+//!   new reader starts there. A missing, torn or corrupt checkpoint is ignored (everything still in
+//!   the segments is sent again). A writer numbers its segments above the checkpoint's, so a stale
+//!   checkpoint can never cover entries written after it.
+//!
 //! A reader skips (and counts) torn or corrupt frames and resynchronises on the next magic whose
 //! frame verifies, so damage never hides the frames behind it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -43,6 +50,12 @@ pub const SEGMENT_EXT: &str = "seg";
 
 /// Name of the dead-letter subdirectory of a spool directory.
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
+
+/// Name of the acknowledged-position checkpoint in a spool directory.
+pub const CHECKPOINT_FILE: &str = "acked.ckpt";
+const CHECKPOINT_TMP: &str = "acked.ckpt.tmp";
+const CHECKPOINT_MAGIC: [u8; 4] = *b"SGA1";
+const CHECKPOINT_LEN: usize = 4 + 8 + 8 + 4;
 
 const MAGIC: [u8; 4] = 0x3153_4753_u32.to_le_bytes();
 const HEADER_LEN: usize = 12;
@@ -339,6 +352,44 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The acknowledged position checkpointed in `dir`, or `None` if there is none or it is torn or
+/// corrupt (then everything in the segments is sent again: never skip what may be unacked).
+pub fn read_checkpoint(dir: &Path) -> Option<Position> {
+    let mut bytes = Vec::with_capacity(CHECKPOINT_LEN + 1);
+    File::open(dir.join(CHECKPOINT_FILE))
+        .ok()?
+        .take(CHECKPOINT_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() != CHECKPOINT_LEN || bytes[..4] != CHECKPOINT_MAGIC {
+        return None;
+    }
+    let (fields, crc) = bytes.split_at(CHECKPOINT_LEN - 4);
+    if crc32fast::hash(fields) != le_u32(crc)? {
+        return None;
+    }
+    Some(Position {
+        segment: u64::from_le_bytes(fields[4..12].try_into().ok()?),
+        offset: u64::from_le_bytes(fields[12..20].try_into().ok()?),
+    })
+}
+
+/// Replaces the checkpoint atomically: a crash leaves the old one or the new one, whole.
+fn write_checkpoint(dir: &Path, pos: Position) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(CHECKPOINT_LEN);
+    bytes.extend_from_slice(&CHECKPOINT_MAGIC);
+    bytes.extend_from_slice(&pos.segment.to_le_bytes());
+    bytes.extend_from_slice(&pos.offset.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join(CHECKPOINT_TMP);
+    let mut file = File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_data()?;
+    fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
+    sync_dir(dir)
+}
+
 fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -381,7 +432,12 @@ impl SpoolWriter {
     ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
         fs::create_dir_all(&config.dir)?;
         let existing = list_segments_with_sizes(&config.dir)?;
-        let first = next_number(existing.last().map(|&(n, _)| n))?;
+        // Above the checkpoint too: a reader skips what lies below it.
+        let highest = existing
+            .last()
+            .map(|&(n, _)| n)
+            .max(read_checkpoint(&config.dir).map(|p| p.segment));
+        let first = next_number(highest)?;
         let file = create_segment(&config.dir, first)?;
         let total: u64 = existing.iter().map(|&(_, size)| size).sum();
         metrics.bytes.set(gauge_value(total));
@@ -791,8 +847,9 @@ impl SegmentCursor {
 /// Acknowledgement state of one segment (producer reader only).
 #[derive(Debug, Default)]
 struct SegmentAcks {
-    /// Offsets of entries handed out and not yet acknowledged.
-    unacked: HashSet<u64>,
+    /// Offsets of entries handed out and not yet acknowledged (ordered: the lowest bounds the
+    /// acknowledged prefix).
+    unacked: BTreeSet<u64>,
     /// The reader read past the end of the sealed segment: nothing more will come from it.
     passed: bool,
 }
@@ -807,13 +864,18 @@ pub struct SpoolReader {
     next_segment: u64,
     current: Option<SegmentCursor>,
     acks: BTreeMap<u64, SegmentAcks>,
+    /// Producer only: the checkpoint read at open, until the reader reaches its segment.
+    resume: Option<Position>,
+    /// The position last checkpointed.
+    checkpointed: Option<Position>,
 }
 
 impl SpoolReader {
     /// Starts at the oldest segment in `dir`. `delete_acked`: true for the producer (deletes
-    /// fully acknowledged segments), false for `spool cat`. Open the writer first: its scan sets
-    /// the gauges this reader lowers. Never combine `delete_acked` with a Rotate-mode writer
-    /// (both would delete and account for the same segments).
+    /// fully acknowledged segments, and starts at the checkpointed position, deleting the
+    /// segments below it), false for `spool cat` (reads everything on disk). Open the writer
+    /// first: its scan sets the gauges this reader lowers. Never combine `delete_acked` with a
+    /// Rotate-mode writer (both would delete and account for the same segments).
     pub fn open(dir: &Path, metrics: SpoolMetrics, delete_acked: bool) -> io::Result<SpoolReader> {
         if !fs::metadata(dir)?.is_dir() {
             return Err(io::Error::new(
@@ -821,6 +883,11 @@ impl SpoolReader {
                 format!("{} is not a directory", dir.display()),
             ));
         }
+        let resume = if delete_acked {
+            read_checkpoint(dir)
+        } else {
+            None
+        };
         Ok(SpoolReader {
             dir: dir.to_path_buf(),
             metrics,
@@ -828,7 +895,49 @@ impl SpoolReader {
             next_segment: 0,
             current: None,
             acks: BTreeMap::new(),
+            resume,
+            checkpointed: resume,
         })
+    }
+
+    /// Everything before this position was acknowledged: the lowest entry handed out and not
+    /// acknowledged, else where reading stopped. `None` before anything was read. Acks arrive in
+    /// any order; only the contiguous prefix counts.
+    pub fn acked_prefix(&self) -> Option<Position> {
+        let unacked = self.acks.iter().find_map(|(&segment, a)| {
+            a.unacked
+                .first()
+                .map(|&offset| Position { segment, offset })
+        });
+        let read = match &self.current {
+            Some(c) => Position {
+                segment: c.number,
+                offset: c.pos,
+            },
+            None if self.next_segment == 0 => return unacked.or(self.checkpointed),
+            None => Position {
+                segment: self.next_segment,
+                offset: 0,
+            },
+        };
+        Some(unacked.map_or(read, |u| u.min(read)))
+    }
+
+    /// Writes the acknowledged prefix to the checkpoint file if it moved (producer only): a
+    /// restart resumes there instead of resending what Kafka already has.
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        if !self.delete_acked {
+            return Ok(());
+        }
+        let Some(pos) = self.acked_prefix() else {
+            return Ok(());
+        };
+        if self.checkpointed == Some(pos) {
+            return Ok(());
+        }
+        write_checkpoint(&self.dir, pos)?;
+        self.checkpointed = Some(pos);
+        Ok(())
     }
 
     /// Reads up to `max` entries strictly before `upto`. Segments numbered below `upto.segment`
@@ -896,9 +1005,25 @@ impl SpoolReader {
             if number > upto_segment {
                 return Ok(false);
             }
+            let resume = self.resume.filter(|r| number <= r.segment);
+            if resume.is_some_and(|r| number < r.segment) {
+                // Below the checkpoint: every entry in it was acknowledged by an earlier process.
+                self.acks.entry(number).or_default().passed = true;
+                self.delete_if_done(number)?;
+                self.next_segment = number.saturating_add(1);
+                continue;
+            }
+            self.resume = None;
             match File::open(segment_path(&self.dir, number)) {
                 Ok(file) => {
-                    self.current = Some(SegmentCursor::new(number, file));
+                    let mut cursor = SegmentCursor::new(number, file);
+                    if let Some(r) = resume {
+                        // A checkpoint past the end of the file is not to be trusted: read it all.
+                        if r.offset <= cursor.file.metadata()?.len() {
+                            cursor.pos = r.offset;
+                        }
+                    }
+                    self.current = Some(cursor);
                     self.next_segment = number;
                     return Ok(true);
                 }
@@ -1645,6 +1770,143 @@ mod tests {
         let big_seg = got[1].pos.segment;
         assert!(got[0].pos.segment < big_seg && big_seg < got[2].pos.segment);
         assert_eq!(got[1].pos.offset, 0);
+    }
+
+    /// A producer's restart: the writer reopened on the same directory, a fresh reader.
+    fn restart(
+        cfg: &SpoolConfig,
+    ) -> (
+        SpoolWriter,
+        watch::Receiver<Position>,
+        SpoolReader,
+        SpoolMetrics,
+    ) {
+        let metrics = SpoolMetrics::default();
+        let (w, rx) = SpoolWriter::open(cfg.clone(), metrics.clone()).unwrap();
+        let r = SpoolReader::open(&cfg.dir, metrics.clone(), true).unwrap();
+        (w, rx, r, metrics)
+    }
+
+    #[test]
+    fn a_restart_resumes_at_the_checkpoint_of_the_contiguous_acked_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let all: Vec<_> = (0..40).map(entry).collect();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all, 4);
+        let mut r = SpoolReader::open(tmp.path(), SpoolMetrics::default(), true).unwrap();
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), all);
+        assert!(got[25].pos.segment > got[0].pos.segment, "spans segments");
+        // Acked out of order, all but entry 25: only the prefix before it is checkpointed.
+        for e in got.iter().rev().filter(|e| e.entry != all[25]) {
+            r.ack(e.pos).unwrap();
+        }
+        r.checkpoint().unwrap();
+        assert_eq!(read_checkpoint(tmp.path()), Some(got[25].pos));
+        drop((w, r));
+        // Segments acknowledged whole were deleted already, whatever their place.
+        let kept = segment_numbers(tmp.path());
+        let expected: Vec<_> = got[25..]
+            .iter()
+            .filter(|e| kept.contains(&e.pos.segment))
+            .map(|e| e.entry.clone())
+            .collect();
+        assert!(expected.len() < 15 && expected[0] == all[25]);
+
+        let (mut w, rx, mut r, metrics) = restart(&cfg);
+        assert!(w.first_segment() > got[39].pos.segment);
+        let again = read_all(&mut r, *rx.borrow());
+        assert_eq!(
+            entries_of(&again),
+            expected,
+            "resent from the first unacked on"
+        );
+        assert_gauges_match_disk(&metrics, tmp.path());
+        assert!(segment_numbers(tmp.path())[0] == got[25].pos.segment);
+        for e in &again {
+            r.ack(e.pos).unwrap();
+        }
+        write_all(&mut w, &[entry(40)], 1);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), vec![entry(40)]);
+        r.ack(got[0].pos).unwrap();
+        r.checkpoint().unwrap();
+        drop((w, r));
+
+        // Everything acked: a graceful restart sends nothing and clears the old segments.
+        let (w, rx, mut r, metrics) = restart(&cfg);
+        assert!(read_all(&mut r, *rx.borrow()).is_empty());
+        assert_eq!(segment_numbers(tmp.path()), vec![w.first_segment()]);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_checkpoint_replays_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        let all: Vec<_> = (0..20).map(entry).collect();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all, 5);
+        let mut r = SpoolReader::open(tmp.path(), SpoolMetrics::default(), true).unwrap();
+        for e in read_all(&mut r, *rx.borrow()) {
+            r.ack(e.pos).unwrap();
+        }
+        r.checkpoint().unwrap();
+        drop((w, r));
+        let path = tmp.path().join(CHECKPOINT_FILE);
+        let good = fs::read(&path).unwrap();
+        assert_eq!(good.len(), CHECKPOINT_LEN);
+
+        let mut flipped = good.clone();
+        flipped[13] ^= 0x01;
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        let mut longer = good.clone();
+        longer.push(0);
+        let mut past_the_end = Vec::new();
+        past_the_end.extend_from_slice(&CHECKPOINT_MAGIC);
+        past_the_end.extend_from_slice(&1u64.to_le_bytes());
+        past_the_end.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let crc = crc32fast::hash(&past_the_end);
+        past_the_end.extend_from_slice(&crc.to_le_bytes());
+        for (what, bytes) in [
+            ("empty", Vec::new()),
+            ("torn", good[..CHECKPOINT_LEN / 2].to_vec()),
+            ("bit flipped", flipped),
+            ("bad magic", bad_magic),
+            ("trailing byte", longer),
+            ("offset past the segment's end", past_the_end),
+        ] {
+            fs::write(&path, &bytes).unwrap();
+            let (_w, rx, mut r, _) = restart(&cfg);
+            assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all, "{what}");
+        }
+        fs::write(&path, &good).unwrap();
+        let (_w, rx, mut r, _) = restart(&cfg);
+        assert!(read_all(&mut r, *rx.borrow()).is_empty());
+    }
+
+    #[test]
+    fn a_stale_checkpoint_never_covers_entries_written_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        write_checkpoint(
+            tmp.path(),
+            Position {
+                segment: 7,
+                offset: 1 << 20,
+            },
+        )
+        .unwrap();
+        // No segment left (removed by hand): the writer still numbers above the checkpoint.
+        let all: Vec<_> = (0..5).map(entry).collect();
+        let (mut w, _, _, _) = restart(&cfg);
+        assert_eq!(w.first_segment(), 8);
+        write_all(&mut w, &all, 5);
+        drop(w);
+        let (_w, rx, mut r, _) = restart(&cfg);
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all);
     }
 
     #[test]
