@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsStr;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,13 @@ const SEGMENT_NAME_DIGITS: usize = 20;
 const READ_CHUNK: usize = 64 * 1024;
 /// A full spool refuses entries on every batch: warn about it at most this often.
 const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// After a disk error the writer drops entries (counted) for this long before it tries the disk
+/// again; the wait doubles with each failure up to `DISK_RETRY_MAX`. A full or failing disk then
+/// costs a few writes and no new file per batch, and the request path never waits for it.
+const DISK_RETRY_MIN: Duration = Duration::from_millis(100);
+const DISK_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Disk errors are logged at most this often, with the counts since the last line.
+const DISK_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What an entry is: a request/response record or a limit alert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +174,12 @@ pub struct SpoolMetrics {
     pub corrupt_skipped: Counter,
     /// Entries moved to the dead-letter file.
     pub dead_lettered: Counter,
+    /// Entries lost to disk errors (written and failed, or dropped while the writer backs off).
+    pub dropped_error: Counter,
+    /// Failed segment writes and fsyncs.
+    pub write_errors: Counter,
+    /// 1 from a disk error until a write succeeds again.
+    pub disk_error: Gauge,
 }
 
 impl SpoolMetrics {
@@ -206,6 +220,21 @@ impl SpoolMetrics {
             "records_dead_lettered",
             "Entries set aside in the dead-letter file",
             self.dead_lettered.clone(),
+        );
+        registry.register(
+            "records_dropped_spool_error",
+            "Records lost because the spool could not be written (disk error)",
+            self.dropped_error.clone(),
+        );
+        registry.register(
+            "spool_write_errors",
+            "Failed spool writes and fsyncs",
+            self.write_errors.clone(),
+        );
+        registry.register(
+            "spool_disk_error",
+            "1 from a spool disk error until a write succeeds again",
+            self.disk_error.clone(),
         );
     }
 }
@@ -394,11 +423,49 @@ fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The writer's file operations that fail when the disk does: the real disk, or in tests one
+/// that fails like a full or broken one.
+trait SegmentIo: Send + fmt::Debug {
+    fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()>;
+    fn sync_data(&mut self, file: &File) -> io::Result<()>;
+}
+
+#[derive(Debug)]
+struct DiskIo;
+
+impl SegmentIo for DiskIo {
+    fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        file.write_all(buf)
+    }
+
+    fn sync_data(&mut self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+}
+
+/// The writer is backing off after disk errors.
+#[derive(Debug)]
+struct DiskTrouble {
+    /// Entries are dropped without touching the disk until then.
+    retry_at: Instant,
+    delay: Duration,
+    last_error: Instant,
+}
+
+/// Disk errors and the entries they cost since the last log line.
+#[derive(Debug, Default)]
+struct DiskErrorLog {
+    last: Option<Instant>,
+    errors: u64,
+    dropped: u64,
+}
+
 /// Appends to the spool; lives on its own OS thread (all calls block on disk).
 #[derive(Debug)]
 pub struct SpoolWriter {
     config: SpoolConfig,
     metrics: SpoolMetrics,
+    io: Box<dyn SegmentIo>,
     tx: watch::Sender<Position>,
     first_segment: u64,
     segment: u64,
@@ -407,12 +474,13 @@ pub struct SpoolWriter {
     offset: u64,
     /// Bytes actually in the current file: past `offset` only after a failed write.
     file_len: u64,
-    /// A write failed mid-frame: the next append starts a new segment.
+    /// A write failed mid-frame and its torn tail could not be cut off: the next append starts
+    /// a new segment.
     broken: bool,
     buf: Vec<u8>,
     buf_entries: usize,
-    /// Sealed segments with data not yet fsynced.
-    unsynced: Vec<File>,
+    /// Sealed segments (number, file) with data not yet fsynced.
+    unsynced: Vec<(u64, File)>,
     dirty: bool,
     dir_dirty: bool,
     last_sync: Instant,
@@ -420,6 +488,8 @@ pub struct SpoolWriter {
     sealed: VecDeque<(u64, u64)>,
     sealed_bytes: u64,
     last_drop_warn: Option<Instant>,
+    trouble: Option<DiskTrouble>,
+    error_log: DiskErrorLog,
 }
 
 impl SpoolWriter {
@@ -429,6 +499,14 @@ impl SpoolWriter {
     pub fn open(
         config: SpoolConfig,
         metrics: SpoolMetrics,
+    ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
+        Self::open_with(config, metrics, Box::new(DiskIo))
+    }
+
+    fn open_with(
+        config: SpoolConfig,
+        metrics: SpoolMetrics,
+        io: Box<dyn SegmentIo>,
     ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
         fs::create_dir_all(&config.dir)?;
         let existing = list_segments_with_sizes(&config.dir)?;
@@ -453,6 +531,7 @@ impl SpoolWriter {
         let writer = SpoolWriter {
             config,
             metrics,
+            io,
             tx,
             first_segment: first,
             segment: first,
@@ -469,6 +548,8 @@ impl SpoolWriter {
             sealed,
             sealed_bytes,
             last_drop_warn: None,
+            trouble: None,
+            error_log: DiskErrorLog::default(),
         };
         Ok((writer, rx))
     }
@@ -487,9 +568,21 @@ impl SpoolWriter {
     /// after one is refused, a smaller one may still fit.
     ///
     /// On an I/O error the entries already written stay published (and will be read); the
-    /// others are lost and not counted, so the caller should count the batch as failed. The next
-    /// call starts a fresh segment if a write was torn.
+    /// others are lost, counted in `dropped_error` and logged at a limited rate. The torn tail of
+    /// the failed write is cut off so the segment is appended to again (a new segment only if
+    /// that fails), and for a growing delay after each error batches are dropped and counted
+    /// without touching the disk, returning an error.
     pub fn append_batch(&mut self, entries: &[SpoolEntry]) -> io::Result<usize> {
+        if self
+            .trouble
+            .as_ref()
+            .is_some_and(|t| Instant::now() < t.retry_at)
+        {
+            self.lost(entries.len());
+            return Err(io::Error::other(
+                "spool disk error: writes paused, entries dropped",
+            ));
+        }
         let mut written = 0;
         let mut dropped = 0;
         let result = self.append_inner(entries, &mut written, &mut dropped);
@@ -518,7 +611,80 @@ impl SpoolWriter {
             *p = pos;
             changed
         });
-        result.map(|()| written)
+        match result {
+            Ok(()) => {
+                self.recovered();
+                Ok(written)
+            }
+            Err(e) => {
+                self.disk_error("write", &e, entries.len() - written - dropped);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts entries lost to the disk.
+    fn lost(&mut self, entries: usize) {
+        self.metrics.dropped_error.inc_by(entries as u64);
+        self.error_log.dropped += entries as u64;
+    }
+
+    /// Books a failed write or fsync: counted, the writes paused for a growing delay, logged at
+    /// most every `DISK_ERROR_LOG_INTERVAL` with the counts since the last line.
+    fn disk_error(&mut self, op: &'static str, e: &io::Error, lost: usize) {
+        self.metrics.write_errors.inc();
+        self.metrics.disk_error.set(1);
+        self.lost(lost);
+        let delay = self
+            .trouble
+            .as_ref()
+            .map_or(DISK_RETRY_MIN, |t| (t.delay * 2).min(DISK_RETRY_MAX));
+        let now = Instant::now();
+        self.trouble = Some(DiskTrouble {
+            retry_at: now + delay,
+            delay,
+            last_error: now,
+        });
+        let log = &mut self.error_log;
+        log.errors += 1;
+        if log
+            .last
+            .is_none_or(|t| t.elapsed() >= DISK_ERROR_LOG_INTERVAL)
+        {
+            tracing::error!(
+                op,
+                error = %e,
+                errors = log.errors,
+                dropped = log.dropped,
+                retry_in = ?delay,
+                "spool disk error: records dropped until the disk takes writes again"
+            );
+            log.last = Some(Instant::now());
+            log.errors = 0;
+            log.dropped = 0;
+        }
+    }
+
+    /// A write succeeded. A nearly full disk fails and succeeds by turns, so the back-off (and
+    /// its growing delay) ends only once no error came for `DISK_RETRY_MAX`; then it says so,
+    /// with what the errors cost since the last line.
+    fn recovered(&mut self) {
+        let Some(t) = &self.trouble else {
+            return;
+        };
+        self.metrics.disk_error.set(0);
+        if t.last_error.elapsed() < DISK_RETRY_MAX {
+            return;
+        }
+        self.trouble = None;
+        let log = &mut self.error_log;
+        tracing::warn!(
+            errors = log.errors,
+            dropped = log.dropped,
+            "spool writes succeed again"
+        );
+        log.errors = 0;
+        log.dropped = 0;
     }
 
     fn append_inner(
@@ -528,7 +694,10 @@ impl SpoolWriter {
         dropped: &mut usize,
     ) -> io::Result<()> {
         if self.broken && !entries.is_empty() {
-            self.roll()?;
+            self.cut_torn_tail();
+            if self.broken {
+                self.roll()?;
+            }
         }
         for entry in entries {
             let len = match frame_len(entry) {
@@ -581,6 +750,8 @@ impl SpoolWriter {
                     continue;
                 }
             }
+            // Its space is freed only once no handle is left open.
+            self.unsynced.retain(|(n, _)| *n != number);
             self.metrics.bytes.dec_by(gauge_value(size));
             self.metrics.segments.dec();
             self.metrics.segments_rotated.inc();
@@ -594,7 +765,7 @@ impl SpoolWriter {
         }
         let entries = std::mem::take(&mut self.buf_entries);
         self.dirty = true;
-        let result = self.file.write_all(&self.buf);
+        let result = self.io.write_all(&mut self.file, &self.buf);
         let len = self.buf.len() as u64;
         self.buf.clear();
         match result {
@@ -615,8 +786,26 @@ impl SpoolWriter {
                         self.file_len = m.len();
                     }
                 }
+                self.cut_torn_tail();
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed write: cuts the file back to its last whole frame, so its space is freed
+    /// and the segment is appended to again (a new file per failure would fill the directory).
+    /// If the cut fails, `broken` stays set and the next append starts a new segment.
+    fn cut_torn_tail(&mut self) {
+        let cut = self
+            .file
+            .set_len(self.offset)
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.offset)));
+        if cut.is_ok() {
+            self.metrics
+                .bytes
+                .dec_by(gauge_value(self.file_len - self.offset));
+            self.file_len = self.offset;
+            self.broken = false;
         }
     }
 
@@ -627,7 +816,7 @@ impl SpoolWriter {
         let old = std::mem::replace(&mut self.file, file);
         if self.dirty {
             // Synced on the next fsync tick, not here: appends never wait for the disk.
-            self.unsynced.push(old);
+            self.unsynced.push((self.segment, old));
         }
         if self.config.mode == SpoolMode::Rotate {
             self.sealed.push_back((self.segment, self.file_len));
@@ -645,30 +834,46 @@ impl SpoolWriter {
 
     /// fsyncs the current segment if `fsync_interval` has elapsed since the last fsync (call it
     /// after every batch and on an idle tick).
+    /// A failure is counted and logged (at a limited rate) here, and pauses writes as a failed
+    /// write does.
     pub fn maybe_fsync(&mut self) -> io::Result<()> {
+        self.close_deleted();
         let pending = self.dirty || self.dir_dirty || !self.unsynced.is_empty();
         if pending && self.last_sync.elapsed() >= self.config.fsync_interval {
-            self.sync()?;
+            if let Err(e) = self.sync() {
+                self.disk_error("fsync", &e, 0);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
+    /// Closes sealed segments the reader has already deleted: an open handle keeps their space.
+    fn close_deleted(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        self.unsynced
+            .retain(|(_, file)| file.metadata().map_or(true, |m| m.nlink() > 0));
+    }
+
     /// fsync now (shutdown): sealed segments not yet synced, the current one, the directory.
+    /// Returns the first error, after trying them all. Nothing is retried: after a failed fsync
+    /// the kernel may have dropped the data and a retry would report success, and holding the
+    /// handles would keep the space of segments deleted meanwhile.
     pub fn sync(&mut self) -> io::Result<()> {
-        while let Some(file) = self.unsynced.last() {
-            file.sync_data()?;
-            self.unsynced.pop();
+        let mut result = Ok(());
+        for (_, file) in self.unsynced.drain(..) {
+            result = result.and(self.io.sync_data(&file));
         }
         if self.dirty {
-            self.file.sync_data()?;
+            result = result.and(self.io.sync_data(&self.file));
             self.dirty = false;
         }
         if self.dir_dirty {
-            sync_dir(&self.config.dir)?;
+            result = result.and(sync_dir(&self.config.dir));
             self.dir_dirty = false;
         }
         self.last_sync = Instant::now();
-        Ok(())
+        result
     }
 }
 
@@ -1909,6 +2114,174 @@ mod tests {
         assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all);
     }
 
+    /// A disk with `free` bytes left (`None`: no limit) that can also fail every call with EIO.
+    #[derive(Debug, Default)]
+    struct Disk {
+        free: Option<u64>,
+        eio: bool,
+        writes: u64,
+    }
+
+    #[derive(Clone, Debug)]
+    struct FaultyIo(std::sync::Arc<std::sync::Mutex<Disk>>);
+
+    const ENOSPC: i32 = 28;
+    const EIO: i32 = 5;
+
+    impl SegmentIo for FaultyIo {
+        fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()> {
+            let mut disk = self.0.lock().unwrap();
+            disk.writes += 1;
+            if disk.eio {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            match disk.free {
+                // As a real full disk does: part of the write lands, then ENOSPC.
+                Some(free) if free < buf.len() as u64 => {
+                    file.write_all(&buf[..free as usize])?;
+                    disk.free = Some(0);
+                    Err(io::Error::from_raw_os_error(ENOSPC))
+                }
+                Some(free) => {
+                    disk.free = Some(free - buf.len() as u64);
+                    file.write_all(buf)
+                }
+                None => file.write_all(buf),
+            }
+        }
+
+        fn sync_data(&mut self, file: &File) -> io::Result<()> {
+            if self.0.lock().unwrap().eio {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            file.sync_data()
+        }
+    }
+
+    #[test]
+    fn a_full_or_failing_disk_is_backed_off_from_on_the_same_segment_then_recovered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let disk = std::sync::Arc::new(std::sync::Mutex::new(Disk {
+            free: Some(3000),
+            ..Disk::default()
+        }));
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1000);
+        let (mut w, rx) =
+            SpoolWriter::open_with(cfg, metrics.clone(), Box::new(FaultyIo(disk.clone()))).unwrap();
+
+        // A batch every 2 ms for a second, on a disk that is full after 3000 bytes.
+        let mut next = 0;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(1) {
+            let batch: Vec<_> = (next..next + 4).map(entry).collect();
+            next += 4;
+            let _ = w.append_batch(&batch);
+            let _ = w.maybe_fsync();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let batches = next / 4;
+        let files = segment_numbers(tmp.path()).len();
+        let full_at = *rx.borrow();
+        let writes = disk.lock().unwrap().writes;
+        let errors = metrics.write_errors.get();
+        eprintln!(
+            "disk full for 1 s, {batches} batches: {errors} failed writes, {writes} writes in all, \
+             {files} segment files, {} of {next} entries dropped and counted",
+            metrics.dropped_error.get()
+        );
+        assert!(
+            (2..=6).contains(&errors),
+            "{errors} failed writes: backed off"
+        );
+        assert!(files <= 4, "{files} segment files: the open one is reused");
+        let spooled = metrics.spooled.get();
+        assert!(spooled > 0 && spooled < next as u64 / 10);
+        assert_eq!(
+            metrics.dropped_error.get() + spooled,
+            next as u64,
+            "all counted"
+        );
+        assert_eq!(metrics.dropped_full.get(), 0);
+        assert_eq!(metrics.disk_error.get(), 1);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), false).unwrap();
+        let got = read_all(&mut r, full_at);
+        assert_eq!(got.len() as u64, spooled);
+        assert!(got.windows(2).all(|p| p[0].entry.key < p[1].entry.key));
+        assert_eq!(got[0].entry, entry(0));
+        assert_eq!(metrics.corrupt_skipped.get(), 0, "torn tails were cut off");
+
+        // Space returns: writes resume on the same segment within the longest back-off.
+        disk.lock().unwrap().free = None;
+        let returned = Instant::now();
+        let resume = |w: &mut SpoolWriter, next: &mut usize| loop {
+            let batch: Vec<_> = (*next..*next + 4).map(entry).collect();
+            *next += 4;
+            if w.append_batch(&batch).is_ok() {
+                return batch;
+            }
+            assert!(returned.elapsed() < 2 * DISK_RETRY_MAX);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let resumed = resume(&mut w, &mut next);
+        eprintln!(
+            "writes resumed {:?} after space returned",
+            returned.elapsed()
+        );
+        assert_eq!(metrics.disk_error.get(), 0);
+        assert_eq!(rx.borrow().segment, full_at.segment);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), resumed);
+
+        // EIO: one failed write, then batches dropped without touching the disk.
+        disk.lock().unwrap().eio = true;
+        assert!(w.append_batch(&[entry(next)]).is_err());
+        let writes = disk.lock().unwrap().writes;
+        assert!(w.append_batch(&[entry(next + 1)]).is_err());
+        assert_eq!(disk.lock().unwrap().writes, writes, "paused");
+        assert_eq!(metrics.disk_error.get(), 1);
+        next += 2;
+        disk.lock().unwrap().eio = false;
+        let resumed = resume(&mut w, &mut next);
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), resumed);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn deleted_and_rotated_segments_are_closed_at_once() {
+        let open_deleted = |dir: &Path| {
+            // Descriptors of this process on deleted files in `dir`.
+            fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|d| fs::read_link(d.ok()?.path()).ok())
+                .filter(|p| p.to_string_lossy().ends_with(" (deleted)") && p.starts_with(dir))
+                .count()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), SpoolMode::Rotate, 3000, 1000);
+        cfg.fsync_interval = Duration::from_secs(3600);
+        let (mut w, _) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &(0..100).map(entry).collect::<Vec<_>>(), 2);
+        assert!(segment_numbers(tmp.path()).len() <= 4);
+        assert_eq!(open_deleted(tmp.path()), 0, "rotated segments closed");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1000);
+        cfg.fsync_interval = Duration::from_secs(3600);
+        let metrics = SpoolMetrics::default();
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        write_all(&mut w, &(0..100).map(entry).collect::<Vec<_>>(), 2);
+        let mut r = SpoolReader::open(tmp.path(), metrics, true).unwrap();
+        for e in read_all(&mut r, *rx.borrow()) {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()).len(), 1);
+        assert!(open_deleted(tmp.path()) > 0);
+        w.maybe_fsync().unwrap();
+        assert_eq!(open_deleted(tmp.path()), 0, "acked segments closed");
+    }
+
     #[test]
     fn metric_names_match_the_contract() {
         let metrics = SpoolMetrics::default();
@@ -1924,6 +2297,9 @@ mod tests {
             "sluicegate_tee_spool_segments_rotated_total",
             "sluicegate_tee_spool_corrupt_frames_total",
             "sluicegate_tee_records_dead_lettered_total",
+            "sluicegate_tee_records_dropped_spool_error_total",
+            "sluicegate_tee_spool_write_errors_total",
+            "sluicegate_tee_spool_disk_error",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))),

@@ -130,8 +130,6 @@ pub struct TeeMetrics {
     pub queued: Counter,
     /// Records refused because the in-memory queue was full (the disk could not keep up).
     pub dropped_queue_full: Counter,
-    /// Records lost because the spool could not be written (disk error).
-    pub dropped_spool_error: Counter,
     /// Records Kafka acknowledged.
     pub sent: Counter,
     /// Records read from spool segments written by an earlier process.
@@ -152,7 +150,6 @@ impl Default for TeeMetrics {
         TeeMetrics {
             queued: Counter::default(),
             dropped_queue_full: Counter::default(),
-            dropped_spool_error: Counter::default(),
             sent: Counter::default(),
             replayed: Counter::default(),
             delivery_retries: Counter::default(),
@@ -287,11 +284,6 @@ impl Metrics {
             "records_dropped_queue_full",
             "Records dropped because the queue in front of the spool was full",
             tee.dropped_queue_full.clone(),
-        );
-        t.register(
-            "records_dropped_spool_error",
-            "Records lost because the spool could not be written",
-            tee.dropped_spool_error.clone(),
         );
         t.register(
             "records_sent",
