@@ -6,7 +6,9 @@
 //!                       Kafka producer task ◀── tails the spool ◀──────────┘
 //!                       (acked ⇒ segment deleted; no Kafka ⇒ the spool is a rotating log)
 //! ```
-//! The request path never waits: a full queue drops the record, counted and logged.
+//! The request path never waits: a full queue drops the record, counted and logged. It checks
+//! the provenance tags a request carried before queueing its record (bounded per record and per
+//! second), so a flood of tags cannot take the writer's time from everyone's records.
 
 pub mod alert;
 pub mod kafka;
@@ -20,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alert::Alert;
-use record::{EncodeContext, Exchange};
+use record::{EncodeContext, Exchange, InboundTags, VerifyBudget};
 use spool::{SpoolEntry, SpoolWriter};
 
 use crate::config::settings::SpoolSettings;
@@ -42,21 +44,21 @@ const WRITE_LINGER: Duration = Duration::from_millis(5);
 /// What goes through the queue to the spool.
 #[derive(Debug)]
 pub enum TeeItem {
-    Exchange(Box<Exchange>),
+    Exchange(Box<Exchange>, InboundTags),
     Alert(Box<Alert>),
 }
 
 impl TeeItem {
     fn captured_bytes(&self) -> usize {
         match self {
-            TeeItem::Exchange(e) => e.captured_bytes(),
+            TeeItem::Exchange(e, _) => e.captured_bytes(),
             TeeItem::Alert(_) => 512,
         }
     }
 
     fn encode(&self, ctx: &EncodeContext) -> SpoolEntry {
         match self {
-            TeeItem::Exchange(e) => e.encode(ctx),
+            TeeItem::Exchange(e, inbound) => e.encode_checked(ctx, inbound),
             TeeItem::Alert(a) => a.encode(ctx),
         }
     }
@@ -70,12 +72,21 @@ pub struct TeeSender {
     max_bytes: usize,
     metrics: TeeMetrics,
     drops: Arc<DropLog>,
+    inbound_tags: InboundTagCounter,
+    verify_budget: Arc<VerifyBudget>,
 }
 
+type InboundTagCounter = prometheus_client::metrics::family::Family<
+    crate::telemetry::RouteKind,
+    prometheus_client::metrics::counter::Counter,
+>;
+
 impl TeeSender {
-    /// Hands the exchange to the spool writer, or drops it (counted) if the queue is full.
+    /// Checks the exchange's inbound tags, then hands it to the spool writer, or drops it
+    /// (counted) if the queue is full.
     pub fn send(&self, exchange: Box<Exchange>) {
-        self.push(TeeItem::Exchange(exchange));
+        let inbound = exchange.check_inbound_tags(&self.verify_budget, &self.inbound_tags);
+        self.push(TeeItem::Exchange(exchange, inbound));
     }
 
     /// Hands an alert to the spool writer (same queue, same guarantees).
@@ -168,6 +179,8 @@ impl TeeWriter {
             max_bytes: settings.queue_bytes,
             metrics,
             drops: Arc::new(DropLog::new()),
+            inbound_tags: ctx.inbound_tags.clone(),
+            verify_budget: Arc::new(VerifyBudget::default()),
         };
         let tick = settings
             .fsync_interval
