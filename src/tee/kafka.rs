@@ -19,6 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientContext;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::spool::{DeadLetter, EntryKind, Position, SpoolReader, SpooledEntry};
 use crate::config::settings::KafkaSettings;
@@ -128,8 +129,9 @@ fn classify(err: &KafkaError) -> Outcome {
 
 type InFlight = Pin<Box<dyn Future<Output = (SpooledEntry, Outcome)> + Send>>;
 
-/// The sender's end of shutdown: when `deadline` is set, send what is left until it passes.
-pub type DrainDeadline = watch::Receiver<Option<Instant>>;
+/// After shutdown's drain begins (the writer has closed), the sender gets this long to deliver
+/// what is left; the rest stays in the spool for the next start.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// When the producer last made progress, and when it was last rebuilt.
 struct Health {
@@ -201,9 +203,9 @@ impl KafkaSender {
         })
     }
 
-    /// Runs the sender on its own thread until the drain deadline passes or everything written
-    /// has been delivered after shutdown began.
-    pub fn spawn(self, drain: DrainDeadline) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Runs the sender on its own thread until, once `drain` is cancelled, everything written
+    /// has been delivered or [`SHUTDOWN_DRAIN`] has passed.
+    pub fn spawn(self, drain: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("sluicegate-kafka".into())
             .spawn(move || {
@@ -215,7 +217,7 @@ impl KafkaSender {
             })
     }
 
-    async fn run(mut self, mut drain: DrainDeadline) {
+    async fn run(mut self, drain: CancellationToken) {
         let mut producer = match self.producer() {
             Ok(p) => p,
             Err(e) => {
@@ -248,9 +250,12 @@ impl KafkaSender {
         let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
         let mut writer_done = false;
         let mut reader_caught_up = false;
+        let mut deadline = None;
 
         loop {
-            let deadline = *drain.borrow();
+            if deadline.is_none() && drain.is_cancelled() {
+                deadline = Some(Instant::now() + SHUTDOWN_DRAIN);
+            }
             if let Some(deadline) = deadline {
                 let idle = in_flight.is_empty() && b.retry.is_empty() && reader_caught_up;
                 if Instant::now() >= deadline || (idle && writer_done) {
@@ -357,7 +362,7 @@ impl KafkaSender {
                         writer_done = true;
                     }
                 }
-                _ = drain.changed() => {}
+                _ = drain.cancelled(), if deadline.is_none() => {}
                 _ = tokio::time::sleep_until(sleep_until.into()) => {}
             }
             if b.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {

@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alert::Alert;
-use record::{EncodeContext, Exchange, InboundTags, VerifyBudget};
+use record::{EncodeContext, Exchange, ExchangeError, InboundTags, VerifyBudget};
 use spool::{SpoolEntry, SpoolWriter};
 
 use crate::config::settings::SpoolSettings;
@@ -74,6 +74,8 @@ pub struct TeeSender {
     drops: Arc<DropLog>,
     inbound_tags: InboundTagCounter,
     verify_budget: Arc<VerifyBudget>,
+    /// Shutdown's grace period is over: requests still in flight are being cut.
+    cutting: Arc<AtomicBool>,
 }
 
 type InboundTagCounter = prometheus_client::metrics::family::Family<
@@ -84,9 +86,29 @@ type InboundTagCounter = prometheus_client::metrics::family::Family<
 impl TeeSender {
     /// Checks the exchange's inbound tags, then hands it to the spool writer, or drops it
     /// (counted) if the queue is full.
-    pub fn send(&self, exchange: Box<Exchange>) {
+    pub fn send(&self, mut exchange: Box<Exchange>) {
+        if self.cutting.load(Ordering::Relaxed)
+            && !exchange.complete
+            && exchange
+                .error
+                .as_ref()
+                .is_none_or(|e| e.code == "client_disconnected")
+        {
+            // Not the client: the proxy cut it.
+            exchange.error = Some(ExchangeError {
+                code: "shutdown",
+                message: "cut at the end of the shutdown grace period".into(),
+            });
+        }
         let inbound = exchange.check_inbound_tags(&self.verify_budget, &self.inbound_tags);
         self.push(TeeItem::Exchange(exchange, inbound));
+    }
+
+    /// Shutdown's grace period is over: the records of exchanges that end unfinished from now
+    /// on (with no error of their own) say `shutdown`. Call it before cutting the connections;
+    /// the writer is still open then, so their records reach the spool.
+    pub fn cut_in_flight(&self) {
+        self.cutting.store(true, Ordering::Relaxed);
     }
 
     /// Hands an alert to the spool writer (same queue, same guarantees).
@@ -181,6 +203,7 @@ impl TeeWriter {
             drops: Arc::new(DropLog::new()),
             inbound_tags: ctx.inbound_tags.clone(),
             verify_budget: Arc::new(VerifyBudget::default()),
+            cutting: Arc::new(AtomicBool::new(false)),
         };
         let tick = settings
             .fsync_interval
