@@ -170,28 +170,28 @@ pub fn count_missing(ids: &[String], got: &HashSet<String>) -> usize {
     ids.iter().filter(|id| !got.contains(*id)).count()
 }
 
-/// How many messages `topic` holds, copies included (the partitions' high minus low
-/// watermarks).
-pub fn topic_messages(brokers: &str, topic: &str) -> i64 {
+/// How many messages `topic` holds, copies included: read from the beginning by a fresh
+/// consumer group until nothing new came for 2 s (at most 60 s). Counted by reading, not from
+/// the partitions' watermarks: tansu's do not count records.
+pub fn topic_messages(brokers: &str, topic: &str) -> usize {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("group.id", format!("count-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .expect("metadata");
-    let partitions = metadata.topics()[0].partitions();
-    assert!(!partitions.is_empty(), "{topic} has no partitions");
-    partitions
-        .iter()
-        .map(|p| {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p.id(), timeout)
-                .expect("watermarks");
-            high - low
-        })
-        .sum()
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Instant::now();
+    let mut n = 0;
+    while Instant::now() < deadline && (n == 0 || last.elapsed() < Duration::from_secs(2)) {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(200)) {
+            n += 1;
+            last = Instant::now();
+        }
+    }
+    n
 }
 
 /// 200 requests, every record acknowledged, SIGTERM, a restart on the same spool and one more
@@ -201,7 +201,7 @@ pub async fn graceful_restart_copies(
     upstream: SocketAddr,
     brokers: &str,
     extra: &[&str],
-) -> (f64, i64) {
+) -> (f64, usize) {
     let spool = super::spool_dir();
     let mut proxy = start_teeing(upstream, spool.path(), brokers, extra);
     let (ids, failed) = super::load(proxy.data, 200, Duration::from_secs(1)).await;
