@@ -2,10 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::policy;
 use crate::config::settings::Settings;
@@ -20,10 +20,6 @@ use crate::tee::record::{instance_name, EncodeContext};
 use crate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
 use crate::tee::TeeWriter;
 use crate::telemetry::Metrics;
-
-/// After the listener has closed, the Kafka sender gets this long to deliver what is left;
-/// the rest stays in the spool for the next start.
-const KAFKA_DRAIN: Duration = Duration::from_secs(5);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +41,15 @@ pub struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
-    trigger: Option<oneshot::Sender<()>>,
+    shutdown: CancellationToken,
     lifecycle: JoinHandle<()>,
 }
 
 impl Running {
     /// Begins a graceful shutdown (as SIGTERM does) and waits for it to finish.
-    pub async fn shutdown(mut self) {
-        if let Some(t) = self.trigger.take() {
-            let _ = t.send(());
-        }
-        let _ = (&mut self.lifecycle).await;
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.lifecycle.await;
     }
 }
 
@@ -137,9 +131,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 first_live_segment,
             };
             sender.check_config().map_err(StartError::Kafka)?;
-            let (deadline_tx, deadline_rx) = watch::channel(None);
-            let thread = sender.spawn(deadline_rx).map_err(StartError::Thread)?;
-            Some((thread, deadline_tx))
+            let drain = CancellationToken::new();
+            let thread = sender.spawn(drain.clone()).map_err(StartError::Thread)?;
+            Some((thread, drain))
         }
         None => None,
     };
@@ -165,13 +159,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let data_addr = listener.local_addr().map_err(StartError::Listen)?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
 
+    let background = Background::default();
     let readiness = Arc::new(Readiness::default());
-    let probe = tokio::spawn(control::probe_upstream(
+    background.spawn(control::probe_upstream(
         settings.upstream.clone(),
         readiness.clone(),
         metrics.clone(),
     ));
-    let admin = tokio::spawn(control::serve_admin(
+    background.spawn(control::serve_admin(
         admin_listener,
         Arc::new(control::Admin::new(
             metrics.clone(),
@@ -181,8 +176,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             control::AdminLimits::from_settings(&settings),
         )),
     ));
-    let watch = tokio::spawn(reload::watch_file(reloader.clone()));
-    let hup = tokio::spawn(reload::on_sighup(reloader));
+    background.spawn(reload::watch_file(reloader.clone()));
+    background.spawn(reload::on_sighup(reloader));
 
     let proxy = Arc::new(Proxy::new(
         settings.upstream.clone(),
@@ -191,29 +186,27 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tee,
         metrics.proxy.clone(),
     ));
-    let upkeep = tokio::spawn(proxy.clone().run_upkeep());
+    background.spawn(proxy.clone().run_upkeep());
     let limits = ListenerLimits::from_settings(&settings);
-    let (trigger, triggered) = oneshot::channel::<()>();
+    let shutdown = CancellationToken::new();
+    let triggered = shutdown.clone();
     let drain_delay = settings.drain_delay;
     let lifecycle = tokio::spawn(async move {
         let stop_accepting = async {
-            let _ = triggered.await;
+            triggered.cancelled().await;
             readiness.begin_shutdown();
             tracing::info!(drain_delay = ?drain_delay, "shutting down: draining");
             tokio::time::sleep(drain_delay).await;
         };
+        // Returns once every connection is gone, cut or not: every record is queued by then.
         server::serve(listener, proxy, limits, stop_accepting).await;
         tracing::info!("listener closed; writing the tee queue to the spool");
         let _ = tokio::task::spawn_blocking(move || writer.close()).await;
-        if let Some((thread, deadline)) = kafka {
-            let _ = deadline.send(Some(Instant::now() + KAFKA_DRAIN));
+        if let Some((thread, drain)) = kafka {
+            drain.cancel();
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        probe.abort();
-        admin.abort();
-        upkeep.abort();
-        watch.abort();
-        hup.abort();
+        background.stop().await;
         tracing::info!("shutdown complete");
     });
 
@@ -229,9 +222,35 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         data_addr,
         admin_addr,
         metrics,
-        trigger: Some(trigger),
+        shutdown,
         lifecycle,
     })
+}
+
+/// The tasks that run beside the data port (admin port, probe, reloads, upkeep) until the end
+/// of shutdown.
+#[derive(Default)]
+struct Background {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Background {
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tasks
+            .spawn(self.stop.clone().run_until_cancelled_owned(task));
+    }
+
+    /// Stops them and waits until they are gone.
+    async fn stop(self) {
+        self.tasks.close();
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
 }
 
 /// `sluicegate serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.

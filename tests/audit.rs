@@ -339,3 +339,97 @@ async fn tags_coming_back_in_are_recorded_as_direct_or_hidden_loops() {
         );
     }
 }
+
+/// `n` requests to the spam route at `rate` per second, each with `body`; returns how many
+/// failed.
+async fn flood(proxy: &ProxyProcess, body: &str, rate: u32, n: u32) -> usize {
+    let c = client();
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tokio::time::sleep_until(start + interval * i).await;
+        let (c, url, body) = (c.clone(), url.clone(), body.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            matches!(
+                tokio::time::timeout(Duration::from_secs(10), c.request(req)).await,
+                Ok(Ok(r)) if r.status() == 200
+            )
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += usize::from(!t.await.unwrap());
+    }
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_tags_costs_no_records() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    // A short queue in front of the spool: a writer starved for time drops records at once.
+    let config = dir.path().join("settings.yaml");
+    std::fs::write(&config, "spool:\n  queue_records: 64\n").unwrap();
+    let proxy = start_tagging(model, dir.path(), &["--config", path_str(&config)]);
+    let (_, h, _) = post(
+        &client(),
+        &proxy.url("/v2/models/spam-filter/infer"),
+        v2_request(1, 1),
+    )
+    .await;
+    // Well-formed, signed by a key the proxy holds, the signature altered: each one costs a
+    // full signature check.
+    let tag = h["sluicegate-tag"].to_str().unwrap();
+    let forged: Vec<String> = (0..8)
+        .map(|i| {
+            let mut t = tag.as_bytes().to_vec();
+            let at = t.len() - 2 - i;
+            t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+            String::from_utf8(t).unwrap()
+        })
+        .collect();
+    let plain = v2_request(2, 7);
+    let mut tagged: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    tagged["parameters"] = serde_json::json!({ "previous": forged });
+    let tagged = tagged.to_string();
+
+    let (rate, n) = (300, 900);
+    let dropped = || proxy.metric("sluicegate_tee_records_dropped_queue_full_total");
+    let failed = flood(&proxy, &plain, rate, n).await;
+    assert_eq!(failed, 0);
+    let without_tags = dropped();
+    let failed = flood(&proxy, &tagged, rate, n).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        f64::from(2 * n + 1) - dropped(),
+        Duration::from_secs(20),
+    );
+    let with_tags = dropped() - without_tags;
+    let metrics = admin_get(proxy.admin, "/metrics").1;
+    let kind = |k: &str| {
+        metric_sum(
+            &metrics
+                .lines()
+                .filter(|l| l.contains(&format!("kind=\"{k}\"")))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            "sluicegate_inbound_tags_total",
+        )
+    };
+    eprintln!(
+        "{n} requests at {rate}/s: {without_tags} records dropped without tags, {with_tags} with \
+         8 forged tags each; tags counted: {} invalid, {} unverified",
+        kind("invalid"),
+        kind("unverified")
+    );
+    assert_eq!(without_tags, 0.0);
+    assert_eq!(with_tags, 0.0, "forged tags cost records");
+    assert_eq!(kind("invalid") + kind("unverified"), f64::from(8 * n));
+}

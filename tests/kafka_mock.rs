@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::kafka::{
-    check_contract, count_missing, keys, mock_cluster, start_teeing, stays_ready_through_outage,
-    wait_sent_then_consume, Consumed,
+    check_contract, count_missing, graceful_restart_copies, keys, mock_cluster, start_teeing,
+    stays_ready_through_outage, wait_sent_then_consume, Consumed,
 };
 use common::*;
 use sluicegate::demo::StandInModel;
@@ -124,6 +124,23 @@ async fn sigkill_with_records_in_the_spool_then_restart_sends_them() {
         0,
         "records spooled before SIGKILL reach Kafka after restart"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_resends_nothing_kafka_already_has() {
+    let cluster = mock_cluster();
+    let model = StandInModel::spawn().await.unwrap();
+    let (replayed, copies) = graceful_restart_copies(
+        model,
+        &cluster.bootstrap_servers(),
+        &["--kafka-property", "message.timeout.ms=2000"],
+    )
+    .await;
+    eprintln!(
+        "graceful restart: {replayed} records replayed, topic holds {copies} for 201 requests"
+    );
+    assert_eq!(replayed, 0.0);
+    assert_eq!(copies, 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

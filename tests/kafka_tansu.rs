@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{
-    check_contract, count_missing, keys, start_teeing, stays_ready_through_outage,
-    wait_sent_then_consume, TOPIC,
+    check_contract, count_missing, graceful_restart_copies, keys, start_teeing,
+    stays_ready_through_outage, wait_sent_then_consume, TOPIC,
 };
 use common::tansu::{self, Tansu};
 use common::*;
@@ -68,6 +68,26 @@ async fn n_requests_are_read_back_by_a_consumer_group() {
     )
     .await;
     assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_resends_nothing_kafka_already_has() {
+    let Some(bin) = tansu::binary() else { return };
+    let port = free_port();
+    let broker = Tansu::start(bin, port, port, "memory://tansu/", &std::env::temp_dir());
+    broker.create_topic(TOPIC, 3);
+    let model = StandInModel::spawn().await.unwrap();
+    let (replayed, copies) = graceful_restart_copies(
+        model,
+        &broker.brokers(),
+        &["--kafka-property", "message.timeout.ms=3000"],
+    )
+    .await;
+    eprintln!(
+        "graceful restart: {replayed} records replayed, topic holds {copies} for 201 requests"
+    );
+    assert_eq!(replayed, 0.0);
+    assert_eq!(copies, 201);
 }
 
 /// The broker becomes unreachable mid-load (every connection to it cut, new ones refused) and

@@ -736,3 +736,33 @@ async fn a_route_that_turns_capture_on_records_the_whole_response() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_records_a_request_cut_at_the_end_of_the_grace_period() {
+    let stuck = upstream(|_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Response::new(full("too late"))
+    })
+    .await;
+    let spool = spool_dir();
+    let mut proxy = start_proxy(stuck, spool.path(), &["--shutdown-grace", "300ms"]);
+    let c = client();
+    let req = http::Request::post(proxy.url("/x"))
+        .body(http_body_util::Full::new(Bytes::from("{}")))
+        .unwrap();
+    let in_flight = tokio::spawn(async move { c.request(req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, proxy) = tokio::task::spawn_blocking(move || (proxy.sigterm(), proxy))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    assert!(in_flight.await.unwrap().is_err(), "the request was cut");
+    let records = spool_records(spool.path());
+    assert_eq!(records.len(), 1, "the cut request's record was written");
+    assert_eq!(records[0]["complete"], false);
+    assert_eq!(records[0]["error"]["code"], "shutdown", "{}", records[0]);
+    let log = proxy.log.lock().unwrap().join("\n");
+    assert!(!log.contains("queue full"), "{log}");
+}

@@ -153,3 +153,104 @@ async fn a_full_spool_without_kafka_rotates_out_its_oldest_segment() {
         "the newest record is kept"
     );
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop. `None` when not root
+/// (mounting needs it); CI (`SLUICEGATE_REQUIRE_KAFKA_TESTS`) runs as root and must not skip.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            assert!(
+                std::env::var_os("SLUICEGATE_REQUIRE_KAFKA_TESTS").is_none(),
+                "this test mounts a tmpfs and must run as root here"
+            );
+            eprintln!("SKIPPED: mounting a tmpfs needs root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs failed");
+        Some(Tmpfs { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a process still holding a file there cannot keep it mounted.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_costs_few_files_and_log_lines_and_is_recovered_from() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    // Leaves 32 KiB: a few dozen records.
+    let filler = fs.dir.path().join("filler");
+    std::fs::write(&filler, vec![0u8; (2 << 20) - (32 << 10)]).unwrap();
+    let spool = fs.dir.path().join("spool");
+    let model = StandInModel::spawn().await.unwrap();
+    let proxy = start_proxy(model, &spool, &[]);
+    let (ids, failed) = load(proxy.data, 200, Duration::from_secs(3)).await;
+    assert_eq!(failed, 0, "a full disk fails no request");
+    proxy.wait_metric(
+        "sluicegate_tee_records_dropped_spool_error_total",
+        1.0,
+        Duration::from_secs(5),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let files = std::fs::read_dir(&spool).unwrap().count();
+    let errors = proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("ERROR"))
+        .count();
+    let spooled = proxy.metric("sluicegate_tee_records_spooled_total");
+    let dropped = proxy.metric("sluicegate_tee_records_dropped_spool_error_total");
+    eprintln!(
+        "2 MiB tmpfs with 32 KiB free, {} requests in 3 s: {files} files in the spool, \
+         {errors} ERROR lines, {spooled} records spooled, {dropped} dropped and counted, \
+         {} failed writes",
+        ids.len(),
+        proxy.metric("sluicegate_tee_spool_write_errors_total")
+    );
+    assert!(files <= 3, "{files} files in the spool");
+    assert!(errors <= 2, "{errors} ERROR lines");
+    assert!(proxy.metric("sluicegate_tee_spool_write_errors_total") >= 1.0);
+    assert_eq!(
+        spooled + dropped + proxy.metric("sluicegate_tee_records_dropped_queue_full_total"),
+        ids.len() as f64,
+        "every record spooled or counted"
+    );
+
+    // Space returns: records are spooled again within the longest back-off (5 s).
+    std::fs::remove_file(&filler).unwrap();
+    let c = client();
+    let returned = std::time::Instant::now();
+    while proxy.metric("sluicegate_tee_records_spooled_total") < spooled + 20.0 {
+        assert!(
+            returned.elapsed() < Duration::from_secs(10),
+            "not recovered"
+        );
+        let (status, _, _) = post(&c, &proxy.url("/v2/models/m/infer"), v2_request(1, 1)).await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "20 records spooled {:?} after space returned",
+        returned.elapsed()
+    );
+    assert_eq!(proxy.metric("sluicegate_tee_spool_disk_error"), 0.0);
+}

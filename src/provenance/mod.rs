@@ -126,3 +126,140 @@ pub fn find_tags(value: &serde_json::Value, max: usize) -> Vec<&str> {
     }
     found
 }
+
+/// The tags in a request body, found without parsing it (see [`scan_tags`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScannedTags {
+    /// The first tags found, unescaped, each cut to [`MAX_TAG_LEN`]` + 1` bytes (a longer one
+    /// still fails verification as too long).
+    pub first: Vec<String>,
+    /// How many tags the body holds in all.
+    pub total: usize,
+}
+
+/// Every JSON string value in `body` that starts with [`TAG_PREFIX`] once unescaped (so
+/// `"\u0073g1.…"` counts), in document order, keeping the first `keep`; object keys are not
+/// searched. A single pass over the bytes with no parse and no nesting limit: a body nested
+/// deeper than a JSON parser accepts, or not JSON at all, hides none of its quoted tags.
+pub fn scan_tags(body: &[u8], keep: usize) -> ScannedTags {
+    let mut out = ScannedTags::default();
+    // A tag needs `sg1.` in the clear or a `\u` escape spelling part of it.
+    if !contains(body, TAG_PREFIX.as_bytes()) && !contains(body, b"\\u") {
+        return out;
+    }
+    let mut at = 0;
+    while let Some(open) = body[at..].iter().position(|&b| b == b'"') {
+        let start = at + open + 1;
+        let mut end = start;
+        let mut escaped = false;
+        loop {
+            match body.get(end) {
+                None => return out, // an unterminated string ends the search
+                Some(b'\\') => {
+                    escaped = true;
+                    end += 2;
+                }
+                Some(b'"') => break,
+                Some(_) => end += 1,
+            }
+        }
+        at = end + 1;
+        let is_key = body[at..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b':');
+        if is_key {
+            continue;
+        }
+        let raw = &body[start..end];
+        let token = if escaped {
+            // The prefix first: most escaped strings are not tags.
+            Some(unescape_prefix(raw, TAG_PREFIX.len()))
+                .filter(|head| head.starts_with(TAG_PREFIX))
+                .map(|_| unescape_prefix(raw, MAX_TAG_LEN + 1))
+        } else if raw.starts_with(TAG_PREFIX.as_bytes()) {
+            let cut = raw.len().min(MAX_TAG_LEN + 1);
+            Some(String::from_utf8_lossy(&raw[..cut]).into_owned())
+        } else {
+            None
+        };
+        if let Some(token) = token.filter(|t| t.starts_with(TAG_PREFIX)) {
+            out.total += 1;
+            if out.first.len() < keep {
+                out.first.push(token);
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Unescapes the inside of a JSON string, stopping after about `max` bytes of output. An
+/// invalid escape or a lone surrogate becomes U+FFFD: a tag is ASCII, so a tag holding one is
+/// still found, and fails verification as malformed.
+fn unescape_prefix(raw: &[u8], max: usize) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < raw.len() && out.len() < max {
+        let b = raw[i];
+        if b != b'\\' {
+            // Copy the run up to the next escape.
+            let run = raw[i..]
+                .iter()
+                .position(|&c| c == b'\\')
+                .map_or(raw.len(), |n| i + n);
+            let run = run.min(i + (max - out.len()));
+            out.push_str(&String::from_utf8_lossy(&raw[i..run]));
+            i = run;
+            continue;
+        }
+        let Some(&c) = raw.get(i + 1) else {
+            out.push(char::REPLACEMENT_CHARACTER);
+            break;
+        };
+        i += 2;
+        let ch = match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => match raw.get(i..i + 4).and_then(hex4) {
+                Some(unit) => {
+                    i += 4;
+                    let mut units = vec![unit];
+                    let high = (0xd800..0xdc00).contains(&unit);
+                    if high && raw.get(i..i + 2) == Some(&b"\\u"[..]) {
+                        if let Some(low) = raw.get(i + 2..i + 6).and_then(hex4) {
+                            if (0xdc00..0xe000).contains(&low) {
+                                units.push(low);
+                                i += 6;
+                            }
+                        }
+                    }
+                    char::decode_utf16(units)
+                        .next()
+                        .and_then(Result::ok)
+                        .unwrap_or(char::REPLACEMENT_CHARACTER)
+                }
+                None => char::REPLACEMENT_CHARACTER,
+            },
+            _ => char::REPLACEMENT_CHARACTER,
+        };
+        out.push(ch);
+    }
+    out
+}
+
+fn hex4(b: &[u8]) -> Option<u16> {
+    if !b.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u16::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok()
+}

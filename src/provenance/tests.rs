@@ -989,6 +989,66 @@ fn find_tags_is_depth_first_and_bounded() {
 }
 
 #[test]
+fn scan_tags_finds_escaped_deep_and_non_json_tags_and_counts_them_all() {
+    let body = br#"{"inputs": [{"data": ["sg1.first", "plain", {"deep": [["sg1.second"]]}]}],
+        "sg1.key-is-not-searched" : 1,
+        "escaped": "\u0073g1.third", "all": "\u0073\u0067\u0031\u002efourth",
+        "slash": "sg1.fi\/fth", "other": ["sg2.not-ours", "xsg1.no", "\u0073g2.no", 5]}"#;
+    let found = scan_tags(body, 10);
+    assert_eq!(
+        found.first,
+        vec![
+            "sg1.first",
+            "sg1.second",
+            "sg1.third",
+            "sg1.fourth",
+            "sg1.fi/fth"
+        ]
+    );
+    assert_eq!(found.total, 5);
+    let two = scan_tags(body, 2);
+    assert_eq!(two.first, vec!["sg1.first", "sg1.second"]);
+    assert_eq!(two.total, 5, "every tag counted, not only those kept");
+
+    // Deeper than serde_json parses (128 levels), and cut off: still found.
+    let deep = format!(
+        "{}\"\\u0073g1.bottom\"{}",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    assert!(serde_json::from_str::<serde_json::Value>(&deep).is_err());
+    assert_eq!(scan_tags(deep.as_bytes(), 1).first, vec!["sg1.bottom"]);
+    assert_eq!(
+        scan_tags(&deep.as_bytes()[..10_020], 1).first,
+        vec!["sg1.bottom"]
+    );
+    assert_eq!(scan_tags(b"not json: \"sg1.a.b\" ok", 1).total, 1);
+
+    // Bad escapes and surrogates are kept visible (they fail verification as malformed).
+    let odd = scan_tags(
+        br#"["sg1.a\qb", "\u0073g1.\ud800x", "\u0073g1.\u12", "sg1.end\"#,
+        10,
+    );
+    assert_eq!(odd.total, 3, "{odd:?}");
+    assert!(odd.first.iter().all(|t| t.contains('\u{fffd}')), "{odd:?}");
+    // An unterminated string ends the search.
+    assert_eq!(scan_tags(br#"["sg1.x", "sg1.unterminated"#, 10).total, 1);
+
+    // A tag past the length limit is cut, stays a tag, and fails as too long.
+    let long = format!("[\"sg1.{}.sig\"]", "a".repeat(3 * MAX_TAG_LEN));
+    let t = scan_tags(long.as_bytes(), 1);
+    assert_eq!(t.first[0].len(), MAX_TAG_LEN + 1);
+    assert!(matches!(
+        decode_unverified(&t.first[0]),
+        Err(TagError::Malformed(_))
+    ));
+    assert_eq!(
+        scan_tags(b"{\"a\": [1, 2, \"x\"]}", 10),
+        ScannedTags::default()
+    );
+}
+
+#[test]
 fn algorithm_names() {
     for (s, a) in [
         ("ed25519", Algorithm::Ed25519),

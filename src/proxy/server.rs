@@ -14,6 +14,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Proxy;
 use crate::config::settings::Settings;
@@ -91,7 +93,8 @@ impl Connections {
 }
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then waits up to the grace period
-/// for in-flight requests.
+/// for in-flight requests; then cuts what is left and returns once every connection is gone
+/// (their records are handed to the tee by then).
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
@@ -103,6 +106,8 @@ pub async fn serve(
     // At the limit, stop accepting: new connections wait in the kernel's backlog instead of
     // taking file descriptors and memory here.
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let tasks = TaskTracker::new();
+    let cut = CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -124,7 +129,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let connections = connections.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let cut = cut.clone();
+        tasks.spawn(cut.run_until_cancelled_owned(async move {
             let _slot = permit;
             // hyper's header-read timeout starts after it has read the first bytes (to tell
             // HTTP/1 from HTTP/2); a connection that sends nothing at all is cut here.
@@ -134,7 +140,7 @@ pub async fn serve(
                 _ => return,
             }
             connections.serve(stream, client, watcher).await;
-        });
+        }));
     }
     drop(listener);
     if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
@@ -143,6 +149,10 @@ pub async fn serve(
     {
         tracing::warn!("shutdown grace period over: closing connections with requests in flight");
     }
+    connections.proxy.tee.cut_in_flight();
+    cut.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// Connections the kernel queues while every `--max-connections` slot is taken (std's

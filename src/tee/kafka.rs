@@ -19,6 +19,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientContext;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::spool::{DeadLetter, EntryKind, Position, SpoolReader, SpooledEntry};
 use crate::config::settings::KafkaSettings;
@@ -38,6 +39,10 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// producer is rebuilt (a fresh connection and producer id). It unwedges a producer whose
 /// idempotence state a restarted broker lost, whatever error that broker answers with.
 const STALL_REBUILD: Duration = Duration::from_secs(20);
+/// How often the acknowledged position is checkpointed (and at shutdown): after a crash, a
+/// restart resends at most what was acknowledged in this last interval (besides the
+/// unacknowledged records, which it must send).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds the producer configuration: sluicegate's defaults, then the user's properties.
 pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
@@ -124,8 +129,9 @@ fn classify(err: &KafkaError) -> Outcome {
 
 type InFlight = Pin<Box<dyn Future<Output = (SpooledEntry, Outcome)> + Send>>;
 
-/// The sender's end of shutdown: when `deadline` is set, send what is left until it passes.
-pub type DrainDeadline = watch::Receiver<Option<Instant>>;
+/// After shutdown's drain begins (the writer has closed), the sender gets this long to deliver
+/// what is left; the rest stays in the spool for the next start.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// When the producer last made progress, and when it was last rebuilt.
 struct Health {
@@ -153,6 +159,24 @@ struct Backlog {
     health: Health,
     /// A delivery failed in a way only a new producer can fix.
     fatal: bool,
+    last_checkpoint: Instant,
+    /// The last checkpoint failed (logged once until one succeeds).
+    checkpoint_failing: bool,
+}
+
+impl Backlog {
+    /// Checkpoints the acknowledged position (see [`CHECKPOINT_INTERVAL`]).
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        match self.reader.checkpoint() {
+            Ok(()) => self.checkpoint_failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.checkpoint_failing, true) {
+                    tracing::warn!(error = %e, "cannot checkpoint the acknowledged spool position; a restart will resend more");
+                }
+            }
+        }
+    }
 }
 
 /// The Kafka sender task.
@@ -179,9 +203,9 @@ impl KafkaSender {
         })
     }
 
-    /// Runs the sender on its own thread until the drain deadline passes or everything written
-    /// has been delivered after shutdown began.
-    pub fn spawn(self, drain: DrainDeadline) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Runs the sender on its own thread until, once `drain` is cancelled, everything written
+    /// has been delivered or [`SHUTDOWN_DRAIN`] has passed.
+    pub fn spawn(self, drain: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("sluicegate-kafka".into())
             .spawn(move || {
@@ -193,7 +217,7 @@ impl KafkaSender {
             })
     }
 
-    async fn run(mut self, mut drain: DrainDeadline) {
+    async fn run(mut self, drain: CancellationToken) {
         let mut producer = match self.producer() {
             Ok(p) => p,
             Err(e) => {
@@ -220,13 +244,18 @@ impl KafkaSender {
                 last_rebuild: Instant::now(),
             },
             fatal: false,
+            last_checkpoint: Instant::now(),
+            checkpoint_failing: false,
         };
         let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
         let mut writer_done = false;
         let mut reader_caught_up = false;
+        let mut deadline = None;
 
         loop {
-            let deadline = *drain.borrow();
+            if deadline.is_none() && drain.is_cancelled() {
+                deadline = Some(Instant::now() + SHUTDOWN_DRAIN);
+            }
             if let Some(deadline) = deadline {
                 let idle = in_flight.is_empty() && b.retry.is_empty() && reader_caught_up;
                 if Instant::now() >= deadline || (idle && writer_done) {
@@ -291,7 +320,8 @@ impl KafkaSender {
                 Instant::now() + Duration::from_secs(1)
             } else {
                 b.retry_at
-            };
+            }
+            .min(b.last_checkpoint + CHECKPOINT_INTERVAL);
             tokio::select! {
                 Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                     b.fatal = false;
@@ -332,10 +362,14 @@ impl KafkaSender {
                         writer_done = true;
                     }
                 }
-                _ = drain.changed() => {}
+                _ = drain.cancelled(), if deadline.is_none() => {}
                 _ = tokio::time::sleep_until(sleep_until.into()) => {}
             }
+            if b.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                b.checkpoint();
+            }
         }
+        b.checkpoint();
         let left = in_flight.len() + b.retry.len();
         if left > 0 {
             tracing::warn!(

@@ -6,7 +6,9 @@
 //!                       Kafka producer task ◀── tails the spool ◀──────────┘
 //!                       (acked ⇒ segment deleted; no Kafka ⇒ the spool is a rotating log)
 //! ```
-//! The request path never waits: a full queue drops the record, counted and logged.
+//! The request path never waits: a full queue drops the record, counted and logged. It checks
+//! the provenance tags a request carried before queueing its record (bounded per record and per
+//! second), so a flood of tags cannot take the writer's time from everyone's records.
 
 pub mod alert;
 pub mod kafka;
@@ -20,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alert::Alert;
-use record::{EncodeContext, Exchange};
+use record::{EncodeContext, Exchange, ExchangeError, InboundTags, VerifyBudget};
 use spool::{SpoolEntry, SpoolWriter};
 
 use crate::config::settings::SpoolSettings;
@@ -42,21 +44,21 @@ const WRITE_LINGER: Duration = Duration::from_millis(5);
 /// What goes through the queue to the spool.
 #[derive(Debug)]
 pub enum TeeItem {
-    Exchange(Box<Exchange>),
+    Exchange(Box<Exchange>, InboundTags),
     Alert(Box<Alert>),
 }
 
 impl TeeItem {
     fn captured_bytes(&self) -> usize {
         match self {
-            TeeItem::Exchange(e) => e.captured_bytes(),
+            TeeItem::Exchange(e, _) => e.captured_bytes(),
             TeeItem::Alert(_) => 512,
         }
     }
 
     fn encode(&self, ctx: &EncodeContext) -> SpoolEntry {
         match self {
-            TeeItem::Exchange(e) => e.encode(ctx),
+            TeeItem::Exchange(e, inbound) => e.encode_checked(ctx, inbound),
             TeeItem::Alert(a) => a.encode(ctx),
         }
     }
@@ -70,12 +72,43 @@ pub struct TeeSender {
     max_bytes: usize,
     metrics: TeeMetrics,
     drops: Arc<DropLog>,
+    inbound_tags: InboundTagCounter,
+    verify_budget: Arc<VerifyBudget>,
+    /// Shutdown's grace period is over: requests still in flight are being cut.
+    cutting: Arc<AtomicBool>,
 }
 
+type InboundTagCounter = prometheus_client::metrics::family::Family<
+    crate::telemetry::RouteKind,
+    prometheus_client::metrics::counter::Counter,
+>;
+
 impl TeeSender {
-    /// Hands the exchange to the spool writer, or drops it (counted) if the queue is full.
-    pub fn send(&self, exchange: Box<Exchange>) {
-        self.push(TeeItem::Exchange(exchange));
+    /// Checks the exchange's inbound tags, then hands it to the spool writer, or drops it
+    /// (counted) if the queue is full.
+    pub fn send(&self, mut exchange: Box<Exchange>) {
+        if self.cutting.load(Ordering::Relaxed)
+            && !exchange.complete
+            && exchange
+                .error
+                .as_ref()
+                .is_none_or(|e| e.code == "client_disconnected")
+        {
+            // Not the client: the proxy cut it.
+            exchange.error = Some(ExchangeError {
+                code: "shutdown",
+                message: "cut at the end of the shutdown grace period".into(),
+            });
+        }
+        let inbound = exchange.check_inbound_tags(&self.verify_budget, &self.inbound_tags);
+        self.push(TeeItem::Exchange(exchange, inbound));
+    }
+
+    /// Shutdown's grace period is over: the records of exchanges that end unfinished from now
+    /// on (with no error of their own) say `shutdown`. Call it before cutting the connections;
+    /// the writer is still open then, so their records reach the spool.
+    pub fn cut_in_flight(&self) {
+        self.cutting.store(true, Ordering::Relaxed);
     }
 
     /// Hands an alert to the spool writer (same queue, same guarantees).
@@ -168,16 +201,18 @@ impl TeeWriter {
             max_bytes: settings.queue_bytes,
             metrics,
             drops: Arc::new(DropLog::new()),
+            inbound_tags: ctx.inbound_tags.clone(),
+            verify_budget: Arc::new(VerifyBudget::default()),
+            cutting: Arc::new(AtomicBool::new(false)),
         };
         let tick = settings
             .fsync_interval
             .clamp(Duration::from_millis(10), Duration::from_millis(100));
         let closing = Arc::new(AtomicBool::new(false));
         let flag = closing.clone();
-        let writer_metrics = sender.metrics.clone();
         let handle = std::thread::Builder::new()
             .name("sluicegate-spool".into())
-            .spawn(move || write_loop(rx, spool, ctx, queued_bytes, tick, &flag, writer_metrics))?;
+            .spawn(move || write_loop(rx, spool, ctx, queued_bytes, tick, &flag))?;
         Ok((sender, TeeWriter { handle, closing }))
     }
 
@@ -195,9 +230,7 @@ fn write_loop(
     queued_bytes: Arc<AtomicUsize>,
     tick: Duration,
     closing: &AtomicBool,
-    metrics: TeeMetrics,
 ) {
-    let spool_failures = metrics.dropped_spool_error.clone();
     let mut entries: Vec<SpoolEntry> = Vec::with_capacity(WRITE_BATCH);
     loop {
         let waited = rx.try_recv().or_else(|_| {
@@ -211,9 +244,8 @@ fn write_loop(
                 if closing.load(Ordering::Relaxed) {
                     break;
                 }
-                if let Err(e) = spool.maybe_fsync() {
-                    tracing::warn!(error = %e, "spool fsync failed");
-                }
+                // A failure is counted and logged by the spool writer.
+                let _ = spool.maybe_fsync();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -230,14 +262,11 @@ fn write_loop(
             }
         }
         queued_bytes.fetch_sub(freed, Ordering::Relaxed);
-        if let Err(e) = spool.append_batch(&entries) {
-            spool_failures.inc_by(entries.len() as u64);
-            tracing::error!(error = %e, records = entries.len(), "spool write failed: records lost");
-        }
+        // Records a disk error cost are counted, and logged at a limited rate, by the spool
+        // writer, which also backs off: a failing disk never slows the queue's draining.
+        let _ = spool.append_batch(&entries);
         entries.clear();
-        if let Err(e) = spool.maybe_fsync() {
-            tracing::warn!(error = %e, "spool fsync failed");
-        }
+        let _ = spool.maybe_fsync();
     }
     if let Err(e) = spool.sync() {
         tracing::warn!(error = %e, "spool fsync at shutdown failed");

@@ -1,11 +1,13 @@
 //! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`,
 //! documented by `schema/record.v1.json`).
 //!
-//! The request path only captures raw parts into an [`Exchange`]; turning it into JSON happens
-//! on the spool writer's thread, off the request path.
+//! The request path only captures raw parts into an [`Exchange`], and checks the provenance
+//! tags it carried ([`Exchange::check_inbound_tags`], bounded per record and per second);
+//! turning it into JSON happens on the spool writer's thread, off the request path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use http::{HeaderMap, HeaderName, Method};
@@ -127,15 +129,65 @@ impl Exchange {
 pub struct EncodeContext {
     pub instance: String,
     pub max_record_bytes: usize,
-    /// Tags found on the way in, by route and kind (`direct`, `hidden`, `invalid`).
+    /// Tags found on the way in, by route and kind (`direct`, `hidden`, `invalid`, `unverified`).
     pub inbound_tags: prometheus_client::metrics::family::Family<
         crate::telemetry::RouteKind,
         prometheus_client::metrics::counter::Counter,
     >,
 }
 
-/// Most inbound tags recorded per request (a body could carry thousands).
+/// Most inbound tags recorded per request (a body could carry thousands; all are counted).
 const MAX_INBOUND_TAGS: usize = 8;
+/// Most inbound tags whose signature is checked per request; the others are recorded and
+/// counted as `unverified`.
+pub const MAX_VERIFIED_TAGS: usize = 4;
+/// CPU time per second that checking inbound tags may take, all requests together: a flood of
+/// (forged) tags costs at most this much; past it, tags are recorded `unverified`.
+pub const VERIFY_BUDGET_PER_SECOND: Duration = Duration::from_millis(100);
+
+/// What checking inbound tags may spend, per second (see [`VERIFY_BUDGET_PER_SECOND`]).
+#[derive(Debug)]
+pub struct VerifyBudget {
+    start: Instant,
+    /// The second (since `start`) that `spent_ns` is for.
+    second: AtomicU64,
+    spent_ns: AtomicU64,
+}
+
+impl Default for VerifyBudget {
+    fn default() -> Self {
+        VerifyBudget {
+            start: Instant::now(),
+            second: AtomicU64::new(0),
+            spent_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl VerifyBudget {
+    /// Runs `f` and books its time, or returns `None` when this second's budget is spent.
+    /// Concurrent callers may overshoot by one call each.
+    fn spend<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let now = self.start.elapsed().as_secs();
+        let second = self.second.load(Ordering::Relaxed);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.spent_ns.store(0, Ordering::Relaxed);
+        }
+        if self.spent_ns.load(Ordering::Relaxed) >= VERIFY_BUDGET_PER_SECOND.as_nanos() as u64 {
+            return None;
+        }
+        let started = Instant::now();
+        let out = f();
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.spent_ns.fetch_add(took, Ordering::Relaxed);
+        Some(out)
+    }
+}
 
 /// A tag that came in with a request: a model's output fed back as an input.
 #[derive(Debug, Serialize)]
@@ -152,43 +204,86 @@ struct InboundTag {
     model: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     route: Option<String>,
-    /// Why an invalid tag was not trusted.
+    /// Why an invalid tag was not trusted (`unverified`: its signature was not checked).
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
 }
 
-impl Exchange {
-    /// Tags in the request (header `sluicegate-tag`, or any JSON string in the body),
-    /// verified with the policy's keys and classified against this exchange's model.
-    fn inbound_tags(&self, this_model: Option<&str>, ctx: &EncodeContext) -> Vec<InboundTag> {
-        use crate::provenance::{find_tags, TAG_PREFIX};
-        let mut tokens: Vec<(&'static str, String)> = self
-            .request
-            .headers
-            .get_all("sluicegate-tag")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(|t| ("header", t.trim().to_owned()))
-            .collect();
-        let body = &self.request.body.bytes;
-        // Cheap test first: most bodies carry no tag, and need no second parse.
-        let needle = format!("\"{TAG_PREFIX}");
-        if memchr_find(body, needle.as_bytes()) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-                tokens.extend(
-                    find_tags(&v, MAX_INBOUND_TAGS)
-                        .into_iter()
-                        .map(|t| ("body", t.to_owned())),
-                );
-            }
+impl InboundTag {
+    fn untrusted(found_in: &'static str, error: &'static str) -> Self {
+        InboundTag {
+            found_in,
+            valid: false,
+            feedback: None,
+            prediction_id: None,
+            model: None,
+            route: None,
+            error: Some(error),
         }
-        tokens.truncate(MAX_INBOUND_TAGS);
-        tokens
+    }
+}
+
+/// The provenance tags a request carried, checked ([`Exchange::check_inbound_tags`]).
+#[derive(Debug, Default)]
+pub struct InboundTags(Vec<InboundTag>);
+
+impl Exchange {
+    /// Finds the tags in the request (header `sluicegate-tag`, or any string in the body, JSON
+    /// escapes and any nesting depth included), verifies at most [`MAX_VERIFIED_TAGS`] of them
+    /// with the policy's keys within `budget`, classifies them against this exchange's model and
+    /// counts every one found in `counter` (`direct`, `hidden`, `invalid`, `unverified`). Runs
+    /// on the request path, so a flood of tags costs the spool writer nothing.
+    pub fn check_inbound_tags(
+        &self,
+        budget: &VerifyBudget,
+        counter: &prometheus_client::metrics::family::Family<
+            crate::telemetry::RouteKind,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> InboundTags {
+        let headers = self.request.headers.get_all("sluicegate-tag");
+        let header_total = headers.iter().count();
+        let mut tokens: Vec<(&'static str, String)> = headers
+            .iter()
+            .take(MAX_INBOUND_TAGS)
+            .map(|v| {
+                (
+                    "header",
+                    String::from_utf8_lossy(v.as_bytes()).trim().to_owned(),
+                )
+            })
+            .collect();
+        let keep = MAX_INBOUND_TAGS.saturating_sub(tokens.len());
+        let scanned = crate::provenance::scan_tags(&self.request.body.bytes, keep);
+        tokens.extend(scanned.first.into_iter().map(|t| ("body", t)));
+        let count = |kind: &'static str, n: usize| {
+            if n > 0 {
+                counter
+                    .get_or_create(&crate::telemetry::RouteKind {
+                        route: self.route.to_string(),
+                        kind,
+                    })
+                    .inc_by(n as u64);
+            }
+        };
+        // Found, but past the number recorded: counted only.
+        count("unverified", header_total + scanned.total - tokens.len());
+        let mut this_model: Option<Option<String>> = None;
+        let tags = tokens
             .into_iter()
-            .map(|(found_in, token)| {
-                let tag = match self.policy.keys.verify(&token) {
-                    Ok(c) => {
-                        let same = match (c.model.as_deref(), this_model) {
+            .enumerate()
+            .map(|(i, (found_in, token))| {
+                let verified = if i < MAX_VERIFIED_TAGS {
+                    budget.spend(|| self.policy.keys.verify(&token))
+                } else {
+                    None
+                };
+                let tag = match verified {
+                    None => InboundTag::untrusted(found_in, "unverified"),
+                    Some(Err(e)) => InboundTag::untrusted(found_in, e.kind()),
+                    Some(Ok(c)) => {
+                        let this_model = this_model.get_or_insert_with(|| self.model_name());
+                        let same = match (c.model.as_deref(), this_model.as_deref()) {
                             (Some(a), Some(b)) => a == b,
                             _ => c.route == *self.route,
                         };
@@ -202,30 +297,29 @@ impl Exchange {
                             error: None,
                         }
                     }
-                    Err(e) => InboundTag {
-                        found_in,
-                        valid: false,
-                        feedback: None,
-                        prediction_id: None,
-                        model: None,
-                        route: None,
-                        error: Some(e.kind()),
-                    },
                 };
-                ctx.inbound_tags
-                    .get_or_create(&crate::telemetry::RouteKind {
-                        route: self.route.to_string(),
-                        kind: tag.feedback.unwrap_or("invalid"),
-                    })
-                    .inc();
+                count(
+                    match (tag.feedback, tag.error) {
+                        (Some(feedback), _) => feedback,
+                        (None, Some("unverified")) => "unverified",
+                        (None, _) => "invalid",
+                    },
+                    1,
+                );
                 tag
             })
-            .collect()
+            .collect();
+        InboundTags(tags)
     }
-}
 
-fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+    /// The model: the v2 response's `model_name`, else the one in the request path.
+    fn model_name(&self) -> Option<String> {
+        self.response
+            .as_ref()
+            .and_then(|r| serde_json::from_slice::<Probe>(&r.body.bytes).ok())
+            .and_then(|p| raw_str(p.model_name))
+            .or_else(|| model_from_path(&self.path).0.map(str::to_owned))
+    }
 }
 
 /// The pod name (`POD_NAME`, as the Downward API sets it), else `HOSTNAME`, else the host name.
@@ -238,8 +332,15 @@ pub fn instance_name() -> String {
 }
 
 impl Exchange {
-    /// Encodes the record; bodies are cut until it fits under the record size limit.
+    /// Checks the inbound tags (with a budget of its own) and encodes the record.
     pub fn encode(&self, ctx: &EncodeContext) -> SpoolEntry {
+        let inbound = self.check_inbound_tags(&VerifyBudget::default(), &ctx.inbound_tags);
+        self.encode_checked(ctx, &inbound)
+    }
+
+    /// Encodes the record with its checked inbound tags; bodies are cut until it fits under the
+    /// record size limit.
+    pub fn encode_checked(&self, ctx: &EncodeContext, inbound: &InboundTags) -> SpoolEntry {
         let timestamp_ms = self
             .time
             .duration_since(UNIX_EPOCH)
@@ -251,19 +352,12 @@ impl Exchange {
             .len()
             .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len()));
         let mut body_limit = longest;
-        let (path_model, _) = model_from_path(&self.path);
-        let response_model = self
-            .response
-            .as_ref()
-            .and_then(|r| serde_json::from_slice::<Probe>(&r.body.bytes).ok())
-            .and_then(|p| raw_str(p.model_name));
-        let inbound = self.inbound_tags(response_model.as_deref().or(path_model), ctx);
         let payload = loop {
             let json = serde_json::to_vec(&RecordView {
                 exchange: self,
                 instance: &ctx.instance,
                 body_limit,
-                inbound: &inbound,
+                inbound: &inbound.0,
             })
             .expect("record serializes");
             if json.len() <= ctx.max_record_bytes || body_limit == 0 {
@@ -956,5 +1050,74 @@ mod tests {
         );
         assert_eq!(model_from_path("/v2/models/m/infer"), (Some("m"), None));
         assert_eq!(model_from_path("/other"), (None, None));
+    }
+
+    fn inbound_of(ex: &Exchange, ctx: &EncodeContext) -> serde_json::Value {
+        decode(&ex.encode(ctx))["inbound_tags"].clone()
+    }
+
+    fn counted(ctx: &EncodeContext, kind: &'static str) -> u64 {
+        ctx.inbound_tags
+            .get_or_create(&crate::telemetry::RouteKind {
+                route: "default".into(),
+                kind,
+            })
+            .get()
+    }
+
+    #[test]
+    fn escaped_and_deeply_nested_tags_are_found() {
+        let ctx = ctx(1 << 20);
+        let escaped = br#"{"inputs": [{"data": ["\u0073g1.eyJrIjoiayJ9.c2ln"]}]}"#;
+        let tags = inbound_of(&exchange(escaped, b"{}", 1 << 20), &ctx);
+        assert_eq!(tags.as_array().unwrap().len(), 1, "{tags}");
+        assert_eq!(tags[0]["found_in"], "body");
+        assert_eq!(tags[0]["valid"], false);
+        let deep = format!(
+            "{}\"sg1.eyJrIjoiayJ9.c2ln\"{}",
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        // (The record of such a body is itself too deep for serde_json to read back.)
+        let ex = exchange(deep.as_bytes(), b"{}", 1 << 20);
+        let tags = ex.check_inbound_tags(&VerifyBudget::default(), &ctx.inbound_tags);
+        assert_eq!(tags.0.len(), 1, "{tags:?}");
+        assert_eq!(tags.0[0].error, Some("malformed"));
+        assert_eq!(counted(&ctx, "invalid"), 2);
+    }
+
+    #[test]
+    fn tags_past_the_per_record_bounds_are_recorded_or_counted_unverified() {
+        let ctx = ctx(1 << 20);
+        let body = serde_json::to_vec(&(0..20).map(|i| format!("sg1.e30.{i}")).collect::<Vec<_>>())
+            .unwrap();
+        let tags = inbound_of(&exchange(&body, b"{}", 1 << 20), &ctx);
+        let tags = tags.as_array().unwrap();
+        assert_eq!(tags.len(), MAX_INBOUND_TAGS);
+        let unverified = |t: &&serde_json::Value| t["error"] == "unverified";
+        assert_eq!(
+            tags.iter().filter(unverified).count(),
+            MAX_INBOUND_TAGS - MAX_VERIFIED_TAGS
+        );
+        assert!(tags[..MAX_VERIFIED_TAGS]
+            .iter()
+            .all(|t| t["error"] == "malformed"));
+        assert_eq!(counted(&ctx, "invalid"), MAX_VERIFIED_TAGS as u64);
+        assert_eq!(counted(&ctx, "unverified"), 20 - MAX_VERIFIED_TAGS as u64);
+    }
+
+    #[test]
+    fn the_verification_budget_is_per_second_and_runs_out() {
+        let budget = VerifyBudget::default();
+        let slice = VERIFY_BUDGET_PER_SECOND / 4;
+        let mut ran = 0;
+        while budget.spend(|| std::thread::sleep(slice)).is_some() {
+            ran += 1;
+            assert!(ran <= 4, "the budget holds");
+        }
+        assert!(ran >= 3);
+        let next_second = Duration::from_secs(1).saturating_sub(budget.start.elapsed());
+        std::thread::sleep(next_second + Duration::from_millis(10));
+        assert!(budget.spend(|| ()).is_some(), "a new second, a new budget");
     }
 }

@@ -1,5 +1,5 @@
 //! Write-ahead spool: the tee appends records here before they are sent to Kafka, so a killed
-//! process loses nothing that reached the spool (see DESIGN.md, "Delivery guarantees").
+//! process loses nothing that reached the spool (the README's "Delivery guarantees").
 //!
 //! A [`SpoolWriter`] (on its own OS thread) appends batches of entries to segment files and
 //! publishes, through a `watch` channel, the [`Position`] before which everything is whole
@@ -23,11 +23,19 @@
 //!   [`DeadLetter`] lifetime (created on its first append, numbered above the highest present), so
 //!   a [`SpoolReader`] opened on `DIR/dead-letter` reads them. The reason is logged, not stored.
 //!
+//! - The producer's acknowledged prefix is checkpointed in `DIR/acked.ckpt` (written to
+//!   `DIR/acked.ckpt.tmp`, fsynced, renamed): magic `b"SGA1"`, segment `u64` LE, offset `u64` LE,
+//!   CRC-32 of those 20 bytes as `u32` LE. Every entry before that position was acknowledged, so a
+//!   new reader starts there. A missing, torn or corrupt checkpoint is ignored (everything still in
+//!   the segments is sent again). A writer numbers its segments above the checkpoint's, so a stale
+//!   checkpoint can never cover entries written after it.
+//!
 //! A reader skips (and counts) torn or corrupt frames and resynchronises on the next magic whose
 //! frame verifies, so damage never hides the frames behind it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsStr;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -44,6 +52,12 @@ pub const SEGMENT_EXT: &str = "seg";
 /// Name of the dead-letter subdirectory of a spool directory.
 pub const DEAD_LETTER_DIR: &str = "dead-letter";
 
+/// Name of the acknowledged-position checkpoint in a spool directory.
+pub const CHECKPOINT_FILE: &str = "acked.ckpt";
+const CHECKPOINT_TMP: &str = "acked.ckpt.tmp";
+const CHECKPOINT_MAGIC: [u8; 4] = *b"SGA1";
+const CHECKPOINT_LEN: usize = 4 + 8 + 8 + 4;
+
 const MAGIC: [u8; 4] = 0x3153_4753_u32.to_le_bytes();
 const HEADER_LEN: usize = 12;
 /// kind + timestamp + key length + route length.
@@ -53,6 +67,13 @@ const SEGMENT_NAME_DIGITS: usize = 20;
 const READ_CHUNK: usize = 64 * 1024;
 /// A full spool refuses entries on every batch: warn about it at most this often.
 const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
+/// After a disk error the writer drops entries (counted) for this long before it tries the disk
+/// again; the wait doubles with each failure up to `DISK_RETRY_MAX`. A full or failing disk then
+/// costs a few writes and no new file per batch, and the request path never waits for it.
+const DISK_RETRY_MIN: Duration = Duration::from_millis(100);
+const DISK_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Disk errors are logged at most this often, with the counts since the last line.
+const DISK_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What an entry is: a request/response record or a limit alert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +174,12 @@ pub struct SpoolMetrics {
     pub corrupt_skipped: Counter,
     /// Entries moved to the dead-letter file.
     pub dead_lettered: Counter,
+    /// Entries lost to disk errors (written and failed, or dropped while the writer backs off).
+    pub dropped_error: Counter,
+    /// Failed segment writes and fsyncs.
+    pub write_errors: Counter,
+    /// 1 from a disk error until a write succeeds again.
+    pub disk_error: Gauge,
 }
 
 impl SpoolMetrics {
@@ -193,6 +220,21 @@ impl SpoolMetrics {
             "records_dead_lettered",
             "Entries set aside in the dead-letter file",
             self.dead_lettered.clone(),
+        );
+        registry.register(
+            "records_dropped_spool_error",
+            "Records lost because the spool could not be written (disk error)",
+            self.dropped_error.clone(),
+        );
+        registry.register(
+            "spool_write_errors",
+            "Failed spool writes and fsyncs",
+            self.write_errors.clone(),
+        );
+        registry.register(
+            "spool_disk_error",
+            "1 from a spool disk error until a write succeeds again",
+            self.disk_error.clone(),
         );
     }
 }
@@ -339,8 +381,83 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The acknowledged position checkpointed in `dir`, or `None` if there is none or it is torn or
+/// corrupt (then everything in the segments is sent again: never skip what may be unacked).
+pub fn read_checkpoint(dir: &Path) -> Option<Position> {
+    let mut bytes = Vec::with_capacity(CHECKPOINT_LEN + 1);
+    File::open(dir.join(CHECKPOINT_FILE))
+        .ok()?
+        .take(CHECKPOINT_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() != CHECKPOINT_LEN || bytes[..4] != CHECKPOINT_MAGIC {
+        return None;
+    }
+    let (fields, crc) = bytes.split_at(CHECKPOINT_LEN - 4);
+    if crc32fast::hash(fields) != le_u32(crc)? {
+        return None;
+    }
+    Some(Position {
+        segment: u64::from_le_bytes(fields[4..12].try_into().ok()?),
+        offset: u64::from_le_bytes(fields[12..20].try_into().ok()?),
+    })
+}
+
+/// Replaces the checkpoint atomically: a crash leaves the old one or the new one, whole.
+fn write_checkpoint(dir: &Path, pos: Position) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(CHECKPOINT_LEN);
+    bytes.extend_from_slice(&CHECKPOINT_MAGIC);
+    bytes.extend_from_slice(&pos.segment.to_le_bytes());
+    bytes.extend_from_slice(&pos.offset.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join(CHECKPOINT_TMP);
+    let mut file = File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_data()?;
+    fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
+    sync_dir(dir)
+}
+
 fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The writer's file operations that fail when the disk does: the real disk, or in tests one
+/// that fails like a full or broken one.
+trait SegmentIo: Send + fmt::Debug {
+    fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()>;
+    fn sync_data(&mut self, file: &File) -> io::Result<()>;
+}
+
+#[derive(Debug)]
+struct DiskIo;
+
+impl SegmentIo for DiskIo {
+    fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        file.write_all(buf)
+    }
+
+    fn sync_data(&mut self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+}
+
+/// The writer is backing off after disk errors.
+#[derive(Debug)]
+struct DiskTrouble {
+    /// Entries are dropped without touching the disk until then.
+    retry_at: Instant,
+    delay: Duration,
+    last_error: Instant,
+}
+
+/// Disk errors and the entries they cost since the last log line.
+#[derive(Debug, Default)]
+struct DiskErrorLog {
+    last: Option<Instant>,
+    errors: u64,
+    dropped: u64,
 }
 
 /// Appends to the spool; lives on its own OS thread (all calls block on disk).
@@ -348,6 +465,7 @@ fn gauge_value(n: u64) -> i64 {
 pub struct SpoolWriter {
     config: SpoolConfig,
     metrics: SpoolMetrics,
+    io: Box<dyn SegmentIo>,
     tx: watch::Sender<Position>,
     first_segment: u64,
     segment: u64,
@@ -356,12 +474,13 @@ pub struct SpoolWriter {
     offset: u64,
     /// Bytes actually in the current file: past `offset` only after a failed write.
     file_len: u64,
-    /// A write failed mid-frame: the next append starts a new segment.
+    /// A write failed mid-frame and its torn tail could not be cut off: the next append starts
+    /// a new segment.
     broken: bool,
     buf: Vec<u8>,
     buf_entries: usize,
-    /// Sealed segments with data not yet fsynced.
-    unsynced: Vec<File>,
+    /// Sealed segments (number, file) with data not yet fsynced.
+    unsynced: Vec<(u64, File)>,
     dirty: bool,
     dir_dirty: bool,
     last_sync: Instant,
@@ -369,6 +488,8 @@ pub struct SpoolWriter {
     sealed: VecDeque<(u64, u64)>,
     sealed_bytes: u64,
     last_drop_warn: Option<Instant>,
+    trouble: Option<DiskTrouble>,
+    error_log: DiskErrorLog,
 }
 
 impl SpoolWriter {
@@ -379,9 +500,22 @@ impl SpoolWriter {
         config: SpoolConfig,
         metrics: SpoolMetrics,
     ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
+        Self::open_with(config, metrics, Box::new(DiskIo))
+    }
+
+    fn open_with(
+        config: SpoolConfig,
+        metrics: SpoolMetrics,
+        io: Box<dyn SegmentIo>,
+    ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
         fs::create_dir_all(&config.dir)?;
         let existing = list_segments_with_sizes(&config.dir)?;
-        let first = next_number(existing.last().map(|&(n, _)| n))?;
+        // Above the checkpoint too: a reader skips what lies below it.
+        let highest = existing
+            .last()
+            .map(|&(n, _)| n)
+            .max(read_checkpoint(&config.dir).map(|p| p.segment));
+        let first = next_number(highest)?;
         let file = create_segment(&config.dir, first)?;
         let total: u64 = existing.iter().map(|&(_, size)| size).sum();
         metrics.bytes.set(gauge_value(total));
@@ -397,6 +531,7 @@ impl SpoolWriter {
         let writer = SpoolWriter {
             config,
             metrics,
+            io,
             tx,
             first_segment: first,
             segment: first,
@@ -413,6 +548,8 @@ impl SpoolWriter {
             sealed,
             sealed_bytes,
             last_drop_warn: None,
+            trouble: None,
+            error_log: DiskErrorLog::default(),
         };
         Ok((writer, rx))
     }
@@ -431,9 +568,21 @@ impl SpoolWriter {
     /// after one is refused, a smaller one may still fit.
     ///
     /// On an I/O error the entries already written stay published (and will be read); the
-    /// others are lost and not counted, so the caller should count the batch as failed. The next
-    /// call starts a fresh segment if a write was torn.
+    /// others are lost, counted in `dropped_error` and logged at a limited rate. The torn tail of
+    /// the failed write is cut off so the segment is appended to again (a new segment only if
+    /// that fails), and for a growing delay after each error batches are dropped and counted
+    /// without touching the disk, returning an error.
     pub fn append_batch(&mut self, entries: &[SpoolEntry]) -> io::Result<usize> {
+        if self
+            .trouble
+            .as_ref()
+            .is_some_and(|t| Instant::now() < t.retry_at)
+        {
+            self.lost(entries.len());
+            return Err(io::Error::other(
+                "spool disk error: writes paused, entries dropped",
+            ));
+        }
         let mut written = 0;
         let mut dropped = 0;
         let result = self.append_inner(entries, &mut written, &mut dropped);
@@ -462,7 +611,80 @@ impl SpoolWriter {
             *p = pos;
             changed
         });
-        result.map(|()| written)
+        match result {
+            Ok(()) => {
+                self.recovered();
+                Ok(written)
+            }
+            Err(e) => {
+                self.disk_error("write", &e, entries.len() - written - dropped);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts entries lost to the disk.
+    fn lost(&mut self, entries: usize) {
+        self.metrics.dropped_error.inc_by(entries as u64);
+        self.error_log.dropped += entries as u64;
+    }
+
+    /// Books a failed write or fsync: counted, the writes paused for a growing delay, logged at
+    /// most every `DISK_ERROR_LOG_INTERVAL` with the counts since the last line.
+    fn disk_error(&mut self, op: &'static str, e: &io::Error, lost: usize) {
+        self.metrics.write_errors.inc();
+        self.metrics.disk_error.set(1);
+        self.lost(lost);
+        let delay = self
+            .trouble
+            .as_ref()
+            .map_or(DISK_RETRY_MIN, |t| (t.delay * 2).min(DISK_RETRY_MAX));
+        let now = Instant::now();
+        self.trouble = Some(DiskTrouble {
+            retry_at: now + delay,
+            delay,
+            last_error: now,
+        });
+        let log = &mut self.error_log;
+        log.errors += 1;
+        if log
+            .last
+            .is_none_or(|t| t.elapsed() >= DISK_ERROR_LOG_INTERVAL)
+        {
+            tracing::error!(
+                op,
+                error = %e,
+                errors = log.errors,
+                dropped = log.dropped,
+                retry_in = ?delay,
+                "spool disk error: records dropped until the disk takes writes again"
+            );
+            log.last = Some(Instant::now());
+            log.errors = 0;
+            log.dropped = 0;
+        }
+    }
+
+    /// A write succeeded. A nearly full disk fails and succeeds by turns, so the back-off (and
+    /// its growing delay) ends only once no error came for `DISK_RETRY_MAX`; then it says so,
+    /// with what the errors cost since the last line.
+    fn recovered(&mut self) {
+        let Some(t) = &self.trouble else {
+            return;
+        };
+        self.metrics.disk_error.set(0);
+        if t.last_error.elapsed() < DISK_RETRY_MAX {
+            return;
+        }
+        self.trouble = None;
+        let log = &mut self.error_log;
+        tracing::warn!(
+            errors = log.errors,
+            dropped = log.dropped,
+            "spool writes succeed again"
+        );
+        log.errors = 0;
+        log.dropped = 0;
     }
 
     fn append_inner(
@@ -472,7 +694,10 @@ impl SpoolWriter {
         dropped: &mut usize,
     ) -> io::Result<()> {
         if self.broken && !entries.is_empty() {
-            self.roll()?;
+            self.cut_torn_tail();
+            if self.broken {
+                self.roll()?;
+            }
         }
         for entry in entries {
             let len = match frame_len(entry) {
@@ -525,6 +750,8 @@ impl SpoolWriter {
                     continue;
                 }
             }
+            // Its space is freed only once no handle is left open.
+            self.unsynced.retain(|(n, _)| *n != number);
             self.metrics.bytes.dec_by(gauge_value(size));
             self.metrics.segments.dec();
             self.metrics.segments_rotated.inc();
@@ -538,7 +765,7 @@ impl SpoolWriter {
         }
         let entries = std::mem::take(&mut self.buf_entries);
         self.dirty = true;
-        let result = self.file.write_all(&self.buf);
+        let result = self.io.write_all(&mut self.file, &self.buf);
         let len = self.buf.len() as u64;
         self.buf.clear();
         match result {
@@ -559,8 +786,26 @@ impl SpoolWriter {
                         self.file_len = m.len();
                     }
                 }
+                self.cut_torn_tail();
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed write: cuts the file back to its last whole frame, so its space is freed
+    /// and the segment is appended to again (a new file per failure would fill the directory).
+    /// If the cut fails, `broken` stays set and the next append starts a new segment.
+    fn cut_torn_tail(&mut self) {
+        let cut = self
+            .file
+            .set_len(self.offset)
+            .and_then(|()| self.file.seek(SeekFrom::Start(self.offset)));
+        if cut.is_ok() {
+            self.metrics
+                .bytes
+                .dec_by(gauge_value(self.file_len - self.offset));
+            self.file_len = self.offset;
+            self.broken = false;
         }
     }
 
@@ -571,7 +816,7 @@ impl SpoolWriter {
         let old = std::mem::replace(&mut self.file, file);
         if self.dirty {
             // Synced on the next fsync tick, not here: appends never wait for the disk.
-            self.unsynced.push(old);
+            self.unsynced.push((self.segment, old));
         }
         if self.config.mode == SpoolMode::Rotate {
             self.sealed.push_back((self.segment, self.file_len));
@@ -589,30 +834,46 @@ impl SpoolWriter {
 
     /// fsyncs the current segment if `fsync_interval` has elapsed since the last fsync (call it
     /// after every batch and on an idle tick).
+    /// A failure is counted and logged (at a limited rate) here, and pauses writes as a failed
+    /// write does.
     pub fn maybe_fsync(&mut self) -> io::Result<()> {
+        self.close_deleted();
         let pending = self.dirty || self.dir_dirty || !self.unsynced.is_empty();
         if pending && self.last_sync.elapsed() >= self.config.fsync_interval {
-            self.sync()?;
+            if let Err(e) = self.sync() {
+                self.disk_error("fsync", &e, 0);
+                return Err(e);
+            }
         }
         Ok(())
     }
 
+    /// Closes sealed segments the reader has already deleted: an open handle keeps their space.
+    fn close_deleted(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        self.unsynced
+            .retain(|(_, file)| file.metadata().map_or(true, |m| m.nlink() > 0));
+    }
+
     /// fsync now (shutdown): sealed segments not yet synced, the current one, the directory.
+    /// Returns the first error, after trying them all. Nothing is retried: after a failed fsync
+    /// the kernel may have dropped the data and a retry would report success, and holding the
+    /// handles would keep the space of segments deleted meanwhile.
     pub fn sync(&mut self) -> io::Result<()> {
-        while let Some(file) = self.unsynced.last() {
-            file.sync_data()?;
-            self.unsynced.pop();
+        let mut result = Ok(());
+        for (_, file) in self.unsynced.drain(..) {
+            result = result.and(self.io.sync_data(&file));
         }
         if self.dirty {
-            self.file.sync_data()?;
+            result = result.and(self.io.sync_data(&self.file));
             self.dirty = false;
         }
         if self.dir_dirty {
-            sync_dir(&self.config.dir)?;
+            result = result.and(sync_dir(&self.config.dir));
             self.dir_dirty = false;
         }
         self.last_sync = Instant::now();
-        Ok(())
+        result
     }
 }
 
@@ -791,8 +1052,9 @@ impl SegmentCursor {
 /// Acknowledgement state of one segment (producer reader only).
 #[derive(Debug, Default)]
 struct SegmentAcks {
-    /// Offsets of entries handed out and not yet acknowledged.
-    unacked: HashSet<u64>,
+    /// Offsets of entries handed out and not yet acknowledged (ordered: the lowest bounds the
+    /// acknowledged prefix).
+    unacked: BTreeSet<u64>,
     /// The reader read past the end of the sealed segment: nothing more will come from it.
     passed: bool,
 }
@@ -807,13 +1069,18 @@ pub struct SpoolReader {
     next_segment: u64,
     current: Option<SegmentCursor>,
     acks: BTreeMap<u64, SegmentAcks>,
+    /// Producer only: the checkpoint read at open, until the reader reaches its segment.
+    resume: Option<Position>,
+    /// The position last checkpointed.
+    checkpointed: Option<Position>,
 }
 
 impl SpoolReader {
     /// Starts at the oldest segment in `dir`. `delete_acked`: true for the producer (deletes
-    /// fully acknowledged segments), false for `spool cat`. Open the writer first: its scan sets
-    /// the gauges this reader lowers. Never combine `delete_acked` with a Rotate-mode writer
-    /// (both would delete and account for the same segments).
+    /// fully acknowledged segments, and starts at the checkpointed position, deleting the
+    /// segments below it), false for `spool cat` (reads everything on disk). Open the writer
+    /// first: its scan sets the gauges this reader lowers. Never combine `delete_acked` with a
+    /// Rotate-mode writer (both would delete and account for the same segments).
     pub fn open(dir: &Path, metrics: SpoolMetrics, delete_acked: bool) -> io::Result<SpoolReader> {
         if !fs::metadata(dir)?.is_dir() {
             return Err(io::Error::new(
@@ -821,6 +1088,11 @@ impl SpoolReader {
                 format!("{} is not a directory", dir.display()),
             ));
         }
+        let resume = if delete_acked {
+            read_checkpoint(dir)
+        } else {
+            None
+        };
         Ok(SpoolReader {
             dir: dir.to_path_buf(),
             metrics,
@@ -828,7 +1100,49 @@ impl SpoolReader {
             next_segment: 0,
             current: None,
             acks: BTreeMap::new(),
+            resume,
+            checkpointed: resume,
         })
+    }
+
+    /// Everything before this position was acknowledged: the lowest entry handed out and not
+    /// acknowledged, else where reading stopped. `None` before anything was read. Acks arrive in
+    /// any order; only the contiguous prefix counts.
+    pub fn acked_prefix(&self) -> Option<Position> {
+        let unacked = self.acks.iter().find_map(|(&segment, a)| {
+            a.unacked
+                .first()
+                .map(|&offset| Position { segment, offset })
+        });
+        let read = match &self.current {
+            Some(c) => Position {
+                segment: c.number,
+                offset: c.pos,
+            },
+            None if self.next_segment == 0 => return unacked.or(self.checkpointed),
+            None => Position {
+                segment: self.next_segment,
+                offset: 0,
+            },
+        };
+        Some(unacked.map_or(read, |u| u.min(read)))
+    }
+
+    /// Writes the acknowledged prefix to the checkpoint file if it moved (producer only): a
+    /// restart resumes there instead of resending what Kafka already has.
+    pub fn checkpoint(&mut self) -> io::Result<()> {
+        if !self.delete_acked {
+            return Ok(());
+        }
+        let Some(pos) = self.acked_prefix() else {
+            return Ok(());
+        };
+        if self.checkpointed == Some(pos) {
+            return Ok(());
+        }
+        write_checkpoint(&self.dir, pos)?;
+        self.checkpointed = Some(pos);
+        Ok(())
     }
 
     /// Reads up to `max` entries strictly before `upto`. Segments numbered below `upto.segment`
@@ -896,9 +1210,25 @@ impl SpoolReader {
             if number > upto_segment {
                 return Ok(false);
             }
+            let resume = self.resume.filter(|r| number <= r.segment);
+            if resume.is_some_and(|r| number < r.segment) {
+                // Below the checkpoint: every entry in it was acknowledged by an earlier process.
+                self.acks.entry(number).or_default().passed = true;
+                self.delete_if_done(number)?;
+                self.next_segment = number.saturating_add(1);
+                continue;
+            }
+            self.resume = None;
             match File::open(segment_path(&self.dir, number)) {
                 Ok(file) => {
-                    self.current = Some(SegmentCursor::new(number, file));
+                    let mut cursor = SegmentCursor::new(number, file);
+                    if let Some(r) = resume {
+                        // A checkpoint past the end of the file is not to be trusted: read it all.
+                        if r.offset <= cursor.file.metadata()?.len() {
+                            cursor.pos = r.offset;
+                        }
+                    }
+                    self.current = Some(cursor);
                     self.next_segment = number;
                     return Ok(true);
                 }
@@ -1647,6 +1977,311 @@ mod tests {
         assert_eq!(got[1].pos.offset, 0);
     }
 
+    /// A producer's restart: the writer reopened on the same directory, a fresh reader.
+    fn restart(
+        cfg: &SpoolConfig,
+    ) -> (
+        SpoolWriter,
+        watch::Receiver<Position>,
+        SpoolReader,
+        SpoolMetrics,
+    ) {
+        let metrics = SpoolMetrics::default();
+        let (w, rx) = SpoolWriter::open(cfg.clone(), metrics.clone()).unwrap();
+        let r = SpoolReader::open(&cfg.dir, metrics.clone(), true).unwrap();
+        (w, rx, r, metrics)
+    }
+
+    #[test]
+    fn a_restart_resumes_at_the_checkpoint_of_the_contiguous_acked_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let all: Vec<_> = (0..40).map(entry).collect();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all, 4);
+        let mut r = SpoolReader::open(tmp.path(), SpoolMetrics::default(), true).unwrap();
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), all);
+        assert!(got[25].pos.segment > got[0].pos.segment, "spans segments");
+        // Acked out of order, all but entry 25: only the prefix before it is checkpointed.
+        for e in got.iter().rev().filter(|e| e.entry != all[25]) {
+            r.ack(e.pos).unwrap();
+        }
+        r.checkpoint().unwrap();
+        assert_eq!(read_checkpoint(tmp.path()), Some(got[25].pos));
+        drop((w, r));
+        // Segments acknowledged whole were deleted already, whatever their place.
+        let kept = segment_numbers(tmp.path());
+        let expected: Vec<_> = got[25..]
+            .iter()
+            .filter(|e| kept.contains(&e.pos.segment))
+            .map(|e| e.entry.clone())
+            .collect();
+        assert!(expected.len() < 15 && expected[0] == all[25]);
+
+        let (mut w, rx, mut r, metrics) = restart(&cfg);
+        assert!(w.first_segment() > got[39].pos.segment);
+        let again = read_all(&mut r, *rx.borrow());
+        assert_eq!(
+            entries_of(&again),
+            expected,
+            "resent from the first unacked on"
+        );
+        assert_gauges_match_disk(&metrics, tmp.path());
+        assert!(segment_numbers(tmp.path())[0] == got[25].pos.segment);
+        for e in &again {
+            r.ack(e.pos).unwrap();
+        }
+        write_all(&mut w, &[entry(40)], 1);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), vec![entry(40)]);
+        r.ack(got[0].pos).unwrap();
+        r.checkpoint().unwrap();
+        drop((w, r));
+
+        // Everything acked: a graceful restart sends nothing and clears the old segments.
+        let (w, rx, mut r, metrics) = restart(&cfg);
+        assert!(read_all(&mut r, *rx.borrow()).is_empty());
+        assert_eq!(segment_numbers(tmp.path()), vec![w.first_segment()]);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_checkpoint_replays_everything() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        let all: Vec<_> = (0..20).map(entry).collect();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all, 5);
+        let mut r = SpoolReader::open(tmp.path(), SpoolMetrics::default(), true).unwrap();
+        for e in read_all(&mut r, *rx.borrow()) {
+            r.ack(e.pos).unwrap();
+        }
+        r.checkpoint().unwrap();
+        drop((w, r));
+        let path = tmp.path().join(CHECKPOINT_FILE);
+        let good = fs::read(&path).unwrap();
+        assert_eq!(good.len(), CHECKPOINT_LEN);
+
+        let mut flipped = good.clone();
+        flipped[13] ^= 0x01;
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        let mut longer = good.clone();
+        longer.push(0);
+        let mut past_the_end = Vec::new();
+        past_the_end.extend_from_slice(&CHECKPOINT_MAGIC);
+        past_the_end.extend_from_slice(&1u64.to_le_bytes());
+        past_the_end.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let crc = crc32fast::hash(&past_the_end);
+        past_the_end.extend_from_slice(&crc.to_le_bytes());
+        for (what, bytes) in [
+            ("empty", Vec::new()),
+            ("torn", good[..CHECKPOINT_LEN / 2].to_vec()),
+            ("bit flipped", flipped),
+            ("bad magic", bad_magic),
+            ("trailing byte", longer),
+            ("offset past the segment's end", past_the_end),
+        ] {
+            fs::write(&path, &bytes).unwrap();
+            let (_w, rx, mut r, _) = restart(&cfg);
+            assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all, "{what}");
+        }
+        fs::write(&path, &good).unwrap();
+        let (_w, rx, mut r, _) = restart(&cfg);
+        assert!(read_all(&mut r, *rx.borrow()).is_empty());
+    }
+
+    #[test]
+    fn a_stale_checkpoint_never_covers_entries_written_after_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        write_checkpoint(
+            tmp.path(),
+            Position {
+                segment: 7,
+                offset: 1 << 20,
+            },
+        )
+        .unwrap();
+        // No segment left (removed by hand): the writer still numbers above the checkpoint.
+        let all: Vec<_> = (0..5).map(entry).collect();
+        let (mut w, _, _, _) = restart(&cfg);
+        assert_eq!(w.first_segment(), 8);
+        write_all(&mut w, &all, 5);
+        drop(w);
+        let (_w, rx, mut r, _) = restart(&cfg);
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all);
+    }
+
+    /// A disk with `free` bytes left (`None`: no limit) that can also fail every call with EIO.
+    #[derive(Debug, Default)]
+    struct Disk {
+        free: Option<u64>,
+        eio: bool,
+        writes: u64,
+    }
+
+    #[derive(Clone, Debug)]
+    struct FaultyIo(std::sync::Arc<std::sync::Mutex<Disk>>);
+
+    const ENOSPC: i32 = 28;
+    const EIO: i32 = 5;
+
+    impl SegmentIo for FaultyIo {
+        fn write_all(&mut self, file: &mut File, buf: &[u8]) -> io::Result<()> {
+            let mut disk = self.0.lock().unwrap();
+            disk.writes += 1;
+            if disk.eio {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            match disk.free {
+                // As a real full disk does: part of the write lands, then ENOSPC.
+                Some(free) if free < buf.len() as u64 => {
+                    file.write_all(&buf[..free as usize])?;
+                    disk.free = Some(0);
+                    Err(io::Error::from_raw_os_error(ENOSPC))
+                }
+                Some(free) => {
+                    disk.free = Some(free - buf.len() as u64);
+                    file.write_all(buf)
+                }
+                None => file.write_all(buf),
+            }
+        }
+
+        fn sync_data(&mut self, file: &File) -> io::Result<()> {
+            if self.0.lock().unwrap().eio {
+                return Err(io::Error::from_raw_os_error(EIO));
+            }
+            file.sync_data()
+        }
+    }
+
+    #[test]
+    fn a_full_or_failing_disk_is_backed_off_from_on_the_same_segment_then_recovered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let disk = std::sync::Arc::new(std::sync::Mutex::new(Disk {
+            free: Some(3000),
+            ..Disk::default()
+        }));
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1000);
+        let (mut w, rx) =
+            SpoolWriter::open_with(cfg, metrics.clone(), Box::new(FaultyIo(disk.clone()))).unwrap();
+
+        // A batch every 2 ms for a second, on a disk that is full after 3000 bytes.
+        let mut next = 0;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(1) {
+            let batch: Vec<_> = (next..next + 4).map(entry).collect();
+            next += 4;
+            let _ = w.append_batch(&batch);
+            let _ = w.maybe_fsync();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let batches = next / 4;
+        let files = segment_numbers(tmp.path()).len();
+        let full_at = *rx.borrow();
+        let writes = disk.lock().unwrap().writes;
+        let errors = metrics.write_errors.get();
+        eprintln!(
+            "disk full for 1 s, {batches} batches: {errors} failed writes, {writes} writes in all, \
+             {files} segment files, {} of {next} entries dropped and counted",
+            metrics.dropped_error.get()
+        );
+        assert!(
+            (2..=6).contains(&errors),
+            "{errors} failed writes: backed off"
+        );
+        assert!(files <= 4, "{files} segment files: the open one is reused");
+        let spooled = metrics.spooled.get();
+        assert!(spooled > 0 && spooled < next as u64 / 10);
+        assert_eq!(
+            metrics.dropped_error.get() + spooled,
+            next as u64,
+            "all counted"
+        );
+        assert_eq!(metrics.dropped_full.get(), 0);
+        assert_eq!(metrics.disk_error.get(), 1);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), false).unwrap();
+        let got = read_all(&mut r, full_at);
+        assert_eq!(got.len() as u64, spooled);
+        assert!(got.windows(2).all(|p| p[0].entry.key < p[1].entry.key));
+        assert_eq!(got[0].entry, entry(0));
+        assert_eq!(metrics.corrupt_skipped.get(), 0, "torn tails were cut off");
+
+        // Space returns: writes resume on the same segment within the longest back-off.
+        disk.lock().unwrap().free = None;
+        let returned = Instant::now();
+        let resume = |w: &mut SpoolWriter, next: &mut usize| loop {
+            let batch: Vec<_> = (*next..*next + 4).map(entry).collect();
+            *next += 4;
+            if w.append_batch(&batch).is_ok() {
+                return batch;
+            }
+            assert!(returned.elapsed() < 2 * DISK_RETRY_MAX);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let resumed = resume(&mut w, &mut next);
+        eprintln!(
+            "writes resumed {:?} after space returned",
+            returned.elapsed()
+        );
+        assert_eq!(metrics.disk_error.get(), 0);
+        assert_eq!(rx.borrow().segment, full_at.segment);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), resumed);
+
+        // EIO: one failed write, then batches dropped without touching the disk.
+        disk.lock().unwrap().eio = true;
+        assert!(w.append_batch(&[entry(next)]).is_err());
+        let writes = disk.lock().unwrap().writes;
+        assert!(w.append_batch(&[entry(next + 1)]).is_err());
+        assert_eq!(disk.lock().unwrap().writes, writes, "paused");
+        assert_eq!(metrics.disk_error.get(), 1);
+        next += 2;
+        disk.lock().unwrap().eio = false;
+        let resumed = resume(&mut w, &mut next);
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), resumed);
+        assert_gauges_match_disk(&metrics, tmp.path());
+    }
+
+    #[test]
+    fn deleted_and_rotated_segments_are_closed_at_once() {
+        let open_deleted = |dir: &Path| {
+            // Descriptors of this process on deleted files in `dir`.
+            fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|d| fs::read_link(d.ok()?.path()).ok())
+                .filter(|p| p.to_string_lossy().ends_with(" (deleted)") && p.starts_with(dir))
+                .count()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), SpoolMode::Rotate, 3000, 1000);
+        cfg.fsync_interval = Duration::from_secs(3600);
+        let (mut w, _) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &(0..100).map(entry).collect::<Vec<_>>(), 2);
+        assert!(segment_numbers(tmp.path()).len() <= 4);
+        assert_eq!(open_deleted(tmp.path()), 0, "rotated segments closed");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1000);
+        cfg.fsync_interval = Duration::from_secs(3600);
+        let metrics = SpoolMetrics::default();
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        write_all(&mut w, &(0..100).map(entry).collect::<Vec<_>>(), 2);
+        let mut r = SpoolReader::open(tmp.path(), metrics, true).unwrap();
+        for e in read_all(&mut r, *rx.borrow()) {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()).len(), 1);
+        assert!(open_deleted(tmp.path()) > 0);
+        w.maybe_fsync().unwrap();
+        assert_eq!(open_deleted(tmp.path()), 0, "acked segments closed");
+    }
+
     #[test]
     fn metric_names_match_the_contract() {
         let metrics = SpoolMetrics::default();
@@ -1662,6 +2297,9 @@ mod tests {
             "sluicegate_tee_spool_segments_rotated_total",
             "sluicegate_tee_spool_corrupt_frames_total",
             "sluicegate_tee_records_dead_lettered_total",
+            "sluicegate_tee_records_dropped_spool_error_total",
+            "sluicegate_tee_spool_write_errors_total",
+            "sluicegate_tee_spool_disk_error",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))),

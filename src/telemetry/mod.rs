@@ -134,8 +134,6 @@ pub struct TeeMetrics {
     pub queued: Counter,
     /// Records refused because the in-memory queue was full (the disk could not keep up).
     pub dropped_queue_full: Counter,
-    /// Records lost because the spool could not be written (disk error).
-    pub dropped_spool_error: Counter,
     /// Records Kafka acknowledged.
     pub sent: Counter,
     /// Records read from spool segments written by an earlier process.
@@ -156,7 +154,6 @@ impl Default for TeeMetrics {
         TeeMetrics {
             queued: Counter::default(),
             dropped_queue_full: Counter::default(),
-            dropped_spool_error: Counter::default(),
             sent: Counter::default(),
             replayed: Counter::default(),
             delivery_retries: Counter::default(),
@@ -292,11 +289,6 @@ impl Metrics {
             "records_dropped_queue_full",
             "Records dropped because the queue in front of the spool was full",
             tee.dropped_queue_full.clone(),
-        );
-        t.register(
-            "records_dropped_spool_error",
-            "Records lost because the spool could not be written",
-            tee.dropped_spool_error.clone(),
         );
         t.register(
             "records_sent",
