@@ -17,7 +17,7 @@ use crate::proxy::server::{self, ListenerLimits};
 use crate::proxy::Proxy;
 use crate::tee::kafka::KafkaSender;
 use crate::tee::record::{instance_name, EncodeContext};
-use crate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
+use crate::tee::spool::{NewerFormat, SpoolConfig, SpoolMode, SpoolWriter};
 use crate::tee::TeeWriter;
 use crate::telemetry::Metrics;
 
@@ -28,6 +28,9 @@ pub enum StartError {
     Listen(std::io::Error),
     #[error("cannot open the spool at {dir}: {source}")]
     Spool { dir: String, source: std::io::Error },
+    /// The spool was written by a newer build (a rollback onto a rolled-out spool).
+    #[error("cannot open the spool at {dir}: {source}")]
+    SpoolFormat { dir: String, source: NewerFormat },
     #[error("invalid kafka settings: {0}")]
     Kafka(rdkafka::error::KafkaError),
     #[error("cannot start a thread: {0}")]
@@ -112,9 +115,15 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             SpoolMode::Rotate
         },
     };
-    let spool_err = |source| StartError::Spool {
-        dir: settings.spool.dir.display().to_string(),
-        source,
+    let spool_err = |source: std::io::Error| {
+        let dir = settings.spool.dir.display().to_string();
+        match NewerFormat::of(&source) {
+            Some(newer) => StartError::SpoolFormat {
+                dir,
+                source: newer.clone(),
+            },
+            None => StartError::Spool { dir, source },
+        }
     };
     let (spool, written) =
         SpoolWriter::open(spool_config, metrics.tee.spool.clone()).map_err(spool_err)?;

@@ -1,5 +1,6 @@
 //! The `sluicegate` command: parses arguments, calls into the library, maps errors to exit
-//! codes (64 for a bad setting or file, 1 for a failure at run time).
+//! codes (64 for a bad setting or file, 65 for a spool written by a newer build, 1 for a
+//! failure at run time).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,10 +11,14 @@ use clap::{Parser, Subcommand};
 use sluicegate::config::policy::version_of;
 use sluicegate::config::settings::SettingsArgs;
 use sluicegate::config::validate;
-use sluicegate::tee::spool::{Position, SpoolMetrics, SpoolReader};
+use sluicegate::tee::spool::{NewerFormat, Position, SpoolMetrics, SpoolReader};
 
 /// EX_USAGE from sysexits.h: the input (a flag, a settings or policy file) was wrong.
 const EXIT_USAGE: u8 = 64;
+
+/// EX_DATAERR from sysexits.h: the spool is in a format version newer than this build reads
+/// (`serve`, `spool cat`, `audit` on a spool). Nothing was read, written or deleted.
+const EXIT_NEWER_SPOOL: u8 = 65;
 
 #[derive(Parser)]
 #[command(
@@ -191,6 +196,10 @@ fn main() -> ExitCode {
                     eprintln!("sluicegate: {e}");
                     ExitCode::from(EXIT_USAGE)
                 }
+                Err(e @ sluicegate::app::StartError::SpoolFormat { .. }) => {
+                    eprintln!("sluicegate: {e}");
+                    ExitCode::from(EXIT_NEWER_SPOOL)
+                }
                 Err(e) => {
                     eprintln!("sluicegate: {e}");
                     ExitCode::FAILURE
@@ -212,7 +221,7 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluicegate: {e:#}");
-                ExitCode::FAILURE
+                failure_code(&e)
             }
         },
         Command::StandIn { listen } => runtime().block_on(async move {
@@ -448,7 +457,7 @@ fn audit(args: &AuditArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluicegate: {e:#}");
-            return ExitCode::FAILURE;
+            return failure_code(&e);
         }
     };
     if args.format == "json" {
@@ -471,6 +480,22 @@ fn audit(args: &AuditArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The exit code of a command that failed with `e`: [`EXIT_NEWER_SPOOL`] if a spool of a newer
+/// format stopped it, else 1.
+fn failure_code(e: &anyhow::Error) -> ExitCode {
+    let newer = e.chain().any(|cause| {
+        cause.is::<NewerFormat>()
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| NewerFormat::of(io).is_some())
+    });
+    if newer {
+        ExitCode::from(EXIT_NEWER_SPOOL)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -1,12 +1,17 @@
 //! The tee with no Kafka: the spool is the sink. Records match the JSON Schema, nothing that
-//! reached the spool is lost to SIGKILL, and the spool stays within its bound.
+//! reached the spool is lost to SIGKILL, and the spool stays within its bound. The spool's
+//! format versions: an older build's spool is read and replayed, a newer build's refused.
 
 mod common;
 
 use std::time::Duration;
 
+use common::kafka::{consume, keys, mock_cluster, start_teeing, TOPIC};
 use common::*;
 use sluicegate::demo::{v2_request, StandInModel};
+use sluicegate::tee::spool::{
+    encode_frame, segment_header, EntryKind, SpoolEntry, SEGMENT_HEADER_LEN, SPOOL_FORMAT_VERSION,
+};
 
 fn schema_validator() -> jsonschema::Validator {
     let text = std::fs::read_to_string(repo_path("src/tee/record.v1.schema.json")).unwrap();
@@ -253,4 +258,168 @@ async fn a_full_disk_costs_few_files_and_log_lines_and_is_recovered_from() {
         returned.elapsed()
     );
     assert_eq!(proxy.metric("sluicegate_tee_spool_disk_error"), 0.0);
+}
+
+/// The segment files in `dir`, with their contents, by name.
+fn segment_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_builds_spool_stops_serve_and_spool_cat_and_is_kept_whole() {
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let mut proxy = start_proxy(model, spool.path(), &[]);
+    let c = client();
+    for i in 0..20 {
+        let (status, _, _) = post(&c, &proxy.url("/v2/models/m/infer"), v2_request(1, i)).await;
+        assert_eq!(status, 200);
+    }
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        20.0,
+        Duration::from_secs(10),
+    );
+    assert!(proxy.sigterm().success());
+    let records = spool_records(spool.path());
+    assert_eq!(records.len(), 20);
+
+    // The spool after a rollback: its segment says one version more than this build reads.
+    let (name, mut bytes) = segment_files(spool.path())
+        .into_iter()
+        .find(|(_, b)| !b.is_empty())
+        .unwrap();
+    assert_eq!(&bytes[..4], b"SGSV");
+    assert_eq!(bytes[4..8], SPOOL_FORMAT_VERSION.to_le_bytes());
+    let segment = spool.path().join(&name);
+    let newer = SPOOL_FORMAT_VERSION + 1;
+    bytes[..SEGMENT_HEADER_LEN].copy_from_slice(&segment_header(newer));
+    std::fs::write(&segment, &bytes).unwrap();
+    let files = segment_files(spool.path());
+
+    let expect_refusal = |what: &str, code: Option<i32>, stderr: &str| {
+        eprintln!("{what}: exit {code:?}, {stderr}");
+        assert_eq!(code, Some(65), "{what}: {stderr}");
+        for part in [
+            segment.display().to_string(),
+            format!("spool format version {newer}"),
+            format!("reads versions up to {SPOOL_FORMAT_VERSION}"),
+            "move the spool directory aside".into(),
+        ] {
+            assert!(stderr.contains(&part), "{what}: {part:?} not in {stderr}");
+        }
+    };
+    let mut serve = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--upstream", &format!("http://{model}"), "--spool-dir"])
+        .arg(spool.path())
+        .env_remove("SLUICEGATE_KAFKA_BROKERS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut serve, Duration::from_secs(20));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    expect_refusal("serve", status.code(), &stderr);
+    assert!(!stderr.contains("listening"), "it never started: {stderr}");
+
+    let cat = std::process::Command::new(BIN)
+        .args(["spool", "cat"])
+        .arg(spool.path())
+        .output()
+        .unwrap();
+    expect_refusal(
+        "spool cat",
+        cat.status.code(),
+        &String::from_utf8_lossy(&cat.stderr),
+    );
+    assert!(cat.stdout.is_empty(), "nothing printed before the refusal");
+    assert_eq!(
+        segment_files(spool.path()),
+        files,
+        "nothing written, deleted or skipped"
+    );
+
+    // Rolled forward to a build that reads it (here: the header put back): every record is there.
+    bytes[..SEGMENT_HEADER_LEN].copy_from_slice(&segment_header(SPOOL_FORMAT_VERSION));
+    std::fs::write(&segment, &bytes).unwrap();
+    assert_eq!(spool_records(spool.path()), records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_builds_headerless_spool_is_read_by_spool_cat_and_replayed() {
+    let spool = spool_dir();
+    // As the build before versions wrote it: frames from the first byte, no segment header.
+    let ids: Vec<String> = (0..50).map(|i| format!("legacy-{i:02}")).collect();
+    let mut bytes = Vec::new();
+    for id in &ids {
+        let entry = SpoolEntry {
+            kind: EntryKind::Record,
+            timestamp_ms: 1_764_000_000_000,
+            key: id.clone(),
+            route: "m".into(),
+            payload: serde_json::json!({"schema": "sluicegate.record.v1", "id": id})
+                .to_string()
+                .into_bytes(),
+        };
+        encode_frame(&entry, &mut bytes);
+    }
+    let legacy = spool.path().join(format!("{:020}.seg", 1));
+    std::fs::write(&legacy, &bytes).unwrap();
+
+    let cat: Vec<String> = spool_records(spool.path())
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cat, ids);
+
+    // Started on it with Kafka: the old records are sent first, then the new ones.
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let model = StandInModel::spawn().await.unwrap();
+    let proxy = start_teeing(model, spool.path(), &brokers, &[]);
+    let (status, headers, _) = post(
+        &client(),
+        &proxy.url("/v2/models/m/infer"),
+        v2_request(1, 1),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let new_id = headers["sluicegate-id"].to_str().unwrap().to_owned();
+    proxy.wait_metric(
+        "sluicegate_tee_records_replayed_total",
+        ids.len() as f64,
+        Duration::from_secs(30),
+    );
+    let got = consume(&brokers, TOPIC, ids.len() + 1, Duration::from_secs(30), &[]);
+    let delivered = keys(&got);
+    for id in ids.iter().chain([&new_id]) {
+        assert!(delivered.contains(id), "{id} not delivered");
+    }
+    assert_eq!(
+        proxy.metric("sluicegate_tee_spool_corrupt_frames_total"),
+        0.0
+    );
+    // Acknowledged whole, the old segment is deleted like any other.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while legacy.exists() {
+        assert!(std::time::Instant::now() < deadline, "legacy segment kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

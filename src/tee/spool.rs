@@ -14,24 +14,51 @@
 //! - Segments are `DIR/{n:020}.seg` (20 zero-padded decimal digits), numbered from 1 upward. A
 //!   writer never appends to an existing segment (its tail may be torn by a crash): it starts one
 //!   numbered above the highest present. Other names in `DIR` (such as `dead-letter/`) are ignored.
-//! - A segment is a sequence of frames: magic `u32` LE `0x3153_4753` (`b"SGS1"`), body length
-//!   `u32` LE, CRC-32 (IEEE, as computed by `crc32fast`) of the body as `u32` LE, then the body.
+//! - A segment starts with a header: magic `b"SGSV"`, the format version `u32` LE
+//!   ([`SPOOL_FORMAT_VERSION`]), CRC-32 (IEEE, as computed by `crc32fast`) of those 8 bytes as
+//!   `u32` LE — 12 bytes, written with the segment's first frames (an empty segment has no
+//!   header yet).
+//! - Then frames: magic `u32` LE `0x3153_4753` (`b"SGS1"`), body length `u32` LE, CRC-32 of the
+//!   body as `u32` LE, then the body.
 //! - Body: kind `u8` (0 = record, 1 = alert; other values make the frame corrupt), timestamp
 //!   milliseconds `i64` LE, key length `u16` LE, key (UTF-8), route length `u16` LE, route
 //!   (UTF-8), then the payload (JSON) to the end of the body.
-//! - Dead letters use the same frames in `DIR/dead-letter/{n:020}.seg`, one file per
-//!   [`DeadLetter`] lifetime (created on its first append, numbered above the highest present), so
-//!   a [`SpoolReader`] opened on `DIR/dead-letter` reads them. The reason is logged, not stored.
-//!
+//! - Dead letters are segments too (header and frames) in `DIR/dead-letter/{n:020}.seg`, one
+//!   file per [`DeadLetter`] lifetime (created on its first append, numbered above the highest
+//!   present), so a [`SpoolReader`] opened on `DIR/dead-letter` reads them. The reason is
+//!   logged, not stored.
 //! - The producer's acknowledged prefix is checkpointed in `DIR/acked.ckpt` (written to
-//!   `DIR/acked.ckpt.tmp`, fsynced, renamed): magic `b"SGA1"`, segment `u64` LE, offset `u64` LE,
-//!   CRC-32 of those 20 bytes as `u32` LE. Every entry before that position was acknowledged, so a
-//!   new reader starts there. A missing, torn or corrupt checkpoint is ignored (everything still in
-//!   the segments is sent again). A writer numbers its segments above the checkpoint's, so a stale
+//!   `DIR/acked.ckpt.tmp`, fsynced, renamed): magic `b"SGA"` followed by the format version as
+//!   one byte `b'0' + version` (so `b"SGA1"`), segment `u64` LE, offset `u64` LE, CRC-32 of those
+//!   20 bytes as `u32` LE. Every entry before that position was acknowledged, so a new reader
+//!   starts there. A missing, torn or corrupt checkpoint is ignored (everything still in the
+//!   segments is sent again). A writer numbers its segments above the checkpoint's, so a stale
 //!   checkpoint can never cover entries written after it.
 //!
 //! A reader skips (and counts) torn or corrupt frames and resynchronises on the next magic whose
-//! frame verifies, so damage never hides the frames behind it.
+//! frame verifies, so damage never hides the frames behind it. A torn or corrupt segment header
+//! is skipped and counted the same way (its frames are then read as version 1).
+//!
+//! # Versions: upgrades and rollbacks
+//!
+//! A spool on a volume outlives the build that wrote it, across a rollout and a rollback. Each
+//! segment says which format it is in; the rule is:
+//!
+//! - A build reads every version up to its own [`SPOOL_FORMAT_VERSION`], and headerless
+//!   segments: version 0, written before segments had a header (its frames are version 1's).
+//!   So a new build replays an older build's spool, segment by segment, in any mix.
+//! - A segment or checkpoint of a newer version is refused, never skipped as corrupt (skipping
+//!   would drop its records, or for a checkpoint resend them): opening a [`SpoolWriter`], a
+//!   [`SpoolReader`] or (through the writer) `sluicegate serve` fails with [`NewerFormat`],
+//!   naming the file, its version and the newest this build reads. `spool cat` refuses too.
+//!   Dead-letter segments carry the same header and rule; `serve` only adds new dead-letter
+//!   files (its own version) and never reads old ones, so a newer one stops `spool cat
+//!   --dead-letter`, not `serve`.
+//! - A version's first 12 header bytes (magic, version, CRC) and the checkpoint's `b"SGA"`,
+//!   version byte and trailing CRC-32 of all the bytes before it stay as they are in every
+//!   version, so an older build can always tell a newer file from a damaged one.
+//! - Bump [`SPOOL_FORMAT_VERSION`] with any change an older build would misread (frames, body,
+//!   checkpoint). A change an older build reads correctly needs no bump.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsStr;
@@ -46,6 +73,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+/// The spool's on-disk format version, written in every segment header (dead letters too) and
+/// in the checkpoint. This build reads versions 0 (headerless segments) up to this one and
+/// refuses newer ones with [`NewerFormat`] (see the module docs, "Versions").
+pub const SPOOL_FORMAT_VERSION: u32 = 1;
+
+/// Length of a segment header: magic, version, CRC-32.
+pub const SEGMENT_HEADER_LEN: usize = 12;
+const SEGMENT_MAGIC: [u8; 4] = *b"SGSV";
+
 /// File extension of segment files.
 pub const SEGMENT_EXT: &str = "seg";
 
@@ -55,8 +91,15 @@ pub const DEAD_LETTER_DIR: &str = "dead-letter";
 /// Name of the acknowledged-position checkpoint in a spool directory.
 pub const CHECKPOINT_FILE: &str = "acked.ckpt";
 const CHECKPOINT_TMP: &str = "acked.ckpt.tmp";
-const CHECKPOINT_MAGIC: [u8; 4] = *b"SGA1";
+const CHECKPOINT_MAGIC: [u8; 3] = *b"SGA";
 const CHECKPOINT_LEN: usize = 4 + 8 + 8 + 4;
+/// The checkpoint's fourth byte: `b'0'` + the format version (`b'1'`, as before versions).
+const CHECKPOINT_VERSION_BYTE: u8 = {
+    assert!(SPOOL_FORMAT_VERSION <= (u8::MAX - b'0') as u32);
+    b'0' + SPOOL_FORMAT_VERSION as u8
+};
+/// How much of a checkpoint is read: enough for a newer version's to be recognised.
+const CHECKPOINT_MAX_READ: u64 = 4096;
 
 const MAGIC: [u8; 4] = 0x3153_4753_u32.to_le_bytes();
 const HEADER_LEN: usize = 12;
@@ -310,6 +353,121 @@ fn take_str(b: &[u8]) -> Option<(String, &[u8])> {
     Some((String::from_utf8(s.to_vec()).ok()?, rest))
 }
 
+/// A spool file written by a newer build, in a format this build does not know. It is refused,
+/// never skipped: skipping would drop its records (or, for a checkpoint, resend them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewerFormat {
+    /// The segment or checkpoint file.
+    pub path: PathBuf,
+    /// The version it says it is in (above [`SPOOL_FORMAT_VERSION`]).
+    pub version: u32,
+}
+
+impl NewerFormat {
+    /// The `NewerFormat` that `e` carries, if it is one.
+    pub fn of(e: &io::Error) -> Option<&NewerFormat> {
+        e.get_ref()?.downcast_ref()
+    }
+
+    fn into_io(self) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, self)
+    }
+}
+
+impl fmt::Display for NewerFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is in spool format version {}, but this build of sluicegate reads versions up to \
+             {SPOOL_FORMAT_VERSION}: a newer sluicegate wrote it. Run that version (or a later \
+             one) on this spool, or move the spool directory aside and start on an empty one \
+             (nothing is deleted: its records wait there for a build that reads them)",
+            self.path.display(),
+            self.version,
+        )
+    }
+}
+
+impl std::error::Error for NewerFormat {}
+
+/// The header a segment of format `version` starts with (tests and tools write other versions).
+pub fn segment_header(version: u32) -> [u8; SEGMENT_HEADER_LEN] {
+    let mut header = [0; SEGMENT_HEADER_LEN];
+    header[..4].copy_from_slice(&SEGMENT_MAGIC);
+    header[4..8].copy_from_slice(&version.to_le_bytes());
+    let crc = crc32fast::hash(&header[..8]);
+    header[8..].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// What the first bytes of a segment say about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegmentStart {
+    /// Too few bytes yet to tell: a segment still being written.
+    Unknown,
+    /// Frames from offset `data` on. `version`: 0 for a headerless segment (frames from 0);
+    /// `None` for a torn or corrupt start, read as frames from 0, so the damaged bytes are
+    /// skipped and counted as a damaged frame's are.
+    Frames { version: Option<u32>, data: u64 },
+    /// A header from a newer build.
+    Newer(u32),
+}
+
+/// Reads the start of a segment: up to its first [`SEGMENT_HEADER_LEN`] bytes. `whole`: no more
+/// bytes will come (a sealed segment), so a short start is torn rather than unfinished.
+fn segment_start(b: &[u8], whole: bool) -> SegmentStart {
+    if b.get(..MAGIC.len()) == Some(&MAGIC[..]) {
+        return SegmentStart::Frames {
+            version: Some(0),
+            data: 0,
+        };
+    }
+    if b.len() >= SEGMENT_HEADER_LEN && b[..4] == SEGMENT_MAGIC {
+        let version = le_u32(&b[4..]).unwrap_or(0);
+        if le_u32(&b[8..]) == Some(crc32fast::hash(&b[..8])) && version > 0 {
+            return if version > SPOOL_FORMAT_VERSION {
+                SegmentStart::Newer(version)
+            } else {
+                SegmentStart::Frames {
+                    version: Some(version),
+                    data: SEGMENT_HEADER_LEN as u64,
+                }
+            };
+        }
+    } else if !whole {
+        let n = b.len().min(4);
+        if b[..n] == SEGMENT_MAGIC[..n] || b[..n] == MAGIC[..n] {
+            return SegmentStart::Unknown;
+        }
+    }
+    SegmentStart::Frames {
+        version: None,
+        data: 0,
+    }
+}
+
+/// Refuses (with [`NewerFormat`]) if one of `segments` in `dir` was written by a newer build.
+/// Only their first bytes are read.
+fn check_segment_versions(dir: &Path, segments: &[u64]) -> io::Result<()> {
+    let mut head = Vec::with_capacity(SEGMENT_HEADER_LEN);
+    for &number in segments {
+        let path = segment_path(dir, number);
+        head.clear();
+        match File::open(&path) {
+            Ok(file) => file
+                .take(SEGMENT_HEADER_LEN as u64)
+                .read_to_end(&mut head)?,
+            // Deleted between listing and looking.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if let SegmentStart::Newer(version) = segment_start(&head, false) {
+            return Err(NewerFormat { path, version }.into_io());
+        }
+    }
+    Ok(())
+}
+
 fn segment_path(dir: &Path, number: u64) -> PathBuf {
     dir.join(format!("{number:020}.{SEGMENT_EXT}"))
 }
@@ -383,30 +541,40 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// The acknowledged position checkpointed in `dir`, or `None` if there is none or it is torn or
 /// corrupt (then everything in the segments is sent again: never skip what may be unacked).
-pub fn read_checkpoint(dir: &Path) -> Option<Position> {
+/// Fails with [`NewerFormat`] for a whole checkpoint of a newer version.
+pub fn read_checkpoint(dir: &Path) -> io::Result<Option<Position>> {
+    let path = dir.join(CHECKPOINT_FILE);
     let mut bytes = Vec::with_capacity(CHECKPOINT_LEN + 1);
-    File::open(dir.join(CHECKPOINT_FILE))
-        .ok()?
-        .take(CHECKPOINT_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    if bytes.len() != CHECKPOINT_LEN || bytes[..4] != CHECKPOINT_MAGIC {
-        return None;
+    let read = File::open(&path).and_then(|f| f.take(CHECKPOINT_MAX_READ).read_to_end(&mut bytes));
+    if read.is_err() || bytes.len() < 8 || bytes[..3] != CHECKPOINT_MAGIC {
+        return Ok(None);
     }
-    let (fields, crc) = bytes.split_at(CHECKPOINT_LEN - 4);
-    if crc32fast::hash(fields) != le_u32(crc)? {
-        return None;
+    // Every version ends with the CRC of the bytes before it: whole and undamaged, or ignored.
+    let (fields, crc) = bytes.split_at(bytes.len() - 4);
+    if le_u32(crc) != Some(crc32fast::hash(fields)) {
+        return Ok(None);
     }
-    Some(Position {
-        segment: u64::from_le_bytes(fields[4..12].try_into().ok()?),
-        offset: u64::from_le_bytes(fields[12..20].try_into().ok()?),
-    })
+    let version = match bytes[3].checked_sub(b'0') {
+        Some(v) if v > 0 => u32::from(v),
+        _ => return Ok(None),
+    };
+    if version > SPOOL_FORMAT_VERSION {
+        return Err(NewerFormat { path, version }.into_io());
+    }
+    if bytes.len() != CHECKPOINT_LEN {
+        return Ok(None);
+    }
+    let field = |at: usize| fields[at..at + 8].try_into().ok().map(u64::from_le_bytes);
+    Ok(field(4)
+        .zip(field(12))
+        .map(|(segment, offset)| Position { segment, offset }))
 }
 
 /// Replaces the checkpoint atomically: a crash leaves the old one or the new one, whole.
 fn write_checkpoint(dir: &Path, pos: Position) -> io::Result<()> {
     let mut bytes = Vec::with_capacity(CHECKPOINT_LEN);
     bytes.extend_from_slice(&CHECKPOINT_MAGIC);
+    bytes.push(CHECKPOINT_VERSION_BYTE);
     bytes.extend_from_slice(&pos.segment.to_le_bytes());
     bytes.extend_from_slice(&pos.offset.to_le_bytes());
     let crc = crc32fast::hash(&bytes);
@@ -495,7 +663,9 @@ pub struct SpoolWriter {
 impl SpoolWriter {
     /// Creates the directory if needed, scans existing segments (to set the bytes/segments
     /// gauges), starts a fresh segment. Returns the writer and a watch receiver of the writer's
-    /// position: everything strictly before it is complete, whole frames.
+    /// position: everything strictly before it is complete, whole frames. Fails with
+    /// [`NewerFormat`], before writing anything, if a segment or the checkpoint is of a newer
+    /// format version than this build's.
     pub fn open(
         config: SpoolConfig,
         metrics: SpoolMetrics,
@@ -510,11 +680,14 @@ impl SpoolWriter {
     ) -> io::Result<(SpoolWriter, watch::Receiver<Position>)> {
         fs::create_dir_all(&config.dir)?;
         let existing = list_segments_with_sizes(&config.dir)?;
+        // Before anything is written: a newer build's spool is left exactly as it is.
+        let numbers: Vec<u64> = existing.iter().map(|&(n, _)| n).collect();
+        check_segment_versions(&config.dir, &numbers)?;
         // Above the checkpoint too: a reader skips what lies below it.
-        let highest = existing
+        let highest = numbers
             .last()
-            .map(|&(n, _)| n)
-            .max(read_checkpoint(&config.dir).map(|p| p.segment));
+            .copied()
+            .max(read_checkpoint(&config.dir)?.map(|p| p.segment));
         let first = next_number(highest)?;
         let file = create_segment(&config.dir, first)?;
         let total: u64 = existing.iter().map(|&(_, size)| size).sum();
@@ -699,30 +872,45 @@ impl SpoolWriter {
                 self.roll()?;
             }
         }
+        const HEADER: u64 = SEGMENT_HEADER_LEN as u64;
         for entry in entries {
+            // Alone in a new segment, behind its header, it must fit the spool.
             let len = match frame_len(entry) {
-                Some(len) if (len as u64) <= self.config.max_bytes => len as u64,
+                Some(len) if HEADER + len as u64 <= self.config.max_bytes => len as u64,
                 _ => {
                     *dropped += 1;
                     continue;
                 }
             };
             let pending = self.buf.len() as u64;
+            let current = self.file_len + pending;
+            let rolls = current > 0 && current + len > self.config.segment_bytes;
+            // The first frame of a segment brings the segment's header.
+            let needed = if current == 0 || rolls {
+                HEADER + len
+            } else {
+                len
+            };
             if self.config.mode == SpoolMode::Hold {
                 // The reader deletes acked segments and lowers the gauge: that is our room.
                 let on_disk = u64::try_from(self.metrics.bytes.get()).unwrap_or(0);
-                if on_disk.saturating_add(pending).saturating_add(len) > self.config.max_bytes {
+                if on_disk.saturating_add(pending).saturating_add(needed) > self.config.max_bytes {
                     *dropped += 1;
                     continue;
                 }
             }
-            let current = self.file_len + pending;
-            if current > 0 && current + len > self.config.segment_bytes {
+            if rolls {
                 *written += self.flush()?;
                 self.roll()?;
             }
             if self.config.mode == SpoolMode::Rotate {
-                self.make_room(len);
+                self.make_room(needed);
+            }
+            if self.file_len == 0 && self.buf.is_empty() {
+                // In the same write as the first frames: no syscall of its own, and a write
+                // that fails takes its header with it (cut off, then written again).
+                self.buf
+                    .extend_from_slice(&segment_header(SPOOL_FORMAT_VERSION));
             }
             encode_frame(entry, &mut self.buf);
             self.buf_entries += 1;
@@ -896,6 +1084,8 @@ struct SegmentCursor {
     buf_at: u64,
     /// Where the next frame starts.
     pos: u64,
+    /// The segment's start (its header, if any) was read and `pos` is past it.
+    started: bool,
 }
 
 impl SegmentCursor {
@@ -906,7 +1096,16 @@ impl SegmentCursor {
             buf: Vec::new(),
             buf_at: 0,
             pos: 0,
+            started: false,
         }
+    }
+
+    /// Forgets what was read ahead, so the next read comes from the file.
+    fn reread(&mut self) -> io::Result<()> {
+        self.file.seek(SeekFrom::Start(0))?;
+        self.buf.clear();
+        self.buf_at = 0;
+        Ok(())
     }
 
     /// Up to `len` bytes of the file from `start`, fewer at end of file or at `cap`. Never
@@ -1080,7 +1279,9 @@ impl SpoolReader {
     /// fully acknowledged segments, and starts at the checkpointed position, deleting the
     /// segments below it), false for `spool cat` (reads everything on disk). Open the writer
     /// first: its scan sets the gauges this reader lowers. Never combine `delete_acked` with a
-    /// Rotate-mode writer (both would delete and account for the same segments).
+    /// Rotate-mode writer (both would delete and account for the same segments). Fails with
+    /// [`NewerFormat`] if a segment (or, for the producer, the checkpoint) is of a newer format
+    /// version than this build's.
     pub fn open(dir: &Path, metrics: SpoolMetrics, delete_acked: bool) -> io::Result<SpoolReader> {
         if !fs::metadata(dir)?.is_dir() {
             return Err(io::Error::new(
@@ -1088,8 +1289,9 @@ impl SpoolReader {
                 format!("{} is not a directory", dir.display()),
             ));
         }
+        check_segment_versions(dir, &list_segments(dir)?)?;
         let resume = if delete_acked {
-            read_checkpoint(dir)
+            read_checkpoint(dir)?
         } else {
             None
         };
@@ -1150,7 +1352,9 @@ impl SpoolReader {
     /// Returns an empty vec when nothing new is there. Torn or corrupt frames are skipped and
     /// counted (the reader resyncs on the next frame that verifies); segments that disappeared
     /// are skipped. Pass [`Position::END`] to read everything (`spool cat`); a torn tail at the
-    /// end of the newest segment (a writer mid-write) is then skipped and counted.
+    /// end of the newest segment (a writer mid-write) is then skipped and counted. A segment of
+    /// a newer format version stops the reader there: [`NewerFormat`] once the entries before
+    /// it were returned, and on every call after.
     ///
     /// The reader never goes back: an entry whose delivery failed must be kept by the caller,
     /// or re-read by opening a new reader (which starts again at the oldest segment).
@@ -1174,6 +1378,28 @@ impl SpoolReader {
             } else {
                 upto.offset.min(file_len)
             };
+            if !cursor.started {
+                let head = cursor.window(0, SEGMENT_HEADER_LEN, limit)?;
+                match segment_start(head, sealed) {
+                    // The writer has published nothing in it yet.
+                    SegmentStart::Unknown => break,
+                    SegmentStart::Newer(version) => {
+                        // The reader stays here: every later call reads the header again and
+                        // fails the same way until the file changes. Nothing is skipped.
+                        cursor.reread()?;
+                        if out.is_empty() {
+                            let path = segment_path(&self.dir, cursor.number);
+                            return Err(NewerFormat { path, version }.into_io());
+                        }
+                        break;
+                    }
+                    SegmentStart::Frames { data, .. } => {
+                        // A checkpoint may have put `pos` further on already.
+                        cursor.pos = cursor.pos.max(data);
+                        cursor.started = true;
+                    }
+                }
+            }
             let before = out.len();
             cursor.read_frames(limit, max, &mut out, &self.metrics.corrupt_skipped)?;
             let number = cursor.number;
@@ -1322,6 +1548,8 @@ impl DeadLetter {
             None => {
                 let file = create_segment(&self.dir, self.number)?;
                 sync_dir(&self.dir)?;
+                // A new file's first write brings the segment header.
+                self.buf.splice(0..0, segment_header(SPOOL_FORMAT_VERSION));
                 file
             }
         };
@@ -1795,13 +2023,16 @@ mod tests {
     fn mutated_segments_never_panic_or_invent_entries() {
         let tmp = tempfile::tempdir().unwrap();
         let originals: Vec<_> = (0..6).map(entry).collect();
-        let mut base = Vec::new();
+        let mut headerless = Vec::new();
         for e in &originals {
-            encode_frame(e, &mut base);
+            encode_frame(e, &mut headerless);
         }
+        let mut versioned = segment_header(SPOOL_FORMAT_VERSION).to_vec();
+        versioned.extend_from_slice(&headerless);
         let path = segment_path(tmp.path(), 1);
         let mut rng = Rng(42);
-        for _ in 0..300 {
+        for i in 0..300 {
+            let base = if i % 2 == 0 { &headerless } else { &versioned };
             let mut bytes = base.clone();
             for _ in 0..1 + rng.below(3) {
                 match rng.below(5) {
@@ -1974,7 +2205,10 @@ mod tests {
         );
         let big_seg = got[1].pos.segment;
         assert!(got[0].pos.segment < big_seg && big_seg < got[2].pos.segment);
-        assert_eq!(got[1].pos.offset, 0);
+        assert_eq!(
+            got[1].pos.offset, SEGMENT_HEADER_LEN as u64,
+            "first behind the header"
+        );
     }
 
     /// A producer's restart: the writer reopened on the same directory, a fresh reader.
@@ -2008,7 +2242,7 @@ mod tests {
             r.ack(e.pos).unwrap();
         }
         r.checkpoint().unwrap();
-        assert_eq!(read_checkpoint(tmp.path()), Some(got[25].pos));
+        assert_eq!(read_checkpoint(tmp.path()).unwrap(), Some(got[25].pos));
         drop((w, r));
         // Segments acknowledged whole were deleted already, whatever their place.
         let kept = segment_numbers(tmp.path());
@@ -2071,6 +2305,7 @@ mod tests {
         longer.push(0);
         let mut past_the_end = Vec::new();
         past_the_end.extend_from_slice(&CHECKPOINT_MAGIC);
+        past_the_end.push(CHECKPOINT_VERSION_BYTE);
         past_the_end.extend_from_slice(&1u64.to_le_bytes());
         past_the_end.extend_from_slice(&(1u64 << 40).to_le_bytes());
         let crc = crc32fast::hash(&past_the_end);
@@ -2280,6 +2515,337 @@ mod tests {
         assert!(open_deleted(tmp.path()) > 0);
         w.maybe_fsync().unwrap();
         assert_eq!(open_deleted(tmp.path()), 0, "acked segments closed");
+    }
+
+    /// Writes `entries` as the build before versions did: frames only, no segment header.
+    fn write_legacy_segment(dir: &Path, number: u64, entries: &[SpoolEntry]) {
+        let mut bytes = Vec::new();
+        for e in entries {
+            encode_frame(e, &mut bytes);
+        }
+        fs::write(segment_path(dir, number), bytes).unwrap();
+    }
+
+    /// Rewrites the header of the segment at `path` to say `version`.
+    fn set_version(path: &Path, version: u32) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[..SEGMENT_HEADER_LEN].copy_from_slice(&segment_header(version));
+        fs::write(path, bytes).unwrap();
+    }
+
+    fn listing(dir: &Path) -> Vec<(u64, u64)> {
+        list_segments_with_sizes(dir).unwrap()
+    }
+
+    #[test]
+    fn the_current_version_round_trips_behind_a_header() {
+        let header = segment_header(SPOOL_FORMAT_VERSION);
+        assert_eq!(&header[..4], b"SGSV");
+        assert_eq!(header[4..8], SPOOL_FORMAT_VERSION.to_le_bytes());
+        for version in 1..=SPOOL_FORMAT_VERSION {
+            assert_eq!(
+                segment_start(&segment_header(version), true),
+                SegmentStart::Frames {
+                    version: Some(version),
+                    data: SEGMENT_HEADER_LEN as u64
+                }
+            );
+        }
+
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let metrics = SpoolMetrics::default();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), metrics.clone()).unwrap();
+        let all: Vec<_> = (0..40).map(entry).collect();
+        write_all(&mut w, &all, 3);
+        assert_gauges_match_disk(&metrics, tmp.path());
+        let segs = segment_numbers(tmp.path());
+        assert!(segs.len() > 3);
+        for &n in &segs {
+            let bytes = fs::read(segment_path(tmp.path(), n)).unwrap();
+            assert_eq!(bytes[..SEGMENT_HEADER_LEN], header, "segment {n}");
+        }
+        let mut dl = DeadLetter::open(tmp.path(), metrics.clone()).unwrap();
+        dl.append(&entry(100), "rejected").unwrap();
+        dl.append(&entry(101), "rejected").unwrap();
+        let dl_dir = tmp.path().join(DEAD_LETTER_DIR);
+        let dl_bytes = fs::read(segment_path(&dl_dir, 1)).unwrap();
+        assert_eq!(dl_bytes[..SEGMENT_HEADER_LEN], header, "dead letters too");
+        let mut cat = SpoolReader::open(&dl_dir, SpoolMetrics::default(), false).unwrap();
+        assert_eq!(
+            entries_of(&read_all(&mut cat, Position::END)),
+            vec![entry(100), entry(101)]
+        );
+
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), all);
+        let mut first_offsets = BTreeMap::new();
+        for e in &got {
+            first_offsets.entry(e.pos.segment).or_insert(e.pos.offset);
+        }
+        assert!(first_offsets
+            .values()
+            .all(|&o| o == SEGMENT_HEADER_LEN as u64));
+        for e in &got[..30] {
+            r.ack(e.pos).unwrap();
+        }
+        r.checkpoint().unwrap();
+        let ckpt = fs::read(tmp.path().join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(
+            &ckpt[..4],
+            b"SGA1",
+            "the checkpoint's bytes are as before versions"
+        );
+        assert_eq!(metrics.corrupt_skipped.get(), 0);
+        drop((w, r));
+        let (_w, rx, mut r, _) = restart(&cfg);
+        assert_eq!(entries_of(&read_all(&mut r, *rx.borrow())), all[30..]);
+
+        // An entry fits alone if it does with its segment's header.
+        let tmp = tempfile::tempdir().unwrap();
+        let e = entry(7);
+        let max = (SEGMENT_HEADER_LEN + frame_len(&e).unwrap()) as u64;
+        let metrics = SpoolMetrics::default();
+        let (mut w, _) = SpoolWriter::open(
+            config(tmp.path(), SpoolMode::Rotate, max - 1, 1 << 20),
+            metrics.clone(),
+        )
+        .unwrap();
+        assert_eq!(w.append_batch(std::slice::from_ref(&e)).unwrap(), 0);
+        let (mut w, _) = SpoolWriter::open(
+            config(tmp.path(), SpoolMode::Hold, max, 1 << 20),
+            metrics.clone(),
+        )
+        .unwrap();
+        assert_eq!(w.append_batch(std::slice::from_ref(&e)).unwrap(), 1);
+        assert_eq!(disk_bytes(tmp.path()), max);
+        assert_eq!(w.append_batch(&[entry(8)]).unwrap(), 0, "full");
+    }
+
+    #[test]
+    fn a_legacy_headerless_spool_is_replayed_from_its_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let old: Vec<_> = (0..30).map(entry).collect();
+        write_legacy_segment(tmp.path(), 1, &old[..10]);
+        write_legacy_segment(tmp.path(), 2, &old[10..]);
+        let m = SpoolMetrics::default();
+        let mut cat = SpoolReader::open(tmp.path(), m.clone(), false).unwrap();
+        let got = read_all(&mut cat, Position::END);
+        assert_eq!(entries_of(&got), old);
+        assert_eq!(
+            got[10].pos,
+            Position {
+                segment: 2,
+                offset: 0
+            },
+            "frames from the first byte"
+        );
+        assert_eq!(m.corrupt_skipped.get(), 0);
+
+        // The older build's checkpoint, byte for byte: acknowledged up to entry 15.
+        let mut ckpt = b"SGA1".to_vec();
+        ckpt.extend_from_slice(&got[15].pos.segment.to_le_bytes());
+        ckpt.extend_from_slice(&got[15].pos.offset.to_le_bytes());
+        let crc = crc32fast::hash(&ckpt);
+        ckpt.extend_from_slice(&crc.to_le_bytes());
+        fs::write(tmp.path().join(CHECKPOINT_FILE), ckpt).unwrap();
+
+        // This build writes versioned segments after them and replays the old ones first, from
+        // the old checkpoint on.
+        let (mut w, rx, mut r, metrics) = restart(&cfg);
+        assert_eq!(w.first_segment(), 3);
+        let new: Vec<_> = (30..40).map(entry).collect();
+        write_all(&mut w, &new, 5);
+        let again = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&again), [&old[15..], &new[..]].concat());
+        assert_eq!(metrics.corrupt_skipped.get(), 0);
+        for e in &again {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()), vec![rx.borrow().segment]);
+        assert_gauges_match_disk(&metrics, tmp.path());
+
+        // Dead letters of the older build, too.
+        let dl_dir = tmp.path().join(DEAD_LETTER_DIR);
+        fs::create_dir_all(&dl_dir).unwrap();
+        write_legacy_segment(&dl_dir, 1, &old[..2]);
+        let mut dl = DeadLetter::open(tmp.path(), SpoolMetrics::default()).unwrap();
+        dl.append(&entry(100), "rejected").unwrap();
+        let mut cat = SpoolReader::open(&dl_dir, SpoolMetrics::default(), false).unwrap();
+        assert_eq!(
+            entries_of(&read_all(&mut cat, Position::END)),
+            vec![entry(0), entry(1), entry(100)]
+        );
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_never_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 600);
+        let all: Vec<_> = (0..40).map(entry).collect();
+        let (mut w, rx) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all, 4);
+        let upto = *rx.borrow();
+        drop(w);
+        let segs = segment_numbers(tmp.path());
+        assert!(segs.len() > 3);
+        let path = segment_path(tmp.path(), segs[2]);
+        let newer = SPOOL_FORMAT_VERSION + 1;
+        let expected = NewerFormat {
+            path: path.clone(),
+            version: newer,
+        };
+        let refused = |e: io::Error| {
+            assert_eq!(NewerFormat::of(&e), Some(&expected), "{e}");
+            e.to_string()
+        };
+        set_version(&path, newer);
+
+        // Every way in refuses, before touching anything.
+        let before = listing(tmp.path());
+        let message = refused(SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap_err());
+        eprintln!("{message}");
+        for part in [
+            path.display().to_string(),
+            format!("version {newer}"),
+            format!("versions up to {SPOOL_FORMAT_VERSION}"),
+            "move the spool directory aside".into(),
+        ] {
+            assert!(message.contains(&part), "{part:?} not in {message:?}");
+        }
+        for delete_acked in [true, false] {
+            refused(
+                SpoolReader::open(tmp.path(), SpoolMetrics::default(), delete_acked).unwrap_err(),
+            );
+        }
+        assert_eq!(listing(tmp.path()), before, "nothing created or deleted");
+
+        // A reader that meets it after opening (someone else writing the spool): the entries
+        // before it, then the error on every call, never a skip.
+        set_version(&path, SPOOL_FORMAT_VERSION);
+        let m = SpoolMetrics::default();
+        let mut r = SpoolReader::open(tmp.path(), m.clone(), true).unwrap();
+        set_version(&path, newer);
+        let mut got = Vec::new();
+        let err = loop {
+            match r.next_batch(upto, 7) {
+                Ok(batch) => {
+                    assert!(!batch.is_empty(), "stopped without the error");
+                    got.extend(batch);
+                }
+                Err(e) => break e,
+            }
+        };
+        refused(err);
+        assert!(!got.is_empty() && got.iter().all(|e| e.pos.segment < segs[2]));
+        assert_eq!(got.last().unwrap().pos.segment, segs[1]);
+        for _ in 0..3 {
+            refused(r.next_batch(upto, 7).unwrap_err());
+        }
+        assert_eq!(m.corrupt_skipped.get(), 0);
+        // Once the file is one it reads, the same reader goes on where it stopped.
+        set_version(&path, SPOOL_FORMAT_VERSION);
+        got.extend(read_all(&mut r, upto));
+        assert_eq!(entries_of(&got), all);
+
+        // A newer checkpoint stops the writer and the producer (not `spool cat`, which does not
+        // read it); a damaged one is ignored as before.
+        let mut ckpt = b"SGA".to_vec();
+        ckpt.push(b'0' + newer as u8);
+        ckpt.extend_from_slice(&[0; 16]);
+        let crc = crc32fast::hash(&ckpt);
+        ckpt.extend_from_slice(&crc.to_le_bytes());
+        let ckpt_path = tmp.path().join(CHECKPOINT_FILE);
+        fs::write(&ckpt_path, &ckpt).unwrap();
+        let expected = NewerFormat {
+            path: ckpt_path.clone(),
+            version: newer,
+        };
+        let refused = |e: io::Error| assert_eq!(NewerFormat::of(&e), Some(&expected), "{e}");
+        refused(SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap_err());
+        refused(SpoolReader::open(tmp.path(), SpoolMetrics::default(), true).unwrap_err());
+        SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        ckpt[10] ^= 1;
+        fs::write(&ckpt_path, &ckpt).unwrap();
+        assert_eq!(read_checkpoint(tmp.path()).unwrap(), None);
+
+        // A newer dead-letter file stops `spool cat --dead-letter`; `serve` only adds its own.
+        let dl_dir = tmp.path().join(DEAD_LETTER_DIR);
+        let mut dl = DeadLetter::open(tmp.path(), SpoolMetrics::default()).unwrap();
+        dl.append(&entry(100), "rejected").unwrap();
+        drop(dl);
+        set_version(&segment_path(&dl_dir, 1), newer);
+        let mut dl = DeadLetter::open(tmp.path(), SpoolMetrics::default()).unwrap();
+        dl.append(&entry(101), "rejected").unwrap();
+        let e = SpoolReader::open(&dl_dir, SpoolMetrics::default(), false).unwrap_err();
+        assert_eq!(NewerFormat::of(&e).unwrap().path, segment_path(&dl_dir, 1));
+    }
+
+    #[test]
+    fn a_torn_header_is_skipped_and_counted_like_a_torn_frame() {
+        let header = segment_header(SPOOL_FORMAT_VERSION);
+        // While the segment may still grow, a partial start is waited for, not judged.
+        for partial in [&b""[..], &header[..3], &header[..7], &MAGIC[..2]] {
+            assert_eq!(segment_start(partial, false), SegmentStart::Unknown);
+        }
+        let damaged = SegmentStart::Frames {
+            version: None,
+            data: 0,
+        };
+        assert_eq!(segment_start(&header[..7], true), damaged);
+        let mut flipped = header;
+        flipped[5] ^= 1;
+        assert_eq!(segment_start(&flipped, true), damaged, "CRC mismatch");
+
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 1 << 20);
+        let all: Vec<_> = (0..10).map(entry).collect();
+        let (mut w, _) = SpoolWriter::open(cfg.clone(), SpoolMetrics::default()).unwrap();
+        write_all(&mut w, &all[..5], 5);
+        drop(w);
+        // Crashes right after a segment was created: the first write cut inside the header (at
+        // two places), cut in the first frame behind a whole header, or not begun.
+        fs::write(segment_path(tmp.path(), 2), &header[..7]).unwrap();
+        fs::write(segment_path(tmp.path(), 3), &header[..3]).unwrap();
+        let mut torn_frame = header.to_vec();
+        encode_frame(&entry(99), &mut torn_frame);
+        torn_frame.truncate(SEGMENT_HEADER_LEN + 5);
+        fs::write(segment_path(tmp.path(), 4), torn_frame).unwrap();
+        fs::write(segment_path(tmp.path(), 5), b"").unwrap();
+        // A flipped bit in a header: the frames behind it are still found.
+        let mut damaged_header = flipped.to_vec();
+        encode_frame(&entry(98), &mut damaged_header);
+        fs::write(segment_path(tmp.path(), 6), damaged_header).unwrap();
+
+        let m = SpoolMetrics::default();
+        let mut cat = SpoolReader::open(tmp.path(), m.clone(), false).unwrap();
+        let mut expected = all[..5].to_vec();
+        expected.push(entry(98));
+        assert_eq!(entries_of(&read_all(&mut cat, Position::END)), expected);
+        assert_eq!(
+            m.corrupt_skipped.get(),
+            4,
+            "one per damaged segment, none for the empty one"
+        );
+
+        let (mut w, rx, mut r, metrics) = restart(&cfg);
+        assert_eq!(w.first_segment(), 7);
+        write_all(&mut w, &all[5..], 5);
+        expected.extend_from_slice(&all[5..]);
+        let got = read_all(&mut r, *rx.borrow());
+        assert_eq!(entries_of(&got), expected);
+        assert_eq!(metrics.corrupt_skipped.get(), 4);
+        for e in &got {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(
+            segment_numbers(tmp.path()),
+            vec![7],
+            "the torn ones passed and deleted"
+        );
+        assert_gauges_match_disk(&metrics, tmp.path());
     }
 
     #[test]
