@@ -350,6 +350,16 @@ async fn a_newer_builds_spool_stops_serve_and_spool_cat_and_is_kept_whole() {
         &String::from_utf8_lossy(&cat.stderr),
     );
     assert!(cat.stdout.is_empty(), "nothing printed before the refusal");
+    let audit = std::process::Command::new(BIN)
+        .args(["audit", "--predictions"])
+        .arg(format!("spool:{}", spool.path().display()))
+        .output()
+        .unwrap();
+    expect_refusal(
+        "audit",
+        audit.status.code(),
+        &String::from_utf8_lossy(&audit.stderr),
+    );
     assert_eq!(
         segment_files(spool.path()),
         files,
