@@ -17,7 +17,7 @@ use sluicegate::tee::spool::{NewerFormat, Position, SpoolMetrics, SpoolReader};
 const EXIT_USAGE: u8 = 64;
 
 /// EX_DATAERR from sysexits.h: the spool is in a format version newer than this build reads
-/// (`serve`, `spool cat`, `audit` on a spool). Nothing was read, written or deleted.
+/// (`serve`, `spool cat`, `audit` on a spool). Nothing in the spool was changed.
 const EXIT_NEWER_SPOOL: u8 = 65;
 
 #[derive(Parser)]
