@@ -78,7 +78,7 @@ pub async fn decide_response(
     mut pending: Option<Pending>,
     id: &HeaderValue,
 ) -> Response<ResponseBody> {
-    let bytes = match collect_up_to(body, proxy.max_request_body).await {
+    let bytes = match collect_up_to(body, proxy.max_decided_response).await {
         Collected::Whole(b) => b,
         Collected::TooLarge(prefix, rest) => {
             decision_error(
@@ -88,7 +88,7 @@ pub async fn decide_response(
                 "response_too_large",
                 format!(
                     "response larger than {} bytes; passed through undecided",
-                    proxy.max_request_body
+                    proxy.max_decided_response
                 ),
             );
             if let Some(p) = pending.as_mut() {
@@ -113,7 +113,7 @@ pub async fn decide_response(
     };
     // Asked for `identity`, a server may compress all the same: decided on what it says,
     // sent on decoded (identity is acceptable to every client), recorded decoded.
-    let bytes = match decode_content(&parts.headers, bytes, proxy.max_request_body) {
+    let bytes = match decode_content(&parts.headers, bytes, proxy.max_decided_response) {
         Ok(Decoded::Identity(bytes)) => bytes,
         Ok(Decoded::Decoded(bytes)) => {
             parts.headers.remove(header::CONTENT_ENCODING);
