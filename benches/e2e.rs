@@ -1330,7 +1330,7 @@ fn main() {
             let has = |h: &str| r.headers.iter().any(|(k, _)| k == h);
             if s.kind == Kind::Full {
                 assert!(has("sluicegate-tag"), "the full setup must tag");
-                assert!(has("sluicegate-action"), "the full setup must decide");
+                assert!(has("sluicegate-rows"), "the full setup must decide");
             }
             if s.kind.is_sluicegate() {
                 assert!(has("sluicegate-id"));

@@ -188,13 +188,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     background.spawn(reload::watch_file(reloader.clone()));
     background.spawn(reload::on_sighup(reloader));
 
-    let proxy = Arc::new(Proxy::new(
-        settings.upstream.clone(),
-        RequestLimits::from_settings(&settings),
-        policy,
-        tee,
-        metrics.proxy.clone(),
-    ));
+    let proxy = Arc::new(
+        Proxy::new(
+            settings.upstream.clone(),
+            RequestLimits::from_settings(&settings),
+            policy,
+            tee,
+            metrics.proxy.clone(),
+        )
+        .with_max_decided_response(settings.max_decided_response_bytes),
+    );
     background.spawn(proxy.clone().run_upkeep());
     let limits = ListenerLimits::from_settings(&settings);
     let shutdown = CancellationToken::new();

@@ -643,3 +643,267 @@ async fn a_response_in_a_coding_that_cannot_be_undone_gets_a_decision_error() {
         assert_eq!(r["decision_error"]["kind"], "content_encoding", "{coding}");
     }
 }
+
+/// `value=count` pairs as sluicegate writes its counts headers: the largest count first, ties
+/// by value.
+fn counts_text(pairs: &[(&str, usize)]) -> String {
+    let mut pairs: Vec<_> = pairs.iter().filter(|(_, n)| *n > 0).collect();
+    pairs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let text: Vec<String> = pairs.iter().map(|(v, n)| format!("{v}={n}")).collect();
+    text.join(",")
+}
+
+/// An nginx with its default buffers (`proxy_buffer_size`: one memory page, 4 KiB on x86-64,
+/// for the whole response head), in front of `upstream` on 127.0.0.1:`port`, with every file
+/// of its own inside `dir`. Ended when dropped.
+struct Nginx {
+    child: std::process::Child,
+}
+
+impl Nginx {
+    /// `None` (a loud skip) when nginx is not installed, unless SLUICEGATE_REQUIRE_NGINX_TESTS
+    /// or SLUICEGATE_REQUIRE_DEPLOY_TESTS is set (tests/run.sh installs it and sets the first).
+    fn start(
+        test: &str,
+        dir: &std::path::Path,
+        port: u16,
+        upstream: std::net::SocketAddr,
+    ) -> Option<Nginx> {
+        use std::process::{Command, Stdio};
+        let installed = Command::new("nginx")
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            let required = [
+                "SLUICEGATE_REQUIRE_NGINX_TESTS",
+                "SLUICEGATE_REQUIRE_DEPLOY_TESTS",
+            ]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+            assert!(
+                !required,
+                "nginx is missing (Debian package `nginx`; tests/run.sh installs it) and the nginx tests are required"
+            );
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {test}: nginx is not installed (Debian package `nginx`). \
+                 Set SLUICEGATE_REQUIRE_NGINX_TESTS=1 to make this a failure. ***\n"
+            );
+            return None;
+        }
+        let d = dir.display();
+        // Nothing about buffers is set: the point is nginx's defaults. One process, so that
+        // killing it leaves no worker behind.
+        let conf = format!(
+            "daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://{upstream}; }}
+    }}
+}}
+"
+        );
+        let file = dir.join("nginx.conf");
+        std::fs::write(&file, conf).unwrap();
+        let mut child = Command::new("nginx")
+            .args(["-c", path_str(&file), "-p", path_str(dir), "-e"])
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let log = || std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("nginx exited ({status}); its error log:\n{}", log());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "nginx did not listen within 10 s; its error log:\n{}",
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Nginx { child })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_10000_row_batch_passes_through_a_default_nginx_in_front() {
+    const ROWS: usize = 10_000;
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let keys = dir.path().join("keys");
+    let out = std::process::Command::new(BIN)
+        .args(["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Every row the model calls spam past the third falls back to ham; the answer is tagged.
+    let policy = format!(
+        "tagging: {{algorithm: ed25519, signing_key: k1}}\n{}",
+        spam_route(
+            "{fixed: 0.5}",
+            "[{action: spam, max_count: 3, window: 1m, on_breach: fallback, fallback: ham}]",
+            "    write_decisions: {}",
+        )
+    );
+    let file = write_policy(dir.path(), &policy);
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &file,
+        &["--tag-keys-dir", path_str(&keys)],
+    );
+    let nginx_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let Some(_nginx) = Nginx::start(
+        "a_10000_row_batch_passes_through_a_default_nginx_in_front",
+        nginx_dir.path(),
+        port,
+        proxy.data,
+    ) else {
+        return;
+    };
+
+    let body = v2_request(ROWS, 7);
+    let spam = row_scores(&body).iter().filter(|p| **p >= 0.5).count();
+    assert!(spam > 3, "the limit is crossed: {spam} spam rows");
+    let c = client();
+    let (status, h, resp) = post(
+        &c,
+        &format!("http://127.0.0.1:{port}/v2/models/spam-filter/infer"),
+        body.clone(),
+    )
+    .await;
+    let log = std::fs::read_to_string(nginx_dir.path().join("error.log")).unwrap_or_default();
+    assert_eq!(status, 200, "nginx's error log:\n{log}");
+
+    assert_eq!(header(&h, "sluicegate-rows"), ROWS.to_string());
+    assert!(h.get("sluicegate-action").is_none(), "no per-row headers");
+    assert!(h.get("sluicegate-threshold").is_none());
+    assert_eq!(
+        header(&h, "sluicegate-action-counts"),
+        counts_text(&[("ham", ROWS - 3), ("spam", 3)])
+    );
+    assert_eq!(
+        header(&h, "sluicegate-model-action-counts"),
+        counts_text(&[("ham", ROWS - spam), ("spam", spam)])
+    );
+    assert_eq!(
+        header(&h, "sluicegate-limit-counts"),
+        counts_text(&[("ok", ROWS - spam + 3), ("fallback", spam - 3)])
+    );
+    let tag = header(&h, "sluicegate-tag");
+    assert!(tag.starts_with("sg1."), "{tag}");
+    let sluicegate_bytes: usize = h
+        .iter()
+        .filter(|(n, _)| n.as_str().starts_with("sluicegate-"))
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let all_bytes: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    eprintln!(
+        "{ROWS} rows through nginx: {spam} spam by the model, 3 kept; sluicegate-* headers {sluicegate_bytes} bytes \
+         (tag {} bytes), all headers {all_bytes} bytes, body {} bytes",
+        tag.len(),
+        resp.len()
+    );
+    assert!(sluicegate_bytes < 2048, "{h:?}");
+
+    // The per-row truth is in the body.
+    let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    let tensor = v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "sluicegate_action")
+        .expect("decisions written into the body");
+    let actions = tensor["data"].as_array().unwrap();
+    assert_eq!(actions.len(), ROWS);
+    assert_eq!(actions.iter().filter(|a| *a == "spam").count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_decided_response_caps_the_decided_response_and_max_request_body_does_not() {
+    let c = client();
+    let body = v2_request(2000, 3);
+    let policy = spam_route("{fixed: 0.5}", "[]", "");
+
+    // The request fits --max-request-body, the response is larger than it: decided all the same.
+    let (proxy, _dir) = {
+        let model = StandInModel::spawn().await.unwrap();
+        let dir = spool_dir();
+        let file = write_policy(dir.path(), &policy);
+        let p = start_with_policy(model, dir.path(), &file, &["--max-request-body", "64KiB"]);
+        (p, dir)
+    };
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    let (status, h, resp) = post(&c, &url, body.clone()).await;
+    eprintln!(
+        "2,000 rows: request {} bytes, decided response {} bytes",
+        body.len(),
+        resp.len()
+    );
+    assert!(body.len() < 64 << 10 && resp.len() > 64 << 10);
+    assert_eq!(status, 200);
+    assert_eq!(header(&h, "sluicegate-rows"), "2000");
+    assert_eq!(proxy.metric("sluicegate_decision_errors_total"), 0.0);
+
+    // Past --max-decided-response the response passes undecided, with a decision error.
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let file = write_policy(dir.path(), &policy);
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &file,
+        &["--max-decided-response", "16KiB"],
+    );
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    let (status, h, _) = post(&c, &url, v2_request(1, 1)).await;
+    assert_eq!((status, header(&h, "sluicegate-rows")), (200, "1".into()));
+    let (status, h, resp) = post(&c, &url, body).await;
+    assert_eq!(status, 200);
+    assert!(h.get("sluicegate-rows").is_none() && h.get("sluicegate-action-counts").is_none());
+    let v: serde_json::Value = serde_json::from_slice(&resp).expect("the model's answer, whole");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([2000, 2]));
+    assert_eq!(proxy.metric("sluicegate_decision_errors_total"), 1.0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    let r = records
+        .iter()
+        .find(|r| r["decision_error"].is_object())
+        .unwrap();
+    assert_eq!(r["decision_error"]["kind"], "response_too_large");
+}

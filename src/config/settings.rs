@@ -12,6 +12,10 @@ use serde::Deserialize;
 
 use super::units::{parse_bytes, parse_duration};
 
+/// Default of `--max-decided-response`: the same as `--max-request-body`'s, which capped
+/// decided responses before it had a name of its own.
+pub const DEFAULT_MAX_DECIDED_RESPONSE: u64 = 16 << 20;
+
 /// Everything `sluicegate serve` needs that does not change while it runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -23,6 +27,9 @@ pub struct Settings {
     pub upstream: Upstream,
     /// Largest request body accepted; above it the client gets 413.
     pub max_request_body_bytes: u64,
+    /// Largest response a deciding route reads whole (and decodes, if compressed); a larger
+    /// one streams through undecided.
+    pub max_decided_response_bytes: u64,
     /// Largest record the tee writes; bodies are cut to keep a record under it.
     pub max_record_bytes: u64,
     /// A client that has not sent its request headers within this time is cut off.
@@ -129,6 +136,7 @@ impl Default for Settings {
                 h2_max_connections: 16,
             },
             max_request_body_bytes: 16 << 20,
+            max_decided_response_bytes: DEFAULT_MAX_DECIDED_RESPONSE,
             max_record_bytes: 1 << 20,
             header_read_timeout: Duration::from_secs(10),
             client_body_timeout: Duration::from_secs(15),
@@ -179,6 +187,8 @@ pub struct SettingsFile {
     pub upstream_h2_max_connections: Option<usize>,
     /// Largest request body, e.g. `16MiB`.
     pub max_request_body: Option<String>,
+    /// Largest response a deciding route reads whole, e.g. `16MiB`.
+    pub max_decided_response: Option<String>,
     /// Largest tee record, e.g. `1MiB`.
     pub max_record: Option<String>,
     /// Header read timeout, e.g. `10s`.
@@ -280,6 +290,10 @@ pub struct SettingsArgs {
     /// Largest request body accepted [default: 16MiB].
     #[arg(long, env = "SLUICEGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<String>,
+    /// Largest response a deciding route reads whole and decides; a larger one passes
+    /// undecided [default: 16MiB].
+    #[arg(long, env = "SLUICEGATE_MAX_DECIDED_RESPONSE")]
+    pub max_decided_response: Option<String>,
     /// Largest tee record [default: 1MiB].
     #[arg(long, env = "SLUICEGATE_MAX_RECORD")]
     pub max_record: Option<String>,
@@ -518,6 +532,19 @@ impl SettingsArgs {
                 parse_bytes,
                 errors,
             );
+        }
+        if let Some(v) = pick(&self.max_decided_response, file.max_decided_response) {
+            set_parsed(
+                &mut s.max_decided_response_bytes,
+                "max_decided_response",
+                &v,
+                parse_bytes,
+                errors,
+            );
+            // Zero would leave every deciding route undecided, silently.
+            if s.max_decided_response_bytes == 0 {
+                errors.push("max_decided_response: must be at least 1 byte".into());
+            }
         }
         if let Some(v) = pick(&self.max_record, file.max_record) {
             set_parsed(
@@ -764,6 +791,35 @@ mod tests {
             "upstream_body_timeout",
         ] {
             assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_decided_response_cap_loads_apart_from_the_request_body_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(&path, "max_decided_response: 2MiB\n").unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        assert_eq!(s.max_decided_response_bytes, 2 << 20);
+        assert_eq!(s.max_request_body_bytes, 16 << 20, "untouched");
+        let s = args(|a| {
+            a.config = Some(path.clone());
+            a.max_decided_response = Some("64KiB".into());
+        })
+        .resolve()
+        .unwrap();
+        assert_eq!(s.max_decided_response_bytes, 64 << 10, "the flag wins");
+        let s = args(|a| a.max_request_body = Some("1MiB".into()))
+            .resolve()
+            .unwrap();
+        assert_eq!(s.max_decided_response_bytes, 16 << 20, "not tied to it");
+
+        for bad in ["0", "lots"] {
+            let err = args(|a| a.max_decided_response = Some(bad.into()))
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_decided_response"), "{bad}: {err}");
         }
     }
 

@@ -33,6 +33,20 @@ pub const MODEL_ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-
 pub const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit");
 pub const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
 pub const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
+pub const ROWS_HEADER: HeaderName = HeaderName::from_static("sluicegate-rows");
+pub const ACTION_COUNTS_HEADER: HeaderName = HeaderName::from_static("sluicegate-action-counts");
+pub const MODEL_ACTION_COUNTS_HEADER: HeaderName =
+    HeaderName::from_static("sluicegate-model-action-counts");
+pub const LIMIT_COUNTS_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit-counts");
+
+/// The most rows the decision headers list one value per row; past it they are counted
+/// instead (the per-row truth stays in the body tensor and the record).
+pub const MAX_PER_ROW_HEADER_ROWS: usize = 64;
+
+/// All `sluicegate-*` headers of a decided response together stay under this many bytes, as
+/// sent over HTTP/1.1 (`name: value` and CRLF): proxies in front buffer a whole response head
+/// in 4 KiB by default (nginx's `proxy_buffer_size`), and the model's own headers need room.
+pub const HEADER_BUDGET: usize = 2048;
 
 /// The upstream body, read whole if it fits under the limit.
 enum Collected {
@@ -78,7 +92,7 @@ pub async fn decide_response(
     mut pending: Option<Pending>,
     id: &HeaderValue,
 ) -> Response<ResponseBody> {
-    let bytes = match collect_up_to(body, proxy.max_request_body).await {
+    let bytes = match collect_up_to(body, proxy.max_decided_response).await {
         Collected::Whole(b) => b,
         Collected::TooLarge(prefix, rest) => {
             decision_error(
@@ -88,7 +102,7 @@ pub async fn decide_response(
                 "response_too_large",
                 format!(
                     "response larger than {} bytes; passed through undecided",
-                    proxy.max_request_body
+                    proxy.max_decided_response
                 ),
             );
             if let Some(p) = pending.as_mut() {
@@ -113,7 +127,7 @@ pub async fn decide_response(
     };
     // Asked for `identity`, a server may compress all the same: decided on what it says,
     // sent on decoded (identity is acceptable to every client), recorded decoded.
-    let bytes = match decode_content(&parts.headers, bytes, proxy.max_request_body) {
+    let bytes = match decode_content(&parts.headers, bytes, proxy.max_decided_response) {
         Ok(Decoded::Identity(bytes)) => bytes,
         Ok(Decoded::Decoded(bytes)) => {
             parts.headers.remove(header::CONTENT_ENCODING);
@@ -185,11 +199,14 @@ pub async fn decide_response(
             p.finish_response(true, None);
         }
         let mut resp = err.response(id, &err.message(&detail));
-        decision_headers(resp.headers_mut(), &decided, policy);
         // No action was taken: the client is told so, the model's choice stays beside it.
-        if let Ok(v) = HeaderValue::from_str(&joined(&decided.rows, |_| "rejected".to_owned())) {
-            resp.headers_mut().insert(ACTION_HEADER, v);
-        }
+        decision_headers(
+            resp.headers_mut(),
+            &decided,
+            policy,
+            Counted::for_route(route),
+            true,
+        );
         return resp;
     }
 
@@ -234,13 +251,20 @@ pub async fn decide_response(
             })
             .inc_by(n);
     }
-    decision_headers(&mut parts.headers, &decided, policy);
     let tag = sign_tag(route, policy, &value, &decided, id);
     if let Some(t) = &tag {
         if let Ok(v) = HeaderValue::from_str(t) {
             parts.headers.insert(TAG_HEADER, v);
         }
     }
+    // After the tag: the decision headers take what the budget has left.
+    decision_headers(
+        &mut parts.headers,
+        &decided,
+        policy,
+        Counted::for_route(route),
+        false,
+    );
     let tag_in_body = route.spec.tag_field.as_deref().zip(tag.as_deref());
     let writes = route.spec.write_decisions.is_some();
     let spliced = (writes && tag_in_body.is_none() && route.protocol() == Protocol::V2)
@@ -464,31 +488,186 @@ fn joined<T>(rows: &[T], f: impl Fn(&T) -> String) -> String {
     out
 }
 
-fn decision_headers(h: &mut http::HeaderMap, decided: &Decided, policy: &PolicySnapshot) {
+/// Which counts headers a batch past [`MAX_PER_ROW_HEADER_ROWS`] carries beside
+/// `sluicegate-action-counts`: each only where the route can make it differ from that one.
+#[derive(Clone, Copy, Debug)]
+struct Counted {
+    /// `sluicegate-limit-counts`: the route has limits.
+    limits: bool,
+    /// `sluicegate-model-action-counts`: the route has limits or explores, so the model's
+    /// action and the final one can part.
+    model_actions: bool,
+}
+
+impl Counted {
+    fn for_route(route: &CompiledRoute) -> Self {
+        let limits = !route.limits.is_empty();
+        Counted {
+            limits,
+            model_actions: limits || route.explorer.is_some(),
+        }
+    }
+}
+
+/// What a header takes on the wire in HTTP/1.1: `name: value` and CRLF.
+fn wire_len(name: &HeaderName, value: &str) -> usize {
+    name.as_str().len() + value.len() + 4
+}
+
+/// What the `sluicegate-*` headers already in `h` take on the wire.
+fn sluicegate_bytes(h: &http::HeaderMap) -> usize {
+    h.iter()
+        .filter(|(name, _)| name.as_str().starts_with("sluicegate-"))
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// `value=count` pairs, the largest count first (ties by value, bytewise), in at most `room`
+/// bytes: pairs that do not fit are summed into a last `(K more)=N`.
+fn counts<'a>(values: impl Iterator<Item = &'a str>, room: usize) -> String {
+    let mut tally = std::collections::BTreeMap::<&str, u64>::new();
+    for v in values {
+        *tally.entry(v).or_default() += 1;
+    }
+    let mut tally: Vec<(&str, u64)> = tally.into_iter().collect();
+    // Stable: equal counts keep the map's order, by value.
+    tally.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let pair = |v: &str, n: u64| format!("{v}={n}");
+    let rest = |k: usize, n: u64| format!("({k} more)={n}");
+    let mut out = String::new();
+    let mut left: u64 = tally.iter().map(|(_, n)| n).sum();
+    for (i, &(v, n)) in tally.iter().enumerate() {
+        let sep = usize::from(!out.is_empty());
+        let last = i + 1 == tally.len();
+        // A pair goes in only if the marker for the pairs after it still fits too.
+        let after = if last {
+            0
+        } else {
+            1 + rest(tally.len() - i - 1, left - n).len()
+        };
+        if out.len() + sep + pair(v, n).len() + after > room {
+            if sep == 1 {
+                out.push(',');
+            }
+            out.push_str(&rest(tally.len() - i, left));
+            return out;
+        }
+        if sep == 1 {
+            out.push(',');
+        }
+        out.push_str(&pair(v, n));
+        left -= n;
+    }
+    out
+}
+
+/// Writes the decision headers: `sluicegate-rows` always; one value per row (action, model
+/// action, limit outcome, threshold) up to [`MAX_PER_ROW_HEADER_ROWS`] rows when they fit
+/// the budget (the thresholds left out when only they do not), else counts sized to fit it. `rejected`: a limit refused the request, so every
+/// row's action reads `rejected`.
+fn decision_headers(
+    h: &mut http::HeaderMap,
+    decided: &Decided,
+    policy: &PolicySnapshot,
+    counted: Counted,
+    rejected: bool,
+) {
     let rows = &decided.rows;
-    let mut set = |name: HeaderName, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
+    // Whatever the upstream sent under these names is not this decision's.
+    for name in [
+        ACTION_HEADER,
+        MODEL_ACTION_HEADER,
+        LIMIT_HEADER,
+        THRESHOLD_HEADER,
+        ACTION_COUNTS_HEADER,
+        MODEL_ACTION_COUNTS_HEADER,
+        LIMIT_COUNTS_HEADER,
+    ] {
+        h.remove(name);
+    }
+    if let Ok(v) = HeaderValue::from_str(&policy.version) {
+        h.insert(super::POLICY_HEADER, v);
+    }
+    h.insert(ROWS_HEADER, HeaderValue::from(rows.len()));
+    // Strictly under the budget.
+    let room = (HEADER_BUDGET - 1).saturating_sub(sluicegate_bytes(h));
+    let action = |r: &crate::decide::RowDecision| -> String {
+        if rejected {
+            "rejected".into()
+        } else {
+            r.final_action.to_string()
+        }
+    };
+
+    let mut set = |name: HeaderName, value: &str| {
+        // An action name that is no header value (a control character) leaves its header out.
+        if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);
         }
     };
-    set(ACTION_HEADER, joined(rows, |r| r.final_action.to_string()));
-    set(
-        MODEL_ACTION_HEADER,
-        joined(rows, |r| r.model_action.to_string()),
-    );
-    set(LIMIT_HEADER, joined(rows, |r| r.limit.as_str().to_owned()));
-    set(
-        THRESHOLD_HEADER,
-        joined(rows, |r| match r.threshold {
-            Some(t) => {
-                let mut s = String::new();
-                let _ = write!(s, "{t}");
-                s
+    if rows.len() <= MAX_PER_ROW_HEADER_ROWS {
+        let listed = [
+            (ACTION_HEADER, joined(rows, action)),
+            (
+                MODEL_ACTION_HEADER,
+                joined(rows, |r| r.model_action.to_string()),
+            ),
+            (LIMIT_HEADER, joined(rows, |r| r.limit.as_str().to_owned())),
+            (
+                THRESHOLD_HEADER,
+                joined(rows, |r| match r.threshold {
+                    Some(t) => {
+                        let mut s = String::new();
+                        let _ = write!(s, "{t}");
+                        s
+                    }
+                    None => "-".into(),
+                }),
+            ),
+        ];
+        let size =
+            |l: &[(HeaderName, String)]| l.iter().map(|(n, v)| wire_len(n, v)).sum::<usize>();
+        // The thresholds, the longest values and no category, are the first to go.
+        let fits = if size(&listed) <= room {
+            4
+        } else if size(&listed[..3]) <= room {
+            3
+        } else {
+            0
+        };
+        if fits > 0 {
+            for (name, value) in listed.into_iter().take(fits) {
+                set(name, &value);
             }
-            None => "-".into(),
-        }),
-    );
-    set(super::POLICY_HEADER, policy.version.clone());
+            return;
+        }
+    }
+    type Values<'a> = Box<dyn Iterator<Item = &'a str> + 'a>;
+    let finals: Values = if rejected {
+        Box::new(rows.iter().map(|_| "rejected"))
+    } else {
+        Box::new(rows.iter().map(|r| &*r.final_action))
+    };
+    let mut counted_headers = vec![(ACTION_COUNTS_HEADER, finals)];
+    if counted.model_actions {
+        let values: Values = Box::new(rows.iter().map(|r| &*r.model_action));
+        counted_headers.push((MODEL_ACTION_COUNTS_HEADER, values));
+    }
+    if counted.limits {
+        let values: Values = Box::new(rows.iter().map(|r| r.limit.as_str()));
+        counted_headers.push((LIMIT_COUNTS_HEADER, values));
+    }
+    // An equal share each of what is left; what one leaves unused goes to the next.
+    let mut left = room;
+    let n = counted_headers.len();
+    for (i, (name, values)) in counted_headers.into_iter().enumerate() {
+        let value = counts(
+            values,
+            (left / (n - i)).saturating_sub(name.as_str().len() + 4),
+        );
+        left = left.saturating_sub(wire_len(&name, &value));
+        set(name, &value);
+    }
 }
 
 /// The v2 output tensor carrying the final action of each row.
@@ -601,6 +780,232 @@ mod tests {
             rejected: None,
             events: Vec::new(),
         }
+    }
+
+    /// The decision headers of `d` on a response that already carries an id, a tag of
+    /// `tag_len` bytes and `upstream` headers.
+    fn headers_of(
+        d: &Decided,
+        counted: Counted,
+        rejected: bool,
+        tag_len: usize,
+        upstream: &[(&str, &str)],
+    ) -> http::HeaderMap {
+        let policy = PolicySnapshot::new(Default::default(), 0, 1 << 20, None);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            super::super::ID_HEADER,
+            HeaderValue::from_static("019ad5a4-8e52-7c4e-9b3a-5d1c2e3f4a5b"),
+        );
+        if tag_len > 0 {
+            h.insert(TAG_HEADER, "t".repeat(tag_len).parse().unwrap());
+        }
+        for (k, v) in upstream {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        decision_headers(&mut h, d, &policy, counted, rejected);
+        h
+    }
+
+    fn text<'a>(h: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+        h.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    const ALL: Counted = Counted {
+        limits: true,
+        model_actions: true,
+    };
+
+    /// `n` rows, every `every`-th one `spam` (the rest `ham`); a `spam` row past the first
+    /// `keep` is a fallback to `ham`.
+    fn batch(n: usize, every: usize, keep: usize) -> Decided {
+        let mut d = decided(&vec!["ham"; n]);
+        for (i, r) in d
+            .rows
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % every == 0)
+        {
+            r.model_action = "spam".into();
+            if i / every < keep {
+                r.final_action = "spam".into();
+            } else {
+                r.limit = LimitOutcome::Fallback;
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn headers_list_each_row_up_to_64_rows_and_count_past_it() {
+        let h = headers_of(&batch(64, 10, 3), ALL, false, 0, &[]);
+        assert_eq!(text(&h, "sluicegate-rows"), Some("64"));
+        let actions = text(&h, "sluicegate-action").unwrap();
+        assert_eq!(actions.split(',').count(), 64);
+        assert!(actions.starts_with("spam,ham,"), "{actions}");
+        assert_eq!(
+            text(&h, "sluicegate-limit")
+                .unwrap()
+                .matches("fallback")
+                .count(),
+            4
+        );
+        assert_eq!(
+            text(&h, "sluicegate-threshold").unwrap().split(',').count(),
+            64
+        );
+        assert!(text(&h, "sluicegate-action-counts").is_none());
+        assert!(text(&h, "sluicegate-policy").is_some());
+
+        // 65 rows: 7 the model calls spam, 3 kept, 4 fallen back to ham.
+        let h = headers_of(&batch(65, 10, 3), ALL, false, 0, &[]);
+        assert_eq!(text(&h, "sluicegate-rows"), Some("65"));
+        for per_row in [
+            "sluicegate-action",
+            "sluicegate-model-action",
+            "sluicegate-limit",
+            "sluicegate-threshold",
+        ] {
+            assert!(h.get(per_row).is_none(), "{per_row}");
+        }
+        assert_eq!(text(&h, "sluicegate-action-counts"), Some("ham=62,spam=3"));
+        assert_eq!(
+            text(&h, "sluicegate-model-action-counts"),
+            Some("ham=58,spam=7")
+        );
+        assert_eq!(
+            text(&h, "sluicegate-limit-counts"),
+            Some("ok=61,fallback=4")
+        );
+
+        // A route without limits or exploration: its other counts would repeat the first.
+        let plain = Counted {
+            limits: false,
+            model_actions: false,
+        };
+        let h = headers_of(&decided(&["ham"; 65]), plain, false, 0, &[]);
+        assert_eq!(text(&h, "sluicegate-action-counts"), Some("ham=65"));
+        assert!(h.get("sluicegate-model-action-counts").is_none());
+        assert!(h.get("sluicegate-limit-counts").is_none());
+    }
+
+    #[test]
+    fn a_refused_batch_counts_rejected_beside_what_the_model_wanted() {
+        let h = headers_of(&batch(100, 4, 0), ALL, true, 0, &[]);
+        assert_eq!(text(&h, "sluicegate-action-counts"), Some("rejected=100"));
+        assert_eq!(
+            text(&h, "sluicegate-model-action-counts"),
+            Some("ham=75,spam=25")
+        );
+        let h = headers_of(&batch(3, 2, 0), ALL, true, 0, &[]);
+        assert_eq!(
+            text(&h, "sluicegate-action"),
+            Some("rejected,rejected,rejected")
+        );
+        assert_eq!(text(&h, "sluicegate-model-action"), Some("spam,ham,spam"));
+    }
+
+    #[test]
+    fn counts_are_ordered_by_count_then_by_name() {
+        let rows = ["b", "a", "c", "c", "b", "d", "c"];
+        assert_eq!(counts(rows.into_iter(), 100), "c=3,b=2,a=1,d=1");
+        // Cut to fit: the rest is summed, and the whole stays within its room.
+        let cut = counts(rows.into_iter(), 16);
+        assert_eq!(cut, "c=3,(3 more)=4");
+        assert_eq!(counts(rows.into_iter(), 0), "(4 more)=7");
+    }
+
+    #[test]
+    fn all_sluicegate_headers_stay_under_the_budget_for_any_batch() {
+        let size = |h: &http::HeaderMap| sluicegate_bytes(h);
+        // 10,000 rows of two actions, beside an Ed25519 tag of a large batch (about 440 bytes).
+        let h = headers_of(&batch(10_000, 500, 3), ALL, false, 440, &[]);
+        assert_eq!(
+            text(&h, "sluicegate-action-counts"),
+            Some("ham=9997,spam=3")
+        );
+        assert_eq!(
+            text(&h, "sluicegate-limit-counts"),
+            Some("ok=9983,fallback=17")
+        );
+        eprintln!(
+            "10,000 rows, 2 actions, 440-byte tag: sluicegate-* headers {} bytes",
+            size(&h)
+        );
+        assert!(size(&h) < HEADER_BUDGET);
+
+        // 10,000 rows over 1,000 distinct 30-byte actions: counted as far as they fit, the
+        // rest summed, and nothing lost from the total.
+        let names: Vec<String> = (0..1000)
+            .map(|i| format!("class-{i:04}-{}", "x".repeat(19)))
+            .collect();
+        let mut d = decided(&["ham"; 10_000]);
+        for (i, r) in d.rows.iter_mut().enumerate() {
+            r.final_action = names[i % 1000].as_str().into();
+            r.model_action = names[(i + 1) % 1000].as_str().into();
+        }
+        let h = headers_of(&d, ALL, false, 440, &[]);
+        eprintln!(
+            "10,000 rows, 1,000 actions, 440-byte tag: sluicegate-* headers {} bytes",
+            size(&h)
+        );
+        assert!(size(&h) < HEADER_BUDGET, "{h:?}");
+        for name in ["sluicegate-action-counts", "sluicegate-model-action-counts"] {
+            let value = text(&h, name).unwrap();
+            let (listed, rest) = value.rsplit_once(",(").unwrap();
+            assert!(listed.split(',').count() > 5, "{name}: {value}");
+            let total: u64 = listed
+                .split(',')
+                .chain([rest])
+                .map(|pair| pair.rsplit_once('=').unwrap().1.parse::<u64>().unwrap())
+                .sum();
+            assert_eq!(total, 10_000, "{name}: {value}");
+        }
+        assert_eq!(text(&h, "sluicegate-limit-counts"), Some("ok=10000"));
+
+        // 64 rows whose thresholds would not fit: the rest is listed, the thresholds left out.
+        let mut d = decided(&["ham"; 64]);
+        for r in &mut d.rows {
+            r.threshold = Some(0.1 + 0.2);
+        }
+        let h = headers_of(&d, ALL, false, 440, &[]);
+        assert_eq!(
+            text(&h, "sluicegate-action").unwrap().split(',').count(),
+            64
+        );
+        assert_eq!(text(&h, "sluicegate-limit").unwrap().split(',').count(), 64);
+        assert!(h.get("sluicegate-threshold").is_none());
+        assert!(size(&h) < HEADER_BUDGET);
+
+        // 64 rows whose per-row actions would not fit: counted, though at most 64 rows.
+        let long = "a-rather-long-action-name";
+        let h = headers_of(&decided(&[long; 64]), ALL, false, 440, &[]);
+        assert!(h.get("sluicegate-action").is_none());
+        assert_eq!(
+            text(&h, "sluicegate-action-counts"),
+            Some(&*format!("{long}=64"))
+        );
+        assert!(size(&h) < HEADER_BUDGET);
+    }
+
+    #[test]
+    fn decision_headers_the_upstream_sent_are_replaced() {
+        let h = headers_of(
+            &decided(&["ham"; 65]),
+            ALL,
+            false,
+            0,
+            &[
+                ("sluicegate-action", "spam"),
+                ("sluicegate-threshold", "0.1"),
+            ],
+        );
+        assert!(h.get("sluicegate-action").is_none());
+        assert!(h.get("sluicegate-threshold").is_none());
+        assert_eq!(text(&h, "sluicegate-action-counts"), Some("ham=65"));
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub struct Proxy {
     http1: Box<dyn SendHttp1>,
     http2: Box<dyn SendH2>,
     max_request_body: u64,
+    /// Largest response a deciding route reads whole (and decodes); see `decision`.
+    max_decided_response: u64,
     client_body_timeout: std::time::Duration,
     policy: SharedPolicy,
     tee: TeeSender,
@@ -152,12 +154,20 @@ impl Proxy {
             http1,
             http2,
             max_request_body: limits.max_body,
+            max_decided_response: crate::config::settings::DEFAULT_MAX_DECIDED_RESPONSE,
             client_body_timeout: limits.body_timeout,
             policy,
             tee,
             metrics,
             default_route: DEFAULT_ROUTE.into(),
         }
+    }
+
+    /// Sets the largest response a deciding route reads whole and decides (a larger one
+    /// passes through undecided).
+    pub fn with_max_decided_response(mut self, bytes: u64) -> Self {
+        self.max_decided_response = bytes;
+        self
     }
 
     /// Serves one request. Never fails: errors become JSON responses.
