@@ -36,6 +36,18 @@ fn row_scores(body: &str) -> Vec<f64> {
     data.chunks(4).map(StandInModel::score).collect()
 }
 
+/// The `sluicegate_action` output a deciding v2 route writes into the response body.
+fn action_tensor(resp: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(resp).unwrap();
+    v["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "sluicegate_action")
+        .expect("decisions written into the body")
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v2_batch_of_n_by_2_probabilities_gives_n_correct_decisions() {
     let (proxy, dir) =
@@ -66,13 +78,7 @@ async fn a_v2_batch_of_n_by_2_probabilities_gives_n_correct_decisions() {
     );
     assert_eq!(header(&headers, "sluicegate-policy").len(), 12);
 
-    let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
-    let tensor = v["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["name"] == "sluicegate_action")
-        .expect("decisions written into the body");
+    let tensor = action_tensor(&resp);
     assert_eq!(tensor["shape"], serde_json::json!([8]));
     assert_eq!(tensor["datatype"], "BYTES");
     assert_eq!(tensor["data"], serde_json::json!(expected));
@@ -838,13 +844,7 @@ async fn a_10000_row_batch_passes_through_a_default_nginx_in_front() {
     assert!(sluicegate_bytes < 2048, "{h:?}");
 
     // The per-row truth is in the body.
-    let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
-    let tensor = v["outputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["name"] == "sluicegate_action")
-        .expect("decisions written into the body");
+    let tensor = action_tensor(&resp);
     let actions = tensor["data"].as_array().unwrap();
     assert_eq!(actions.len(), ROWS);
     assert_eq!(actions.iter().filter(|a| *a == "spam").count(), 3);
