@@ -10,8 +10,9 @@
 //!   skips the inbound-tag search and the record size cap.
 //! - `extract_v1_*` / `extract_v2_*`: `decide::extract::extract` on a TF-Serving `predictions`
 //!   response and on a v2 `[n,2]` `predict_proba` output, against a hand-written walk that
-//!   flattens the tensor; both with the parse of the body (what the proxy pays per response)
-//!   and on an already parsed body (the extraction alone).
+//!   flattens the tensor; both with the parse of the body and on an already parsed body (the
+//!   extraction alone). For v2, also `extract_v2` straight from the bytes: what the request path
+//!   pays per response on a v2 route (no `Value` of the whole answer).
 //!
 //! Run: `cargo bench --bench components` (add `-- tag_` etc. to pick groups).
 
@@ -26,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluicegate::config::policy::{Policy, PolicySnapshot, Protocol, ScoreSpec};
 use sluicegate::config::validate::parse;
-use sluicegate::decide::extract::{extract, Scores};
+use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::provenance::{generate_key, Algorithm, KeyRing, TagClaims, TAG_PREFIX};
 use sluicegate::tee::record::{
@@ -440,6 +441,12 @@ fn extraction(c: &mut Criterion) {
                     extract(protocol, &spec, None, &v).unwrap()
                 })
             });
+            if protocol == Protocol::V2 {
+                // What the request path does for a v2 route: the scores straight from the bytes.
+                g.bench_function("sluicegate_read_from_bytes", |b| {
+                    b.iter(|| extract_v2(&spec, None, black_box(&body)).unwrap())
+                });
+            }
             g.bench_function("baseline_parse_and_walk", |b| {
                 b.iter(|| walk(&serde_json::from_slice(black_box(&body)).unwrap()))
             });

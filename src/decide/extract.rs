@@ -171,23 +171,46 @@ fn v2(spec: &ScoreSpec, classes: Option<usize>, body: &Value) -> Result<Scores, 
             outs.iter()
                 .find(|o| o.get("name").and_then(Value::as_str) == Some(name))
         })
-        .ok_or_else(|| ExtractError::Missing(format!("output {name:?}")))?;
-    let shape: Vec<usize> = output
-        .get("shape")
+        .ok_or_else(|| missing_output(name))?;
+    let shape = shape_of(name, output.get("shape"))?;
+    let mut cells = Vec::new();
+    flatten(
+        output
+            .get("data")
+            .ok_or_else(|| ExtractError::Missing(format!("data of output {name:?}")))?,
+        &mut cells,
+    )?;
+    let flat: Vec<Option<f64>> = cells
+        .into_iter()
+        .map(|v| v.as_f64().filter(|f| f.is_finite()))
+        .collect();
+    v2_rows(spec, classes, &shape, &flat)
+}
+
+fn missing_output(name: &str) -> ExtractError {
+    ExtractError::Missing(format!("output {name:?}"))
+}
+
+/// An output's `shape`: non-negative integers.
+fn shape_of(name: &str, shape: Option<&Value>) -> Result<Vec<usize>, ExtractError> {
+    shape
         .and_then(Value::as_array)
         .ok_or_else(|| ExtractError::Missing(format!("shape of output {name:?}")))?
         .iter()
         .map(|d| d.as_u64().map(|d| d as usize))
         .collect::<Option<_>>()
-        .ok_or_else(|| ExtractError::Shape("shape must be non-negative integers".into()))?;
-    let mut flat = Vec::new();
-    flatten(
-        output
-            .get("data")
-            .ok_or_else(|| ExtractError::Missing(format!("data of output {name:?}")))?,
-        &mut flat,
-    )?;
-    let (n, k) = match shape.as_slice() {
+        .ok_or_else(|| ExtractError::Shape("shape must be non-negative integers".into()))
+}
+
+/// The rows of a v2 output of `shape` whose row-major `flat` data holds a finite number, or
+/// `None` for any other value, at each position.
+fn v2_rows(
+    spec: &ScoreSpec,
+    classes: Option<usize>,
+    shape: &[usize],
+    flat: &[Option<f64>],
+) -> Result<Scores, ExtractError> {
+    let (n, k) = match shape {
         [] => (1, 1),
         [n] => (*n, 1),
         [n, rest @ ..] => (*n, rest.iter().product::<usize>()),
@@ -198,6 +221,7 @@ fn v2(spec: &ScoreSpec, classes: Option<usize>, body: &Value) -> Result<Scores, 
             flat.len()
         )));
     }
+    let number = |i: usize, row: usize| flat[i].ok_or(ExtractError::NotANumber { row });
     match classes {
         None => {
             let c = match spec.column {
@@ -215,7 +239,7 @@ fn v2(spec: &ScoreSpec, classes: Option<usize>, body: &Value) -> Result<Scores, 
                 }
             };
             (0..n)
-                .map(|i| number(flat[i * k + c], i))
+                .map(|i| number(i * k + c, i))
                 .collect::<Result<_, _>>()
                 .map(Scores::Binary)
         }
@@ -227,9 +251,8 @@ fn v2(spec: &ScoreSpec, classes: Option<usize>, body: &Value) -> Result<Scores, 
             }
             (0..n)
                 .map(|i| {
-                    flat[i * k..(i + 1) * k]
-                        .iter()
-                        .map(|v| number(v, i))
+                    (i * k..(i + 1) * k)
+                        .map(|j| number(j, i))
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .collect::<Result<_, _>>()
@@ -249,6 +272,375 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) -> Result<(), ExtractErro
     }
 }
 
+/// What a deciding v2 route reads from a response: the scores, and the model's name and
+/// version (claims of the tag).
+#[derive(Clone, Debug, PartialEq)]
+pub struct V2Read {
+    pub scores: Scores,
+    pub model_name: Option<String>,
+    pub model_version: Option<String>,
+}
+
+/// [`extract`] for a v2 response, straight from its bytes, in one pass: only the route's output
+/// is read into numbers; every other value is skipped as it is scanned (no `Value` of the whole
+/// answer, no string copied but the model's name and version). Same results and errors as
+/// parsing the bytes into a `Value` and calling [`extract`] with [`Protocol::V2`] (tested).
+pub fn extract_v2(
+    spec: &ScoreSpec,
+    classes: Option<usize>,
+    bytes: &[u8],
+) -> Result<V2Read, ExtractError> {
+    let name = spec.output.as_deref().unwrap_or("");
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let top = serde::de::DeserializeSeed::deserialize(v2read::Top { name }, &mut de)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(|_| ExtractError::NotJson)?;
+    let output = top.output.ok_or_else(|| missing_output(name))?;
+    let shape = shape_of(name, output.shape.as_ref())?;
+    let flat = output
+        .data
+        .ok_or_else(|| ExtractError::Missing(format!("data of output {name:?}")))?;
+    let scores = v2_rows(spec, classes, &shape, &flat)?;
+    if scores.rows() == 0 {
+        return Err(ExtractError::Empty);
+    }
+    Ok(V2Read {
+        scores,
+        model_name: top.model_name,
+        model_version: top.model_version,
+    })
+}
+
+/// The one-pass reader behind [`extract_v2`]. Every visitor takes any JSON value (what it does
+/// not want it skips), so the only errors are the text's own: not JSON.
+mod v2read {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+    use serde_json::Value;
+
+    use super::Flat;
+
+    /// What the top level held: the first output named as wanted, the model's name and version.
+    #[derive(Default)]
+    pub struct Found {
+        pub output: Option<Output>,
+        pub model_name: Option<String>,
+        pub model_version: Option<String>,
+    }
+
+    pub struct Output {
+        pub shape: Option<Value>,
+        /// Finite numbers, `None` for any other value; absent when the output has no data.
+        pub data: Option<Vec<Option<f64>>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(field_identifier, rename_all = "snake_case")]
+    enum TopKey {
+        ModelName,
+        ModelVersion,
+        Outputs,
+        #[serde(other)]
+        Other,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(field_identifier, rename_all = "snake_case")]
+    enum OutputKey {
+        Name,
+        Shape,
+        Data,
+        #[serde(other)]
+        Other,
+    }
+
+    /// Skips any scalar a visitor did not want.
+    macro_rules! skip_scalars {
+        ($value:expr) => {
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok($value)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok($value)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok($value)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok($value)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok($value)
+            }
+        };
+    }
+
+    pub struct Top<'n> {
+        pub name: &'n str,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Top<'_> {
+        type Value = Found;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Found, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Top<'_> {
+        type Value = Found;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a v2 response")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+            let mut found = Found::default();
+            while let Some(key) = map.next_key::<TopKey>()? {
+                match key {
+                    TopKey::ModelName => found.model_name = map.next_value::<Text>()?.0,
+                    TopKey::ModelVersion => found.model_version = map.next_value::<Text>()?.0,
+                    // A repeated key: the last one counts, as in a parsed value.
+                    TopKey::Outputs => {
+                        found.output = map.next_value_seed(Outputs { name: self.name })?
+                    }
+                    TopKey::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Found::default())
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Found, E> {
+            Ok(Found::default())
+        }
+
+        skip_scalars!(Found::default());
+    }
+
+    /// `outputs`: the first element that is an object named as wanted.
+    struct Outputs<'n> {
+        name: &'n str,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Outputs<'_> {
+        type Value = Option<Output>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Output>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Outputs<'_> {
+        type Value = Option<Output>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("the outputs")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Output>, A::Error> {
+            let mut found = None;
+            while let Some(output) = seq.next_element_seed(OneOutput {
+                name: self.name,
+                wanted: found.is_none(),
+            })? {
+                found = found.or(output);
+            }
+            Ok(found)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Output>, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Option<Output>, E> {
+            Ok(None)
+        }
+
+        skip_scalars!(None);
+    }
+
+    /// One element of `outputs`; `wanted` is false once the output was found.
+    struct OneOutput<'n> {
+        name: &'n str,
+        wanted: bool,
+    }
+
+    impl<'de> DeserializeSeed<'de> for OneOutput<'_> {
+        type Value = Option<Output>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Output>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for OneOutput<'_> {
+        type Value = Option<Output>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an output")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Output>, A::Error> {
+            // Servers write `name` before `data`; when one does not, the data is held as raw
+            // text and read only if the name turns out to be the one wanted.
+            let mut named: Option<bool> = None;
+            let mut shape = None;
+            let mut data = None;
+            let mut raw_data: Option<&'de RawValue> = None;
+            while let Some(key) = map.next_key::<OutputKey>()? {
+                match key {
+                    OutputKey::Name => {
+                        named = Some(map.next_value::<Text>()?.0.as_deref() == Some(self.name))
+                    }
+                    OutputKey::Shape if self.wanted => shape = Some(map.next_value::<Value>()?),
+                    OutputKey::Data if self.wanted && named == Some(true) => {
+                        let mut flat = Vec::new();
+                        map.next_value_seed(Flat(&mut flat))?;
+                        data = Some(flat);
+                        raw_data = None;
+                    }
+                    OutputKey::Data if self.wanted && named.is_none() => {
+                        raw_data = Some(map.next_value()?);
+                        data = None;
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            if !self.wanted || named != Some(true) {
+                return Ok(None);
+            }
+            if let Some(raw) = raw_data {
+                let mut flat = Vec::new();
+                let mut de = serde_json::Deserializer::from_str(raw.get());
+                Flat(&mut flat)
+                    .deserialize(&mut de)
+                    .map_err(serde::de::Error::custom)?;
+                data = Some(flat);
+            }
+            Ok(Some(Output { shape, data }))
+        }
+
+        fn visit_str<E>(self, _: &str) -> Result<Option<Output>, E> {
+            Ok(None)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Output>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+
+        skip_scalars!(None);
+    }
+
+    /// A JSON string's text; `None` for any other value (as `Value::as_str`).
+    struct Text(Option<String>);
+
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+            d.deserialize_any(TextVisitor)
+        }
+    }
+
+    struct TextVisitor;
+
+    impl<'de> Visitor<'de> for TextVisitor {
+        type Value = Text;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any value")
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Text, E> {
+            Ok(Text(Some(v.to_owned())))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(Text(None))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(Text(None))
+        }
+
+        skip_scalars!(Text(None));
+    }
+}
+
+/// Flattens nested arrays row-major into finite numbers (`None` for any other value), without
+/// building the values.
+struct Flat<'v>(&'v mut Vec<Option<f64>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flat<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flat<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a number or nested arrays of numbers")
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.push(Some(v).filter(|f| f.is_finite()));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.push(Some(v as f64));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.push(Some(v as f64));
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flat(self.0))?.is_some() {}
+        Ok(())
+    }
+
+    // Anything else is a value that is not a number: one cell, which fails if it is read.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        self.0.push(None);
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        self.0.push(None);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        self.0.push(None);
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.push(None);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +655,61 @@ mod tests {
         }
     }
 
+    /// A v2 body read both ways — parsed, and straight from its bytes — which must agree.
+    fn v2_both(
+        spec: &ScoreSpec,
+        classes: Option<usize>,
+        body: &Value,
+    ) -> Result<Scores, ExtractError> {
+        let from_value = extract(Protocol::V2, spec, classes, body);
+        let from_bytes = extract_v2(spec, classes, body.to_string().as_bytes());
+        match (&from_value, &from_bytes) {
+            (Ok(a), Ok(b)) => assert_eq!(*a, b.scores),
+            (Err(a), Err(b)) => assert_eq!(a.kind(), b.kind()),
+            _ => panic!("{from_value:?} vs {from_bytes:?}"),
+        }
+        from_value
+    }
+
+    #[test]
+    fn v2_read_from_bytes_names_the_model_and_fails_as_the_parsed_value_does() {
+        let s = spec(Some("p"), None, None);
+        let body = br#"{"model_name": "spam-filter", "model_version": "7", "id": "x",
+            "outputs": [{"name": "other", "shape": [2], "data": ["a", {"deep": [1, 2]}]},
+                        {"name": "p", "shape": [2], "data": [0.25, 1e2]}]}"#;
+        let read = extract_v2(&s, None, body).unwrap();
+        assert_eq!(read.scores, Scores::Binary(vec![0.25, 100.0]));
+        assert_eq!(read.model_name.as_deref(), Some("spam-filter"));
+        assert_eq!(read.model_version.as_deref(), Some("7"));
+        // A server that writes `data` before `name`.
+        let data_first = br#"{"outputs": [{"data": [0.5, 0.75], "shape": [2], "name": "p"}]}"#;
+        assert_eq!(
+            extract_v2(&s, None, data_first).unwrap().scores,
+            Scores::Binary(vec![0.5, 0.75])
+        );
+        assert_eq!(
+            extract_v2(&s, None, b"{\"outputs\": [").unwrap_err(),
+            ExtractError::NotJson
+        );
+        assert_eq!(extract_v2(&s, None, b"42").unwrap_err().kind(), "missing");
+        assert_eq!(
+            extract_v2(&s, None, br#"{"outputs": 3}"#)
+                .unwrap_err()
+                .kind(),
+            "missing"
+        );
+        assert_eq!(
+            extract_v2(
+                &s,
+                None,
+                br#"{"outputs": [7, {"name": "p", "shape": [1], "data": [null]}]}"#
+            )
+            .unwrap_err()
+            .kind(),
+            "not_a_number"
+        );
+    }
+
     #[test]
     fn v2_n_by_2_probabilities_flat_and_nested() {
         let flat = json!({"outputs": [
@@ -271,23 +718,17 @@ mod tests {
              "data": [0.1, 0.9, 0.8, 0.2, 0.45, 0.55]}]});
         let s = spec(Some("predict_proba"), Some(1), None);
         assert_eq!(
-            extract(Protocol::V2, &s, None, &flat).unwrap(),
+            v2_both(&s, None, &flat).unwrap(),
             Scores::Binary(vec![0.9, 0.2, 0.55])
         );
         let nested = json!({"outputs": [{"name": "predict_proba", "shape": [3, 2],
             "data": [[0.1, 0.9], [0.8, 0.2], [0.45, 0.55]]}]});
         assert_eq!(
-            extract(Protocol::V2, &s, None, &nested).unwrap(),
+            v2_both(&s, None, &nested).unwrap(),
             Scores::Binary(vec![0.9, 0.2, 0.55])
         );
         assert_eq!(
-            extract(
-                Protocol::V2,
-                &spec(Some("predict_proba"), None, None),
-                Some(2),
-                &flat
-            )
-            .unwrap(),
+            v2_both(&spec(Some("predict_proba"), None, None), Some(2), &flat).unwrap(),
             Scores::Multi(vec![vec![0.1, 0.9], vec![0.8, 0.2], vec![0.45, 0.55]])
         );
     }
@@ -297,38 +738,23 @@ mod tests {
         let s = spec(Some("p"), Some(1), None);
         let bad_shape =
             json!({"outputs": [{"name": "p", "shape": [2, 2], "data": [0.1, 0.9, 0.8]}]});
-        assert_eq!(
-            extract(Protocol::V2, &s, None, &bad_shape)
-                .unwrap_err()
-                .kind(),
-            "shape"
-        );
+        assert_eq!(v2_both(&s, None, &bad_shape).unwrap_err().kind(), "shape");
         let missing = json!({"outputs": [{"name": "q", "shape": [1], "data": [0.1]}]});
-        assert_eq!(
-            extract(Protocol::V2, &s, None, &missing)
-                .unwrap_err()
-                .kind(),
-            "missing"
-        );
+        assert_eq!(v2_both(&s, None, &missing).unwrap_err().kind(), "missing");
         let not_num = json!({"outputs": [{"name": "p", "shape": [1, 2], "data": [0.1, "NaN"]}]});
         assert_eq!(
-            extract(Protocol::V2, &s, None, &not_num)
-                .unwrap_err()
-                .kind(),
+            v2_both(&s, None, &not_num).unwrap_err().kind(),
             "not_a_number"
         );
         let no_col = json!({"outputs": [{"name": "p", "shape": [1, 2], "data": [0.1, 0.2]}]});
         assert_eq!(
-            extract(Protocol::V2, &spec(Some("p"), None, None), None, &no_col)
+            v2_both(&spec(Some("p"), None, None), None, &no_col)
                 .unwrap_err()
                 .kind(),
             "shape"
         );
         let empty = json!({"outputs": [{"name": "p", "shape": [0, 2], "data": []}]});
-        assert_eq!(
-            extract(Protocol::V2, &s, None, &empty).unwrap_err(),
-            ExtractError::Empty
-        );
+        assert_eq!(v2_both(&s, None, &empty).unwrap_err(), ExtractError::Empty);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::error::ProxyError;
 use super::pending::Pending;
 use super::Proxy;
 use crate::config::policy::{PolicySnapshot, Protocol};
-use crate::decide::extract::extract;
+use crate::decide::extract::{extract, extract_v2, Scores};
 use crate::decide::{CompiledRoute, Decided, LimitOutcome};
 use crate::provenance::TagClaims;
 use crate::tee::alert::Alert;
@@ -149,22 +149,7 @@ pub async fn decide_response(
     }
 
     let now = Instant::now();
-    let parsed: Result<Value, _> = serde_json::from_slice(&bytes);
-    let scored = match parsed {
-        Err(_) => Err(crate::decide::extract::ExtractError::NotJson),
-        Ok(value) => extract(
-            route.protocol(),
-            route
-                .spec
-                .score
-                .as_ref()
-                .expect("validated: a deciding route has a score"),
-            route.classes(),
-            &value,
-        )
-        .map(|scores| (value, scores)),
-    };
-    let (mut value, scores) = match scored {
+    let (read, scores) = match read_response(route, &bytes) {
         Ok(v) => v,
         Err(e) => {
             decision_error(proxy, route, &mut pending, e.kind(), e.to_string());
@@ -251,7 +236,7 @@ pub async fn decide_response(
             })
             .inc_by(n);
     }
-    let tag = sign_tag(route, policy, &value, &decided, id);
+    let tag = sign_tag(route, policy, &read, &decided, id);
     if let Some(t) = &tag {
         if let Ok(v) = HeaderValue::from_str(t) {
             parts.headers.insert(TAG_HEADER, v);
@@ -273,13 +258,19 @@ pub async fn decide_response(
     let body = if let Some(spliced) = spliced {
         spliced
     } else if writes || tag_in_body.is_some() {
-        if writes {
-            write_into_body(route, &mut value, &decided, id);
+        match read.into_value(&bytes) {
+            Some(mut value) => {
+                if writes {
+                    write_into_body(route, &mut value, &decided, id);
+                }
+                if let Some((field, t)) = tag_in_body {
+                    set_pointer(&mut value, field, Value::String(t.to_owned()));
+                }
+                Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
+            }
+            // Read already, so valid JSON: not reached but past serde_json's nesting limit.
+            None => bytes,
         }
-        if let Some((field, t)) = tag_in_body {
-            set_pointer(&mut value, field, Value::String(t.to_owned()));
-        }
-        Bytes::from(serde_json::to_vec(&value).expect("a JSON value serializes"))
     } else {
         bytes
     };
@@ -290,19 +281,81 @@ pub async fn decide_response(
     finish(parts, body, pending)
 }
 
+/// A response as a deciding route has read it.
+enum Read {
+    /// A v2 response read for its scores alone: only the route's output became numbers.
+    V2 {
+        model_name: Option<String>,
+        model_version: Option<String>,
+    },
+    /// Parsed whole, because the route writes into it other than by splicing, or reads it by
+    /// a path only a parsed value answers (v1, json).
+    Whole(Value),
+}
+
+impl Read {
+    /// The model's name and version, as the response states them (v2 does).
+    fn model(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Read::V2 {
+                model_name,
+                model_version,
+            } => (model_name.clone(), model_version.clone()),
+            Read::Whole(v) => {
+                let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+                (text("model_name"), text("model_version"))
+            }
+        }
+    }
+
+    /// The parsed value, parsing `bytes` now if they were only read for their scores.
+    fn into_value(self, bytes: &[u8]) -> Option<Value> {
+        match self {
+            Read::Whole(v) => Some(v),
+            Read::V2 { .. } => serde_json::from_slice(bytes).ok(),
+        }
+    }
+}
+
+/// Reads the route's scores. A v2 route that writes nothing into the body but by splicing (or
+/// nothing at all) never builds a `Value` of the answer: a batch's other outputs, and every
+/// number but its scores, are only scanned.
+fn read_response(
+    route: &CompiledRoute,
+    bytes: &[u8],
+) -> Result<(Read, Scores), crate::decide::extract::ExtractError> {
+    let spec = route
+        .spec
+        .score
+        .as_ref()
+        .expect("validated: a deciding route has a score");
+    let protocol = route.protocol();
+    if protocol == Protocol::V2 && route.spec.tag_field.is_none() {
+        let read = extract_v2(spec, route.classes(), bytes)?;
+        let meta = Read::V2 {
+            model_name: read.model_name,
+            model_version: read.model_version,
+        };
+        return Ok((meta, read.scores));
+    }
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|_| crate::decide::extract::ExtractError::NotJson)?;
+    let scores = extract(protocol, spec, route.classes(), &value)?;
+    Ok((Read::Whole(value), scores))
+}
+
 /// The signed provenance tag of a decided response, when the policy tags.
 fn sign_tag(
     route: &CompiledRoute,
     policy: &PolicySnapshot,
-    value: &Value,
+    read: &Read,
     decided: &Decided,
     id: &HeaderValue,
 ) -> Option<String> {
     let (key_id, algorithm) = policy.signer.as_ref()?;
     // The v2 response names its model; else the route's model matcher does.
-    let text = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_owned);
-    let model = text("model_name").or_else(|| route.spec.matcher.model.clone());
-    let version = text("model_version");
+    let (model, version) = read.model();
+    let model = model.or_else(|| route.spec.matcher.model.clone());
     let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
     let explores = route.explorer.is_some();
     let explored: Vec<bool> = if explores {
