@@ -1,5 +1,5 @@
-//! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`,
-//! documented by `schema/record.v1.json`).
+//! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`; its
+//! type is [`v1::Record`], its JSON Schema `src/tee/record.v1.schema.json` is generated from it).
 //!
 //! The request path only captures raw parts into an [`Exchange`], and checks the provenance
 //! tags it carried ([`Exchange::check_inbound_tags`], bounded per record and per second);
@@ -19,6 +19,8 @@ use sha2::Digest;
 use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::PolicySnapshot;
 use crate::decide::RowDecision;
+
+pub mod v1;
 
 pub const RECORD_SCHEMA: &str = "sluicegate.record.v1";
 const REDACTED: &str = "[redacted]";
