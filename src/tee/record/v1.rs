@@ -63,7 +63,7 @@ pub struct Record {
 
 /// The `schema` field: always `sluicegate.record.v1`, so a record of another schema (an alert,
 /// a future v2) does not read as v1.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Version;
 
 impl Serialize for Version {
@@ -148,7 +148,7 @@ pub struct Response {
 }
 
 /// Lower-case names; repeated headers joined with ', '; redacted ones read [redacted].
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Headers(pub IndexMap<String, String>);
 
