@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use sluicegate::config::policy::version_of;
 use sluicegate::config::settings::SettingsArgs;
 use sluicegate::config::validate;
-use sluicegate::tee::spool::{NewerFormat, Position, SpoolMetrics, SpoolReader};
+use sluicegate::tee::record::{v1, RECORD_SCHEMA};
+use sluicegate::tee::spool::{EntryKind, NewerFormat, Position, SpoolMetrics, SpoolReader};
 
 /// EX_USAGE from sysexits.h: the input (a flag, a settings or policy file) was wrong.
 const EXIT_USAGE: u8 = 64;
@@ -154,7 +155,8 @@ struct AuditArgs {
 
 #[derive(Subcommand)]
 enum SpoolCommand {
-    /// Print the spool's records as JSON lines (oldest first).
+    /// Print the spool's records as JSON lines (oldest first). Records that do not read as
+    /// sluicegate.record.v1 are printed as stored and counted on stderr.
     Cat {
         /// The spool directory.
         dir: PathBuf,
@@ -520,12 +522,20 @@ fn spool_cat(dir: &std::path::Path, dead_letter: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read {}", dir.display()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut unreadable = 0u64;
     loop {
         let batch = reader.next_batch(Position::END, 1024)?;
         if batch.is_empty() {
             break;
         }
         for e in batch {
+            // Each record is read through the record type; one that does not read is still
+            // printed as stored (the spool is evidence), and counted.
+            if e.entry.kind == EntryKind::Record
+                && serde_json::from_slice::<v1::Record>(&e.entry.payload).is_err()
+            {
+                unreadable += 1;
+            }
             out.write_all(&e.entry.payload)?;
             out.write_all(b"\n")?;
         }
@@ -534,6 +544,11 @@ fn spool_cat(dir: &std::path::Path, dead_letter: bool) -> anyhow::Result<()> {
     let corrupt = metrics.corrupt_skipped.get();
     if corrupt > 0 {
         eprintln!("sluicegate: skipped {corrupt} torn or corrupt frame(s)");
+    }
+    if unreadable > 0 {
+        eprintln!(
+            "sluicegate: {unreadable} record(s) do not read as {RECORD_SCHEMA}, printed as stored"
+        );
     }
     Ok(())
 }

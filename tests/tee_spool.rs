@@ -398,6 +398,17 @@ async fn an_older_builds_headerless_spool_is_read_by_spool_cat_and_replayed() {
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(cat, ids);
+    // Not whole v1 records: printed as stored, and counted.
+    let cat = std::process::Command::new(BIN)
+        .args(["spool", "cat"])
+        .arg(spool.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&cat.stderr);
+    assert!(
+        stderr.contains("50 record(s) do not read as sluicegate.record.v1, printed as stored"),
+        "{stderr}"
+    );
 
     // Started on it with Kafka: the old records are sent first, then the new ones.
     let cluster = mock_cluster();

@@ -15,6 +15,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::provenance::{find_tags, KeyRing};
+use crate::tee::alert::{AlertEvent, ALERT_SCHEMA};
+use crate::tee::record::v1::{ErrorCode, LimitOutcome, Record};
 use source::Source;
 
 /// What to read and how to report.
@@ -91,9 +93,12 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
     let mut labels: HashMap<String, String> = HashMap::new();
     if let Some(src) = &opts.labels {
         bar.set_message("reading labels");
-        src.for_each(None, &mut |v| {
-            if let (Some(id), Some(label)) = (v.get("id").and_then(Value::as_str), label_of(&v)) {
-                labels.insert(normalize_row_id(id), label);
+        src.for_each(None, &mut |bytes| {
+            if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
+                if let (Some(id), Some(label)) = (v.get("id").and_then(Value::as_str), label_of(&v))
+                {
+                    labels.insert(normalize_row_id(id), label);
+                }
             }
             bar.inc(1);
         })?;
@@ -103,16 +108,21 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
         bar.set_message("reading predictions");
         let mut rates = RateAcc::default();
         let mut bias = BiasAcc::default();
-        src.for_each(opts.from_ms, &mut |v| {
+        src.for_each(opts.from_ms, &mut |bytes| {
             bar.inc(1);
-            let Some(ms) = time_ms(&v) else { return };
+            let Some(entry) = Prediction::read(bytes) else {
+                return;
+            };
+            let Some(ms) = time_ms(entry.time()) else {
+                return;
+            };
             if opts.from_ms.is_some_and(|f| ms < f) || opts.to_ms.is_some_and(|t| ms >= t) {
                 return;
             }
             report.predictions_read += 1;
-            rates.add(&v, ms, opts.bucket_ms);
-            if !labels.is_empty() {
-                bias.add(&v, &labels);
+            rates.add(&entry, ms, opts.bucket_ms);
+            if let (Prediction::Record(record), false) = (&entry, labels.is_empty()) {
+                bias.add(record, &labels);
             }
         })?;
         report.action_rates = rates.rows();
@@ -122,9 +132,11 @@ pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
     for (model, src) in &opts.training {
         bar.set_message(format!("reading training set {model}"));
         let mut loops = LoopAcc::default();
-        src.for_each(None, &mut |v| {
+        src.for_each(None, &mut |bytes| {
             bar.inc(1);
-            loops.add(&v, &opts.keys);
+            if let Ok(row) = serde_json::from_slice::<Value>(bytes) {
+                loops.add(&row, &opts.keys);
+            }
         })?;
         report.feedback_loops.extend(loops.rows(model));
     }
@@ -146,8 +158,34 @@ fn progress(show: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn time_ms(v: &Value) -> Option<i64> {
-    let t = v.get("time")?.as_str()?;
+/// What the prediction stream holds: request records and, beside them, limit alerts.
+enum Prediction {
+    Record(Box<Record>),
+    Alert(AlertEvent),
+}
+
+impl Prediction {
+    /// `None` for anything else (not JSON, another schema, a record missing v1 fields).
+    fn read(bytes: &[u8]) -> Option<Prediction> {
+        // A record's `schema` comes first, so an alert fails to read as one at its first field.
+        if let Ok(record) = serde_json::from_slice::<Record>(bytes) {
+            return Some(Prediction::Record(Box::new(record)));
+        }
+        serde_json::from_slice::<AlertEvent>(bytes)
+            .ok()
+            .filter(|a| a.schema == ALERT_SCHEMA)
+            .map(Prediction::Alert)
+    }
+
+    fn time(&self) -> &str {
+        match self {
+            Prediction::Record(r) => &r.time,
+            Prediction::Alert(a) => &a.time,
+        }
+    }
+}
+
+fn time_ms(t: &str) -> Option<i64> {
     let st = humantime::parse_rfc3339(t).ok()?;
     st.duration_since(UNIX_EPOCH)
         .ok()
@@ -247,32 +285,21 @@ struct BiasAcc {
 }
 
 impl BiasAcc {
-    fn add(&mut self, record: &Value, labels: &HashMap<String, String>) {
-        let Some(decisions) = record.get("decisions").and_then(Value::as_array) else {
+    fn add(&mut self, record: &Record, labels: &HashMap<String, String>) {
+        let Some(decisions) = &record.decisions else {
             return;
         };
-        let id = record.get("id").and_then(Value::as_str).unwrap_or_default();
-        let route = record
-            .get("route")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
-        let version = record["model"]
-            .get("version")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_owned();
+        let version = record.model.version.as_deref().unwrap_or("unknown");
         for (i, d) in decisions.iter().enumerate() {
-            let Some(label) = labels.get(&crate::provenance::row_ref(id, i)) else {
+            let Some(label) = labels.get(&crate::provenance::row_ref(&record.id, i)) else {
                 continue;
             };
-            let action = d.get("final_action").and_then(Value::as_str).unwrap_or("?");
             let cell = self
                 .cells
-                .entry((route.clone(), version.clone()))
+                .entry((record.route.clone(), version.to_owned()))
                 .or_default();
             cell.rows += 1;
-            *cell.predicted.entry(action.to_owned()).or_default() += 1;
+            *cell.predicted.entry(d.final_action.clone()).or_default() += 1;
             *cell.observed.entry(label.clone()).or_default() += 1;
         }
     }
@@ -324,42 +351,39 @@ struct RateAcc {
 }
 
 impl RateAcc {
-    fn add(&mut self, v: &Value, ms: i64, bucket_ms: i64) {
-        let route = v
-            .get("route")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
+    fn add(&mut self, entry: &Prediction, ms: i64, bucket_ms: i64) {
+        let route = match entry {
+            Prediction::Record(r) => &r.route,
+            Prediction::Alert(a) => &a.route,
+        };
         let bucket = ms - ms.rem_euclid(bucket_ms.max(1));
-        let cell = self.cells.entry((route, bucket)).or_default();
-        if v.get("schema").and_then(Value::as_str) == Some(crate::tee::alert::ALERT_SCHEMA) {
-            if v.get("event").and_then(Value::as_str) == Some("limit_breach_started") {
-                cell.breaches += 1;
+        let cell = self.cells.entry((route.clone(), bucket)).or_default();
+        let record = match entry {
+            Prediction::Record(r) => r,
+            Prediction::Alert(a) => {
+                if a.event == "limit_breach_started" {
+                    cell.breaches += 1;
+                }
+                return;
             }
-            return;
-        }
-        if v.get("error")
-            .and_then(|e| e.get("code"))
-            .and_then(Value::as_str)
-            == Some("limit_exceeded")
+        };
+        if record
+            .error
+            .as_ref()
+            .is_some_and(|e| e.code == ErrorCode::LimitExceeded)
         {
             cell.rejected += 1;
         }
-        let Some(decisions) = v.get("decisions").and_then(Value::as_array) else {
-            return;
-        };
-        for d in decisions {
+        for d in record.decisions.iter().flatten() {
             cell.decisions += 1;
-            if let Some(a) = d.get("final_action").and_then(Value::as_str) {
-                *cell.actions.entry(a.to_owned()).or_default() += 1;
-            }
-            if let Some(t) = d.get("threshold").and_then(Value::as_f64) {
+            *cell.actions.entry(d.final_action.clone()).or_default() += 1;
+            if let Some(t) = d.threshold {
                 cell.threshold_sum += t;
                 cell.thresholds += 1;
             }
-            match d.get("limit").and_then(Value::as_str) {
-                Some("flagged") => cell.flagged += 1,
-                Some("fallback") => cell.fallback += 1,
+            match d.limit {
+                LimitOutcome::Flagged => cell.flagged += 1,
+                LimitOutcome::Fallback => cell.fallback += 1,
                 _ => {}
             }
         }
@@ -554,4 +578,106 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         .duration_since(UNIX_EPOCH)
         .map_err(|e| e.to_string())?;
     Ok(now.saturating_sub(ago).as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::policy::{Limit, OnBreach};
+    use crate::decide::BreachEvent;
+    use crate::tee::alert::Alert;
+
+    fn record(id: &str, error: Option<&str>, limits: &[&str]) -> String {
+        let decisions: Vec<Value> = limits
+            .iter()
+            .map(|limit| {
+                serde_json::json!({"row": 0, "score": 0.9, "threshold": 0.5,
+                    "threshold_mode": "fixed", "model_action": "spam", "final_action": "spam",
+                    "limit": limit, "explored": false})
+            })
+            .collect();
+        let body = serde_json::json!({"encoding": "none", "size": 0, "truncated": false});
+        serde_json::json!({
+            "schema": "sluicegate.record.v1", "id": id, "time": "2026-01-01T00:10:00.000000Z",
+            "instance": "pod-0", "route": "spam", "model": {"name": "m", "version": "3"},
+            "consumer": {"id": null, "declared": false},
+            "policy": {"version": "p", "generation": 0},
+            "request": {"method": "POST", "path": "/", "query": null, "headers": {},
+                "v2_id": null, "body": body},
+            "response": null, "status": 200,
+            "error": error.map(|code| serde_json::json!({"code": code, "message": "m"})),
+            "complete": true, "tag": null, "inbound_tags": [],
+            "decisions": (!limits.is_empty()).then_some(decisions),
+            "decision_error": null, "timings": {"upstream_ms": null, "total_ms": 1.0},
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn records_and_alerts_are_read_through_their_types() {
+        let event = BreachEvent {
+            route: "spam".into(),
+            action: "spam".into(),
+            limit_index: 0,
+            on_breach: OnBreach::Flag,
+            started: true,
+            decisions: 10,
+            actions: 5,
+            spec: Limit {
+                action: "spam".into(),
+                max_fraction: None,
+                max_count: Some(4),
+                window: std::time::Duration::from_secs(60),
+                min_decisions: 0,
+                on_breach: OnBreach::Flag,
+                fallback: None,
+            },
+        };
+        let mut alert = Alert::new(event, "p", 0);
+        alert.time = UNIX_EPOCH + std::time::Duration::from_secs(1_767_226_000);
+        let ctx = crate::tee::record::EncodeContext {
+            instance: "pod-0".into(),
+            max_record_bytes: 1 << 20,
+            inbound_tags: Default::default(),
+        };
+        let alert = String::from_utf8(alert.encode(&ctx).payload).unwrap();
+        let lines = [
+            record("a", None, &["ok", "flagged", "fallback", "throttled"]),
+            record("b", Some("limit_exceeded"), &[]),
+            record("c", Some("a_code_added_later"), &[]),
+            alert,
+            // Neither a v1 record nor an alert: not a prediction.
+            r#"{"schema":"sluicegate.record.v2","time":"2026-01-01T00:10:00Z"}"#.into(),
+            "not json".into(),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("predictions.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let report = run(&AuditOptions {
+            predictions: Some(Source::File(file)),
+            training: Vec::new(),
+            labels: None,
+            keys: KeyRing::default(),
+            from_ms: None,
+            to_ms: None,
+            bucket_ms: 24 * 3_600_000,
+            progress: false,
+        })
+        .unwrap();
+        assert_eq!(report.predictions_read, 4);
+        assert_eq!(
+            report.action_rates,
+            vec![RateRow {
+                route: "spam".into(),
+                bucket: "2026-01-01T00:00:00Z".into(),
+                decisions: 4,
+                actions: BTreeMap::from([("spam".into(), 1.0)]),
+                mean_threshold: Some(0.5),
+                flagged: 1,
+                fallback: 1,
+                rejected_requests: 1,
+                breaches_started: 1,
+            }]
+        );
+    }
 }

@@ -1,4 +1,5 @@
 //! Where the audit reads JSON objects from: the spool, a Kafka topic, or a JSON-lines file.
+//! Each is handed over as its bytes, for the reader to parse as what it expects.
 //!
 //! Reading a topic never commits consumer offsets unless asked (`commit`), so a second run sees
 //! the same data; it reads each partition up to the end it had when the run started.
@@ -7,13 +8,11 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::tee::spool::{Position, SpoolMetrics, SpoolReader};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
-
-use crate::tee::spool::{Position, SpoolMetrics, SpoolReader};
 
 /// A source of JSON objects.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,10 +54,10 @@ impl Source {
         Ok(Source::File(s.into()))
     }
 
-    /// Calls `f` with every JSON object; lines or records that are not JSON are skipped.
+    /// Calls `f` with the bytes of every line, spool entry or message (the caller parses them).
     /// `from_ms` lets a topic start at that time instead of its beginning (the caller filters
     /// by time exactly; this only skips what is surely too old).
-    pub fn for_each(&self, from_ms: Option<i64>, f: &mut dyn FnMut(Value)) -> anyhow::Result<()> {
+    pub fn for_each(&self, from_ms: Option<i64>, f: &mut dyn FnMut(&[u8])) -> anyhow::Result<()> {
         use anyhow::Context;
         match self {
             Source::File(path) => {
@@ -66,9 +65,7 @@ impl Source {
                     .with_context(|| format!("cannot open {}", path.display()))?;
                 for line in std::io::BufReader::new(file).lines() {
                     let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        f(v);
-                    }
+                    f(line.as_bytes());
                 }
                 Ok(())
             }
@@ -81,9 +78,7 @@ impl Source {
                         return Ok(());
                     }
                     for e in batch {
-                        if let Ok(v) = serde_json::from_slice::<Value>(&e.entry.payload) {
-                            f(v);
-                        }
+                        f(&e.entry.payload);
                     }
                 }
             }
@@ -113,7 +108,7 @@ fn read_topic(
     group_id: Option<&str>,
     properties: &[(String, String)],
     from_ms: Option<i64>,
-    f: &mut dyn FnMut(Value),
+    f: &mut dyn FnMut(&[u8]),
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let timeout = Duration::from_secs(10);
@@ -194,11 +189,8 @@ fn read_topic(
                 idle = 0;
                 let p = msg.partition();
                 positions.insert(p, msg.offset() + 1);
-                if let Some(v) = msg
-                    .payload()
-                    .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                {
-                    f(v);
+                if let Some(payload) = msg.payload() {
+                    f(payload);
                 }
                 if ends.get(&p).is_some_and(|end| msg.offset() + 1 >= *end) {
                     ends.remove(&p);

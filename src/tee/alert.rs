@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::record::EncodeContext;
 use super::spool::{EntryKind, SpoolEntry};
@@ -11,6 +11,16 @@ use crate::config::policy::Limit;
 use crate::decide::BreachEvent;
 
 pub const ALERT_SCHEMA: &str = "sluicegate.alert.v1";
+
+/// The fields of an alert that `audit` reads; the others are read past.
+#[derive(Debug, Deserialize)]
+pub struct AlertEvent {
+    pub schema: String,
+    pub time: String,
+    pub route: String,
+    /// `limit_breach_started` or `limit_breach_ended`.
+    pub event: String,
+}
 
 /// One breach start or end.
 #[derive(Debug)]

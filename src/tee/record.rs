@@ -1,5 +1,5 @@
-//! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`,
-//! documented by `schema/record.v1.json`).
+//! The record: one JSON object per request/response pair (schema `sluicegate.record.v1`; its
+//! type is [`v1::Record`], its JSON Schema `src/tee/record.v1.schema.json` is generated from it).
 //!
 //! The request path only captures raw parts into an [`Exchange`], and checks the provenance
 //! tags it carried ([`Exchange::check_inbound_tags`], bounded per record and per second);
@@ -19,6 +19,8 @@ use sha2::Digest;
 use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::PolicySnapshot;
 use crate::decide::RowDecision;
+
+pub mod v1;
 
 pub const RECORD_SCHEMA: &str = "sluicegate.record.v1";
 const REDACTED: &str = "[redacted]";
@@ -1036,6 +1038,82 @@ mod tests {
         let v = decode(&entry);
         assert_eq!(v["request"]["body"]["truncated"], true);
         assert_eq!(v["request"]["body"]["size"], 200_000);
+    }
+
+    /// Records the writer makes, one of each shape: every body encoding, an error, decisions
+    /// (multi-class, exploring), a decision error, tags, trailers, no response.
+    fn written_records() -> Vec<Vec<u8>> {
+        let row = |limit, class_scores: Option<Vec<f64>>, propensity: Option<f64>| RowDecision {
+            score: 0.8,
+            class_scores,
+            threshold: Some(0.5),
+            threshold_mode: Some("adaptive"),
+            model_action: "spam".into(),
+            final_action: "ham".into(),
+            limit,
+            explored: propensity.is_some(),
+            propensity,
+        };
+        let mut decided = exchange(br#"{"id":"r-1","inputs":[1.10,2e3]}"#, b"{}", 1024);
+        decided.decision = Some(DecisionOutcome::Made(vec![
+            row(crate::decide::LimitOutcome::Ok, None, None),
+            row(
+                crate::decide::LimitOutcome::Flagged,
+                Some(vec![0.1, 0.8, 0.1]),
+                Some(0.9),
+            ),
+            RowDecision {
+                threshold: None,
+                threshold_mode: None,
+                ..row(crate::decide::LimitOutcome::Fallback, None, None)
+            },
+        ]));
+        decided.tag = Some("sg1.e30.sig".into());
+        let mut failed = exchange(b"{}", b"{not json", 1024);
+        failed.decision = Some(DecisionOutcome::Failed {
+            kind: "not_json",
+            message: "expected value at line 1".into(),
+        });
+        let mut refused = exchange(br#""\u00e9 \"quoted\"""#, b"", 1024);
+        refused.response = None;
+        refused.status = Some(429);
+        refused.upstream_duration = None;
+        refused.error = Some(ExchangeError {
+            code: "limit_exceeded",
+            message: "the spam limit is reached".into(),
+        });
+        let mut trailed = exchange(&[0xff, 0xfe], &"é".repeat(40).into_bytes(), 51);
+        trailed.response.as_mut().unwrap().trailers = Some(HeaderMap::from_iter([(
+            HeaderName::from_static("grpc-status"),
+            "0".parse().unwrap(),
+        )]));
+        trailed.complete = false;
+        let mut uncaptured = exchange(b"{}", b"{}", 1024);
+        uncaptured.capture_bodies = false;
+        let tagged = exchange(br#"["sg1.e30.a","sg1.e30.b"]"#, b"{}", 1024);
+        [decided, failed, refused, trailed, uncaptured, tagged]
+            .iter()
+            .map(|ex| ex.encode(&ctx(1 << 20)).payload)
+            .collect()
+    }
+
+    #[test]
+    fn written_records_read_as_the_typed_record_and_write_back_byte_for_byte() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("record.v1.schema.json")).unwrap();
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        for payload in written_records() {
+            let text = String::from_utf8(payload).unwrap();
+            let record: v1::Record =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert_eq!(serde_json::to_string(&record).unwrap(), text);
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&value)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{errors:?}: {text}");
+        }
     }
 
     #[test]
