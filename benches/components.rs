@@ -344,6 +344,7 @@ fn records(c: &mut Criterion) {
     let ctx = EncodeContext {
         instance: "sluicegate-7d9f8-abcde".into(),
         max_record_bytes: 1 << 20,
+        record_decisions: Default::default(),
         inbound_tags: Default::default(),
     };
     for (size, rows) in SIZES {

@@ -201,6 +201,7 @@ async fn sluicegate(
         EncodeContext {
             instance: "bench".into(),
             max_record_bytes: settings.max_record_bytes as usize,
+            record_decisions: settings.record_decisions,
             inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
         &settings.spool,

@@ -152,6 +152,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         EncodeContext {
             instance: instance_name(),
             max_record_bytes: settings.max_record_bytes as usize,
+            record_decisions: settings.record_decisions,
             inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
         &settings.spool,

@@ -848,6 +848,36 @@ async fn a_10000_row_batch_passes_through_a_default_nginx_in_front() {
     let actions = tensor["data"].as_array().unwrap();
     assert_eq!(actions.len(), ROWS);
     assert_eq!(actions.iter().filter(|a| *a == "spam").count(), 3);
+
+    // And in the record, under --max-record (1 MiB): a row per object would be 2.2 MB, so the
+    // bodies are cut and the decisions stored in columns, scores written out. (The limit's
+    // breach alert is spooled too.)
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let records = spool_records(&dir.path().join("spool"));
+    let r = records
+        .iter()
+        .find(|r| r["schema"] == "sluicegate.record.v1")
+        .unwrap();
+    let size = r.to_string().len();
+    eprintln!("{ROWS} rows: record {size} bytes, bodies cut, decisions in columns");
+    assert!(size <= 1 << 20, "{size}");
+    assert!(r["decisions"].is_null() && r["decisions_omitted"].is_null());
+    assert_eq!(r["response"]["body"]["truncated"], true);
+    let columns = &r["decision_columns"];
+    assert_eq!(columns["rows"], ROWS);
+    assert_eq!(columns["score"].as_array().unwrap().len(), ROWS);
+    let record: sluicegate::tee::record::v1::Record = serde_json::from_value(r.clone()).unwrap();
+    let rows = record.row_decisions().unwrap();
+    assert_eq!(rows.len(), ROWS);
+    assert_eq!(rows.iter().filter(|d| d.final_action == "spam").count(), 3);
+    assert_eq!(
+        rows.iter().filter(|d| d.model_action == "spam").count(),
+        spam
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

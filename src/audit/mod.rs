@@ -286,7 +286,7 @@ struct BiasAcc {
 
 impl BiasAcc {
     fn add(&mut self, record: &Record, labels: &HashMap<String, String>) {
-        let Some(decisions) = &record.decisions else {
+        let Some(decisions) = record.row_decisions() else {
             return;
         };
         let version = record.model.version.as_deref().unwrap_or("unknown");
@@ -299,7 +299,7 @@ impl BiasAcc {
                 .entry((record.route.clone(), version.to_owned()))
                 .or_default();
             cell.rows += 1;
-            *cell.predicted.entry(d.final_action.clone()).or_default() += 1;
+            *cell.predicted.entry(d.final_action.to_owned()).or_default() += 1;
             *cell.observed.entry(label.clone()).or_default() += 1;
         }
     }
@@ -374,9 +374,9 @@ impl RateAcc {
         {
             cell.rejected += 1;
         }
-        for d in record.decisions.iter().flatten() {
+        for d in record.row_decisions().into_iter().flatten() {
             cell.decisions += 1;
-            *cell.actions.entry(d.final_action.clone()).or_default() += 1;
+            *cell.actions.entry(d.final_action.to_owned()).or_default() += 1;
             if let Some(t) = d.threshold {
                 cell.threshold_sum += t;
                 cell.thresholds += 1;
@@ -638,6 +638,7 @@ mod tests {
         let ctx = crate::tee::record::EncodeContext {
             instance: "pod-0".into(),
             max_record_bytes: 1 << 20,
+            record_decisions: Default::default(),
             inbound_tags: Default::default(),
         };
         let alert = String::from_utf8(alert.encode(&ctx).payload).unwrap();

@@ -32,6 +32,8 @@ pub struct Settings {
     pub max_decided_response_bytes: u64,
     /// Largest record the tee writes; bodies are cut to keep a record under it.
     pub max_record_bytes: u64,
+    /// How a record holds the decisions of a decided batch.
+    pub record_decisions: RecordDecisions,
     /// A client that has not sent its request headers within this time is cut off.
     pub header_read_timeout: Duration,
     /// Longest wait for the next piece of a request body; past it, 408.
@@ -93,6 +95,19 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// How a record holds a decided batch's decisions (`--record-decisions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordDecisions {
+    /// One object per row in `decisions` (what v1 records have always held); a record that
+    /// would not fit under `--max-record` falls back to columns.
+    #[default]
+    Rows,
+    /// `decision_columns`: about two bytes a row plus the scores, which are not repeated when
+    /// the response body is recorded whole. For large batches.
+    Columns,
+}
+
 /// Where the tee sends records when Kafka is configured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KafkaSettings {
@@ -138,6 +153,7 @@ impl Default for Settings {
             max_request_body_bytes: 16 << 20,
             max_decided_response_bytes: DEFAULT_MAX_DECIDED_RESPONSE,
             max_record_bytes: 1 << 20,
+            record_decisions: RecordDecisions::Rows,
             header_read_timeout: Duration::from_secs(10),
             client_body_timeout: Duration::from_secs(15),
             max_connections: 4096,
@@ -191,6 +207,8 @@ pub struct SettingsFile {
     pub max_decided_response: Option<String>,
     /// Largest tee record, e.g. `1MiB`.
     pub max_record: Option<String>,
+    /// `rows` or `columns`.
+    pub record_decisions: Option<RecordDecisions>,
     /// Header read timeout, e.g. `10s`.
     pub header_read_timeout: Option<String>,
     /// Longest pause inside a request body, e.g. `15s`.
@@ -297,6 +315,10 @@ pub struct SettingsArgs {
     /// Largest tee record [default: 1MiB].
     #[arg(long, env = "SLUICEGATE_MAX_RECORD")]
     pub max_record: Option<String>,
+    /// How records hold a decided batch's decisions: `rows`, one object per row, or `columns`,
+    /// compact, for large batches [default: rows].
+    #[arg(long, env = "SLUICEGATE_RECORD_DECISIONS", value_enum)]
+    pub record_decisions: Option<RecordDecisions>,
     /// Header read timeout [default: 10s].
     #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
     pub header_read_timeout: Option<String>,
@@ -554,6 +576,9 @@ impl SettingsArgs {
                 parse_bytes,
                 errors,
             );
+        }
+        if let Some(form) = self.record_decisions.or(file.record_decisions) {
+            s.record_decisions = form;
         }
         if s.max_record_bytes < 4096 {
             errors.push("max_record: must be at least 4KiB".into());

@@ -194,7 +194,7 @@ pub fn scan_tags(body: &[u8], keep: usize) -> ScannedTags {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Unescapes the inside of a JSON string, stopping after about `max` bytes of output. An

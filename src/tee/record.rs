@@ -18,6 +18,7 @@ use sha2::Digest;
 
 use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::PolicySnapshot;
+use crate::config::settings::RecordDecisions;
 use crate::decide::RowDecision;
 
 pub mod v1;
@@ -131,6 +132,7 @@ impl Exchange {
 pub struct EncodeContext {
     pub instance: String,
     pub max_record_bytes: usize,
+    pub record_decisions: RecordDecisions,
     /// Tags found on the way in, by route and kind (`direct`, `hidden`, `invalid`, `unverified`).
     pub inbound_tags: prometheus_client::metrics::family::Family<
         crate::telemetry::RouteKind,
@@ -340,35 +342,69 @@ impl Exchange {
         self.encode_checked(ctx, &inbound)
     }
 
-    /// Encodes the record with its checked inbound tags; bodies are cut until it fits under the
-    /// record size limit.
+    /// Encodes the record with its checked inbound tags, under the record size limit: bodies
+    /// are cut first, then per-row decisions go into columns, and only then are the decisions
+    /// left out (counted in `decisions_omitted`).
     pub fn encode_checked(&self, ctx: &EncodeContext, inbound: &InboundTags) -> SpoolEntry {
         let timestamp_ms = self
             .time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let longest = self
-            .request
-            .body
-            .bytes
-            .len()
-            .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len()));
-        let mut body_limit = longest;
-        let payload = loop {
-            let json = serde_json::to_vec(&RecordView {
-                exchange: self,
-                instance: &ctx.instance,
-                body_limit,
-                inbound: &inbound.0,
-            })
-            .expect("record serializes");
-            if json.len() <= ctx.max_record_bytes || body_limit == 0 {
-                break json;
-            }
-            // Halving converges in a few rounds; JSON escaping and base64 make the encoded
-            // size hard to predict from the raw size.
-            body_limit /= 2;
+        let policy = &self.policy;
+        let redaction = &policy.body_redaction;
+        let request_body = Body::new(&self.request.body, &self.request.headers, redaction);
+        let response_body = self
+            .response
+            .as_ref()
+            .map(|r| Body::new(&r.body, &r.headers, redaction));
+        let rows = match &self.decision {
+            Some(DecisionOutcome::Made(rows)) => rows.as_slice(),
+            _ => &[],
         };
+        let columns = match ctx.record_decisions {
+            _ if rows.is_empty() => None,
+            RecordDecisions::Rows => None,
+            RecordDecisions::Columns => Columns::new(rows),
+        };
+        let mut record = RecordWriter {
+            exchange: self,
+            instance: &ctx.instance,
+            inbound: &inbound.0,
+            request_body,
+            response_body,
+            body_limit: self
+                .request
+                .body
+                .bytes
+                .len()
+                .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len())),
+            decisions: match columns {
+                Some(c) => Decisions::Columns(c),
+                None => Decisions::Rows,
+            },
+        };
+        let mut payload = Vec::with_capacity(record.body_limit * 2 + 1024);
+        loop {
+            payload.clear();
+            record.write(&mut payload);
+            if payload.len() <= ctx.max_record_bytes {
+                break;
+            }
+            if record.body_limit > 0 {
+                // Halving converges in a few rounds; JSON escaping and base64 make the encoded
+                // size hard to predict from the raw size.
+                record.body_limit /= 2;
+                continue;
+            }
+            record.decisions = match record.decisions {
+                _ if rows.is_empty() => break,
+                Decisions::Rows => {
+                    Columns::new(rows).map_or(Decisions::Omitted, Decisions::Columns)
+                }
+                Decisions::Columns(_) => Decisions::Omitted,
+                Decisions::Omitted => break,
+            };
+        }
         SpoolEntry {
             kind: EntryKind::Record,
             timestamp_ms,
@@ -379,12 +415,25 @@ impl Exchange {
     }
 }
 
-/// Serializes an [`Exchange`] as the v1 record, with bodies cut to `body_limit` bytes.
-struct RecordView<'a> {
+/// How the record holds the decisions of a decided response.
+enum Decisions<'a> {
+    /// One object per row (`decisions`).
+    Rows,
+    /// `decision_columns`.
+    Columns(Columns<'a>),
+    /// Neither: the record would not fit with them (`decisions_omitted`).
+    Omitted,
+}
+
+/// Writes an [`Exchange`] as the v1 record, with bodies cut to `body_limit` bytes.
+struct RecordWriter<'a> {
     exchange: &'a Exchange,
     instance: &'a str,
-    body_limit: usize,
     inbound: &'a [InboundTag],
+    request_body: Body<'a>,
+    response_body: Option<Body<'a>>,
+    body_limit: usize,
+    decisions: Decisions<'a>,
 }
 
 #[derive(Serialize)]
@@ -451,9 +500,10 @@ fn raw_str(v: Option<&RawValue>) -> Option<String> {
 /// A captured body, classified once.
 struct Body<'a> {
     capture: &'a Capture,
-    json: Option<&'a RawValue>,
+    /// The whole body, when it is one JSON value.
+    json: Option<&'a str>,
     /// The JSON body with the policy's redactions applied (re-serialized).
-    redacted: Option<Box<RawValue>>,
+    redacted: Option<String>,
     /// The policy redacts body fields: a body that cannot be redacted (not whole JSON) is
     /// not recorded at all.
     must_redact: bool,
@@ -470,26 +520,21 @@ impl<'a> Body<'a> {
         let binary_type = content_type.starts_with("application/grpc")
             || content_type.starts_with("application/octet-stream")
             || content_type.starts_with("application/x-protobuf");
-        let mut json = None;
-        let mut probe = Probe::default();
-        if !binary_type && !capture.truncated() && !capture.bytes.is_empty() {
-            if let Ok(raw) = serde_json::from_slice::<&RawValue>(&capture.bytes) {
-                json = Some(raw);
-                if raw.get().starts_with('{') {
-                    probe = serde_json::from_str(raw.get()).unwrap_or_default();
-                }
-            }
-        }
+        let (json, probe) = if binary_type || capture.truncated() {
+            (None, Probe::default())
+        } else {
+            json_with_probe(&capture.bytes)
+        };
         // A pointer whose keys are nowhere in the body cannot match: skip the parse and
         // re-serialization it would cost (the body is recorded as sent).
         let must_redact =
-            !redaction.is_empty() && json.is_none_or(|raw| redaction.may_apply(raw.get()));
+            !redaction.is_empty() && json.is_none_or(|text| redaction.may_apply(text));
         let redacted = json
             .filter(|_| must_redact)
-            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
-            .and_then(|mut v| {
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+            .map(|mut v| {
                 redaction.apply(&mut v);
-                serde_json::value::to_raw_value(&v).ok()
+                v.to_string()
             });
         Body {
             capture,
@@ -499,6 +544,126 @@ impl<'a> Body<'a> {
             probe,
             binary_type,
         }
+    }
+
+    /// Whether the record holds this body whole, as the JSON it was, with `limit` bytes
+    /// of room.
+    fn recorded_whole_as_json(&self, limit: usize, captured: bool) -> bool {
+        captured && self.json.is_some() && !self.must_redact && self.capture.bytes.len() <= limit
+    }
+
+    /// Writes the `body` object: the bytes cut to `limit`, or none when `captured` is false.
+    fn write(&self, out: &mut Vec<u8>, limit: usize, captured: bool) {
+        let capture = self.capture;
+        let bytes = &capture.bytes[..capture.bytes.len().min(limit)];
+        let truncated = (bytes.len() as u64) < capture.size;
+        let mut o = JsonObject::open(out);
+        if !captured {
+            o.field("encoding", "none");
+            o.field("size", &capture.size);
+            o.field("truncated", &(capture.size > 0));
+            return o.close();
+        }
+        match (self.json, truncated) {
+            (Some(_), false) if self.must_redact => match &self.redacted {
+                Some(redacted) => {
+                    o.field("encoding", "json");
+                    o.raw("data", redacted.as_bytes());
+                }
+                None => o.field("encoding", "none"),
+            },
+            // Complete JSON goes in as it was sent (validated once, in `json_with_probe`):
+            // numbers exactly as sent, no second parse.
+            (Some(text), false) => {
+                o.field("encoding", "json");
+                o.raw("data", text.as_bytes());
+            }
+            // Fields must be redacted but the body is not whole JSON: record none of it.
+            _ if self.must_redact => o.field("encoding", "none"),
+            _ => match text_prefix(bytes, truncated).filter(|_| !self.binary_type) {
+                Some(text) => {
+                    o.field("encoding", "text");
+                    o.field("data", text);
+                }
+                None => {
+                    o.field("encoding", "base64");
+                    o.field(
+                        "data",
+                        &base64::engine::general_purpose::STANDARD.encode(bytes),
+                    );
+                }
+            },
+        }
+        o.field("size", &capture.size);
+        o.field("truncated", &truncated);
+        o.close()
+    }
+}
+
+/// The body as JSON text when it is one JSON value, and the few fields read from it, in one
+/// parse: reading an object into [`Probe`] validates every byte of it (unknown fields are
+/// parsed and ignored) just as reading it as a raw value would.
+fn json_with_probe(bytes: &[u8]) -> (Option<&str>, Probe<'_>) {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return (None, Probe::default());
+    };
+    let starts_object = text.trim_start().starts_with('{');
+    if starts_object {
+        if let Ok(probe) = serde_json::from_str::<Probe>(text) {
+            return (Some(text), probe);
+        }
+    }
+    // Not an object, or one that does not read as a probe (a duplicate `id`, say): valid JSON
+    // all the same?
+    match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        Ok(_) => (Some(text), Probe::default()),
+        Err(_) => (None, Probe::default()),
+    }
+}
+
+/// A JSON object written field by field into a buffer: the record is written once, straight
+/// into the bytes that go to the spool, with bodies embedded as they are.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> JsonObject<'a> {
+    fn open(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        JsonObject { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A field serialized with serde (keys here are plain ASCII: no escaping needed).
+    fn field<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) {
+        self.key(key);
+        serde_json::to_writer(&mut *self.out, value).expect("writing to a Vec cannot fail");
+    }
+
+    /// A field whose value is JSON text already.
+    fn raw(&mut self, key: &str, json: &[u8]) {
+        self.key(key);
+        self.out.extend_from_slice(json);
+    }
+
+    /// A field whose value is an object written by `f`.
+    fn object(&mut self, key: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        self.key(key);
+        f(self.out);
+    }
+
+    fn close(self) {
+        self.out.push(b'}');
     }
 }
 
@@ -590,59 +755,6 @@ fn at(v: &mut serde_json::Value, path: &[String], f: &dyn Fn(&mut serde_json::Va
     }
 }
 
-struct BodyView<'a> {
-    body: &'a Body<'a>,
-    limit: usize,
-    captured: bool,
-}
-
-impl Serialize for BodyView<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let capture = self.body.capture;
-        let mut m = s.serialize_map(Some(4))?;
-        if !self.captured {
-            m.serialize_entry("encoding", "none")?;
-            m.serialize_entry("size", &capture.size)?;
-            m.serialize_entry("truncated", &(capture.size > 0))?;
-            return m.end();
-        }
-        let bytes = &capture.bytes[..capture.bytes.len().min(self.limit)];
-        let truncated = (bytes.len() as u64) < capture.size;
-        match (self.body.json, truncated) {
-            (Some(_), false) if self.body.must_redact => match &self.body.redacted {
-                Some(redacted) => {
-                    m.serialize_entry("encoding", "json")?;
-                    m.serialize_entry("data", redacted)?;
-                }
-                None => m.serialize_entry("encoding", "none")?,
-            },
-            // Complete JSON goes in as raw JSON: numbers exactly as sent.
-            (Some(raw), false) => {
-                m.serialize_entry("encoding", "json")?;
-                m.serialize_entry("data", raw)?;
-            }
-            // Fields must be redacted but the body is not whole JSON: record none of it.
-            _ if self.body.must_redact => m.serialize_entry("encoding", "none")?,
-            _ => match text_prefix(bytes, truncated).filter(|_| !self.body.binary_type) {
-                Some(text) => {
-                    m.serialize_entry("encoding", "text")?;
-                    m.serialize_entry("data", text)?;
-                }
-                None => {
-                    m.serialize_entry("encoding", "base64")?;
-                    m.serialize_entry(
-                        "data",
-                        &base64::engine::general_purpose::STANDARD.encode(bytes),
-                    )?;
-                }
-            },
-        }
-        m.serialize_entry("size", &capture.size)?;
-        m.serialize_entry("truncated", &truncated)?;
-        m.end()
-    }
-}
-
 /// The bytes as text if they are UTF-8; a truncated body may end inside a character, so up to
 /// three trailing bytes may be dropped.
 fn text_prefix(bytes: &[u8], truncated: bool) -> Option<&str> {
@@ -700,48 +812,43 @@ fn model_from_path(path: &str) -> (Option<&str>, Option<&str>) {
     (name.filter(|n| !n.is_empty()), version)
 }
 
-impl Serialize for RecordView<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl RecordWriter<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
         let ex = self.exchange;
         let policy = &ex.policy;
         let captured = ex.capture_bodies;
         let redacted = policy.redacted_headers.as_slice();
-        let redaction = &policy.body_redaction;
-        let request_body = Body::new(&ex.request.body, &ex.request.headers, redaction);
-        let response_body = ex
-            .response
-            .as_ref()
-            .map(|r| Body::new(&r.body, &r.headers, redaction));
 
         let (path_model, path_version) = model_from_path(&ex.path);
-        let probe = response_body.as_ref().map(|b| &b.probe);
+        let probe = self.response_body.as_ref().map(|b| &b.probe);
         let model_name = raw_str(probe.and_then(|p| p.model_name));
         let model_version = raw_str(probe.and_then(|p| p.model_version));
-        let v2_id = raw_str(request_body.probe.id);
+        let v2_id = raw_str(self.request_body.probe.id);
         let (path, query) = match ex.path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (ex.path.as_str(), None),
         };
+        let headers = |headers| HeadersView { headers, redacted };
 
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("schema", RECORD_SCHEMA)?;
-        m.serialize_entry("id", &ex.id)?;
-        m.serialize_entry(
+        let mut m = JsonObject::open(out);
+        m.field("schema", RECORD_SCHEMA);
+        m.field("id", &ex.id);
+        m.field(
             "time",
             &humantime::format_rfc3339_micros(ex.time).to_string(),
-        )?;
-        m.serialize_entry("instance", self.instance)?;
-        m.serialize_entry("route", &*ex.route)?;
-        m.serialize_entry(
+        );
+        m.field("instance", self.instance);
+        m.field("route", &*ex.route);
+        m.field(
             "model",
             &Model {
                 name: model_name.as_deref().or(path_model),
                 version: model_version.as_deref().or(path_version),
             },
-        )?;
+        );
         // The consumer header is a header like any other: redacted, its value stays out.
         let consumer_redacted = redacted.contains(&policy.consumer_header);
-        m.serialize_entry(
+        m.field(
             "consumer",
             &Consumer {
                 id: ex
@@ -750,115 +857,224 @@ impl Serialize for RecordView<'_> {
                     .map(|c| if consumer_redacted { REDACTED } else { c }),
                 declared: ex.consumer_declared,
             },
-        )?;
-        m.serialize_entry(
+        );
+        m.field(
             "policy",
             &PolicyRef {
                 version: &policy.version,
                 generation: policy.generation,
             },
-        )?;
-        m.serialize_entry(
-            "request",
-            &RequestView {
-                method: ex.method.as_str(),
-                path,
-                query,
-                headers: HeadersView {
-                    headers: &ex.request.headers,
-                    redacted,
-                },
-                v2_id: v2_id.as_deref(),
-                body: BodyView {
-                    body: &request_body,
-                    limit: self.body_limit,
-                    captured,
-                },
-            },
-        )?;
-        let response = ex
-            .response
-            .as_ref()
-            .zip(response_body.as_ref())
-            .map(|(r, body)| ResponseView {
-                status: ex.status.unwrap_or(0),
-                headers: HeadersView {
-                    headers: &r.headers,
-                    redacted,
-                },
-                trailers: r.trailers.as_ref().map(|t| HeadersView {
-                    headers: t,
-                    redacted,
-                }),
-                body: BodyView {
-                    body,
-                    limit: self.body_limit,
-                    captured,
-                },
+        );
+        m.object("request", |out| {
+            let mut r = JsonObject::open(out);
+            r.field("method", ex.method.as_str());
+            r.field("path", path);
+            r.field("query", &query);
+            r.field("headers", &headers(&ex.request.headers));
+            r.field("v2_id", &v2_id);
+            r.object("body", |out| {
+                self.request_body.write(out, self.body_limit, captured)
             });
-        m.serialize_entry("response", &response)?;
-        m.serialize_entry("status", &ex.status)?;
-        m.serialize_entry("error", &ex.error)?;
-        m.serialize_entry("complete", &ex.complete)?;
-        m.serialize_entry("tag", &ex.tag)?;
-        m.serialize_entry("inbound_tags", self.inbound)?;
+            r.close();
+        });
+        match ex.response.as_ref().zip(self.response_body.as_ref()) {
+            Some((response, body)) => m.object("response", |out| {
+                let mut r = JsonObject::open(out);
+                r.field("status", &ex.status.unwrap_or(0));
+                r.field("headers", &headers(&response.headers));
+                r.field("trailers", &response.trailers.as_ref().map(headers));
+                r.object("body", |out| body.write(out, self.body_limit, captured));
+                r.close();
+            }),
+            None => m.field("response", &()),
+        }
+        m.field("status", &ex.status);
+        m.field("error", &ex.error);
+        m.field("complete", &ex.complete);
+        m.field("tag", &ex.tag);
+        m.field("inbound_tags", self.inbound);
         match &ex.decision {
             Some(DecisionOutcome::Made(rows)) => {
-                let rows: Vec<RowView> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(row, d)| RowView {
-                        row,
-                        score: d.score,
-                        class_scores: d.class_scores.as_deref(),
-                        threshold: d.threshold,
-                        threshold_mode: d.threshold_mode,
-                        model_action: &d.model_action,
-                        final_action: &d.final_action,
-                        limit: d.limit.as_str(),
-                        explored: d.explored,
-                        propensity: d.propensity,
-                    })
-                    .collect();
-                m.serialize_entry("decisions", &rows)?;
-                m.serialize_entry("decision_error", &None::<()>)?;
+                match &self.decisions {
+                    Decisions::Rows => m.field("decisions", &RowsView(rows)),
+                    Decisions::Columns(_) | Decisions::Omitted => m.field("decisions", &()),
+                }
+                m.field("decision_error", &());
+                match &self.decisions {
+                    Decisions::Rows => {}
+                    Decisions::Columns(columns) => {
+                        // The scores are not repeated when the response body is recorded
+                        // whole: they are in it, where the route read them.
+                        let scores_in_body = self
+                            .response_body
+                            .as_ref()
+                            .is_some_and(|b| b.recorded_whole_as_json(self.body_limit, captured));
+                        let source = policy.policy.routes.get(&*ex.route);
+                        m.object("decision_columns", |out| {
+                            columns.write(out, rows, source, scores_in_body)
+                        });
+                    }
+                    Decisions::Omitted => m.field("decisions_omitted", &rows.len()),
+                }
             }
             Some(DecisionOutcome::Failed { kind, message }) => {
-                m.serialize_entry("decisions", &None::<()>)?;
-                m.serialize_entry("decision_error", &DecisionErrorView { kind, message })?;
+                m.field("decisions", &());
+                m.field("decision_error", &DecisionErrorView { kind, message });
             }
             None => {
-                m.serialize_entry("decisions", &None::<()>)?;
-                m.serialize_entry("decision_error", &None::<()>)?;
+                m.field("decisions", &());
+                m.field("decision_error", &());
             }
         }
-        m.serialize_entry(
+        m.field(
             "timings",
             &Timings {
                 upstream_ms: ex.upstream_duration.map(|d| d.as_secs_f64() * 1e3),
                 total_ms: ex.total_duration.as_secs_f64() * 1e3,
             },
-        )?;
-        m.end()
+        );
+        m.close();
     }
 }
 
-#[derive(Serialize)]
-struct RequestView<'a> {
-    method: &'a str,
-    path: &'a str,
-    query: Option<&'a str>,
-    headers: HeadersView<'a>,
-    v2_id: Option<&'a str>,
-    body: BodyView<'a>,
+/// The `decisions` array, one object per row.
+struct RowsView<'a>(&'a [RowDecision]);
+
+impl Serialize for RowsView<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().enumerate().map(|(row, d)| RowView {
+            row,
+            score: d.score,
+            class_scores: d.class_scores.as_deref(),
+            threshold: d.threshold,
+            threshold_mode: d.threshold_mode,
+            model_action: &d.model_action,
+            final_action: &d.final_action,
+            limit: d.limit.as_str(),
+            explored: d.explored,
+            propensity: d.propensity,
+        }))
+    }
+}
+
+/// A batch's decisions as `decision_columns` (see [`v1::DecisionColumns`]): one code
+/// character per row for what is categorical, runs of equal values for the threshold.
+struct Columns<'a> {
+    outcomes: Vec<OutcomeView<'a>>,
+    codes: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Serialize)]
+struct OutcomeView<'a> {
+    model_action: &'a str,
+    final_action: &'a str,
+    limit: &'static str,
+    explored: bool,
+}
+
+impl<'a> Columns<'a> {
+    /// `None` when the batch has more distinct outcomes than there are codes.
+    fn new(rows: &'a [RowDecision]) -> Option<Self> {
+        let mut outcomes: Vec<OutcomeView> = Vec::new();
+        let mut codes = String::with_capacity(rows.len());
+        for d in rows {
+            let outcome = OutcomeView {
+                model_action: &d.model_action,
+                final_action: &d.final_action,
+                limit: d.limit.as_str(),
+                explored: d.explored,
+            };
+            let i = match outcomes.iter().position(|o| *o == outcome) {
+                Some(i) => i,
+                None => {
+                    outcomes.push(outcome);
+                    outcomes.len() - 1
+                }
+            };
+            codes.push(char::from(*v1::CODE_ALPHABET.get(i)?));
+        }
+        Some(Columns { outcomes, codes })
+    }
+
+    fn write(
+        &self,
+        out: &mut Vec<u8>,
+        rows: &[RowDecision],
+        route: Option<&crate::config::policy::Route>,
+        scores_in_body: bool,
+    ) {
+        let mut c = JsonObject::open(out);
+        c.field("rows", &rows.len());
+        if scores_in_body {
+            c.field("score", &());
+        } else {
+            c.field("score", &SeqOf(|| rows.iter().map(|d| d.score)));
+            if rows.iter().any(|d| d.class_scores.is_some()) {
+                c.field(
+                    "class_scores",
+                    &SeqOf(|| {
+                        rows.iter()
+                            .map(|d| d.class_scores.as_deref().unwrap_or(&[]))
+                    }),
+                );
+            }
+        }
+        let spec = route.and_then(|r| r.score.as_ref());
+        c.field(
+            "score_source",
+            &ScoreSourceView {
+                protocol: route.map(|r| r.protocol),
+                output: spec.and_then(|s| s.output.as_deref()),
+                column: spec.and_then(|s| s.column),
+                pointer: spec.and_then(|s| s.pointer.as_deref()),
+            },
+        );
+        c.field("threshold", &runs(rows.iter().map(|d| d.threshold)));
+        c.field(
+            "threshold_mode",
+            &runs(rows.iter().map(|d| d.threshold_mode)),
+        );
+        c.field("outcomes", &self.outcomes);
+        c.field("codes", &self.codes);
+        if rows.iter().any(|d| d.propensity.is_some()) {
+            c.field("propensity", &runs(rows.iter().map(|d| d.propensity)));
+        }
+        c.close();
+    }
+}
+
+/// Runs of equal consecutive values, `[value, count]`.
+fn runs<T: PartialEq>(values: impl Iterator<Item = T>) -> Vec<(T, u64)> {
+    let mut out: Vec<(T, u64)> = Vec::new();
+    for v in values {
+        match out.last_mut() {
+            Some((last, n)) if *last == v => *n += 1,
+            _ => out.push((v, 1)),
+        }
+    }
+    out
 }
 
 #[derive(Serialize)]
-struct ResponseView<'a> {
-    status: u16,
-    headers: HeadersView<'a>,
-    trailers: Option<HeadersView<'a>>,
-    body: BodyView<'a>,
+struct ScoreSourceView<'a> {
+    protocol: Option<crate::config::policy::Protocol>,
+    output: Option<&'a str>,
+    column: Option<usize>,
+    pointer: Option<&'a str>,
+}
+
+/// Serializes what `items` yields as a JSON array, without collecting it first.
+struct SeqOf<F>(F);
+
+impl<F, I> Serialize for SeqOf<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq((self.0)())
+    }
 }
 
 #[cfg(test)]
@@ -911,6 +1127,7 @@ mod tests {
         EncodeContext {
             instance: "pod-0".into(),
             max_record_bytes: max,
+            record_decisions: Default::default(),
             inbound_tags: Default::default(),
         }
     }
@@ -1091,10 +1308,193 @@ mod tests {
         let mut uncaptured = exchange(b"{}", b"{}", 1024);
         uncaptured.capture_bodies = false;
         let tagged = exchange(br#"["sg1.e30.a","sg1.e30.b"]"#, b"{}", 1024);
-        [decided, failed, refused, trailed, uncaptured, tagged]
+        let columns = EncodeContext {
+            record_decisions: RecordDecisions::Columns,
+            ..ctx(1 << 20)
+        };
+        let (batch, _) = decided_batch(2000);
+        let mut out: Vec<Vec<u8>> = [decided, failed, refused, trailed, uncaptured, tagged]
             .iter()
             .map(|ex| ex.encode(&ctx(1 << 20)).payload)
-            .collect()
+            .collect();
+        // Columns with the scores in the body, with the scores inline (bodies cut), and the
+        // decisions omitted.
+        out.push(batch.encode(&columns).payload);
+        out.push(batch.encode(&ctx(16_384)).payload);
+        out.push(batch.encode(&ctx(4096)).payload);
+        out
+    }
+
+    /// A decided v2 batch of `rows` rows, as the e2e bench's spam route sees it: the stand-in
+    /// model's answer, a few spam rows, a few limited to the fallback. Also the size of its
+    /// two bodies.
+    fn decided_batch(rows: usize) -> (Exchange, usize) {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/e2e/policy.full.yaml"
+        ))
+        .unwrap();
+        // The bench signs with a key of its own; the record's size does not depend on it.
+        let text = text.split("tagging:").next().unwrap();
+        let policy = crate::config::validate::parse(text, 1 << 20).unwrap();
+        let request = crate::demo::v2_request(rows, 7);
+        let request_value: serde_json::Value = serde_json::from_str(&request).unwrap();
+        let response = crate::demo::StandInModel::infer_v2(&request_value)
+            .unwrap()
+            .to_string();
+        let mut ex = exchange(request.as_bytes(), response.as_bytes(), 1 << 20);
+        ex.route = "spam".into();
+        ex.policy = Arc::new(PolicySnapshot::new(policy, 0, 1 << 20, None));
+        ex.tag = Some(format!("sg1.{}.{}", "e".repeat(150), "s".repeat(86)));
+        let scores: Vec<f64> = response_scores(&response);
+        ex.decision = Some(DecisionOutcome::Made(
+            scores
+                .iter()
+                .enumerate()
+                .map(|(i, &score)| {
+                    let spam = score >= 0.9;
+                    let limited = spam && i % 3 == 0;
+                    let action = |spam: bool| Arc::<str>::from(if spam { "spam" } else { "ham" });
+                    RowDecision {
+                        score,
+                        class_scores: None,
+                        threshold: Some(if i < rows / 2 { 0.9 } else { 0.91 }),
+                        threshold_mode: Some("adaptive"),
+                        model_action: action(spam),
+                        final_action: action(spam && !limited),
+                        limit: if limited {
+                            crate::decide::LimitOutcome::Fallback
+                        } else {
+                            crate::decide::LimitOutcome::Ok
+                        },
+                        explored: false,
+                        propensity: None,
+                    }
+                })
+                .collect(),
+        ));
+        (ex, request.len() + response.len())
+    }
+
+    /// Column 1 of the `predict_proba` output.
+    fn response_scores(response: &str) -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_str(response).unwrap();
+        let output = v["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "predict_proba")
+            .unwrap();
+        let data = output["data"].as_array().unwrap();
+        data.chunks(2).map(|c| c[1].as_f64().unwrap()).collect()
+    }
+
+    fn typed(entry: &SpoolEntry) -> v1::Record {
+        serde_json::from_slice(&entry.payload).unwrap()
+    }
+
+    #[test]
+    fn a_large_batch_in_columns_costs_little_more_than_its_bodies() {
+        let (batch, bodies) = decided_batch(421);
+        let rows_form = batch.encode(&ctx(1 << 20));
+        let columns = batch.encode(&EncodeContext {
+            record_decisions: RecordDecisions::Columns,
+            ..ctx(1 << 20)
+        });
+        let ratio = columns.payload.len() as f64 / bodies as f64;
+        eprintln!(
+            "421 rows: bodies {bodies} B; record with decisions in rows {} B ({:.2}x), in columns {} B ({ratio:.2}x)",
+            rows_form.payload.len(),
+            rows_form.payload.len() as f64 / bodies as f64,
+            columns.payload.len(),
+        );
+        assert!(ratio <= 1.10, "{ratio}");
+        let (rows_record, columns_record) = (typed(&rows_form), typed(&columns));
+        assert!(rows_record.decision_columns.is_none());
+        assert!(columns_record.decisions.is_none());
+        assert_eq!(
+            rows_record.row_decisions().unwrap(),
+            columns_record.row_decisions().unwrap(),
+            "the same truth in both forms"
+        );
+        let c = columns_record.decision_columns.as_ref().unwrap();
+        assert_eq!(c.rows, 421);
+        assert_eq!(c.outcomes.len(), 3, "{:?}", c.outcomes);
+        assert!(
+            c.score.is_none(),
+            "the scores are in the recorded response body"
+        );
+        assert_eq!(c.score_source.output.as_deref(), Some("predict_proba"));
+        assert_eq!(c.score_source.column, Some(1));
+        assert_eq!(c.threshold.len(), 2, "two runs: {:?}", c.threshold);
+        let in_body = response_scores(
+            columns_record
+                .response
+                .as_ref()
+                .unwrap()
+                .body
+                .data
+                .as_ref()
+                .unwrap()
+                .get(),
+        );
+        assert_eq!(in_body.len(), 421);
+        assert!(
+            columns_record
+                .row_decisions()
+                .unwrap()
+                .iter()
+                .any(|d| d.final_action == "spam")
+                && rows_record
+                    .row_decisions()
+                    .unwrap()
+                    .iter()
+                    .any(|d| d.model_action == "spam"),
+            "the batch has both actions"
+        );
+    }
+
+    #[test]
+    fn a_decided_record_over_the_limit_cuts_bodies_then_stores_columns_then_omits() {
+        let (batch, _) = decided_batch(10_000);
+        let whole = typed(&batch.encode(&ctx(usize::MAX)));
+        assert!(whole.decisions.as_ref().is_some_and(|d| d.len() == 10_000));
+
+        // Bodies cut, then the decisions in columns, the scores inline (the body is cut).
+        let limit = 300_000;
+        let entry = batch.encode(&ctx(limit));
+        assert!(entry.payload.len() <= limit, "{}", entry.payload.len());
+        let cut = typed(&entry);
+        assert!(cut.request.body.truncated && cut.response.as_ref().unwrap().body.truncated);
+        assert!(cut.decisions.is_none() && cut.decisions_omitted.is_none());
+        let c = cut.decision_columns.as_ref().unwrap();
+        let scores: Vec<f64> = whole
+            .decisions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|d| d.score)
+            .collect();
+        assert_eq!(
+            c.score.as_ref(),
+            Some(&scores),
+            "the scores inline, exactly"
+        );
+        assert_eq!(cut.row_decisions(), whole.row_decisions());
+
+        // Too small for even the columns: omitted, and said so.
+        let entry = batch.encode(&ctx(8192));
+        assert!(entry.payload.len() <= 8192, "{}", entry.payload.len());
+        let omitted = typed(&entry);
+        assert_eq!(omitted.decisions_omitted, Some(10_000));
+        assert!(omitted.decisions.is_none() && omitted.decision_columns.is_none());
+        assert!(omitted.row_decisions().is_none());
+        eprintln!(
+            "10,000 rows: {} B whole; {} B under a 300,000 B limit (columns); {} B under 8 KiB (omitted)",
+            batch.encode(&ctx(usize::MAX)).payload.len(),
+            batch.encode(&ctx(limit)).payload.len(),
+            entry.payload.len()
+        );
     }
 
     #[test]
@@ -1110,9 +1510,13 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(&text).unwrap();
             let errors: Vec<String> = validator
                 .iter_errors(&value)
-                .map(|e| e.to_string())
+                .map(|e| format!("{}: {e}", e.instance_path))
                 .collect();
-            assert!(errors.is_empty(), "{errors:?}: {text}");
+            assert!(
+                errors.is_empty(),
+                "{errors:?}: {}",
+                &text[..text.len().min(2000)]
+            );
         }
     }
 

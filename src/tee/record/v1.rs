@@ -53,11 +53,21 @@ pub struct Record {
     /// body, JSON escapes and any depth included): model outputs fed back as inputs. At most 8;
     /// at most 4 have their signature checked.
     pub inbound_tags: Vec<InboundTag>,
-    /// One entry per row on a deciding route; null elsewhere, or when the response could not
-    /// be read (see decision_error).
+    /// One entry per row on a deciding route; null elsewhere, when the response could not be
+    /// read (see decision_error), or when the decisions are in `decision_columns` or omitted.
     pub decisions: Option<Vec<Decision>>,
     /// Why a deciding route could not read the response (it passed through unchanged).
     pub decision_error: Option<DecisionError>,
+    /// The same per-row decisions as `decisions`, stored compactly: with
+    /// `--record-decisions columns`, or when one entry per row would not fit under
+    /// `--max-record` even with the bodies cut. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_columns: Option<DecisionColumns>,
+    /// Rows decided but whose decisions are in neither form: the record would not fit under
+    /// `--max-record` with them, even with the bodies cut and the decisions in columns.
+    /// Absent when nothing was omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions_omitted: Option<u64>,
     pub timings: Timings,
 }
 
@@ -226,6 +236,119 @@ pub struct Decision {
 fn explored_may_be_absent(schema: &mut Schema) {
     if let Some(serde_json::Value::Array(required)) = schema.get_mut("required") {
         required.retain(|f| f != "explored");
+    }
+}
+
+/// A batch's decisions by column: what row `i` of `decisions` would say is at index `i` of each
+/// column (runs and codes expanded).
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct DecisionColumns {
+    pub rows: u64,
+    /// Each row's score; null when the recorded response body holds them whole, at
+    /// `score_source` (they are not repeated).
+    pub score: Option<Vec<f64>>,
+    /// Multi-class: every class score of each row; null when the response body holds them,
+    /// and on binary routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_scores: Option<Vec<Vec<f64>>>,
+    /// Where the route read the scores in the response: the route's protocol and `score` spec.
+    pub score_source: ScoreSource,
+    /// The threshold of each row, as runs of equal values.
+    pub threshold: Vec<Run<Option<f64>>>,
+    pub threshold_mode: Vec<Run<Option<ThresholdMode>>>,
+    /// The distinct outcomes in the batch, in the order they first appear.
+    pub outcomes: Vec<Outcome>,
+    /// One character per row, `0-9a-zA-Z` in that order: the index of the row's outcome.
+    pub codes: String,
+    /// Each row's propensity as runs (routes that explore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propensity: Option<Vec<Run<Option<f64>>>>,
+}
+
+/// `[value, count]`: `count` consecutive rows with this value.
+pub type Run<T> = (T, u64);
+
+/// What a row's decision came to, less its score and threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Outcome {
+    pub model_action: String,
+    pub final_action: String,
+    pub limit: LimitOutcome,
+    pub explored: bool,
+}
+
+/// The characters of [`DecisionColumns::codes`]: a batch holds at most 62 distinct outcomes
+/// in columns (past that, its decisions are recorded one object per row).
+pub const CODE_ALPHABET: &[u8; 62] =
+    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// Expands runs to one value per row.
+pub fn expand_runs<T>(runs: &[Run<T>]) -> Vec<&T> {
+    runs.iter()
+        .flat_map(|(v, n)| std::iter::repeat_n(v, usize::try_from(*n).unwrap_or(usize::MAX)))
+        .collect()
+}
+
+/// Where a route reads its scores: v2, the output named `output` (`column` of a `[n, k]`
+/// output); v1, `predictions` (`column` of each row); json, the JSON pointer `pointer`, its `*`
+/// being the row.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ScoreSource {
+    /// `v1`, `v2` or `json`.
+    pub protocol: Option<String>,
+    pub output: Option<String>,
+    pub column: Option<u64>,
+    pub pointer: Option<String>,
+}
+
+/// What [`Record::row_decisions`] gives for each row, from either form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowDecision<'a> {
+    pub threshold: Option<f64>,
+    pub model_action: &'a str,
+    pub final_action: &'a str,
+    pub limit: &'a LimitOutcome,
+    pub explored: bool,
+}
+
+impl Record {
+    /// The decisions row by row, from `decisions` or `decision_columns`; `None` when the
+    /// record has neither, or its columns do not agree with each other.
+    pub fn row_decisions(&self) -> Option<Vec<RowDecision<'_>>> {
+        if let Some(rows) = &self.decisions {
+            return Some(
+                rows.iter()
+                    .map(|d| RowDecision {
+                        threshold: d.threshold,
+                        model_action: &d.model_action,
+                        final_action: &d.final_action,
+                        limit: &d.limit,
+                        explored: d.explored,
+                    })
+                    .collect(),
+            );
+        }
+        let c = self.decision_columns.as_ref()?;
+        let threshold = expand_runs(&c.threshold);
+        let rows = usize::try_from(c.rows).ok()?;
+        if threshold.len() != rows || c.codes.len() != rows {
+            return None;
+        }
+        c.codes
+            .bytes()
+            .zip(threshold)
+            .map(|(code, &threshold)| {
+                let i = CODE_ALPHABET.iter().position(|&a| a == code)?;
+                let o = c.outcomes.get(i)?;
+                Some(RowDecision {
+                    threshold,
+                    model_action: &o.model_action,
+                    final_action: &o.final_action,
+                    limit: &o.limit,
+                    explored: o.explored,
+                })
+            })
+            .collect()
     }
 }
 
