@@ -26,6 +26,7 @@ use http::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sluicegate::config::policy::{Policy, PolicySnapshot, Protocol, ScoreSpec};
+use sluicegate::config::settings::RecordDecisions;
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
@@ -364,6 +365,15 @@ fn records(c: &mut Criterion) {
             g.bench_function(format!("baseline_value_{setup}"), |b| {
                 b.iter(|| naive_record(black_box(&ex), &ctx.instance))
             });
+            if ex.decision.is_some() {
+                let columns = EncodeContext {
+                    record_decisions: RecordDecisions::Columns,
+                    ..ctx.clone()
+                };
+                g.bench_function(format!("sluicegate_{setup}_in_columns"), |b| {
+                    b.iter(|| black_box(&ex).encode(&columns))
+                });
+            }
         }
         g.finish();
     }

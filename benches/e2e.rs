@@ -4,7 +4,9 @@
 //! - `direct`: no proxy;
 //! - `sluicegate-full`: `sluicegate serve` with everything on — an adaptive threshold, a limit
 //!   with a fallback, decisions written into the body, Ed25519 tags (benches/e2e/policy.full.yaml)
-//!   and the tee to a real Kafka-protocol broker (`tansu`, through a TCP front the bench can cut);
+//!   and the tee to a real Kafka-protocol broker (`tansu`, through a TCP front the bench can cut),
+//!   with `--record-decisions columns` (what the docs recommend for large batches; set
+//!   `E2E_RECORD_DECISIONS=rows` for the one-object-per-row form);
 //! - `sluicegate-tee`: `sluicegate serve` with no policy (record everything) and the spool as sink;
 //! - `nginx` and `haproxy`: plain reverse proxies with keep-alive to the upstream
 //!   (benches/e2e/nginx.conf, benches/e2e/haproxy.cfg).
@@ -49,6 +51,7 @@
 //! | `E2E_SETUPS` [all] | a subset, e.g. `direct,sluicegate-full,nginx` |
 //! | `E2E_OUTAGE` [1] | the Kafka outage phase (the broker cut off mid-run, at 1,000 req/s) |
 //! | `E2E_PIN` [1] | pin with taskset |
+//! | `E2E_RECORD_DECISIONS` [columns] | sluicegate-full's `--record-decisions` |
 //! | `E2E_OUT` [bench-results] | where results go |
 //! | `E2E_OHA`, `SLUICEGATE_TANSU_BIN` | use these binaries instead of building them |
 
@@ -183,13 +186,18 @@ impl Kind {
             Kind::Haproxy => "haproxy",
         }
     }
-    fn describe(self) -> &'static str {
+    fn describe(self) -> String {
         match self {
-            Kind::Direct => "no proxy: the load straight to the stand-in model",
-            Kind::Full => "sluicegate: adaptive threshold, limit, decisions in the body, Ed25519 tags, tee to Kafka (tansu)",
-            Kind::Tee => "sluicegate: no policy (record everything), tee to the spool only",
-            Kind::Nginx => "nginx: one worker, keep-alive to the upstream",
-            Kind::Haproxy => "HAProxy: one thread, keep-alive and connection reuse to the upstream",
+            Kind::Direct => "no proxy: the load straight to the stand-in model".into(),
+            Kind::Full => format!(
+                "sluicegate: adaptive threshold, limit, decisions in the body, Ed25519 tags, tee to Kafka (tansu), `--record-decisions {}`",
+                env_str("E2E_RECORD_DECISIONS", "columns")
+            ),
+            Kind::Tee => "sluicegate: no policy (record everything), tee to the spool only".into(),
+            Kind::Nginx => "nginx: one worker, keep-alive to the upstream".into(),
+            Kind::Haproxy => {
+                "HAProxy: one thread, keep-alive and connection reuse to the upstream".into()
+            }
         }
     }
     fn color(self) -> &'static str {
@@ -1254,6 +1262,8 @@ fn main() {
                 TOPIC.into(),
                 "--kafka-alerts-topic".into(),
                 ALERTS_TOPIC.into(),
+                "--record-decisions".into(),
+                env_str("E2E_RECORD_DECISIONS", "columns"),
             ],
         ));
     }
