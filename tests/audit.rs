@@ -60,10 +60,19 @@ async fn audit_finds_the_planted_loops_and_bias() {
     let brokers = cluster.bootstrap_servers();
     let model = StandInModel::spawn().await.unwrap();
     let dir = spool_dir();
+    // Decisions in columns: the audit reads them as it reads one object per row (its unit
+    // tests read the row form).
     let proxy = start_tagging(
         model,
         dir.path(),
-        &["--kafka-brokers", &brokers, "--kafka-topic", TOPIC],
+        &[
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            TOPIC,
+            "--record-decisions",
+            "columns",
+        ],
     );
     // The auditor holds only the public key.
     let public = dir.path().join("public");
