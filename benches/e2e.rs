@@ -52,6 +52,7 @@
 //! | `E2E_OUTAGE` [1] | the Kafka outage phase (the broker cut off mid-run, at 1,000 req/s) |
 //! | `E2E_PIN` [1] | pin with taskset |
 //! | `E2E_RECORD_DECISIONS` [columns] | sluicegate-full's `--record-decisions` |
+//! | `E2E_COMBINE` | `dir1,dir2,…`: no run; the targets of these runs' results as medians with their range, into `E2E_OUT/e2e-runs.md` |
 //! | `E2E_OUT` [bench-results] | where results go |
 //! | `E2E_OHA`, `SLUICEGATE_TANSU_BIN` | use these binaries instead of building them |
 
@@ -1112,6 +1113,10 @@ fn main() {
         println!("e2e: a benchmark; run it with `cargo bench --bench e2e`");
         return;
     }
+    if let Ok(dirs) = std::env::var("E2E_COMBINE") {
+        combine(&dirs);
+        return;
+    }
     let cfg = Cfg::from_env();
     let started = Instant::now();
     let started_at = std::time::SystemTime::now();
@@ -1864,48 +1869,6 @@ fn main() {
         }
     }
 
-    // Targets at 1,000 req/s: the issue's, per response size.
-    let row = |size: &str, rate: u32, k: Kind| -> Option<&Value> {
-        rows.iter()
-            .find(|r| r["size"] == size && r["rate"] == rate && r["setup"] == k.name())
-    };
-    let f = |v: Option<&Value>, key: &str| v.and_then(|r| r[key].as_f64());
-    let mut target_rows = Vec::new();
-    for size in &world.sizes {
-        let full = row(&size.name, 1000, Kind::Full);
-        let ngx = row(&size.name, 1000, Kind::Nginx);
-        let cmp = |key: &str| match (f(full, key), f(ngx, key)) {
-            (Some(a), Some(b)) => json!({"sluicegate_full": a, "nginx": b, "met": a <= b}),
-            _ => json!({"met": null}),
-        };
-        let fresh = rss_table.get(Kind::Full.name()).and_then(|r| {
-            r[if size.name == "16KiB" {
-                "fresh_after_16kib_at_1000_mib"
-            } else {
-                "fresh_after_1kib_at_1000_mib"
-            }]
-            .as_f64()
-        });
-        target_rows.push(json!({
-            "size": size.name,
-            "added_p50_no_worse_than_nginx": cmp("added_p50_us"),
-            "added_p99_no_worse_than_nginx": cmp("added_p99_us"),
-            "cpu_per_request_no_worse_than_nginx": cmp("proxy_cpu_ms_per_1k"),
-            "peak_rss_at_most_20_mib": json!({"mib": fresh, "met": fresh.map(|r| r <= 20.0)}),
-        }));
-    }
-    let lost = kafka["records_lost"].as_f64();
-    let drops = kafka["at_end"]["records_dropped"].as_f64();
-    let targets = json!({
-        "at_1000_rps": target_rows,
-        "zero_records_lost_while_kafka_healthy": json!({"lost": lost, "dropped": drops, "met": lost.zip(drops).map(|(l, d)| l <= 0.0 && d == 0.0)}),
-        "p99_moves_under_10pct_while_kafka_down": json!({
-            "change": outage["p99_change"], "change_relative_to_direct": outage["p99_change_relative_to_direct"],
-            "met": outage["p99_change"].as_f64().map(|c| c.abs() < 0.10),
-        }),
-        "zero_records_lost_after_kafka_outage": json!({"lost": outage["records_lost"], "met": outage["records_lost"].as_f64().map(|l| l <= 0.0)}),
-    });
-
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -1942,9 +1905,11 @@ fn main() {
         "kafka_healthy": kafka,
         "kafka_outage": outage,
         "rss": rss_table,
-        "targets": targets,
         "cells": cells.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
     });
+    let mut doc = doc;
+    doc["targets"] = targets(&doc);
+    doc["cost_model"] = cost_model(&doc);
 
     let md = markdown(&doc);
     println!("\n{md}");
@@ -2137,62 +2102,272 @@ Direct p99 in the same windows: {} and {} µs (p99 change relative to direct: {}
             fmt_opt(&o["delivery_retries"], 0, false), fmt_opt(&o["producer_rebuilds"], 0, false),
         ));
     }
-    md.push_str("\n## Targets (this run)\n\n| target | measured | met |\n|---|---|---|\n");
-    let t = &doc["targets"];
-    let yes = |v: &Value| match v.as_bool() {
-        Some(true) => "yes",
-        Some(false) => "**no**",
-        None => "not measured",
-    };
-    for r in t["at_1000_rps"].as_array().into_iter().flatten() {
-        let size = s(&r["size"]);
-        for (key, what, unit, digits, signed) in [
-            ("added_p50_no_worse_than_nginx", "added p50", "µs", 0, true),
-            ("added_p99_no_worse_than_nginx", "added p99", "µs", 0, true),
-            (
-                "cpu_per_request_no_worse_than_nginx",
-                "CPU per request",
-                "ms / 1k req",
-                1,
-                false,
-            ),
-        ] {
-            let v = &r[key];
-            md.push_str(&format!(
-                "| {size} at 1,000 req/s: {what} no worse than nginx | sluicegate-full {} {unit}, nginx {} {unit} | {} |\n",
-                fmt_opt(&v["sluicegate_full"], digits, signed),
-                fmt_opt(&v["nginx"], digits, signed),
-                yes(&v["met"])
-            ));
-        }
-        let v = &r["peak_rss_at_most_20_mib"];
+    md.push_str("\n## Targets (this run)\n\n");
+    md.push_str(&targets_table(&[doc]));
+    md.push_str(&cost_model_text(&doc["cost_model"]));
+    md
+}
+
+/// `E2E_COMBINE=dir1,dir2,dir3`: the targets of several runs' `e2e.json`, as medians with
+/// their range, written to `E2E_OUT` as `e2e-runs.md`.
+fn combine(dirs: &str) {
+    let docs: Vec<Value> = dirs
+        .split(',')
+        .map(|d| {
+            let path = Path::new(d.trim()).join("e2e.json");
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut doc: Value = serde_json::from_str(&text).expect("e2e.json");
+            // Runs written before the targets were computed this way get them now.
+            doc["targets"] = targets(&doc);
+            doc["cost_model"] = cost_model(&doc);
+            doc
+        })
+        .collect();
+    let refs: Vec<&Value> = docs.iter().collect();
+    let mut md = format!(
+        "# sluicegate end-to-end benchmark: {} runs\n\nTargets as the median of the runs, with their range.\n\n",
+        docs.len()
+    );
+    md.push_str(&targets_table(&refs));
+    md.push_str("\nCost model of each run (µs of proxy CPU per request):\n\n| run | base | per KiB | per decided row | deciding and signing |\n|---|---:|---:|---:|---:|\n");
+    for (d, doc) in dirs.split(',').zip(&docs) {
+        let m = &doc["cost_model"];
         md.push_str(&format!(
-            "| {size} at 1,000 req/s: peak RSS ≤ 20 MiB (fresh process; spool excluded) | {} MiB | {} |\n",
-            fmt_opt(&v["mib"], 1, false),
-            yes(&v["met"])
+            "| {} | {} | {} | {} | {} |\n",
+            d.trim(),
+            fmt_opt(&m["base_us"], 0, false),
+            fmt_opt(&m["per_kib_us"], 1, false),
+            fmt_opt(&m["per_decided_row_us"], 2, false),
+            fmt_opt(&m["deciding_fixed_us"], 0, false)
         ));
     }
-    let lost = &t["zero_records_lost_while_kafka_healthy"];
-    md.push_str(&format!(
-        "| zero records lost while Kafka is healthy | {} lost (counted at the broker), {} dropped | {} |\n",
-        fmt_opt(&lost["lost"], 0, false),
-        fmt_opt(&lost["dropped"], 0, false),
-        yes(&lost["met"])
-    ));
-    let out = &t["p99_moves_under_10pct_while_kafka_down"];
-    md.push_str(&format!(
-        "| p99 moves < 10% while Kafka is down | {} ({} relative to direct) | {} |\n",
-        pctf(&out["change"]),
-        pctf(&out["change_relative_to_direct"]),
-        yes(&out["met"])
-    ));
-    let lo = &t["zero_records_lost_after_kafka_outage"];
-    md.push_str(&format!(
-        "| every record delivered after the outage | {} lost | {} |\n",
-        fmt_opt(&lo["lost"], 0, false),
-        yes(&lo["met"])
-    ));
+    println!("{md}");
+    let out = PathBuf::from(env_str("E2E_OUT", "bench-results"));
+    std::fs::create_dir_all(&out).expect("results dir");
+    std::fs::write(out.join("e2e-runs.md"), md).unwrap();
+}
+
+/// The hot-path targets, each a figure of this run against its bound.
+fn targets(doc: &Value) -> Value {
+    let row = |size: &str, rate: u64, k: Kind| -> Option<&Value> {
+        doc["rows"].as_array()?.iter().find(|r| {
+            r["size"] == size && r["rate"].as_u64() == Some(rate) && r["setup"] == k.name()
+        })
+    };
+    let num = |v: Option<&Value>, key: &str| v.and_then(|r| r[key].as_f64());
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
+    let cpu = |size: &str, rate: u64, k: Kind| num(row(size, rate, k), "proxy_cpu_ms_per_1k");
+    let ceiling = |size: &str, k: Kind| -> Option<f64> {
+        doc["ceilings"]
+            .as_array()?
+            .iter()
+            .find(|c| c["size"] == size && c["setup"] == k.name())?["rps"]
+            .as_f64()
+    };
+    let rss = |key: &str| doc["rss"][Kind::Full.name()][key].as_f64();
+    let full_16k_fast = row("16KiB", 2900, Kind::Full);
+    let target = |name: &str, value: Option<f64>, unit: &str, bound: f64, at_most: bool| {
+        json!({"name": name, "value": value, "unit": unit, "bound": bound, "at_most": at_most,
+               "met": value.map(|v| if at_most { v <= bound } else { v >= bound })})
+    };
+    let added_p99 = |k: Kind| num(row("1KiB", 1000, k), "added_p99_us");
+    Value::Array(vec![
+        target(
+            "1KiB at 1,000 req/s: sluicegate-full CPU per request, × nginx's",
+            ratio(
+                cpu("1KiB", 1000, Kind::Full),
+                cpu("1KiB", 1000, Kind::Nginx),
+            ),
+            "×",
+            2.0,
+            true,
+        ),
+        target(
+            "1KiB at 1,000 req/s: sluicegate-tee CPU per request, × nginx's",
+            ratio(cpu("1KiB", 1000, Kind::Tee), cpu("1KiB", 1000, Kind::Nginx)),
+            "×",
+            1.3,
+            true,
+        ),
+        target(
+            "1KiB at 1,000 req/s: sluicegate-full added p99 minus nginx's",
+            added_p99(Kind::Full)
+                .zip(added_p99(Kind::Nginx))
+                .map(|(a, b)| a - b),
+            "µs",
+            300.0,
+            true,
+        ),
+        target(
+            "16KiB at 1,000 req/s: sluicegate-full CPU per request, × nginx's",
+            ratio(
+                cpu("16KiB", 1000, Kind::Full),
+                cpu("16KiB", 1000, Kind::Nginx),
+            ),
+            "×",
+            3.0,
+            true,
+        ),
+        target(
+            "16KiB at 2,900 req/s: sluicegate-full p99",
+            num(full_16k_fast, "p99_us"),
+            "µs",
+            10_000.0,
+            true,
+        ),
+        target(
+            "16KiB at 2,900 req/s: sluicegate-full failed requests",
+            num(full_16k_fast, "failed"),
+            "",
+            0.0,
+            true,
+        ),
+        target(
+            "16KiB at 2,900 req/s: sluicegate-full records dropped from the queue",
+            full_16k_fast.and_then(|r| r["tee"]["dropped"].as_f64()),
+            "",
+            0.0,
+            true,
+        ),
+        target(
+            "closed-loop ceiling, 1KiB: sluicegate-full, × nginx's",
+            ratio(ceiling("1KiB", Kind::Full), ceiling("1KiB", Kind::Nginx)),
+            "×",
+            0.60,
+            false,
+        ),
+        target(
+            "closed-loop ceiling, 16KiB: sluicegate-full, × nginx's",
+            ratio(ceiling("16KiB", Kind::Full), ceiling("16KiB", Kind::Nginx)),
+            "×",
+            0.40,
+            false,
+        ),
+        target(
+            "peak RSS, fresh sluicegate-full after 1KiB at 1,000 req/s",
+            rss("fresh_after_1kib_at_1000_mib"),
+            "MiB",
+            32.0,
+            true,
+        ),
+        target(
+            "peak RSS, fresh sluicegate-full after 16KiB at 1,000 req/s",
+            rss("fresh_after_16kib_at_1000_mib"),
+            "MiB",
+            32.0,
+            true,
+        ),
+        target(
+            "records lost while Kafka is healthy (counted at the broker)",
+            doc["kafka_healthy"]["records_lost"].as_f64(),
+            "",
+            0.0,
+            true,
+        ),
+        target(
+            "records lost after the Kafka outage",
+            doc["kafka_outage"]["records_lost"].as_f64(),
+            "",
+            0.0,
+            true,
+        ),
+    ])
+}
+
+/// The targets of one or more runs: one run's figures, or the median of several with their
+/// range (p99 and ceilings move run to run on a shared machine).
+fn targets_table(docs: &[&Value]) -> String {
+    let several = docs.len() > 1;
+    let mut md = String::from(if several {
+        "| target | bound | median (min – max) | met by the median |\n|---|---:|---:|---|\n"
+    } else {
+        "| target | bound | measured | met |\n|---|---:|---:|---|\n"
+    });
+    let Some(first) = docs.first().and_then(|d| d["targets"].as_array()) else {
+        return md;
+    };
+    for (i, t) in first.iter().enumerate() {
+        let mut values: Vec<f64> = docs
+            .iter()
+            .filter_map(|d| d["targets"][i]["value"].as_f64())
+            .collect();
+        values.sort_by(f64::total_cmp);
+        let unit = t["unit"].as_str().unwrap_or("");
+        let digits = if unit == "×" { 2 } else { 0 };
+        let show = |x: f64| match unit {
+            "×" | "" => format!("{x:.digits$}{unit}"),
+            _ => format!("{x:.digits$} {unit}"),
+        };
+        let median = (!values.is_empty()).then(|| values[values.len() / 2]);
+        let bound = t["bound"].as_f64().unwrap_or(0.0);
+        let at_most = t["at_most"].as_bool().unwrap_or(true);
+        let met = match median {
+            Some(v) if (at_most && v <= bound) || (!at_most && v >= bound) => "yes",
+            Some(_) => "**no**",
+            None => "not measured",
+        };
+        let measured = match (median, values.first(), values.last()) {
+            (Some(m), Some(lo), Some(hi)) if several => {
+                format!("{} ({} – {})", show(m), show(*lo), show(*hi))
+            }
+            (Some(m), _, _) => show(m),
+            _ => "–".into(),
+        };
+        md.push_str(&format!(
+            "| {} | {} {} | {measured} | {met} |\n",
+            t["name"].as_str().unwrap_or(""),
+            if at_most { "≤" } else { "≥" },
+            show(bound).trim(),
+        ));
+    }
     md
+}
+
+/// CPU per request ≈ base + per KiB of body + per decided row (+ the decision's fixed cost,
+/// the Ed25519 signature in it), fitted to this run's figures at 1,000 req/s: sluicegate-tee
+/// at the two sizes gives the base and the cost per KiB; what sluicegate-full adds on top, at
+/// the two row counts, gives the cost per decided row and the fixed cost of deciding.
+fn cost_model(doc: &Value) -> Value {
+    let cpu = |size: &str, k: Kind| -> Option<f64> {
+        doc["rows"].as_array()?.iter().find(|r| {
+            r["size"] == size && r["rate"].as_u64() == Some(1000) && r["setup"] == k.name()
+        })?["proxy_cpu_ms_per_1k"]
+            .as_f64()
+    };
+    let size = |name: &str| -> Option<(f64, f64)> {
+        let z = doc["sizes"]
+            .as_array()?
+            .iter()
+            .find(|z| z["name"] == name)?;
+        let kib = (z["request_bytes"].as_f64()? + z["response_bytes"].as_f64()?) / 1024.0;
+        Some((kib, z["rows"].as_f64()?))
+    };
+    let fit = || -> Option<Value> {
+        let ((kib1, rows1), (kib16, rows16)) = (size("1KiB")?, size("16KiB")?);
+        let (tee1, tee16) = (cpu("1KiB", Kind::Tee)?, cpu("16KiB", Kind::Tee)?);
+        let (full1, full16) = (cpu("1KiB", Kind::Full)?, cpu("16KiB", Kind::Full)?);
+        let per_kib = (tee16 - tee1) / (kib16 - kib1);
+        let base = tee1 - per_kib * kib1;
+        let per_row = ((full16 - tee16) - (full1 - tee1)) / (rows16 - rows1);
+        let decided = (full1 - tee1) - per_row * rows1;
+        Some(
+            json!({"base_us": base, "per_kib_us": per_kib, "per_decided_row_us": per_row,
+                    "deciding_fixed_us": decided}),
+        )
+    };
+    fit().unwrap_or(Value::Null)
+}
+
+fn cost_model_text(m: &Value) -> String {
+    if m.is_null() {
+        return String::new();
+    }
+    let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "\nCost model (this run, µs of proxy CPU per request, fitted at 1,000 req/s): **{:.0} + {:.1} per KiB of request and response body + {:.2} per decided row + {:.0} for deciding and signing** (the last two on deciding routes only; they include the Kafka producer's work for the decided record, and the Ed25519 signature, ~20 µs in `cargo bench --bench components -- tag_sign`).\n",
+        f("base_us"), f("per_kib_us"), f("per_decided_row_us"), f("deciding_fixed_us")
+    )
 }
 
 /// Latency percentiles per setup: one panel per size and rate, percentiles on x, µs on a log
