@@ -21,7 +21,7 @@ use rdkafka::ClientContext;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{DeadLetter, EntryKind, Position, SpoolReader, SpooledEntry};
+use super::spool::{DeadLetter, EntryKind, Handoff, Position, SpoolReader, SpooledEntry};
 use crate::config::settings::KafkaSettings;
 use crate::telemetry::TeeMetrics;
 
@@ -33,6 +33,10 @@ const MAX_IN_FLIGHT: usize = 10_000;
 /// Kafka is slower than the traffic. The backlog stays on disk.
 const MAX_HELD_BYTES: usize = 16 << 20;
 const READ_BATCH: usize = 256;
+/// Bytes of just-written records the spool writer hands the sender in memory, at most. While
+/// the sender keeps up it holds about one writer batch; when it falls behind, the rest is read
+/// from disk.
+pub const HANDOFF_BYTES: usize = 4 << 20;
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Deliveries failing with no acknowledgement for this long while a broker is reachable: the
@@ -189,6 +193,10 @@ pub struct KafkaSender {
     pub written: watch::Receiver<Position>,
     /// Segments below this number were written by an earlier process.
     pub first_live_segment: u64,
+    /// What the writer just wrote, to send without reading it back (the writer's
+    /// [`SpoolWriter::set_handoff`](super::spool::SpoolWriter::set_handoff)); `None`: every
+    /// record is read from disk.
+    pub handoff: Option<Handoff>,
 }
 
 impl KafkaSender {
@@ -285,26 +293,39 @@ impl KafkaSender {
             {
                 let upto = *self.written.borrow();
                 let room = (MAX_IN_FLIGHT - in_flight.len()).min(READ_BATCH);
-                match b.reader.next_batch(upto, room) {
-                    Ok(batch) => {
-                        reader_caught_up = batch.len() < room;
-                        for entry in batch {
-                            b.held_bytes += entry.entry.payload.len();
-                            if entry.pos.segment < self.first_live_segment {
-                                self.metrics.replayed.inc();
-                            }
-                            match self.send(&producer, entry) {
-                                Ok(fut) => in_flight.push(fut),
-                                Err(entry) => {
-                                    b.retry.push_back(entry);
-                                    b.retry_at = Instant::now() + RETRY_MIN;
-                                }
-                            }
+                // From memory while it holds exactly what comes next, then from disk.
+                let mut batch = Vec::new();
+                if let Some(handoff) = &self.handoff {
+                    handoff.take(&mut b.reader, room, &mut batch);
+                }
+                let from_memory = batch.len();
+                let mut read_ok = true;
+                if batch.len() < room && b.reader.read_position() < upto {
+                    match b.reader.next_batch(upto, room - batch.len()) {
+                        Ok(read) => batch.extend(read),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "spool read failed; retrying");
+                            b.retry_at = Instant::now() + RETRY_MAX;
+                            read_ok = false;
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "spool read failed; retrying");
-                        b.retry_at = Instant::now() + RETRY_MAX;
+                }
+                reader_caught_up = read_ok && batch.len() < room;
+                self.metrics
+                    .spool
+                    .sent_from_memory
+                    .inc_by(from_memory as u64);
+                for entry in batch {
+                    b.held_bytes += entry.entry.payload.len();
+                    if entry.pos.segment < self.first_live_segment {
+                        self.metrics.replayed.inc();
+                    }
+                    match self.send(&producer, entry) {
+                        Ok(fut) => in_flight.push(fut),
+                        Err(entry) => {
+                            b.retry.push_back(entry);
+                            b.retry_at = Instant::now() + RETRY_MIN;
+                        }
                     }
                 }
             }

@@ -264,8 +264,7 @@ fn write_loop(
         queued_bytes.fetch_sub(freed, Ordering::Relaxed);
         // Records a disk error cost are counted, and logged at a limited rate, by the spool
         // writer, which also backs off: a failing disk never slows the queue's draining.
-        let _ = spool.append_batch(&entries);
-        entries.clear();
+        let _ = spool.append_owned(&mut entries);
         let _ = spool.maybe_fsync();
     }
     if let Err(e) = spool.sync() {
