@@ -3100,6 +3100,7 @@ mod tests {
             "sluicegate_tee_records_dropped_spool_error_total",
             "sluicegate_tee_spool_write_errors_total",
             "sluicegate_tee_spool_disk_error",
+            "sluicegate_tee_records_sent_from_memory_total",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))),
