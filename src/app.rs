@@ -15,9 +15,9 @@ use crate::control::{self, Readiness};
 use crate::proxy::body::RequestLimits;
 use crate::proxy::server::{self, ListenerLimits};
 use crate::proxy::Proxy;
-use crate::tee::kafka::KafkaSender;
+use crate::tee::kafka::{KafkaSender, HANDOFF_BYTES};
 use crate::tee::record::{instance_name, EncodeContext};
-use crate::tee::spool::{NewerFormat, SpoolConfig, SpoolMode, SpoolWriter};
+use crate::tee::spool::{Handoff, NewerFormat, SpoolConfig, SpoolMode, SpoolWriter};
 use crate::tee::TeeWriter;
 use crate::telemetry::Metrics;
 
@@ -125,12 +125,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             None => StartError::Spool { dir, source },
         }
     };
-    let (spool, written) =
+    let (mut spool, written) =
         SpoolWriter::open(spool_config, metrics.tee.spool.clone()).map_err(spool_err)?;
     let first_live_segment = spool.first_segment();
 
     let kafka = match &settings.kafka {
         Some(kafka) => {
+            let handoff = Handoff::new(HANDOFF_BYTES);
+            spool.set_handoff(handoff.clone());
             let sender = KafkaSender {
                 kafka: kafka.clone(),
                 spool_dir: settings.spool.dir.clone(),
@@ -138,6 +140,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 metrics: metrics.tee.clone(),
                 written,
                 first_live_segment,
+                handoff: Some(handoff),
             };
             sender.check_config().map_err(StartError::Kafka)?;
             let drain = CancellationToken::new();

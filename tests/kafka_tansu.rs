@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{
-    check_contract, count_missing, graceful_restart_copies, keys, start_teeing,
+    check_contract, consume, count_missing, graceful_restart_copies, keys, start_teeing,
     stays_ready_through_outage, wait_sent_then_consume, TOPIC,
 };
 use common::tansu::{self, Tansu};
@@ -123,6 +123,71 @@ async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
         0,
         "{missing} of {} ids missing after the broker came back",
         ids.len()
+    );
+}
+
+/// Records the sender took from the spool writer's hand-off (memory, not disk) and that Kafka
+/// never acknowledged — the broker unreachable — are not lost with the process: SIGKILL, then a
+/// restart replays them from the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_sent_from_memory_and_unacked_at_sigkill_are_replayed() {
+    let Some(bin) = tansu::binary() else { return };
+    let port = free_port();
+    let front = free_port();
+    let broker = Tansu::start(bin, port, front, "memory://tansu/", &std::env::temp_dir());
+    broker.create_topic(TOPIC, 3);
+    let mut link = Forwarder::start(front, format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let model = StandInModel::spawn().await.unwrap();
+    let spool = spool_dir();
+    let brokers = format!("127.0.0.1:{front}");
+    let mut proxy = start(model, &brokers, spool.path(), &[]);
+    let (mut ids, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
+    assert_eq!(failed, 0);
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        ids.len() as f64,
+        Duration::from_secs(30),
+    );
+    let from_memory = proxy.metric("sluicegate_tee_records_sent_from_memory_total");
+    assert!(from_memory > 0.0, "the sender read everything from disk");
+
+    link.cut();
+    let (more, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
+    assert_eq!(failed, 0);
+    let unacked = more.len();
+    ids.extend(more);
+    proxy.wait_metric(
+        "sluicegate_tee_records_spooled_total",
+        ids.len() as f64,
+        Duration::from_secs(10),
+    );
+    // Taken from memory, handed to librdkafka, not acknowledged.
+    proxy.wait_metric(
+        "sluicegate_tee_records_sent_from_memory_total",
+        from_memory + 1.0,
+        Duration::from_secs(10),
+    );
+    proxy.sigkill();
+
+    link.restore().await;
+    let proxy = start(model, &brokers, spool.path(), &[]);
+    proxy.wait_metric(
+        "sluicegate_tee_records_replayed_total",
+        unacked as f64,
+        Duration::from_secs(60),
+    );
+    let brokers_ = brokers.clone();
+    let n = ids.len();
+    let got = tokio::task::spawn_blocking(move || {
+        consume(&brokers_, TOPIC, n, Duration::from_secs(60), &[])
+    })
+    .await
+    .unwrap();
+    check_contract(&got);
+    let missing = count_missing(&ids, &keys(&got));
+    assert_eq!(
+        missing, 0,
+        "{missing} of {n} ids missing after SIGKILL and restart"
     );
 }
 

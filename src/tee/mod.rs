@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! request path ──try_send──▶ bounded queue ──▶ spool writer thread ──▶ segment files
-//!                                                                          │
-//!                       Kafka producer task ◀── tails the spool ◀──────────┘
+//!                                                     │ hand-off (memory)       │
+//!                       Kafka producer task ◀─────────┴── tails the spool ◀─────┘
 //!                       (acked ⇒ segment deleted; no Kafka ⇒ the spool is a rotating log)
 //! ```
+//! The hand-off only saves reading back what was just written: the sender takes a record from
+//! it only when it is the very next one in the spool ([`spool::Handoff`]).
 //! The request path never waits: a full queue drops the record, counted and logged. It checks
 //! the provenance tags a request carried before queueing its record (bounded per record and per
 //! second), so a flood of tags cannot take the writer's time from everyone's records.
@@ -264,8 +266,7 @@ fn write_loop(
         queued_bytes.fetch_sub(freed, Ordering::Relaxed);
         // Records a disk error cost are counted, and logged at a limited rate, by the spool
         // writer, which also backs off: a failing disk never slows the queue's draining.
-        let _ = spool.append_batch(&entries);
-        entries.clear();
+        let _ = spool.append_owned(&mut entries);
         let _ = spool.maybe_fsync();
     }
     if let Err(e) = spool.sync() {

@@ -66,6 +66,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -223,6 +224,8 @@ pub struct SpoolMetrics {
     pub write_errors: Counter,
     /// 1 from a disk error until a write succeeds again.
     pub disk_error: Gauge,
+    /// Entries the Kafka sender took from the writer's [`Handoff`] instead of reading them back.
+    pub sent_from_memory: Counter,
 }
 
 impl SpoolMetrics {
@@ -278,6 +281,11 @@ impl SpoolMetrics {
             "spool_disk_error",
             "1 from a spool disk error until a write succeeds again",
             self.disk_error.clone(),
+        );
+        registry.register(
+            "records_sent_from_memory",
+            "Records the Kafka sender sent as the spool writer handed them over, without reading them back from disk",
+            self.sent_from_memory.clone(),
         );
     }
 }
@@ -647,6 +655,13 @@ pub struct SpoolWriter {
     broken: bool,
     buf: Vec<u8>,
     buf_entries: usize,
+    /// Where each frame in `buf` starts: (index in the batch, position). Moved to `placed` once
+    /// the frames are written.
+    buf_placed: Vec<(usize, Position)>,
+    /// The entries of the current batch that were written, and where.
+    placed: Vec<(usize, Position)>,
+    /// Written entries go to the Kafka sender through here too (see [`Handoff`]).
+    handoff: Option<Handoff>,
     /// Sealed segments (number, file) with data not yet fsynced.
     unsynced: Vec<(u64, File)>,
     dirty: bool,
@@ -714,6 +729,9 @@ impl SpoolWriter {
             broken: false,
             buf: Vec::new(),
             buf_entries: 0,
+            buf_placed: Vec::new(),
+            placed: Vec::new(),
+            handoff: None,
             unsynced: Vec::new(),
             dirty: false,
             dir_dirty: true,
@@ -746,6 +764,52 @@ impl SpoolWriter {
     /// that fails), and for a growing delay after each error batches are dropped and counted
     /// without touching the disk, returning an error.
     pub fn append_batch(&mut self, entries: &[SpoolEntry]) -> io::Result<usize> {
+        let result = self.write_batch(entries);
+        self.publish();
+        result
+    }
+
+    /// [`Self::append_batch`] that takes the entries (leaving `entries` empty) and, with a
+    /// [`Handoff`] set, offers the written ones to it before publishing the new position, so
+    /// a sender woken by the position finds them there.
+    pub fn append_owned(&mut self, entries: &mut Vec<SpoolEntry>) -> io::Result<usize> {
+        let result = self.write_batch(entries);
+        if let Some(handoff) = &self.handoff {
+            let mut placed = self.placed.iter().peekable();
+            let written = entries.drain(..).enumerate().filter_map(|(i, entry)| {
+                let &(_, pos) = placed.next_if(|&&(at, _)| at == i)?;
+                Some(SpooledEntry { pos, entry })
+            });
+            handoff.offer(written);
+        }
+        entries.clear();
+        self.publish();
+        result
+    }
+
+    /// Offers every entry written from now on to `handoff` (see [`Self::append_owned`]).
+    pub fn set_handoff(&mut self, handoff: Handoff) {
+        self.handoff = Some(handoff);
+    }
+
+    /// Publishes the position after the last whole frame written.
+    fn publish(&mut self) {
+        let pos = Position {
+            segment: self.segment,
+            offset: self.offset,
+        };
+        self.tx.send_if_modified(|p| {
+            let changed = *p != pos;
+            *p = pos;
+            changed
+        });
+    }
+
+    /// Writes a batch (see [`Self::append_batch`]) and notes in `placed` where each written
+    /// entry went; publishes nothing.
+    fn write_batch(&mut self, entries: &[SpoolEntry]) -> io::Result<usize> {
+        self.placed.clear();
+        self.buf_placed.clear();
         if self
             .trouble
             .as_ref()
@@ -775,15 +839,6 @@ impl SpoolWriter {
                 );
             }
         }
-        let pos = Position {
-            segment: self.segment,
-            offset: self.offset,
-        };
-        self.tx.send_if_modified(|p| {
-            let changed = *p != pos;
-            *p = pos;
-            changed
-        });
         match result {
             Ok(()) => {
                 self.recovered();
@@ -873,7 +928,7 @@ impl SpoolWriter {
             }
         }
         const HEADER: u64 = SEGMENT_HEADER_LEN as u64;
-        for entry in entries {
+        for (index, entry) in entries.iter().enumerate() {
             // Alone in a new segment, behind its header, it must fit the spool.
             let len = match frame_len(entry) {
                 Some(len) if HEADER + len as u64 <= self.config.max_bytes => len as u64,
@@ -912,6 +967,14 @@ impl SpoolWriter {
                 self.buf
                     .extend_from_slice(&segment_header(SPOOL_FORMAT_VERSION));
             }
+            let offset = self.file_len + self.buf.len() as u64;
+            self.buf_placed.push((
+                index,
+                Position {
+                    segment: self.segment,
+                    offset,
+                },
+            ));
             encode_frame(entry, &mut self.buf);
             self.buf_entries += 1;
         }
@@ -961,9 +1024,11 @@ impl SpoolWriter {
                 self.offset += len;
                 self.file_len = self.offset;
                 self.metrics.bytes.inc_by(gauge_value(len));
+                self.placed.append(&mut self.buf_placed);
                 Ok(entries)
             }
             Err(e) => {
+                self.buf_placed.clear();
                 // Part of it may be on disk: account for it, never append behind it.
                 self.broken = true;
                 if let Ok(m) = self.file.metadata() {
@@ -1072,6 +1137,80 @@ pub struct SpooledEntry {
     pub pos: Position,
     /// The entry.
     pub entry: SpoolEntry,
+}
+
+/// Entries the writer just wrote, handed to the Kafka sender in memory so that, while it keeps
+/// up, it sends them without reading back what was just written. The spool stays the
+/// write-ahead log: the sender takes an entry only when it sits exactly where its reader would
+/// read next ([`SpoolReader::accept`]), and the reader's acknowledgement bookkeeping is the
+/// same either way. Anything else — a gap left by a full hand-off, a new segment's first entry,
+/// a replay — is read from disk as before. Bounded in bytes: when the sender falls behind,
+/// newer entries are not offered (they wait on disk) and the ones it has passed are dropped.
+#[derive(Clone, Debug)]
+pub struct Handoff {
+    inner: Arc<Mutex<HandoffQueue>>,
+}
+
+#[derive(Debug)]
+struct HandoffQueue {
+    entries: VecDeque<SpooledEntry>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Handoff {
+    /// A hand-off holding at most `max_bytes` of payloads.
+    pub fn new(max_bytes: usize) -> Self {
+        Handoff {
+            inner: Arc::new(Mutex::new(HandoffQueue {
+                entries: VecDeque::new(),
+                bytes: 0,
+                max_bytes,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandoffQueue> {
+        // The queue is consistent after every statement: a panic elsewhere leaves it usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Offers written entries, in spool order; those past the byte bound are not kept.
+    pub fn offer(&self, written: impl Iterator<Item = SpooledEntry>) {
+        let mut q = self.lock();
+        for entry in written {
+            let len = entry.entry.payload.len();
+            if q.bytes + len > q.max_bytes {
+                break;
+            }
+            q.bytes += len;
+            q.entries.push_back(entry);
+        }
+    }
+
+    /// Moves to `out` up to `max` entries that come exactly next for `reader` (which books
+    /// them as read), dropping those it has already read past. Stops at the first gap.
+    pub fn take(&self, reader: &mut SpoolReader, max: usize, out: &mut Vec<SpooledEntry>) {
+        let mut q = self.lock();
+        let mut taken = 0;
+        while taken < max {
+            let Some(front) = q.entries.front() else {
+                break;
+            };
+            let accepted = reader.accept(front);
+            if !accepted && front.pos >= reader.read_position() {
+                break;
+            }
+            let Some(entry) = q.entries.pop_front() else {
+                break;
+            };
+            q.bytes -= entry.entry.payload.len();
+            if accepted {
+                out.push(entry);
+                taken += 1;
+            }
+        }
+    }
 }
 
 /// An open segment being read, with a read-ahead buffer that lets a resync look forward.
@@ -1426,6 +1565,45 @@ impl SpoolReader {
         Ok(out)
     }
 
+    /// Where the next entry would be read from: everything before it was read (or skipped).
+    pub fn read_position(&self) -> Position {
+        match &self.current {
+            Some(c) => Position {
+                segment: c.number,
+                offset: c.pos,
+            },
+            None => Position {
+                segment: self.next_segment,
+                offset: 0,
+            },
+        }
+    }
+
+    /// Books `e`, known to be in the spool (from the writer's [`Handoff`]), as read, if it is
+    /// exactly the next frame this reader would read from disk; the reader then goes on after
+    /// it, as if it had read it. A reader that has not started the entry's segment yet reads
+    /// from disk (that is where segments are opened and passed).
+    pub fn accept(&mut self, e: &SpooledEntry) -> bool {
+        let Some(c) = self.current.as_mut() else {
+            return false;
+        };
+        let Some(len) = frame_len(&e.entry) else {
+            return false;
+        };
+        if !c.started || c.number != e.pos.segment || c.pos != e.pos.offset {
+            return false;
+        }
+        c.pos += len as u64;
+        if self.delete_acked {
+            self.acks
+                .entry(c.number)
+                .or_default()
+                .unacked
+                .insert(e.pos.offset);
+        }
+        true
+    }
+
     /// Opens the lowest segment at or after `next_segment`, if it is at most `upto_segment`.
     fn open_next(&mut self, upto_segment: u64) -> io::Result<bool> {
         loop {
@@ -1657,6 +1835,62 @@ mod tests {
             assert_eq!(writer.append_batch(chunk).unwrap(), chunk.len());
             writer.maybe_fsync().unwrap();
         }
+    }
+
+    /// A sender taking what the writer hands over, and reading from disk what it cannot, gets
+    /// every entry once, in order, at the positions a reader of the disk alone sees: across
+    /// segment rolls, a hand-off too small for a batch (gaps), and a reader that lags behind.
+    /// Acknowledging them all deletes every sealed segment.
+    #[test]
+    fn handoff_and_disk_together_read_each_entry_once_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = SpoolMetrics::default();
+        let cfg = config(tmp.path(), SpoolMode::Hold, 1 << 20, 2000);
+        let (mut w, rx) = SpoolWriter::open(cfg, metrics.clone()).unwrap();
+        let handoff = Handoff::new(600);
+        w.set_handoff(handoff.clone());
+        let mut r = SpoolReader::open(tmp.path(), metrics.clone(), true).unwrap();
+        let mut rng = Rng(0x5eed);
+        let all: Vec<_> = (0..400).map(entry).collect();
+        let (mut got, mut from_memory) = (Vec::new(), 0);
+        let mut sender_step = |r: &mut SpoolReader, got: &mut Vec<SpooledEntry>, max: usize| {
+            let mut batch = Vec::new();
+            handoff.take(r, max, &mut batch);
+            from_memory += batch.len();
+            let upto = *rx.borrow();
+            if batch.len() < max && r.read_position() < upto {
+                batch.extend(r.next_batch(upto, max - batch.len()).unwrap());
+            }
+            let n = batch.len();
+            got.extend(batch);
+            n
+        };
+        let mut rest = &all[..];
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(rest.len().min(1 + rng.below(9)));
+            rest = tail;
+            let mut owned = chunk.to_vec();
+            assert_eq!(w.append_owned(&mut owned).unwrap(), chunk.len());
+            assert!(owned.is_empty());
+            // Sometimes the sender keeps up, sometimes it lags a few batches behind.
+            if rng.below(3) > 0 {
+                sender_step(&mut r, &mut got, 1 + rng.below(12));
+            }
+        }
+        while sender_step(&mut r, &mut got, 16) > 0 {}
+        assert!(from_memory > 0, "nothing came from memory");
+        assert!(from_memory < all.len(), "nothing came from disk");
+
+        let mut disk = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        let on_disk = read_all(&mut disk, *rx.borrow());
+        assert_eq!(got, on_disk);
+        assert_eq!(entries_of(&got), all);
+
+        for e in &got {
+            r.ack(e.pos).unwrap();
+        }
+        assert_eq!(segment_numbers(tmp.path()), vec![rx.borrow().segment]);
+        assert_eq!(r.acked_prefix(), Some(r.read_position()));
     }
 
     #[test]
@@ -2866,6 +3100,7 @@ mod tests {
             "sluicegate_tee_records_dropped_spool_error_total",
             "sluicegate_tee_spool_write_errors_total",
             "sluicegate_tee_spool_disk_error",
+            "sluicegate_tee_records_sent_from_memory_total",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))),
