@@ -601,13 +601,36 @@ fn sluicegate_bytes(h: &http::HeaderMap) -> usize {
 /// `value=count` pairs, the largest count first (ties by value, bytewise), in at most `room`
 /// bytes: pairs that do not fit are summed into a last `(K more)=N`.
 fn counts<'a>(values: impl Iterator<Item = &'a str>, room: usize) -> String {
-    let mut tally = std::collections::BTreeMap::<&str, u64>::new();
+    // A batch holds a handful of distinct values, mostly in runs: the last one is checked
+    // first, then a short scan; past `SCAN` distinct values (a class per row) an index.
+    const SCAN: usize = 16;
+    let mut tally: Vec<(&str, u64)> = Vec::new();
+    let mut index = std::collections::HashMap::<&str, usize>::new();
+    let mut last = 0;
     for v in values {
-        *tally.entry(v).or_default() += 1;
+        if tally.get(last).is_some_and(|&(t, _)| t == v) {
+            tally[last].1 += 1;
+            continue;
+        }
+        let found = if tally.len() <= SCAN {
+            tally.iter().position(|&(t, _)| t == v)
+        } else {
+            index.get(v).copied()
+        };
+        last = found.unwrap_or_else(|| {
+            tally.push((v, 0));
+            if tally.len() > SCAN {
+                if index.is_empty() {
+                    index.extend(tally.iter().enumerate().map(|(i, &(t, _))| (t, i)));
+                } else {
+                    index.insert(v, tally.len() - 1);
+                }
+            }
+            tally.len() - 1
+        });
+        tally[last].1 += 1;
     }
-    let mut tally: Vec<(&str, u64)> = tally.into_iter().collect();
-    // Stable: equal counts keep the map's order, by value.
-    tally.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    tally.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     let pair = |v: &str, n: u64| format!("{v}={n}");
     let rest = |k: usize, n: u64| format!("({k} more)={n}");
     let mut out = String::new();
@@ -746,15 +769,24 @@ fn decision_headers(
     }
 }
 
-/// The v2 output tensor carrying the final action of each row.
-fn v2_action_tensor(decided: &Decided) -> Value {
-    let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
-    json!({
-        "name": "sluicegate_action",
-        "shape": [actions.len()],
-        "datatype": "BYTES",
-        "data": actions,
-    })
+/// The v2 output tensor carrying the final action of each row. Serialized straight from the
+/// rows' actions: a `Value` of it would allocate a string per row.
+#[derive(serde::Serialize)]
+struct ActionTensor<'a> {
+    name: &'static str,
+    shape: [usize; 1],
+    datatype: &'static str,
+    data: Vec<&'a str>,
+}
+
+fn v2_action_tensor(decided: &Decided) -> ActionTensor<'_> {
+    let data: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
+    ActionTensor {
+        name: "sluicegate_action",
+        shape: [data.len()],
+        datatype: "BYTES",
+        data,
+    }
 }
 
 /// The v2 response with the action tensor appended to its `outputs`, everything else kept
@@ -771,7 +803,7 @@ fn splice_v2_actions(bytes: &Bytes, decided: &Decided) -> Option<Bytes> {
     let inner = outputs.strip_prefix('[')?.strip_suffix(']')?;
     // Where the array's closing bracket sits in the body (the raw value borrows from it).
     let close = outputs.as_ptr() as usize - bytes.as_ptr() as usize + outputs.len() - 1;
-    let tensor = serde_json::to_vec(&v2_action_tensor(decided)).expect("a JSON value serializes");
+    let tensor = serde_json::to_vec(&v2_action_tensor(decided)).expect("a tensor serializes");
     let mut out = Vec::with_capacity(bytes.len() + tensor.len() + 1);
     out.extend_from_slice(&bytes[..close]);
     if !inner.trim().is_empty() {
@@ -788,7 +820,10 @@ fn write_into_body(route: &CompiledRoute, value: &mut Value, decided: &Decided, 
     match route.protocol() {
         Protocol::V2 => {
             if let Some(outputs) = value.get_mut("outputs").and_then(Value::as_array_mut) {
-                outputs.push(v2_action_tensor(decided));
+                outputs.push(
+                    serde_json::to_value(v2_action_tensor(decided))
+                        .expect("a tensor of strings is a JSON value"),
+                );
             }
         }
         Protocol::V1 => {
@@ -992,6 +1027,25 @@ mod tests {
         let cut = counts(rows.into_iter(), 16);
         assert_eq!(cut, "c=3,(3 more)=4");
         assert_eq!(counts(rows.into_iter(), 0), "(4 more)=7");
+
+        // More distinct values than the short scan holds, interleaved: the same order.
+        let names: Vec<String> = (0..20).map(|i| format!("v{i:02}")).collect();
+        let rows: Vec<&str> = (0..3)
+            .flat_map(|round| {
+                names
+                    .iter()
+                    .enumerate()
+                    .filter(move |(i, _)| round <= i % 3)
+                    .map(|(_, v)| v.as_str())
+            })
+            .collect();
+        let all = counts(rows.into_iter(), 1000);
+        assert!(
+            all.starts_with("v02=3,v05=3,v08=3,v11=3,v14=3,v17=3,v01=2,v04=2,"),
+            "{all}"
+        );
+        assert!(all.ends_with(",v15=1,v18=1"), "{all}");
+        assert_eq!(all.split(',').count(), 20);
     }
 
     #[test]
@@ -1099,9 +1153,12 @@ mod tests {
         let v: Value = serde_json::from_str(text).unwrap();
         assert_eq!(
             v["outputs"][1],
-            v2_action_tensor(&decided(&["spam", "ham"]))
+            json!({"name": "sluicegate_action", "shape": [2], "datatype": "BYTES", "data": ["spam", "ham"]})
         );
-        assert_eq!(v["outputs"][1]["data"], json!(["spam", "ham"]));
+        // Byte for byte what the parsed-value path writes too.
+        assert!(text.contains(
+            r#"{"name":"sluicegate_action","shape":[2],"datatype":"BYTES","data":["spam","ham"]}"#
+        ));
 
         let empty = Bytes::from_static(br#"{"outputs":[ ]}"#);
         let v: Value =
