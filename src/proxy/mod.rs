@@ -1,5 +1,24 @@
 //! The data plane: forwards each request to the upstream model server, streams the answer
 //! back, and hands a capture of both to the tee.
+//!
+//! # The request path
+//!
+//! [`Proxy::handle`] runs each request through five phases, each a method of [`Proxy`] with
+//! its own unit test and its own line in the stack bench (`phases_<size>/…`):
+//! 1. **admission** ([`Proxy::admit`]): one policy snapshot, the path normalized and routed,
+//!    the id, the consumer, sampling, and every refusal made before anything is sent;
+//! 2. **forward** ([`Proxy::upstream_head`], then the send within the upstream timeout; the
+//!    request body streams through `body::RequestBody`, captured as it goes);
+//! 3. **capture** ([`Proxy::capture_head`]: the response head recorded and stamped; then
+//!    either the body streams, captured as it goes, or a deciding route reads it whole,
+//!    [`Proxy::capture_whole`]);
+//! 4. **decide** ([`Proxy::decide`], in `decision`): scores, thresholds, limits, alerts,
+//!    metrics, the signed tag;
+//! 5. **respond** ([`Proxy::respond`]): the decision in the headers and the body, or a
+//!    limit's 429; the record finished (`pending`).
+//!
+//! Metric handles are resolved once per route and policy generation (see
+//! [`crate::telemetry::RouteMetrics`]), not per request.
 
 pub mod body;
 mod decision;
