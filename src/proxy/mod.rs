@@ -626,12 +626,7 @@ impl Proxy {
     }
 
     /// Answers the request itself with `err`, counted and recorded.
-    pub(crate) fn fail(
-        &self,
-        err: ProxyError,
-        detail: &str,
-        admitted: Admitted,
-    ) -> Response<ResponseBody> {
+    fn fail(&self, err: ProxyError, detail: &str, admitted: Admitted) -> Response<ResponseBody> {
         let message = err.message(detail);
         self.metrics
             .errors
@@ -677,13 +672,6 @@ pub struct Admitted {
     pending: Option<Pending>,
     /// Why the request is answered without forwarding, if it is.
     refusal: Option<(ProxyError, String)>,
-}
-
-impl Admitted {
-    /// Whether admission refused the request (it is then answered with an error).
-    pub fn refused(&self) -> bool {
-        self.refusal.is_some()
-    }
 }
 
 /// The metric handles of one policy generation: each route's, and each consumer's.
@@ -957,7 +945,7 @@ routes:
         let dir = tempfile::tempdir().unwrap();
         let (proxy, writer, metrics) = proxy_with(DECIDING, dir.path());
         let admitted = proxy.admit(&infer("mail-ingest"));
-        assert!(!admitted.refused());
+        assert!(admitted.refusal.is_none());
         assert_eq!(&*admitted.compiled.as_ref().unwrap().name, "spam");
         assert_eq!(admitted.path_and_query, "/v2/models/spam-filter/infer?x=1");
         assert!(admitted.pending.is_some(), "sampled at rate 1");
@@ -978,7 +966,7 @@ routes:
             .body(())
             .unwrap();
         let refused = proxy.admit(&ambiguous);
-        assert!(refused.refused());
+        assert!(refused.refusal.is_some());
         assert!(
             refused.compiled.is_none(),
             "a refused request gets no route"
