@@ -15,6 +15,13 @@
 //! After each sluicegate setup it prints how many records the tee queued and dropped: drops
 //! mean the spool writer could not keep up with the request path run flat out.
 //!
+//! Then, in `phases_<size>`, each phase of the request path alone (see `Proxy::handle`), under
+//! the full policy, on the same bodies: `admit`, `forward_head` (the rewrite; the send itself
+//! is hyper's, in the baseline), `capture_head`, `capture_whole` (decoding and copying the
+//! whole answer into the record; its read is hyper's), `decide` (scores, threshold, limit,
+//! metrics, the Ed25519 tag) and `respond` (headers, the body with the decisions spliced in).
+//! Each is timed from what the phase before it produced, built outside the timing.
+//!
 //! Run: `cargo bench --bench stack`.
 
 use std::io;
@@ -24,7 +31,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use http::header::{CONTENT_TYPE, HOST};
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
@@ -39,11 +46,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use sluicegate::config::policy::{self, Policy, SharedPolicy};
 use sluicegate::config::settings::Settings;
 use sluicegate::config::validate::parse;
+use sluicegate::decide::CompiledRoute;
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::provenance::{generate_key, Algorithm};
 use sluicegate::proxy::body::RequestLimits;
 use sluicegate::proxy::server::{Connections, ListenerLimits};
-use sluicegate::proxy::Proxy;
+use sluicegate::proxy::{Admitted, Captured, Proxy};
 use sluicegate::tee::record::EncodeContext;
 use sluicegate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
 use sluicegate::tee::TeeWriter;
@@ -177,11 +185,11 @@ impl Sluicegate {
 
 /// Builds the tee and the proxy as `app::start` does, with the default settings, the upstream
 /// in memory and the spool in `spool_dir`.
-async fn sluicegate(
+fn proxy(
     policy: SharedPolicy,
     upstream: MemoryUpstream,
     spool_dir: &std::path::Path,
-) -> (SendRequest<Full<Bytes>>, Sluicegate) {
+) -> (Arc<Proxy>, TeeWriter, Arc<Metrics>) {
     let settings = Settings::default();
     let metrics = Arc::new(Metrics::new());
     let (spool, _) = SpoolWriter::open(
@@ -216,6 +224,17 @@ async fn sluicegate(
         tee,
         metrics.proxy.clone(),
     ));
+    (proxy, writer, metrics)
+}
+
+/// A running sluicegate (see [`proxy`]) serving one in-memory connection.
+async fn sluicegate(
+    policy: SharedPolicy,
+    upstream: MemoryUpstream,
+    spool_dir: &std::path::Path,
+) -> (SendRequest<Full<Bytes>>, Sluicegate) {
+    let settings = Settings::default();
+    let (proxy, writer, metrics) = proxy(policy, upstream, spool_dir);
     tokio::spawn(proxy.clone().run_upkeep());
     let connections = Connections::new(proxy, ListenerLimits::from_settings(&settings));
     let graceful = GracefulShutdown::new();
@@ -304,7 +323,131 @@ fn stack(c: &mut Criterion) {
             running.close(&format!("stack_{size}/{name}"));
         }
         g.finish();
+        phases(c, &rt, size, &body, &upstream, dir.path());
     }
+}
+
+/// The request head as hyper hands it to the proxy in `round_trip`.
+fn request_head(body: &Bytes) -> Request<()> {
+    Request::post(PATH)
+        .header(HOST, "sluicegate")
+        .header(CONTENT_TYPE, "application/json")
+        .header("sluicegate-consumer", "mail-ingest")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .body(())
+        .unwrap()
+}
+
+/// The upstream's response head as the stand-in model server sends it.
+fn response_head(answer: &Bytes) -> http::response::Parts {
+    Response::builder()
+        .header(CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, answer.len())
+        .header(http::header::DATE, "Mon, 30 Nov 2026 23:00:00 GMT")
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0
+}
+
+/// Each phase of the request path alone, from what the phases before it produced.
+fn phases(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    size: &str,
+    body: &Bytes,
+    upstream: &MemoryUpstream,
+    dir: &std::path::Path,
+) {
+    let _runtime = rt.enter();
+    let policy = full_policy(&dir.join("phase-keys"));
+    let (proxy, writer, metrics) = proxy(policy, upstream.clone(), &dir.join("phases"));
+    let client = "10.0.0.7:41000".parse().unwrap();
+    let req = request_head(body);
+    let answer = &upstream.response;
+    let admitted = || proxy.admit(&req);
+    let head = || {
+        let mut a = admitted();
+        let mut parts = response_head(answer);
+        let route = proxy
+            .capture_head(&mut a, &mut parts, http::Version::HTTP_11, Duration::ZERO)
+            .expect("the full policy decides");
+        (a, route, parts)
+    };
+    let captured = || {
+        let (mut a, route, parts) = head();
+        let captured = proxy
+            .capture_whole(&mut a, route, parts, answer.clone())
+            .ok()
+            .expect("an identity body");
+        (a, captured)
+    };
+    type Head = (Admitted, Arc<CompiledRoute>, http::response::Parts);
+    type Whole = (Admitted, Captured);
+
+    let mut g = c.benchmark_group(format!("phases_{size}"));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("admit", |b| b.iter_with_large_drop(admitted));
+    g.bench_function("forward_head", |b| {
+        b.iter_batched(
+            || (admitted(), req.clone().into_parts().0),
+            |(mut a, mut parts)| {
+                proxy.upstream_head(&mut a, &mut parts, client);
+                (a, parts)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("capture_head", |b| {
+        b.iter_batched(
+            || (admitted(), response_head(answer)),
+            |(mut a, mut parts)| {
+                let route =
+                    proxy.capture_head(&mut a, &mut parts, http::Version::HTTP_11, Duration::ZERO);
+                (a, parts, route)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("capture_whole", |b| {
+        b.iter_batched(
+            head,
+            |(mut a, route, parts): Head| {
+                let captured = proxy.capture_whole(&mut a, route, parts, answer.clone());
+                (a, captured)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("decide", |b| {
+        b.iter_batched(
+            captured,
+            |(a, captured): Whole| {
+                let decision = proxy.decide(&a, &captured);
+                (a, captured, decision)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("respond", |b| {
+        b.iter_batched(
+            || {
+                let (a, captured) = captured();
+                let decision = proxy.decide(&a, &captured);
+                (a, captured, decision)
+            },
+            |(a, captured, decision)| proxy.respond(a, captured, decision),
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+    writer.close();
+    let tee = &metrics.tee;
+    eprintln!(
+        "phases_{size}: the tee queued {} entries and dropped {} (queue full)",
+        tee.queued.get(),
+        tee.dropped_queue_full.get()
+    );
 }
 
 criterion_group! {

@@ -1,5 +1,24 @@
 //! The data plane: forwards each request to the upstream model server, streams the answer
 //! back, and hands a capture of both to the tee.
+//!
+//! # The request path
+//!
+//! [`Proxy::handle`] runs each request through five phases, each a method of [`Proxy`] with
+//! its own unit test and its own line in the stack bench (`phases_<size>/…`):
+//! 1. **admission** ([`Proxy::admit`]): one policy snapshot, the path normalized and routed,
+//!    the id, the consumer, sampling, and every refusal made before anything is sent;
+//! 2. **forward** ([`Proxy::upstream_head`], then the send within the upstream timeout; the
+//!    request body streams through `body::RequestBody`, captured as it goes);
+//! 3. **capture** ([`Proxy::capture_head`]: the response head recorded and stamped; then
+//!    either the body streams, captured as it goes, or a deciding route reads it whole,
+//!    [`Proxy::capture_whole`]);
+//! 4. **decide** ([`Proxy::decide`], in `decision`): scores, thresholds, limits, alerts,
+//!    metrics, the signed tag;
+//! 5. **respond** ([`Proxy::respond`]): the decision in the headers and the body, or a
+//!    limit's 429; the record finished (`pending`).
+//!
+//! Metric handles are resolved once per route and policy generation (see
+//! [`crate::telemetry::RouteMetrics`]), not per request.
 
 pub mod body;
 mod decision;
@@ -9,9 +28,13 @@ mod pending;
 mod pool;
 pub mod server;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
@@ -24,15 +47,19 @@ use body::{
     BodyTooLarge, BoxError, ClientFault, RequestBody, RequestCapture, RequestLimits, ResponseBody,
     UpstreamBody, UpstreamIncoming,
 };
+use decision::Collected;
+pub use decision::{Captured, Decision};
 use error::ProxyError;
 use pending::Pending;
 use pool::{H2Error, H2Pool, SendH2};
 
-use crate::config::policy::{SharedPolicy, Undeclared};
+use crate::config::policy::{PolicySnapshot, SharedPolicy, Undeclared};
 use crate::config::settings::{Upstream, UpstreamProtocol};
+use crate::decide::CompiledRoute;
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
-use crate::telemetry::{ConsumerLabel, ErrorLabel, ProxyMetrics, RouteLabel, RouteStatus};
+use crate::telemetry::{ConsumerLabel, ErrorLabel, ProxyMetrics, RouteMetrics};
+use prometheus_client::metrics::counter::Counter;
 
 /// The header carrying the prediction id that keys the record, on every response.
 pub const ID_HEADER: HeaderName = HeaderName::from_static("sluicegate-id");
@@ -111,6 +138,8 @@ pub struct Proxy {
     policy: SharedPolicy,
     tee: TeeSender,
     metrics: ProxyMetrics,
+    /// The current policy generation's metric handles (see [`Proxy::handles`]).
+    handles: ArcSwapOption<MetricHandles>,
     default_route: Arc<str>,
 }
 
@@ -159,6 +188,7 @@ impl Proxy {
             policy,
             tee,
             metrics,
+            handles: ArcSwapOption::empty(),
             default_route: DEFAULT_ROUTE.into(),
         }
     }
@@ -170,17 +200,81 @@ impl Proxy {
         self
     }
 
-    /// Serves one request. Never fails: errors become JSON responses.
+    /// Serves one request. Never fails: errors become JSON responses. The phases, in order,
+    /// each a method below: [`admit`](Self::admit), forward ([`upstream_head`](Self::upstream_head)
+    /// and the send), capture ([`capture_head`](Self::capture_head), and for a deciding route
+    /// [`capture_whole`](Self::capture_whole)), [`decide`](Self::decide),
+    /// [`respond`](Self::respond).
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+        let mut admitted = self.admit(&req);
+        if let Some((err, detail)) = admitted.refusal.take() {
+            return Ok(self.fail(err, &detail, admitted));
+        }
+
+        let (mut parts, body) = req.into_parts();
+        let original_version = self.upstream_head(&mut admitted, &mut parts, client);
+        let limits = RequestLimits {
+            max_body: self.max_request_body,
+            body_timeout: self.client_body_timeout,
+        };
+        let body = RequestBody::new(body, limits, admitted.capture.clone(), admitted.sampled);
+        let (resp, stream, upstream_time) = match self
+            .forward(&admitted, Request::from_parts(parts, body))
+            .await
+        {
+            Ok(forwarded) => forwarded,
+            Err((err, detail)) => return Ok(self.fail(err, &detail, admitted)),
+        };
+
+        let (mut parts, body) = resp.into_parts();
+        let body = UpstreamIncoming::new(body, self.upstream.body_timeout, stream);
+        let Some(route) =
+            self.capture_head(&mut admitted, &mut parts, original_version, upstream_time)
+        else {
+            // Streams through, captured for the record as it goes.
+            admitted.metrics.request(parts.status.as_u16());
+            let body = UpstreamBody::new(body, admitted.pending);
+            return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
+        };
+        let bytes = match decision::collect_up_to(body, self.max_decided_response).await {
+            Collected::Whole(bytes) => bytes,
+            Collected::TooLarge(prefix, rest) => {
+                return Ok(decision::pass_too_large(
+                    &self, admitted, parts, prefix, rest,
+                ))
+            }
+            Collected::Broken(e) => {
+                let err = if e.is::<body::UpstreamBodyTimeout>() {
+                    ProxyError::UpstreamBodyTimeout
+                } else {
+                    ProxyError::UpstreamFailed
+                };
+                return Ok(self.fail(err, &e.to_string(), admitted));
+            }
+        };
+        let captured = match self.capture_whole(&mut admitted, route, parts, bytes) {
+            Ok(captured) => captured,
+            Err(passed) => return Ok(*passed),
+        };
+
+        let decision = self.decide(&admitted, &captured);
+        Ok(self.respond(admitted, captured, decision))
+    }
+
+    /// Admission: one policy snapshot for the whole request; the path normalized, the route,
+    /// the id, the consumer, and whether the exchange is recorded; and why the request is
+    /// answered here instead of forwarded, if it is (malformed, an ambiguous path, an
+    /// undeclared consumer the policy refuses, a declared length over the limit).
+    pub fn admit<B>(&self, req: &Request<B>) -> Admitted {
         let start = Instant::now();
         let time = SystemTime::now();
-        // One policy snapshot for the whole request.
         let policy = self.policy.load_full();
-        let malformed = malformed(&req);
+        let handles = self.handles(&policy);
+        let malformed = malformed(req);
         // Routed, forwarded and recorded alike: the normalized path, the query as sent.
         let normalized = path::normalize(req.uri().path());
         let path_and_query = match (&normalized, req.uri().query()) {
@@ -193,7 +287,7 @@ impl Proxy {
                 .path_and_query()
                 .map_or_else(|| req.uri().path().to_owned(), |pq| pq.to_string()),
         };
-        let refusal = match (malformed, normalized) {
+        let mut refusal = match (malformed, normalized) {
             (Some(why), _) => Some((ProxyError::BadRequest, why.to_owned())),
             (None, Err(why)) => Some((ProxyError::AmbiguousPath, why.to_string())),
             (None, Ok(_)) => None,
@@ -209,26 +303,17 @@ impl Proxy {
         let route = compiled
             .as_ref()
             .map_or_else(|| self.default_route.clone(), |r| r.name.clone());
+        let metrics = handles.route(&self.metrics, &route);
         let id_string = uuid::Uuid::now_v7().to_string();
         let id = HeaderValue::from_str(&id_string).expect("uuid is a valid header value");
-        let (mut parts, body) = req.into_parts();
+        let headers = req.headers();
 
-        let consumer = parts
-            .headers
+        let consumer = headers
             .get(&policy.consumer_header)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let declared = consumer.as_deref().is_some_and(|c| policy.declared(c));
-        self.metrics
-            .consumer_requests
-            .get_or_create(&ConsumerLabel {
-                consumer: match (&consumer, declared) {
-                    (Some(c), true) => c.clone(),
-                    _ => "undeclared".into(),
-                },
-                declared,
-            })
-            .inc();
+        handles.count_consumer(&self.metrics, consumer.as_deref().filter(|_| declared));
 
         let sampled = policy.sampled();
         let capture_bodies = compiled
@@ -236,11 +321,11 @@ impl Proxy {
             .and_then(|r| r.spec.capture_bodies)
             .unwrap_or(policy.policy.tee.capture_bodies);
         let body_cap = if capture_bodies { policy.body_cap } else { 0 };
-        let shared = Arc::new(RequestCapture {
+        let capture = Arc::new(RequestCapture {
             capture: std::sync::Mutex::new(Capture::with_cap(body_cap)),
             ..Default::default()
         });
-        let mut pending = sampled.then(|| {
+        let pending = sampled.then(|| {
             Pending::new(
                 self.tee.clone(),
                 Exchange {
@@ -249,10 +334,10 @@ impl Proxy {
                     route: route.clone(),
                     policy: policy.clone(),
                     consumer: consumer.clone(),
-                    method: parts.method.clone(),
+                    method: req.method().clone(),
                     path: path_and_query.clone(),
                     request: Message {
-                        headers: parts.headers.clone(),
+                        headers: headers.clone(),
                         ..Default::default()
                     },
                     status: None,
@@ -266,15 +351,15 @@ impl Proxy {
                     decision: None,
                     tag: None,
                 },
-                shared.clone(),
+                capture.clone(),
                 start,
             )
         });
 
-        if let Some((err, detail)) = refusal {
-            return Ok(self.fail(err, &detail, &id, &route, pending));
-        }
-        if !declared && policy.policy.consumers.undeclared == Undeclared::Refuse {
+        if refusal.is_none()
+            && !declared
+            && policy.policy.consumers.undeclared == Undeclared::Refuse
+        {
             // The message is recorded too: a redacted consumer header stays out of it.
             let who = match consumer {
                 None => "(unnamed)".to_owned(),
@@ -283,22 +368,39 @@ impl Proxy {
                 }
                 Some(c) => format!("{c:?}"),
             };
-            return Ok(self.fail(ProxyError::ConsumerUndeclared, &who, &id, &route, pending));
+            refusal = Some((ProxyError::ConsumerUndeclared, who));
         }
-
-        let declared_len = parts
-            .headers
+        let declared_len = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared_len.is_some_and(|n| n > self.max_request_body) {
+        if refusal.is_none() && declared_len.is_some_and(|n| n > self.max_request_body) {
             let err = ProxyError::BodyTooLarge {
                 limit: self.max_request_body,
             };
-            return Ok(self.fail(err, "", &id, &route, pending));
+            refusal = Some((err, String::new()));
         }
+        Admitted {
+            policy,
+            compiled,
+            metrics,
+            id,
+            path_and_query,
+            sampled,
+            capture,
+            pending,
+            refusal,
+        }
+    }
 
-        // Rewrite for the upstream: its address, its HTTP version, no hop-by-hop headers.
+    /// Forward, the request head: rewritten for the upstream (its address, its HTTP version,
+    /// no hop-by-hop headers). Returns the version the client spoke, for the response.
+    pub fn upstream_head(
+        &self,
+        admitted: &mut Admitted,
+        parts: &mut http::request::Parts,
+        client: SocketAddr,
+    ) -> Version {
         let version = match self.upstream.protocol {
             UpstreamProtocol::Auto if parts.version == Version::HTTP_2 => Version::HTTP_2,
             UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -307,13 +409,17 @@ impl Proxy {
         parts.uri = Uri::builder()
             .scheme("http")
             .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
+            .path_and_query(std::mem::take(&mut admitted.path_and_query))
             .build()
             .expect("upstream authority and client path form a URI");
         let original_version = parts.version;
         parts.version = version;
         strip_hop_by_hop(&mut parts.headers);
-        if compiled.as_ref().is_some_and(|r| r.decider.is_some()) {
+        if admitted
+            .compiled
+            .as_ref()
+            .is_some_and(|r| r.decider.is_some())
+        {
             // A deciding route reads the body: ask for it uncompressed.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
@@ -324,19 +430,23 @@ impl Proxy {
             parts.headers.insert("x-forwarded-host", host);
         }
         append_forwarded_for(&mut parts.headers, client);
-        let limits = RequestLimits {
-            max_body: self.max_request_body,
-            body_timeout: self.client_body_timeout,
-        };
-        let body = RequestBody::new(body, limits, shared.clone(), sampled);
-        let upstream_req = Request::from_parts(parts, body);
+        original_version
+    }
 
+    /// Forward, the send: within the upstream timeout, to the response head. A failure is the
+    /// error the client gets and its detail, blamed on the client's body when that broke first.
+    async fn forward(
+        &self,
+        admitted: &Admitted,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Arc<pool::Stream>>, Duration), (ProxyError, String)>
+    {
         let sent = Instant::now();
-        let result =
-            tokio::time::timeout(self.upstream.timeout, self.send(version, upstream_req)).await;
+        let result = tokio::time::timeout(self.upstream.timeout, self.send(req)).await;
         let upstream_time = sent.elapsed();
-        let (resp, stream) = match result {
-            Ok(Ok(resp)) => resp,
+        let shared = &admitted.capture;
+        match result {
+            Ok(Ok((resp, stream))) => Ok((resp, stream, upstream_time)),
             // The client's body failed first: the upstream request failed because of it.
             _ if shared.client_fault.get().is_some() => {
                 let fault = shared.client_fault.get().expect("checked");
@@ -344,7 +454,7 @@ impl Proxy {
                     ClientFault::Broken(_) => ProxyError::ClientBody,
                     ClientFault::Stalled(_) => ProxyError::ClientBodyTimeout,
                 };
-                return Ok(self.fail(err, &fault.to_string(), &id, &route, pending));
+                Err((err, fault.to_string()))
             }
             Ok(Err(e)) => {
                 let err = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
@@ -360,53 +470,111 @@ impl Proxy {
                 } else {
                     ProxyError::UpstreamFailed
                 };
-                let detail = error_chain(&*e.error);
-                return Ok(self.fail(err, &detail, &id, &route, pending));
+                Err((err, error_chain(&*e.error)))
             }
             Err(_) => {
                 let detail = humantime::format_duration(self.upstream.timeout).to_string();
-                return Ok(self.fail(ProxyError::UpstreamTimeout, &detail, &id, &route, pending));
+                Err((ProxyError::UpstreamTimeout, detail))
             }
-        };
+        }
+    }
 
-        self.metrics
-            .upstream_duration
-            .get_or_create(&RouteLabel {
-                route: route.to_string(),
-            })
-            .observe(upstream_time.as_secs_f64());
-        let (mut parts, body) = resp.into_parts();
-        let body = UpstreamIncoming::new(body, self.upstream.body_timeout, stream);
+    /// Capture, the response head: timed, stripped of hop-by-hop headers, recorded, and
+    /// stamped with the id and the policy version. Returns the route when it decides this
+    /// response (a success on a deciding route), whose body is then read whole; every other
+    /// body streams.
+    pub fn capture_head(
+        &self,
+        admitted: &mut Admitted,
+        parts: &mut http::response::Parts,
+        original_version: Version,
+        upstream_time: Duration,
+    ) -> Option<Arc<CompiledRoute>> {
+        admitted
+            .metrics
+            .upstream_duration(upstream_time.as_secs_f64());
         strip_hop_by_hop(&mut parts.headers);
         parts.version = original_version;
-        if let Some(p) = pending.as_mut() {
+        if let Some(p) = admitted.pending.as_mut() {
             p.set_response(parts.status.as_u16(), upstream_time, parts.headers.clone());
         }
-        parts.headers.insert(ID_HEADER, id.clone());
+        parts.headers.insert(ID_HEADER, admitted.id.clone());
         parts.headers.insert(
             POLICY_HEADER,
-            HeaderValue::from_str(&policy.version).expect("hex is a valid header value"),
+            HeaderValue::from_str(&admitted.policy.version).expect("hex is a valid header value"),
         );
-        // Only a successful answer on a deciding route is read; everything else streams.
-        if let Some(r) = compiled.filter(|r| r.decider.is_some() && parts.status.is_success()) {
-            let resp =
-                decision::decide_response(&self, &r, &policy, parts, body, pending, &id).await;
-            self.count(&route, resp.status().as_u16());
-            return Ok(resp);
+        admitted
+            .compiled
+            .clone()
+            .filter(|r| r.decider.is_some() && parts.status.is_success())
+    }
+
+    /// Capture, a deciding route's body read whole: decoded if the server compressed it, and
+    /// copied into the record. A body that cannot be decoded passes through undecided (`Err`,
+    /// boxed: the rare path pays the allocation).
+    pub fn capture_whole(
+        &self,
+        admitted: &mut Admitted,
+        route: Arc<CompiledRoute>,
+        parts: http::response::Parts,
+        bytes: Bytes,
+    ) -> Result<Captured, Box<Response<ResponseBody>>> {
+        decision::capture_whole(self, admitted, route, parts, bytes)
+    }
+
+    /// Decide: the route's scores read from the captured body, thresholds and limits applied
+    /// (alerts and metrics with them), the provenance tag signed.
+    pub fn decide(
+        &self,
+        admitted: &Admitted,
+        captured: &Captured,
+    ) -> Result<Decision, crate::decide::extract::ExtractError> {
+        decision::decide(self, admitted, captured)
+    }
+
+    /// Respond: the decision written into the headers and, if the route asks, the body (or a
+    /// limit's 429); the record finished. An unreadable body passes through unchanged.
+    pub fn respond(
+        &self,
+        mut admitted: Admitted,
+        captured: Captured,
+        decision: Result<Decision, crate::decide::extract::ExtractError>,
+    ) -> Response<ResponseBody> {
+        let resp = decision::respond(&mut admitted, captured, decision);
+        admitted.metrics.request(resp.status().as_u16());
+        resp
+    }
+
+    /// The metric handles of `policy`'s routes and consumers, resolved once per policy
+    /// generation: the first request under a new generation builds them for every route, and
+    /// the old generation's go with it (a route a reload removed keeps no handles here).
+    fn handles(&self, policy: &PolicySnapshot) -> Arc<MetricHandles> {
+        let current = self.handles.load_full();
+        if let Some(current) = current
+            .as_ref()
+            .filter(|h| h.generation == policy.generation)
+        {
+            return current.clone();
         }
-        self.count(&route, parts.status.as_u16());
-        let body = UpstreamBody::new(body, pending);
-        Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
+        let fresh = Arc::new(MetricHandles::new(
+            &self.metrics,
+            policy,
+            &self.default_route,
+        ));
+        // Only forward: a request still holding an older snapshot does not roll it back.
+        if current.is_none_or(|h| h.generation < policy.generation) {
+            self.handles.store(Some(fresh.clone()));
+        }
+        fresh
     }
 
     /// Sends `req` over HTTP/1.1 or from the HTTP/2 pool; the pooled stream comes back with the
     /// response, for its body to hold.
     async fn send(
         &self,
-        version: Version,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Arc<pool::Stream>>), SendError> {
-        if version == Version::HTTP_2 {
+        if req.version() == Version::HTTP_2 {
             match self.http2.send(req).await {
                 Ok((resp, stream)) => Ok((resp, Some(stream))),
                 Err(H2Error::Connect(e)) => Err(SendError {
@@ -457,14 +625,8 @@ impl Proxy {
         }
     }
 
-    pub(crate) fn fail(
-        &self,
-        err: ProxyError,
-        detail: &str,
-        id: &HeaderValue,
-        route: &str,
-        pending: Option<Pending>,
-    ) -> Response<ResponseBody> {
+    /// Answers the request itself with `err`, counted and recorded.
+    fn fail(&self, err: ProxyError, detail: &str, admitted: Admitted) -> Response<ResponseBody> {
         let message = err.message(detail);
         self.metrics
             .errors
@@ -473,14 +635,14 @@ impl Proxy {
                 source: err.source(),
             })
             .inc();
-        self.count(route, err.status().as_u16());
+        admitted.metrics.request(err.status().as_u16());
         let recorded = if err.detail_is_internal() {
-            tracing::debug!(code = err.code(), id = ?id, cause = detail, "{message}");
+            tracing::debug!(code = err.code(), id = ?admitted.id, cause = detail, "{message}");
             format!("{message}: {detail}")
         } else {
             message.clone()
         };
-        if let Some(p) = pending {
+        if let Some(p) = admitted.pending {
             // A body that failed on either side did not arrive whole.
             let complete = !matches!(
                 err,
@@ -490,17 +652,94 @@ impl Proxy {
             );
             p.finish_error(err.status().as_u16(), err.for_record(recorded), complete);
         }
-        err.response(id, &message)
+        err.response(&admitted.id, &message)
+    }
+}
+
+/// A request as admission left it, carried through the later phases: its policy snapshot,
+/// route, id and metric handles, and its record under way. Opaque: public so the stack bench
+/// can time each phase.
+pub struct Admitted {
+    policy: Arc<PolicySnapshot>,
+    /// The matched route; `None` for the default route and for a refused request.
+    compiled: Option<Arc<CompiledRoute>>,
+    metrics: Arc<RouteMetrics>,
+    id: HeaderValue,
+    /// Taken by [`Proxy::upstream_head`] into the upstream URI.
+    path_and_query: String,
+    sampled: bool,
+    capture: Arc<RequestCapture>,
+    pending: Option<Pending>,
+    /// Why the request is answered without forwarding, if it is.
+    refusal: Option<(ProxyError, String)>,
+}
+
+/// The metric handles of one policy generation: each route's, and each consumer's.
+struct MetricHandles {
+    generation: u64,
+    routes: HashMap<Arc<str>, Arc<RouteMetrics>>,
+    /// Declared consumers by name; every other caller counts as `undeclared`.
+    consumers: HashMap<String, Counter>,
+    undeclared: Counter,
+}
+
+impl MetricHandles {
+    fn new(metrics: &ProxyMetrics, policy: &PolicySnapshot, default_route: &Arc<str>) -> Self {
+        let routes = policy
+            .routes
+            .routes
+            .iter()
+            .map(|r| &r.name)
+            .chain([default_route])
+            .map(|name| (name.clone(), Arc::new(RouteMetrics::new(metrics, name))))
+            .collect();
+        let consumer = |name: &str, declared: bool| {
+            metrics
+                .consumer_requests
+                .get_or_create(&ConsumerLabel {
+                    consumer: name.to_owned(),
+                    declared,
+                })
+                .clone()
+        };
+        MetricHandles {
+            generation: policy.generation,
+            routes,
+            consumers: policy
+                .policy
+                .consumers
+                .declared
+                .iter()
+                .map(|c| (c.clone(), consumer(c, true)))
+                .collect(),
+            undeclared: consumer("undeclared", false),
+        }
     }
 
-    fn count(&self, route: &str, status: u16) {
-        self.metrics
-            .requests
-            .get_or_create(&RouteStatus {
-                route: route.to_owned(),
-                status,
-            })
-            .inc();
+    /// Every route of the generation has its handles; any other name (not reached) resolves
+    /// them afresh rather than miscount.
+    fn route(&self, metrics: &ProxyMetrics, route: &Arc<str>) -> Arc<RouteMetrics> {
+        self.routes
+            .get(route)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(RouteMetrics::new(metrics, route)))
+    }
+
+    /// Counts a request from a declared consumer (`Some`), or from an undeclared caller.
+    fn count_consumer(&self, metrics: &ProxyMetrics, declared: Option<&str>) {
+        match declared {
+            None => self.undeclared.inc(),
+            Some(c) => match self.consumers.get(c) {
+                Some(counter) => counter.inc(),
+                None => metrics
+                    .consumer_requests
+                    .get_or_create(&ConsumerLabel {
+                        consumer: c.to_owned(),
+                        declared: true,
+                    })
+                    .inc(),
+            },
+        };
     }
 }
 
@@ -635,6 +874,285 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A v2 spam route with a fixed threshold that writes its decisions into the body.
+    const DECIDING: &str = r#"
+consumers: {header: sluicegate-consumer, declared: [mail-ingest], undeclared: refuse}
+routes:
+  spam:
+    match: {model: spam-filter}
+    protocol: v2
+    score: {output: predict_proba, column: 1}
+    decision: {binary: {action: spam, otherwise: ham, threshold: {fixed: 0.5}}}
+    write_decisions: {}
+"#;
+
+    /// A proxy under `policy` whose records go to a spool in `dir`; nothing is sent upstream.
+    fn proxy_with(
+        policy: &str,
+        dir: &std::path::Path,
+    ) -> (Proxy, crate::tee::TeeWriter, crate::telemetry::Metrics) {
+        use crate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
+        let settings = crate::config::settings::Settings::default();
+        let metrics = crate::telemetry::Metrics::new();
+        let (spool, _) = SpoolWriter::open(
+            SpoolConfig {
+                dir: dir.to_owned(),
+                max_bytes: 1 << 20,
+                segment_bytes: settings.spool.segment_bytes,
+                fsync_interval: settings.spool.fsync_interval,
+                mode: SpoolMode::Rotate,
+            },
+            metrics.tee.spool.clone(),
+        )
+        .unwrap();
+        let (tee, writer) = crate::tee::TeeWriter::spawn(
+            spool,
+            crate::tee::record::EncodeContext {
+                instance: "test".into(),
+                max_record_bytes: settings.max_record_bytes as usize,
+                inbound_tags: metrics.proxy.inbound_tags.clone(),
+            },
+            &settings.spool,
+            metrics.tee.clone(),
+        )
+        .unwrap();
+        let policy = crate::config::validate::parse(policy, settings.max_record_bytes).unwrap();
+        let proxy = Proxy::new(
+            settings.upstream.clone(),
+            RequestLimits::from_settings(&settings),
+            crate::config::policy::shared(policy, settings.max_record_bytes),
+            tee,
+            metrics.proxy.clone(),
+        );
+        (proxy, writer, metrics)
+    }
+
+    fn infer(consumer: &str) -> Request<()> {
+        Request::post("/v2/models/spam-filter/infer?x=1")
+            .header(header::HOST, "sluicegate")
+            .header("sluicegate-consumer", consumer)
+            .body(())
+            .unwrap()
+    }
+
+    fn line<'a>(exposed: &'a str, prefix: &str) -> Option<&'a str> {
+        exposed.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[tokio::test]
+    async fn admission_routes_counts_and_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, writer, metrics) = proxy_with(DECIDING, dir.path());
+        let admitted = proxy.admit(&infer("mail-ingest"));
+        assert!(admitted.refusal.is_none());
+        assert_eq!(&*admitted.compiled.as_ref().unwrap().name, "spam");
+        assert_eq!(admitted.path_and_query, "/v2/models/spam-filter/infer?x=1");
+        assert!(admitted.pending.is_some(), "sampled at rate 1");
+        let undeclared = proxy.admit(&infer("someone"));
+        assert!(matches!(
+            undeclared.refusal,
+            Some((ProxyError::ConsumerUndeclared, ref who)) if who == "\"someone\""
+        ));
+        let mut big = infer("mail-ingest");
+        big.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(u64::MAX));
+        assert!(matches!(
+            proxy.admit(&big).refusal,
+            Some((ProxyError::BodyTooLarge { .. }, _))
+        ));
+        let ambiguous = Request::get("/v2/models/spam-filter/%2e%2e/infer")
+            .header(header::HOST, "sluicegate")
+            .body(())
+            .unwrap();
+        let refused = proxy.admit(&ambiguous);
+        assert!(refused.refusal.is_some());
+        assert!(
+            refused.compiled.is_none(),
+            "a refused request gets no route"
+        );
+        drop((admitted, undeclared, refused));
+        let exposed = metrics.encode();
+        assert_eq!(
+            line(
+                &exposed,
+                "sluicegate_consumer_requests_total{consumer=\"mail-ingest\",declared=\"true\"}"
+            ),
+            Some(
+                "sluicegate_consumer_requests_total{consumer=\"mail-ingest\",declared=\"true\"} 2"
+            )
+        );
+        assert!(
+            line(
+                &exposed,
+                "sluicegate_consumer_requests_total{consumer=\"undeclared\",declared=\"false\"} 2"
+            )
+            .is_some(),
+            "{exposed}"
+        );
+        writer.close();
+    }
+
+    #[tokio::test]
+    async fn the_forwarded_head_is_rewritten_for_the_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, writer, _) = proxy_with(DECIDING, dir.path());
+        let req = infer("mail-ingest");
+        let mut admitted = proxy.admit(&req);
+        let (mut parts, ()) = req.into_parts();
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let client = "10.1.2.3:4000".parse().unwrap();
+        let version = proxy.upstream_head(&mut admitted, &mut parts, client);
+        assert_eq!(version, Version::HTTP_11);
+        assert_eq!(
+            parts.uri.to_string(),
+            format!(
+                "http://{}/v2/models/spam-filter/infer?x=1",
+                proxy.upstream.authority
+            )
+        );
+        assert_eq!(parts.headers["x-forwarded-host"], "sluicegate");
+        assert_eq!(parts.headers["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(
+            parts.headers[header::ACCEPT_ENCODING],
+            "identity",
+            "a deciding route"
+        );
+        assert!(parts.headers.get(header::HOST).is_none());
+        assert!(parts.headers.get(header::CONNECTION).is_none());
+        drop(admitted);
+        writer.close();
+    }
+
+    #[tokio::test]
+    async fn capture_stamps_the_head_and_reads_only_decided_answers_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, writer, _) = proxy_with(DECIDING, dir.path());
+        for (status, decides) in [(200, true), (503, false)] {
+            let mut admitted = proxy.admit(&infer("mail-ingest"));
+            let (mut parts, ()) = Response::builder()
+                .status(status)
+                .header(header::CONNECTION, "keep-alive")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let route = proxy.capture_head(
+                &mut admitted,
+                &mut parts,
+                Version::HTTP_2,
+                Duration::from_millis(3),
+            );
+            assert_eq!(route.is_some(), decides, "{status}");
+            assert_eq!(parts.version, Version::HTTP_2, "the client's version");
+            assert_eq!(parts.headers[ID_HEADER], admitted.id);
+            assert_eq!(parts.headers[POLICY_HEADER], *admitted.policy.version);
+            assert!(parts.headers.get(header::CONNECTION).is_none());
+        }
+        writer.close();
+    }
+
+    #[tokio::test]
+    async fn decide_and_respond_write_the_decision_into_headers_and_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, writer, metrics) = proxy_with(DECIDING, dir.path());
+        let request = crate::demo::v2_request(3, 7);
+        let answer =
+            crate::demo::StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap();
+        let body = Bytes::from(serde_json::to_vec(&answer).unwrap());
+        let decide = |body: Bytes| {
+            let mut admitted = proxy.admit(&infer("mail-ingest"));
+            let (mut parts, ()) = Response::new(()).into_parts();
+            let route = proxy
+                .capture_head(&mut admitted, &mut parts, Version::HTTP_11, Duration::ZERO)
+                .unwrap();
+            let captured = proxy
+                .capture_whole(&mut admitted, route, parts, body)
+                .ok()
+                .unwrap();
+            let decision = proxy.decide(&admitted, &captured);
+            (
+                decision.is_ok(),
+                proxy.respond(admitted, captured, decision),
+            )
+        };
+        let (decided, resp) = decide(body);
+        assert!(decided);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["sluicegate-rows"], "3");
+        let actions = resp.headers()["sluicegate-action"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(actions.split(',').count(), 3);
+        let ResponseBody::Full(Some(sent)) = resp.into_body() else {
+            panic!("a decided body is sent whole");
+        };
+        let sent: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+        let tensor = &sent["outputs"].as_array().unwrap().last().unwrap()["data"];
+        assert_eq!(tensor.as_array().unwrap().len(), 3);
+
+        // Not readable: passed through unchanged, counted as a decision error.
+        let (decided, resp) = decide(Bytes::from_static(b"not json"));
+        assert!(!decided);
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("sluicegate-action").is_none());
+
+        let exposed = metrics.encode();
+        assert!(
+            line(
+                &exposed,
+                "sluicegate_requests_total{route=\"spam\",status=\"200\"} 2"
+            )
+            .is_some(),
+            "{exposed}"
+        );
+        let decided_rows: u64 = exposed
+            .lines()
+            .filter(|l| l.starts_with("sluicegate_decisions_total{route=\"spam\""))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(decided_rows, 3);
+        assert!(
+            line(
+                &exposed,
+                "sluicegate_decision_errors_total{route=\"spam\",kind=\"not_json\"} 1"
+            )
+            .is_some(),
+            "{exposed}"
+        );
+        writer.close();
+    }
+
+    #[tokio::test]
+    async fn metric_handles_follow_the_policy_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, writer, _) = proxy_with(DECIDING, dir.path());
+        let first = proxy.handles(&proxy.policy.load());
+        assert!(
+            Arc::ptr_eq(&first, &proxy.handles(&proxy.policy.load())),
+            "resolved once"
+        );
+        let mut names: Vec<&str> = first.routes.keys().map(|r| &**r).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["default", "spam"]);
+
+        // A reload that renames the route: the old route's handles go with its generation.
+        let renamed = DECIDING.replace("  spam:", "  ham-or-spam:");
+        let renamed = crate::config::validate::parse(&renamed, 1 << 20).unwrap();
+        let old = proxy.policy.load_full();
+        let next = PolicySnapshot::new(renamed, 1, 1 << 20, Some(&old));
+        proxy.policy.store(Arc::new(next));
+        let second = proxy.handles(&proxy.policy.load());
+        let mut names: Vec<&str> = second.routes.keys().map(|r| &**r).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["default", "ham-or-spam"]);
+        // A request still on the old snapshot gets its own handles, and rolls nothing back.
+        assert_eq!(proxy.handles(&old).generation, 0);
+        assert!(Arc::ptr_eq(&second, &proxy.handles(&proxy.policy.load())));
+        writer.close();
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_te_trailers_stays() {

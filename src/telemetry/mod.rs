@@ -127,6 +127,162 @@ impl Default for ProxyMetrics {
     }
 }
 
+/// Handles kept per key, at most this many: past it a lookup goes to the family each time
+/// (correct, only slower), so a route answering many distinct statuses or actions cannot grow
+/// its cache without bound.
+const MAX_CACHED_HANDLES: usize = 32;
+
+/// Handles of one family under one route, resolved on first use by the rest of their label.
+#[derive(Debug)]
+struct Handles<K, M> {
+    cached: std::sync::RwLock<Vec<(K, M)>>,
+}
+
+impl<K: PartialEq, M: Clone> Handles<K, M> {
+    fn new() -> Self {
+        Handles {
+            cached: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The handle whose key `matches`, resolved by `resolve` (a family lookup, building the
+    /// label) only on a miss, and then kept under `key()` while there is room.
+    fn get(
+        &self,
+        matches: impl Fn(&K) -> bool,
+        key: impl FnOnce() -> K,
+        resolve: impl FnOnce() -> M,
+    ) -> M {
+        // A poisoned lock only means a panic elsewhere mid-push: the list is still whole.
+        let cached = self.cached.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = cached.iter().find(|(k, _)| matches(k)) {
+            return m.clone();
+        }
+        drop(cached);
+        let m = resolve();
+        let mut cached = self.cached.write().unwrap_or_else(|e| e.into_inner());
+        if cached.len() < MAX_CACHED_HANDLES && !cached.iter().any(|(k, _)| matches(k)) {
+            cached.push((key(), m.clone()));
+        }
+        m
+    }
+}
+
+/// One route's data-plane metrics, each handle resolved once (label strings built and hashed
+/// on first use) and then shared: the request path updates them without allocating. Handles
+/// point into the [`ProxyMetrics`] families, so `/metrics` shows the same series.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    route: String,
+    families: ProxyMetrics,
+    upstream_duration: Histogram,
+    requests: Handles<u16, Counter>,
+    decisions: Handles<String, Counter>,
+    limit_outcomes: Handles<(String, &'static str), Counter>,
+    decision_errors: Handles<&'static str, Counter>,
+}
+
+impl RouteMetrics {
+    pub fn new(families: &ProxyMetrics, route: &str) -> Self {
+        let upstream_duration = families
+            .upstream_duration
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .clone();
+        RouteMetrics {
+            route: route.to_owned(),
+            families: families.clone(),
+            upstream_duration,
+            requests: Handles::new(),
+            decisions: Handles::new(),
+            limit_outcomes: Handles::new(),
+            decision_errors: Handles::new(),
+        }
+    }
+
+    /// A request answered with `status`.
+    pub fn request(&self, status: u16) {
+        self.requests
+            .get(
+                |&s| s == status,
+                || status,
+                || {
+                    self.families
+                        .requests
+                        .get_or_create(&RouteStatus {
+                            route: self.route.clone(),
+                            status,
+                        })
+                        .clone()
+                },
+            )
+            .inc();
+    }
+
+    pub fn upstream_duration(&self, seconds: f64) {
+        self.upstream_duration.observe(seconds);
+    }
+
+    /// `n` rows took the final action `action`.
+    pub fn decisions(&self, action: &str, n: u64) {
+        self.decisions
+            .get(
+                |a| a == action,
+                || action.to_owned(),
+                || {
+                    self.families
+                        .decisions
+                        .get_or_create(&RouteAction {
+                            route: self.route.clone(),
+                            action: action.to_owned(),
+                        })
+                        .clone()
+                },
+            )
+            .inc_by(n);
+    }
+
+    /// `n` rows the model gave `action` were `outcome` by a limit.
+    pub fn limit_outcomes(&self, action: &str, outcome: &'static str, n: u64) {
+        self.limit_outcomes
+            .get(
+                |(a, o)| a == action && *o == outcome,
+                || (action.to_owned(), outcome),
+                || {
+                    self.families
+                        .limit_outcomes
+                        .get_or_create(&RouteActionOutcome {
+                            route: self.route.clone(),
+                            action: action.to_owned(),
+                            outcome,
+                        })
+                        .clone()
+                },
+            )
+            .inc_by(n);
+    }
+
+    /// A response the route could not read, for `kind`.
+    pub fn decision_error(&self, kind: &'static str) {
+        self.decision_errors
+            .get(
+                |&k| k == kind,
+                || kind,
+                || {
+                    self.families
+                        .decision_errors
+                        .get_or_create(&RouteKind {
+                            route: self.route.clone(),
+                            kind,
+                        })
+                        .clone()
+                },
+            )
+            .inc();
+    }
+}
+
 /// The tee's metrics outside the spool itself.
 #[derive(Clone, Debug)]
 pub struct TeeMetrics {
@@ -353,4 +509,48 @@ pub fn init_logging(default: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_handles_update_the_exposed_series_and_stay_bounded() {
+        let metrics = Metrics::new();
+        let route = RouteMetrics::new(&metrics.proxy, "spam");
+        for _ in 0..2 {
+            route.request(200);
+            route.decisions("ham", 5);
+            route.limit_outcomes("spam", "fallback", 2);
+            route.decision_error("not_json");
+        }
+        route.upstream_duration(0.001);
+        let exposed = metrics.encode();
+        for line in [
+            r#"sluicegate_requests_total{route="spam",status="200"} 2"#,
+            r#"sluicegate_decisions_total{route="spam",action="ham"} 10"#,
+            r#"sluicegate_limit_outcomes_total{route="spam",action="spam",outcome="fallback"} 4"#,
+            r#"sluicegate_decision_errors_total{route="spam",kind="not_json"} 2"#,
+            r#"sluicegate_upstream_duration_seconds_count{route="spam"} 1"#,
+        ] {
+            assert!(exposed.lines().any(|l| l == line), "{line}\n{exposed}");
+        }
+
+        // Past the bound every status still counts, through the family.
+        for status in 100..200 {
+            route.request(status);
+        }
+        assert_eq!(
+            route.requests.cached.read().unwrap().len(),
+            MAX_CACHED_HANDLES
+        );
+        let exposed = metrics.encode();
+        assert!(exposed
+            .lines()
+            .any(|l| l == r#"sluicegate_requests_total{route="spam",status="199"} 1"#));
+        assert!(exposed
+            .lines()
+            .any(|l| l == r#"sluicegate_requests_total{route="spam",status="200"} 2"#));
+    }
 }
