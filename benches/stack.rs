@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use sluicegate::config::policy::{self, Policy, SharedPolicy};
-use sluicegate::config::settings::Settings;
+use sluicegate::config::settings::{RecordDecisions, Settings};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::CompiledRoute;
 use sluicegate::demo::{v2_request, StandInModel};
@@ -209,7 +209,8 @@ fn proxy(
         EncodeContext {
             instance: "bench".into(),
             max_record_bytes: settings.max_record_bytes as usize,
-            record_decisions: settings.record_decisions,
+            // As the end-to-end bench runs (what the docs recommend for large batches).
+            record_decisions: RecordDecisions::Columns,
             inbound_tags: metrics.proxy.inbound_tags.clone(),
         },
         &settings.spool,

@@ -911,6 +911,7 @@ routes:
             crate::tee::record::EncodeContext {
                 instance: "test".into(),
                 max_record_bytes: settings.max_record_bytes as usize,
+                record_decisions: settings.record_decisions,
                 inbound_tags: metrics.proxy.inbound_tags.clone(),
             },
             &settings.spool,
