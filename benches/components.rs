@@ -32,7 +32,7 @@ use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::provenance::{generate_key, Algorithm, KeyRing, TagClaims, TAG_PREFIX};
 use sluicegate::tee::record::{
-    Capture, DecisionOutcome, EncodeContext, Exchange, Message, RECORD_SCHEMA,
+    Capture, DecisionOutcome, EncodeContext, Exchange, Message, ReadJson, RECORD_SCHEMA,
 };
 
 /// Rows of the end-to-end bench's bodies: ~1 KiB and ~16 KiB v2 responses.
@@ -242,6 +242,11 @@ fn exchange(rows: usize, policy: Arc<PolicySnapshot>, keys: &KeyRing) -> Exchang
         complete: true,
         consumer_declared: true,
         capture_bodies: true,
+        // As the decision step leaves it: the response read whole already.
+        response_read: decision.is_some().then(|| ReadJson {
+            model_name: Some("spam-filter".into()),
+            model_version: Some("3".into()),
+        }),
         decision,
         tag,
         policy,

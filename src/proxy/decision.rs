@@ -27,7 +27,7 @@ use crate::decide::extract::{extract, extract_v2, ExtractError, Scores};
 use crate::decide::{CompiledRoute, Decided, LimitOutcome};
 use crate::provenance::TagClaims;
 use crate::tee::alert::Alert;
-use crate::tee::record::DecisionOutcome;
+use crate::tee::record::{DecisionOutcome, ReadJson};
 use crate::telemetry::{AlertLabel, RouteAction, RouteMetrics};
 
 pub const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action");
@@ -242,6 +242,13 @@ pub(super) fn respond(
             return finish(parts, bytes, pending);
         }
     };
+    if let Some(p) = pending.as_mut() {
+        let (model_name, model_version) = read.model();
+        p.set_response_read(ReadJson {
+            model_name,
+            model_version,
+        });
+    }
 
     if let Some((action, window)) = &decided.rejected {
         let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;

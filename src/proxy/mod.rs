@@ -350,6 +350,7 @@ impl Proxy {
                     capture_bodies,
                     decision: None,
                     tag: None,
+                    response_read: None,
                 },
                 capture.clone(),
                 start,

@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::Frame;
 
 use super::body::{BoxError, ClientFault, RequestCapture, UpstreamBodyTimeout};
-use crate::tee::record::{Capture, DecisionOutcome, Exchange, ExchangeError, Message};
+use crate::tee::record::{Capture, DecisionOutcome, Exchange, ExchangeError, Message, ReadJson};
 use crate::tee::TeeSender;
 
 pub struct Pending {
@@ -86,6 +86,13 @@ impl Pending {
     pub fn set_decision(&mut self, outcome: DecisionOutcome) {
         if let Some(e) = self.exchange.as_mut() {
             e.decision = Some(outcome);
+        }
+    }
+
+    /// The decision step read the captured response body whole, as JSON.
+    pub fn set_response_read(&mut self, read: ReadJson) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.response_read = Some(read);
         }
     }
 

@@ -104,6 +104,17 @@ pub struct Exchange {
     pub decision: Option<DecisionOutcome>,
     /// The provenance tag sent with the response.
     pub tag: Option<String>,
+    /// Set when the decision step read the whole captured response body as JSON: the record
+    /// embeds it without parsing it a second time.
+    pub response_read: Option<ReadJson>,
+}
+
+/// What the decision step learned reading a response body whole, as JSON.
+#[derive(Clone, Debug, Default)]
+pub struct ReadJson {
+    /// The v2 response's `model_name` and `model_version`.
+    pub model_name: Option<String>,
+    pub model_version: Option<String>,
 }
 
 /// What the decision layers made of a response.
@@ -318,11 +329,15 @@ impl Exchange {
 
     /// The model: the v2 response's `model_name`, else the one in the request path.
     fn model_name(&self) -> Option<String> {
-        self.response
-            .as_ref()
-            .and_then(|r| serde_json::from_slice::<Probe>(&r.body.bytes).ok())
-            .and_then(|p| raw_str(p.model_name))
-            .or_else(|| model_from_path(&self.path).0.map(str::to_owned))
+        match &self.response_read {
+            Some(read) => read.model_name.clone(),
+            None => self
+                .response
+                .as_ref()
+                .and_then(|r| serde_json::from_slice::<Probe>(&r.body.bytes).ok())
+                .and_then(|p| raw_str(p.model_name)),
+        }
+        .or_else(|| model_from_path(&self.path).0.map(str::to_owned))
     }
 }
 
@@ -352,11 +367,11 @@ impl Exchange {
             .map_or(0, |d| d.as_millis() as i64);
         let policy = &self.policy;
         let redaction = &policy.body_redaction;
-        let request_body = Body::new(&self.request.body, &self.request.headers, redaction);
+        let request_body = Body::new(&self.request.body, &self.request.headers, redaction, false);
         let response_body = self
             .response
             .as_ref()
-            .map(|r| Body::new(&r.body, &r.headers, redaction));
+            .map(|r| Body::new(&r.body, &r.headers, redaction, self.response_read.is_some()));
         let rows = match &self.decision {
             Some(DecisionOutcome::Made(rows)) => rows.as_slice(),
             _ => &[],
@@ -512,7 +527,13 @@ struct Body<'a> {
 }
 
 impl<'a> Body<'a> {
-    fn new(capture: &'a Capture, headers: &HeaderMap, redaction: &BodyRedaction) -> Self {
+    /// `read_whole`: the decision step read these bytes as one JSON value already.
+    fn new(
+        capture: &'a Capture,
+        headers: &HeaderMap,
+        redaction: &BodyRedaction,
+        read_whole: bool,
+    ) -> Self {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -522,6 +543,9 @@ impl<'a> Body<'a> {
             || content_type.starts_with("application/x-protobuf");
         let (json, probe) = if binary_type || capture.truncated() {
             (None, Probe::default())
+        } else if read_whole {
+            // Its syntax was checked by that read; UTF-8 inside the strings it skipped was not.
+            (std::str::from_utf8(&capture.bytes).ok(), Probe::default())
         } else {
             json_with_probe(&capture.bytes)
         };
@@ -821,8 +845,13 @@ impl RecordWriter<'_> {
 
         let (path_model, path_version) = model_from_path(&ex.path);
         let probe = self.response_body.as_ref().map(|b| &b.probe);
-        let model_name = raw_str(probe.and_then(|p| p.model_name));
-        let model_version = raw_str(probe.and_then(|p| p.model_version));
+        let (model_name, model_version) = match &ex.response_read {
+            Some(read) => (read.model_name.clone(), read.model_version.clone()),
+            None => (
+                raw_str(probe.and_then(|p| p.model_name)),
+                raw_str(probe.and_then(|p| p.model_version)),
+            ),
+        };
         let v2_id = raw_str(self.request_body.probe.id);
         let (path, query) = match ex.path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -1120,6 +1149,7 @@ mod tests {
             capture_bodies: true,
             decision: None,
             tag: None,
+            response_read: None,
         }
     }
 
@@ -1391,6 +1421,28 @@ mod tests {
 
     fn typed(entry: &SpoolEntry) -> v1::Record {
         serde_json::from_slice(&entry.payload).unwrap()
+    }
+
+    #[test]
+    fn a_response_the_decision_step_read_is_embedded_without_a_second_parse() {
+        let mut ex = exchange(b"{}", br#"{"model_name":"m","outputs":[]}"#, 1024);
+        ex.response_read = Some(ReadJson {
+            model_name: Some("from-the-read".into()),
+            model_version: None,
+        });
+        let v = decode(&ex.encode(&ctx(1 << 20)));
+        assert_eq!(v["response"]["body"]["encoding"], "json");
+        assert_eq!(
+            v["response"]["body"]["data"]["outputs"],
+            serde_json::json!([])
+        );
+        // The model comes from what the read found, not from parsing the body again.
+        assert_eq!(v["model"]["name"], "from-the-read");
+        // Bytes a read skipped without checking their UTF-8 are not embedded as JSON.
+        let mut bad = exchange(b"{}", b"{\"s\":\"\xff\"}", 1024);
+        bad.response_read = Some(ReadJson::default());
+        let v = decode(&bad.encode(&ctx(1 << 20)));
+        assert_eq!(v["response"]["body"]["encoding"], "base64");
     }
 
     #[test]
