@@ -70,7 +70,10 @@ pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientCo
         .set("client.id", "sluicegate")
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
+        // Uncompressed: profiled in the running proxy at 1,000 req/s of ~16 KiB answers, lz4
+        // was 9.7% of all its CPU (the sidecar's CPU is paid on every pod; a topic can
+        // compress broker-side, or `compression.type` can be set back).
+        .set("compression.type", "none")
         .set("linger.ms", LINGER_MS)
         // librdkafka's own queue: bounded by count and bytes.
         .set("queue.buffering.max.messages", MAX_IN_FLIGHT.to_string())
