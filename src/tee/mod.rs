@@ -248,6 +248,7 @@ fn write_loop(
                 }
                 // A failure is counted and logged by the spool writer.
                 let _ = spool.maybe_fsync();
+                spool.release_idle_buffers();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,

@@ -109,6 +109,10 @@ const MIN_BODY_LEN: usize = 1 + 8 + 2 + 2;
 const SEGMENT_NAME_DIGITS: usize = 20;
 /// Reader buffer granularity; also how far a resync scan looks at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Capacity the writer's frame buffer keeps once the queue is idle: under load it keeps what a
+/// batch needed (no allocation per batch), but a burst's batches (up to several MiB) are not
+/// held for good.
+const IDLE_BUF_CAPACITY: usize = 256 * 1024;
 /// A full spool refuses entries on every batch: warn about it at most this often.
 const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// After a disk error the writer drops entries (counted) for this long before it tries the disk
@@ -785,6 +789,11 @@ impl SpoolWriter {
         entries.clear();
         self.publish();
         result
+    }
+
+    /// The queue is idle: gives back the frame buffer's capacity past [`IDLE_BUF_CAPACITY`].
+    pub fn release_idle_buffers(&mut self) {
+        self.buf.shrink_to(IDLE_BUF_CAPACITY);
     }
 
     /// Offers every entry written from now on to `handoff` (see [`Self::append_owned`]).
@@ -2390,6 +2399,27 @@ mod tests {
             entries_of(&read_all(&mut cat, Position::END)),
             vec![entry(100), entry(101), entry(103)]
         );
+    }
+
+    #[test]
+    fn idle_writer_gives_back_a_burst_s_frame_buffer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), SpoolMode::Rotate, 64 << 20, 16 << 20);
+        let (mut w, rx) = SpoolWriter::open(cfg, SpoolMetrics::default()).unwrap();
+        let burst: Vec<SpoolEntry> = (0..32)
+            .map(|i| SpoolEntry {
+                payload: vec![b'7'; 64 * 1024],
+                ..entry(i)
+            })
+            .collect();
+        assert_eq!(w.append_batch(&burst).unwrap(), 32);
+        assert!(w.buf.capacity() > 2 * 1024 * 1024);
+        w.release_idle_buffers();
+        assert!(w.buf.capacity() <= IDLE_BUF_CAPACITY);
+        // Still writes, and what it wrote is whole.
+        assert_eq!(w.append_batch(&[entry(32)]).unwrap(), 1);
+        let mut r = SpoolReader::open(tmp.path(), SpoolMetrics::default(), false).unwrap();
+        assert_eq!(read_all(&mut r, *rx.borrow()).len(), 33);
     }
 
     #[test]
