@@ -414,26 +414,17 @@ fn empty_histogram() -> Histogram<u64> {
 mod tests {
     use super::*;
 
-    /// xorshift64*: a tiny deterministic PRNG for the tests.
-    struct Rng(u64);
+    /// A seeded generator, so the tests are repeatable.
+    struct Rng(fastrand::Rng);
 
     impl Rng {
         fn new(seed: u64) -> Self {
-            Self(seed.max(1))
-        }
-
-        fn next_u64(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+            Self(fastrand::Rng::with_seed(seed))
         }
 
         /// Uniform in [0, 1).
         fn unit(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+            self.0.f64()
         }
     }
 

@@ -24,20 +24,20 @@ const OPENSSL_SEED_HEX: &str = "7112cf7ebec5bc512f30752ff3fa350761395757a816a899
 const OPENSSL_SIG_OF_SG1_TEST: &str =
     "dbJtIcTnwexY7Ny42Qw0NCPBJj+w68QuzilAKjUog8iE9wbrerCar5tEXAuU/aqJ5ZQxIrC8ql/pbPXM0zGVDw==";
 
-/// A small seeded xorshift64*, so that the fuzz tests need no rand crate and are repeatable.
-struct XorShift(u64);
+/// Seeded, so that the fuzz tests are repeatable.
+struct Seeded(fastrand::Rng);
 
-impl XorShift {
+impl Seeded {
+    fn new(seed: u64) -> Self {
+        Seeded(fastrand::Rng::with_seed(seed))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.u64(..)
     }
 
     fn below(&mut self, n: usize) -> usize {
-        // n is small in these tests; the modulo bias does not matter.
-        (self.next() % n.max(1) as u64) as usize
+        self.0.usize(..n.max(1))
     }
 }
 
@@ -521,7 +521,7 @@ fn algorithm_confusion_is_never_accepted() {
 #[test]
 fn random_input_never_panics() {
     let (_dir, ring) = ring();
-    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Seeded::new(0x9E37_79B9_7F4A_7C15);
     const ALPHABET: &[u8] =
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ :\"{}[],";
     for i in 0..10_000 {
@@ -555,7 +555,7 @@ fn random_input_never_panics() {
 #[test]
 fn random_mutations_of_a_valid_token_never_panic_nor_verify() {
     let (_dir, ring) = ring();
-    let mut rng = XorShift(0xD1B5_4A32_D192_ED03);
+    let mut rng = Seeded::new(0xD1B5_4A32_D192_ED03);
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=";
     const JSON_CHARS: &[u8] = b"{}[]\":,0123456789.-eEtrufalsn\\ abkxdpr";
     for (key, alg) in [("ed", Algorithm::Ed25519), ("hm", Algorithm::HmacSha256)] {
@@ -820,7 +820,7 @@ fn empty_directory_gives_an_empty_ring() {
 fn large_batch_uses_digests() {
     let (_dir, ring) = ring();
     let names = ["allow", "review", "block"];
-    let mut rng = XorShift(42);
+    let mut rng = Seeded::new(42);
     let actions: Vec<&str> = (0..1000).map(|_| names[rng.below(3)]).collect();
     let explored: Vec<bool> = (0..1000).map(|_| rng.below(10) == 0).collect();
     let propensities: Vec<f64> = explored

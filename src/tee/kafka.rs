@@ -55,6 +55,12 @@ const STALL_REBUILD: Duration = Duration::from_secs(20);
 /// unacknowledged records, which it must send).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Between half and all of `backoff`, at random: the sidecars of a fleet that lost the same
+/// broker do not come back to it in step.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
 /// How long librdkafka lets records gather into one produce request. The request path never
 /// waits for Kafka, so this only delays a record's arrival there (and the checkpoint, which
 /// runs every second anyway). Measured at 1,000 req/s against tansu, CPU of librdkafka's
@@ -507,7 +513,7 @@ impl KafkaSender {
             Outcome::Retry => {
                 self.metrics.delivery_retries.inc();
                 if b.retry.is_empty() {
-                    b.retry_at = Instant::now() + b.backoff;
+                    b.retry_at = Instant::now() + jittered(b.backoff);
                     b.backoff = (b.backoff * 2).min(RETRY_MAX);
                 }
                 b.retry.push_back(entry);
@@ -519,5 +525,23 @@ impl KafkaSender {
         if let Err(e) = reader.ack(pos) {
             tracing::warn!(error = %e, "cannot remove a delivered spool segment");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_is_jittered_within_half_to_all_of_it() {
+        let backoff = Duration::from_secs(4);
+        let waits: Vec<Duration> = (0..1000).map(|_| jittered(backoff)).collect();
+        assert!(waits.iter().all(|w| *w >= backoff / 2 && *w <= backoff));
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(
+            distinct.len() > 900,
+            "spread: {} distinct waits",
+            distinct.len()
+        );
     }
 }
