@@ -54,7 +54,7 @@ const BUILDS: &[(&str, &[&str])] = &[
 ];
 
 /// Custom resources: no registry package ships their CRDs, so no schema is kept here and
-/// they are not validated against one (the README, "Running in Kubernetes", says so). Checked instead: they build,
+/// they are not validated against one (docs/kubernetes.md says so). Checked instead: they build,
 /// and the PrometheusRule's expressions are checked against the binary (below).
 const CUSTOM_KINDS: &[(&str, &str)] = &[
     ("PrometheusRule", "monitoring.coreos.com/v1"),
@@ -69,7 +69,7 @@ const VARIANTS: &[(&str, bool)] = &[
 ];
 
 /// Time the model server is assumed to take to stop after SIGTERM (finishing its in-flight
-/// requests), in the termination budget. the README ("Running in Kubernetes") states the same number.
+/// requests), in the termination budget. docs/kubernetes.md states the same number.
 const MODEL_STOP_ALLOWANCE_S: f64 = 20.0;
 /// After the queue is written, the Kafka sender gets this long (fixed in the binary).
 const KAFKA_FLUSH_S: f64 = 5.0;
@@ -1256,7 +1256,7 @@ fn the_pod_specs_keep_the_rules() {
         assert_eq!(ann["prometheus.io/port"], admin_port.to_string(), "{dir}");
         assert_eq!(ann["prometheus.io/path"], "/metrics", "{dir}");
 
-        // The termination budget (the README ("Running in Kubernetes") has the arithmetic).
+        // The termination budget (docs/kubernetes.md has the arithmetic).
         let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
         let pre_stop = pre_stop_sleep(model);
         let drain = secs(flag(&f, "--drain-delay").unwrap());
@@ -1358,7 +1358,7 @@ async fn start_variant(dir: &str) -> Started {
                 .collect();
             kubelet_volume(&d, &files);
         } else if !v["secret"].is_null() {
-            // An out-of-band Secret (see the README ("Running in Kubernetes")): the files the args name in it,
+            // An out-of-band Secret (see docs/kubernetes.md): the files the args name in it,
             // and in the tag-keys directory a key made by `sluicegate tag keygen`.
             let mut files: Vec<(String, String)> = f
                 .iter()
