@@ -15,8 +15,8 @@ use sluicegate::tee::record::{v1, RECORD_SCHEMA};
 use sluicegate::tee::spool::{EntryKind, NewerFormat, Position, SpoolMetrics, SpoolReader};
 
 /// jemalloc, whose background thread returns freed memory to the OS a few seconds after a burst
-/// (glibc's malloc kept it resident), at no cost in CPU per request (measured in the README's
-/// Performance section).
+/// (glibc's malloc kept it resident), at no cost in CPU per request (measured in
+/// docs/performance.md).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
