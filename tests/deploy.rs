@@ -800,8 +800,8 @@ fn the_configmap_policy_passes_check_and_is_the_example_policy() {
 // ---------------------------------------------------------------------------------------
 // Alerts
 
-/// Metric names in the README's metrics table, with `{a,b}` name parts expanded and label
-/// lists dropped.
+/// Metric names in the metrics table of docs/operating.md, with `{a,b}` name parts expanded and
+/// label lists dropped.
 fn readme_metrics() -> BTreeSet<String> {
     fn expand(tok: &str, out: &mut BTreeSet<String>) {
         match tok.find('{') {
@@ -821,7 +821,7 @@ fn readme_metrics() -> BTreeSet<String> {
             }
         }
     }
-    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_path("docs/operating.md")).unwrap();
     let mut out = BTreeSet::new();
     for line in readme.lines().filter(|l| l.starts_with("| `sluicegate_")) {
         let cell = line.split('|').nth(1).unwrap();
@@ -1036,6 +1036,11 @@ async fn alert_expressions_name_only_metrics_the_binary_exports() {
         .collect();
 
     let readme = readme_metrics();
+    assert!(
+        readme.len() > 10,
+        "the metrics table of docs/operating.md was not found ({} names)",
+        readme.len()
+    );
     let scraped = live_scrape().await;
     let scraped_names: BTreeSet<String> = scraped.keys().cloned().collect();
     let known: BTreeSet<String> = readme.union(&scraped_names).cloned().collect();
@@ -1081,7 +1086,7 @@ async fn alert_expressions_name_only_metrics_the_binary_exports() {
         .filter(|n| !exported(n, &scraped_names))
         .collect();
     if !only_readme.is_empty() {
-        eprintln!("note: named in alerts, in the README's metrics table, but not seen in the live scrape: {only_readme:?}");
+        eprintln!("note: named in alerts, in the metrics table of docs/operating.md, but not seen in the live scrape: {only_readme:?}");
     }
     // The list of alerts is covered.
     for needed in [
@@ -1099,7 +1104,7 @@ async fn alert_expressions_name_only_metrics_the_binary_exports() {
         assert!(used.contains(needed), "no alert watches {needed}");
     }
     eprintln!(
-        "{} alerts; metrics they name: {used:?}; all exported (README table ∪ live scrape of {} names)",
+        "{} alerts; metrics they name: {used:?}; all exported (documented table ∪ live scrape of {} names)",
         alerts.len(),
         scraped_names.len()
     );
