@@ -2148,13 +2148,17 @@ fn combine(dirs: &str) {
     std::fs::write(out.join("e2e-runs.md"), md).unwrap();
 }
 
+/// A run's aggregated row for one size, rate and setup.
+fn rate_row<'d>(doc: &'d Value, size: &str, rate: u64, k: Kind) -> Option<&'d Value> {
+    doc["rows"]
+        .as_array()?
+        .iter()
+        .find(|r| r["size"] == size && r["rate"].as_u64() == Some(rate) && r["setup"] == k.name())
+}
+
 /// The hot-path targets, each a figure of this run against its bound.
 fn targets(doc: &Value) -> Value {
-    let row = |size: &str, rate: u64, k: Kind| -> Option<&Value> {
-        doc["rows"].as_array()?.iter().find(|r| {
-            r["size"] == size && r["rate"].as_u64() == Some(rate) && r["setup"] == k.name()
-        })
-    };
+    let row = |size: &str, rate: u64, k: Kind| rate_row(doc, size, rate, k);
     let num = |v: Option<&Value>, key: &str| v.and_then(|r| r[key].as_f64());
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b.max(1e-9));
     let cpu = |size: &str, rate: u64, k: Kind| num(row(size, rate, k), "proxy_cpu_ms_per_1k");
@@ -2329,12 +2333,7 @@ fn targets_table(docs: &[&Value]) -> String {
 /// at the two sizes gives the base and the cost per KiB; what sluicegate-full adds on top, at
 /// the two row counts, gives the cost per decided row and the fixed cost of deciding.
 fn cost_model(doc: &Value) -> Value {
-    let cpu = |size: &str, k: Kind| -> Option<f64> {
-        doc["rows"].as_array()?.iter().find(|r| {
-            r["size"] == size && r["rate"].as_u64() == Some(1000) && r["setup"] == k.name()
-        })?["proxy_cpu_ms_per_1k"]
-            .as_f64()
-    };
+    let cpu = |size: &str, k: Kind| rate_row(doc, size, 1000, k)?["proxy_cpu_ms_per_1k"].as_f64();
     let size = |name: &str| -> Option<(f64, f64)> {
         let z = doc["sizes"]
             .as_array()?
