@@ -39,3 +39,4 @@ pub mod provenance;
 pub mod proxy;
 pub mod tee;
 pub mod telemetry;
+pub mod testing;

@@ -1059,9 +1059,10 @@ routes:
     async fn decide_and_respond_write_the_decision_into_headers_and_body() {
         let dir = tempfile::tempdir().unwrap();
         let (proxy, writer, metrics) = proxy_with(DECIDING, dir.path());
-        let request = crate::demo::v2_request(3, 7);
+        let request = crate::testing::v2_request(3, 7);
         let answer =
-            crate::demo::StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap();
+            crate::testing::StandInModel::infer_v2(&serde_json::from_str(&request).unwrap())
+                .unwrap();
         let body = Bytes::from(serde_json::to_vec(&answer).unwrap());
         let decide = |body: Bytes| {
             let mut admitted = proxy.admit(&infer("mail-ingest"));

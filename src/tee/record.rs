@@ -1367,9 +1367,9 @@ mod tests {
         // The bench signs with a key of its own; the record's size does not depend on it.
         let text = text.split("tagging:").next().unwrap();
         let policy = crate::config::validate::parse(text, 1 << 20).unwrap();
-        let request = crate::demo::v2_request(rows, 7);
+        let request = crate::testing::v2_request(rows, 7);
         let request_value: serde_json::Value = serde_json::from_str(&request).unwrap();
-        let response = crate::demo::StandInModel::infer_v2(&request_value)
+        let response = crate::testing::StandInModel::infer_v2(&request_value)
             .unwrap()
             .to_string();
         let mut ex = exchange(request.as_bytes(), response.as_bytes(), 1 << 20);
