@@ -25,11 +25,12 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use http::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluicegate::config::policy::{Policy, PolicySnapshot, Protocol, ScoreSpec};
+use sluicegate::config::policy::{Policy, Protocol, ScoreSpec};
 use sluicegate::config::settings::RecordDecisions;
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
+use sluicegate::policy::PolicySnapshot;
 use sluicegate::provenance::{generate_key, Algorithm, KeyRing, TagClaims, TAG_PREFIX};
 use sluicegate::tee::record::{
     Capture, DecisionOutcome, EncodeContext, Exchange, Message, ReadJson, RECORD_SCHEMA,
@@ -249,7 +250,7 @@ fn exchange(rows: usize, policy: Arc<PolicySnapshot>, keys: &KeyRing) -> Exchang
         }),
         decision,
         tag,
-        policy,
+        record: policy.record.clone(),
     }
 }
 
@@ -258,7 +259,7 @@ fn naive_record(ex: &Exchange, instance: &str) -> Vec<u8> {
     let headers = |h: &HeaderMap| -> Value {
         h.keys()
             .map(|name| {
-                let value = if ex.policy.redacted_headers.contains(name) {
+                let value = if ex.record.redacted_headers.contains(name) {
                     "[redacted]".to_owned()
                 } else {
                     h.get_all(name)
@@ -307,7 +308,7 @@ fn naive_record(ex: &Exchange, instance: &str) -> Vec<u8> {
         "route": &*ex.route,
         "model": {"name": response_data["model_name"], "version": response_data["model_version"]},
         "consumer": {"id": ex.consumer, "declared": ex.consumer_declared},
-        "policy": {"version": ex.policy.version, "generation": ex.policy.generation},
+        "policy": {"version": ex.record.version, "generation": ex.record.generation},
         "request": {
             "method": ex.method.as_str(), "path": path, "query": query,
             "headers": headers(&ex.request.headers), "v2_id": request_data["id"],

@@ -7,11 +7,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::policy;
+use crate::config::policy::Policy;
 use crate::config::settings::Settings;
 use crate::config::validate::{self, PolicyError, PolicyErrors};
 use crate::control::reload::{self, Reloader};
 use crate::control::{self, Readiness};
+use crate::policy;
 use crate::proxy::body::RequestLimits;
 use crate::proxy::server::{self, ListenerLimits};
 use crate::proxy::Proxy;
@@ -82,7 +83,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 errors,
             }
         })?,
-        None => policy::Policy::default(),
+        None => Policy::default(),
     };
     let keys = policy::load_keys(&initial, settings.tag_keys_dir.as_deref()).map_err(|errors| {
         StartError::Policy {

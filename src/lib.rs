@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod decide;
 pub mod demo;
+pub mod policy;
 pub mod provenance;
 pub mod proxy;
 pub mod tee;

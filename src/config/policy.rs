@@ -1,18 +1,12 @@
-//! The hot policy: what operators change live — routes, score extraction, thresholds, limits,
-//! consumers and the tee's settings. One YAML file, validated whole (`validate`), swapped
-//! atomically; a request loads one snapshot and keeps it to the end.
+//! The hot policy as an operator writes it: routes, score extraction, thresholds, limits,
+//! consumers and the tee's settings. One YAML file, validated whole (`validate`); its compiled,
+//! runtime form is [`crate::policy::PolicySnapshot`].
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use http::HeaderName;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
-use crate::decide::RouteTable;
-use crate::provenance::{Algorithm, KeyRing};
 
 /// The policy as written by an operator.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -364,134 +358,6 @@ mod duration_text {
     }
 }
 
-/// A validated policy ready for the request path: loaded once per request and carried.
-#[derive(Debug)]
-pub struct PolicySnapshot {
-    pub policy: Policy,
-    /// Content hash of the policy: the same policy gives the same version on every pod,
-    /// whatever its comments or key order.
-    pub version: String,
-    /// Reloads applied since start (0 = the policy loaded at start).
-    pub generation: u64,
-    /// `tee.redact_headers`, parsed once.
-    pub redacted_headers: Vec<HeaderName>,
-    /// `tee.body_cap_bytes`, clamped to what fits in a record.
-    pub body_cap: usize,
-    /// The routes, compiled, with their threshold and limit state.
-    pub routes: RouteTable,
-    /// `consumers.header`, parsed once.
-    pub consumer_header: HeaderName,
-    /// `tee.redact_body` and `tee.hash_body`, parsed once.
-    pub body_redaction: crate::tee::record::BodyRedaction,
-    /// Tag keys, read with this policy (a rotated Secret applies at the next reload).
-    pub keys: Arc<KeyRing>,
-    /// The key and algorithm that sign tags, when the policy tags.
-    pub signer: Option<(String, Algorithm)>,
-}
-
-impl PolicySnapshot {
-    /// Builds the snapshot; `max_record_bytes` comes from the settings. State of thresholds and
-    /// limits whose settings did not change is taken over from `previous`.
-    pub fn new(
-        policy: Policy,
-        generation: u64,
-        max_record_bytes: u64,
-        previous: Option<&PolicySnapshot>,
-    ) -> Self {
-        let version = version_of(&policy);
-        let redacted_headers = policy
-            .tee
-            .redact_headers
-            .iter()
-            .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
-            .collect();
-        let body_cap = policy.tee.body_cap_bytes.min(max_record_bytes) as usize;
-        let routes = RouteTable::build(&policy, previous.map(|p| &p.routes), Instant::now());
-        let consumer_header =
-            HeaderName::from_bytes(policy.consumers.header.to_ascii_lowercase().as_bytes())
-                .unwrap_or(HeaderName::from_static("sluicegate-consumer"));
-        let body_redaction =
-            crate::tee::record::BodyRedaction::new(&policy.tee.redact_body, &policy.tee.hash_body);
-        PolicySnapshot {
-            policy,
-            version,
-            generation,
-            redacted_headers,
-            body_cap,
-            routes,
-            consumer_header,
-            body_redaction,
-            keys: Arc::new(KeyRing::default()),
-            signer: None,
-        }
-    }
-
-    /// Attaches the tag keys (checked beforehand by [`check_tagging`]).
-    pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.signer = self.policy.tagging.as_ref().and_then(|t| {
-            let alg = t.algorithm.parse::<Algorithm>().ok()?;
-            keys.can_sign(&t.signing_key, alg)
-                .then(|| (t.signing_key.clone(), alg))
-        });
-        self.keys = keys;
-        self
-    }
-
-    /// Whether `consumer` is declared in the policy.
-    pub fn declared(&self, consumer: &str) -> bool {
-        self.policy.consumers.declared.iter().any(|d| d == consumer)
-    }
-
-    /// Whether this request is recorded (sampling).
-    pub fn sampled(&self) -> bool {
-        let rate = self.policy.tee.sample_rate;
-        rate >= 1.0 || (rate > 0.0 && fastrand::f64() < rate)
-    }
-}
-
-/// Loads the tag keys and checks that the policy's signing key can sign; the errors name the
-/// policy key and the files.
-pub fn load_keys(
-    policy: &Policy,
-    dir: Option<&std::path::Path>,
-) -> Result<Arc<KeyRing>, crate::config::validate::PolicyErrors> {
-    use crate::config::validate::{PolicyError, PolicyErrors};
-    let keys = match dir {
-        Some(dir) => KeyRing::load_dir(dir).map_err(|errors| {
-            PolicyErrors(
-                errors
-                    .into_iter()
-                    .map(|e| PolicyError {
-                        path: "tag keys".into(),
-                        message: e.to_string(),
-                    })
-                    .collect(),
-            )
-        })?,
-        None => KeyRing::default(),
-    };
-    if let Some(t) = &policy.tagging {
-        let signs = t
-            .algorithm
-            .parse::<Algorithm>()
-            .is_ok_and(|alg| keys.can_sign(&t.signing_key, alg));
-        if !signs {
-            let where_ = dir.map_or_else(
-                || "no tag key directory is set (--tag-keys-dir)".to_owned(),
-                |d| format!("in {}", d.display()),
-            );
-            return Err(PolicyErrors(vec![PolicyError {
-                path: "tagging.signing_key".into(),
-                message: format!(
-                    "no {} key {:?} that can sign {where_}",
-                    t.algorithm, t.signing_key
-                ),
-            }]));
-        }
-    }
-    Ok(Arc::new(keys))
-}
-
 /// The policy's version: the first 12 hex digits of the SHA-256 of its canonical JSON.
 pub fn version_of(policy: &Policy) -> String {
     let canonical = serde_json::to_vec(policy).expect("policy serializes");
@@ -499,41 +365,4 @@ pub fn version_of(policy: &Policy) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// The policy in force: many readers, rare writers.
-pub type SharedPolicy = Arc<ArcSwap<PolicySnapshot>>;
-
-/// The shared handle holding `policy` (the built-in default when none is given).
-pub fn shared(policy: Policy, max_record_bytes: u64) -> SharedPolicy {
-    shared_with_keys(policy, max_record_bytes, Arc::new(KeyRing::default()))
-}
-
-/// The shared handle holding `policy`, with its tag keys.
-pub fn shared_with_keys(policy: Policy, max_record_bytes: u64, keys: Arc<KeyRing>) -> SharedPolicy {
-    Arc::new(ArcSwap::from_pointee(
-        PolicySnapshot::new(policy, 0, max_record_bytes, None).with_keys(keys),
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_is_a_stable_content_hash() {
-        let a = PolicySnapshot::new(Policy::default(), 0, 1 << 20, None);
-        let b = PolicySnapshot::new(Policy::default(), 3, 1 << 20, None);
-        assert_eq!(a.version, b.version);
-        assert_eq!(a.version.len(), 12);
-        let mut p = Policy::default();
-        p.tee.sample_rate = 0.5;
-        assert_ne!(PolicySnapshot::new(p, 0, 1 << 20, None).version, a.version);
-    }
-
-    #[test]
-    fn body_cap_never_exceeds_a_record() {
-        let s = PolicySnapshot::new(Policy::default(), 0, 8192, None);
-        assert_eq!(s.body_cap, 8192);
-    }
 }

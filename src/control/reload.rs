@@ -21,8 +21,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::config::policy::{load_keys, Policy, PolicySnapshot, SharedPolicy};
+use crate::config::policy::Policy;
 use crate::config::validate::{self, PolicyErrors};
+use crate::policy::{load_keys, PolicySnapshot, SharedPolicy};
 use crate::provenance::KeyRing;
 use crate::telemetry::PolicyMetrics;
 
@@ -418,7 +419,7 @@ pub async fn on_sighup(reloader: Arc<Reloader>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::policy;
+    use crate::policy;
 
     const A: &str = "tee: {sample_rate: 0.5}\n";
     const B: &str = "tee: {sample_rate: 0.25}\n";

@@ -53,9 +53,10 @@ use error::ProxyError;
 use pending::Pending;
 use pool::{H2Error, H2Pool, SendH2};
 
-use crate::config::policy::{PolicySnapshot, SharedPolicy, Undeclared};
+use crate::config::policy::Undeclared;
 use crate::config::settings::{Upstream, UpstreamProtocol};
 use crate::decide::CompiledRoute;
+use crate::policy::{PolicySnapshot, SharedPolicy};
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
 use crate::telemetry::{ConsumerLabel, ErrorLabel, ProxyMetrics, RouteMetrics};
@@ -332,7 +333,7 @@ impl Proxy {
                     id: id_string,
                     time,
                     route: route.clone(),
-                    policy: policy.clone(),
+                    record: policy.record.clone(),
                     consumer: consumer.clone(),
                     method: req.method().clone(),
                     path: path_and_query.clone(),
@@ -923,7 +924,7 @@ routes:
         let proxy = Proxy::new(
             settings.upstream.clone(),
             RequestLimits::from_settings(&settings),
-            crate::config::policy::shared(policy, settings.max_record_bytes),
+            crate::policy::shared(policy, settings.max_record_bytes),
             tee,
             metrics.proxy.clone(),
         );

@@ -41,7 +41,7 @@ impl Pending {
         self.exchange.as_ref().map_or(0, |e| {
             // The route's switch, already resolved against the policy's.
             if e.capture_bodies {
-                e.policy.body_cap
+                e.record.body_cap
             } else {
                 0
             }

@@ -17,9 +17,10 @@ use serde_json::value::RawValue;
 use sha2::Digest;
 
 use super::spool::{EntryKind, SpoolEntry};
-use crate::config::policy::PolicySnapshot;
+use crate::config::policy::{Policy, Protocol, ScoreSpec};
 use crate::config::settings::RecordDecisions;
 use crate::decide::RowDecision;
+use crate::provenance::KeyRing;
 
 pub mod v1;
 
@@ -81,7 +82,8 @@ pub struct Exchange {
     pub id: String,
     pub time: SystemTime,
     pub route: Arc<str>,
-    pub policy: Arc<PolicySnapshot>,
+    /// What the record needs of the policy in force when the request came in.
+    pub record: Arc<RecordContext>,
     pub consumer: Option<String>,
     pub method: Method,
     /// The normalized path (as routed and forwarded; as sent when refused) and the query.
@@ -107,6 +109,69 @@ pub struct Exchange {
     /// Set when the decision step read the whole captured response body as JSON: the record
     /// embeds it without parsing it a second time.
     pub response_read: Option<ReadJson>,
+}
+
+/// What the tee reads of one policy: built once per policy snapshot and carried by each
+/// exchange to the writer thread, so the tee never holds the policy itself.
+#[derive(Clone, Debug)]
+pub struct RecordContext {
+    /// The policy's version and generation, as records name it.
+    pub version: String,
+    pub generation: u64,
+    /// `tee.redact_headers`, parsed.
+    pub redacted_headers: Vec<HeaderName>,
+    /// `consumers.header`, parsed: a redacted one keeps the consumer id out too.
+    pub consumer_header: HeaderName,
+    /// `tee.redact_body` and `tee.hash_body`, parsed.
+    pub body_redaction: BodyRedaction,
+    /// `tee.body_cap_bytes`, clamped to what fits in a record.
+    pub body_cap: usize,
+    /// The keys inbound tags are verified with.
+    pub keys: Arc<KeyRing>,
+    /// Per route, where its scores are read (the record's `score_source`).
+    pub score_sources: std::collections::BTreeMap<String, ScoreSource>,
+}
+
+/// Where a route reads its scores.
+#[derive(Clone, Debug)]
+pub struct ScoreSource {
+    pub protocol: Protocol,
+    pub score: Option<ScoreSpec>,
+}
+
+impl RecordContext {
+    /// The context of `policy`, named by `version` and `generation`; `max_record_bytes` (a
+    /// setting) bounds the body cap. No tag keys: the caller attaches them.
+    pub fn new(policy: &Policy, version: String, generation: u64, max_record_bytes: u64) -> Self {
+        let tee = &policy.tee;
+        RecordContext {
+            version,
+            generation,
+            redacted_headers: tee
+                .redact_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                .collect(),
+            consumer_header: HeaderName::from_bytes(
+                policy.consumers.header.to_ascii_lowercase().as_bytes(),
+            )
+            .unwrap_or(HeaderName::from_static("sluicegate-consumer")),
+            body_redaction: BodyRedaction::new(&tee.redact_body, &tee.hash_body),
+            body_cap: tee.body_cap_bytes.min(max_record_bytes) as usize,
+            keys: Arc::default(),
+            score_sources: policy
+                .routes
+                .iter()
+                .map(|(name, route)| {
+                    let source = ScoreSource {
+                        protocol: route.protocol,
+                        score: route.score.clone(),
+                    };
+                    (name.clone(), source)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// What the decision step learned reading a response body whole, as JSON.
@@ -289,7 +354,7 @@ impl Exchange {
             .enumerate()
             .map(|(i, (found_in, token))| {
                 let verified = if i < MAX_VERIFIED_TAGS {
-                    budget.spend(|| self.policy.keys.verify(&token))
+                    budget.spend(|| self.record.keys.verify(&token))
                 } else {
                     None
                 };
@@ -365,8 +430,7 @@ impl Exchange {
             .time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let policy = &self.policy;
-        let redaction = &policy.body_redaction;
+        let redaction = &self.record.body_redaction;
         let request_body = Body::new(&self.request.body, &self.request.headers, redaction, false);
         let response_body = self
             .response
@@ -839,7 +903,7 @@ fn model_from_path(path: &str) -> (Option<&str>, Option<&str>) {
 impl RecordWriter<'_> {
     fn write(&self, out: &mut Vec<u8>) {
         let ex = self.exchange;
-        let policy = &ex.policy;
+        let policy = &ex.record;
         let captured = ex.capture_bodies;
         let redacted = policy.redacted_headers.as_slice();
 
@@ -938,7 +1002,7 @@ impl RecordWriter<'_> {
                             .response_body
                             .as_ref()
                             .is_some_and(|b| b.recorded_whole_as_json(self.body_limit, captured));
-                        let source = policy.policy.routes.get(&*ex.route);
+                        let source = policy.score_sources.get(&*ex.route);
                         m.object("decision_columns", |out| {
                             columns.write(out, rows, source, scores_in_body)
                         });
@@ -1029,7 +1093,7 @@ impl<'a> Columns<'a> {
         &self,
         out: &mut Vec<u8>,
         rows: &[RowDecision],
-        route: Option<&crate::config::policy::Route>,
+        source: Option<&ScoreSource>,
         scores_in_body: bool,
     ) {
         let mut c = JsonObject::open(out);
@@ -1048,11 +1112,11 @@ impl<'a> Columns<'a> {
                 );
             }
         }
-        let spec = route.and_then(|r| r.score.as_ref());
+        let spec = source.and_then(|r| r.score.as_ref());
         c.field(
             "score_source",
             &ScoreSourceView {
-                protocol: route.map(|r| r.protocol),
+                protocol: source.map(|r| r.protocol),
                 output: spec.and_then(|s| s.output.as_deref()),
                 column: spec.and_then(|s| s.column),
                 pointer: spec.and_then(|s| s.pointer.as_deref()),
@@ -1086,7 +1150,7 @@ fn runs<T: PartialEq>(values: impl Iterator<Item = T>) -> Vec<(T, u64)> {
 
 #[derive(Serialize)]
 struct ScoreSourceView<'a> {
-    protocol: Option<crate::config::policy::Protocol>,
+    protocol: Option<Protocol>,
     output: Option<&'a str>,
     column: Option<usize>,
     pointer: Option<&'a str>,
@@ -1109,7 +1173,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::policy::{Policy, PolicySnapshot};
+    use crate::config::policy::version_of;
+
+    /// The record context of `policy`, as the policy snapshot builds it.
+    fn context(policy: &Policy) -> Arc<RecordContext> {
+        Arc::new(RecordContext::new(policy, version_of(policy), 0, 1 << 20))
+    }
 
     fn capture(bytes: &[u8], cap: usize) -> Capture {
         let mut c = Capture::with_cap(cap);
@@ -1126,7 +1195,7 @@ mod tests {
             id: "id-1".into(),
             time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             route: "default".into(),
-            policy: Arc::new(PolicySnapshot::new(Policy::default(), 0, 1 << 20, None)),
+            record: context(&Policy::default()),
             consumer: Some("checkout".into()),
             method: Method::POST,
             path: "/v2/models/iris/versions/3/infer?x=1".into(),
@@ -1202,7 +1271,7 @@ mod tests {
         p.consumers.header = "X-Api-Key".into();
         let mut ex = exchange(b"{}", b"{}", 1024);
         ex.consumer = Some("sk-live-123".into());
-        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        ex.record = context(&p);
         let entry = ex.encode(&ctx(1 << 20));
         assert!(!String::from_utf8_lossy(&entry.payload).contains("sk-live-123"));
         let v = decode(&entry);
@@ -1239,7 +1308,7 @@ mod tests {
             b"{not json",
             1024,
         );
-        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        ex.record = context(&p);
         let v = decode(&ex.encode(&ctx(1 << 20)));
         let body = &v["request"]["body"];
         assert_eq!(body["encoding"], "json");
@@ -1259,7 +1328,7 @@ mod tests {
         p.tee.hash_body = vec!["/parameters/user_id".into()];
         p.tee.redact_body = vec!["/0/secret".into()];
         let mut ex = exchange(br#"{"inputs":[1.10, 2e3]}"#, b"[1,2]", 1024);
-        ex.policy = Arc::new(PolicySnapshot::new(p, 0, 1 << 20, None));
+        ex.record = context(&p);
         let entry = ex.encode(&ctx(1 << 20));
         let text = String::from_utf8(entry.payload.clone()).unwrap();
         assert!(text.contains("[1.10, 2e3]"), "kept exactly as sent: {text}");
@@ -1374,7 +1443,7 @@ mod tests {
             .to_string();
         let mut ex = exchange(request.as_bytes(), response.as_bytes(), 1 << 20);
         ex.route = "spam".into();
-        ex.policy = Arc::new(PolicySnapshot::new(policy, 0, 1 << 20, None));
+        ex.record = context(&policy);
         ex.tag = Some(format!("sg1.{}.{}", "e".repeat(150), "s".repeat(86)));
         let scores: Vec<f64> = response_scores(&response);
         ex.decision = Some(DecisionOutcome::Made(
