@@ -14,7 +14,7 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::extract;
 use sluicegate::decide::limits::{LimitConfig, LimitWindow, Recorded};
-use sluicegate::decide::threshold::{exact_threshold, AdaptiveConfig, AdaptiveThreshold};
+use sluicegate::decide::threshold::{exact_threshold, AdaptiveThreshold, AdaptiveThresholdParams};
 use sluicegate::decide::RouteTable;
 use sluicegate::demo::{v2_request, StandInModel};
 
@@ -65,7 +65,7 @@ fn decision_step(c: &mut Criterion) {
 }
 
 fn threshold(c: &mut Criterion) {
-    let config = AdaptiveConfig {
+    let config = AdaptiveThresholdParams {
         target_rate: 0.02,
         window: Duration::from_secs(600),
         buckets: 10,
@@ -73,6 +73,7 @@ fn threshold(c: &mut Criterion) {
         min: 0.5,
         max: 0.995,
         max_step: 0.01,
+        update_interval: Duration::from_secs(10),
         min_samples: 100,
         score_range: (0.0, 1.0),
     };

@@ -216,7 +216,7 @@ pub enum Decision {
     Binary {
         action: String,
         otherwise: String,
-        threshold: Threshold,
+        threshold: ThresholdSpec,
     },
     /// The argmax class's action, unless its score is under that class's threshold: then
     /// `default_action`. `classes[i]` is the action of column i.
@@ -224,7 +224,7 @@ pub enum Decision {
         classes: Vec<String>,
         default_action: String,
         #[serde(default)]
-        thresholds: BTreeMap<String, Threshold>,
+        thresholds: BTreeMap<String, ThresholdSpec>,
     },
 }
 
@@ -251,18 +251,18 @@ impl Decision {
 /// A score cut-off.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Threshold {
+pub enum ThresholdSpec {
     /// A constant.
     Fixed(f64),
     /// Moves to hold a target action rate.
-    Adaptive(AdaptiveSpec),
+    Adaptive(AdaptiveThresholdSpec),
 }
 
 /// An adaptive threshold: the (1 − target_rate) quantile of recent scores, bounded and
 /// rate-limited.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdaptiveSpec {
+pub struct AdaptiveThresholdSpec {
     /// The fraction of decisions that should take the action, in (0, 1).
     pub target_rate: f64,
     /// The sliding window of scores the quantile is taken over.

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveSpec, ConsumersPolicy, Decision, Exploration, Limit, OnBreach, Policy, Protocol, Route,
-    RouteMatch, ScoreSpec, Tagging, TeePolicy, Threshold, WriteDecisions,
+    AdaptiveThresholdSpec, ConsumersPolicy, Decision, Exploration, Limit, OnBreach, Policy,
+    Protocol, Route, RouteMatch, ScoreSpec, Tagging, TeePolicy, ThresholdSpec, WriteDecisions,
 };
 
 /// One problem in a policy, with where it is.
@@ -588,18 +588,20 @@ fn check_route(name: &str, route: &Route, errors: &mut Errors) {
     }
 }
 
-fn check_threshold(t: &Threshold, path: &str, [lo, hi]: [f64; 2], errors: &mut Errors) {
+fn check_threshold(t: &ThresholdSpec, path: &str, [lo, hi]: [f64; 2], errors: &mut Errors) {
     match t {
-        Threshold::Fixed(v) => {
+        ThresholdSpec::Fixed(v) => {
             if !v.is_finite() {
                 errors.add(format!("{path}.fixed"), "must be a number");
             }
         }
-        Threshold::Adaptive(a) => check_adaptive(a, &format!("{path}.adaptive"), [lo, hi], errors),
+        ThresholdSpec::Adaptive(a) => {
+            check_adaptive(a, &format!("{path}.adaptive"), [lo, hi], errors)
+        }
     }
 }
 
-fn check_adaptive(a: &AdaptiveSpec, path: &str, [lo, hi]: [f64; 2], errors: &mut Errors) {
+fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], errors: &mut Errors) {
     if !(a.target_rate > 0.0 && a.target_rate < 1.0) {
         errors.add(format!("{path}.target_rate"), "must be in (0, 1)");
     }

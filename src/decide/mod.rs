@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use extract::Scores;
 use limits::{LimitConfig, LimitWindow, Recorded};
-use threshold::{AdaptiveConfig, AdaptiveThreshold};
+use threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
 
 use crate::config::policy::{
-    AdaptiveSpec, Decision, Limit, OnBreach, Policy, Protocol, Route, Threshold,
+    AdaptiveThresholdSpec, Decision, Limit, OnBreach, Policy, Protocol, Route, ThresholdSpec,
 };
 
 /// Buckets per limit window: the window slides in steps of window/60.
@@ -25,50 +25,32 @@ const LIMIT_BUCKETS: u32 = 60;
 /// Buckets per adaptive-threshold window.
 const THRESHOLD_BUCKETS: u32 = 10;
 
-/// A score cut-off in force.
+/// A score threshold in force: the runtime state of a [`ThresholdSpec`].
 #[derive(Debug, Clone)]
-pub enum Cutoff {
+pub enum Threshold {
     Fixed(f64),
-    Adaptive(Arc<Adaptive>),
+    /// Shared across reloads while its settings do not change.
+    Adaptive(Arc<AdaptiveThreshold>),
 }
 
-/// An adaptive threshold with its settings and update schedule; shared across reloads.
-#[derive(Debug)]
-pub struct Adaptive {
-    pub spec: AdaptiveSpec,
-    pub state: AdaptiveThreshold,
-    last_update: std::sync::Mutex<Instant>,
-}
-
-impl Adaptive {
-    /// Recomputes the threshold when its update interval has passed.
-    fn update_if_due(&self, now: Instant) {
-        let mut last = self.last_update.lock().unwrap_or_else(|e| e.into_inner());
-        if now.saturating_duration_since(*last) >= self.spec.update_interval {
-            *last = now;
-            self.state.update(now);
-        }
-    }
-}
-
-impl Cutoff {
+impl Threshold {
     pub fn value(&self) -> f64 {
         match self {
-            Cutoff::Fixed(v) => *v,
-            Cutoff::Adaptive(a) => a.state.current(),
+            Threshold::Fixed(v) => *v,
+            Threshold::Adaptive(a) => a.current(),
         }
     }
 
     pub fn mode(&self) -> &'static str {
         match self {
-            Cutoff::Fixed(_) => "fixed",
-            Cutoff::Adaptive(_) => "adaptive",
+            Threshold::Fixed(_) => "fixed",
+            Threshold::Adaptive(_) => "adaptive",
         }
     }
 
     fn observe(&self, score: f64, now: Instant) {
-        if let Cutoff::Adaptive(a) = self {
-            a.state.observe(score, now);
+        if let Threshold::Adaptive(a) = self {
+            a.observe(score, now);
         }
     }
 }
@@ -79,13 +61,13 @@ pub enum Decider {
     Binary {
         action: Arc<str>,
         otherwise: Arc<str>,
-        cutoff: Cutoff,
+        threshold: Threshold,
     },
     Multiclass {
         classes: Vec<Arc<str>>,
         default_action: Arc<str>,
         /// Per class, in column order; `None`: the argmax is always taken.
-        cutoffs: Vec<Option<Cutoff>>,
+        thresholds: Vec<Option<Threshold>>,
     },
 }
 
@@ -250,20 +232,20 @@ impl CompiledRoute {
                     Some(Decider::Binary {
                         action,
                         otherwise,
-                        cutoff,
+                        threshold,
                     }),
                     Scores::Binary(s),
                 ) => s
                     .iter()
                     .map(|&score| {
-                        let t = cutoff.value();
-                        cutoff.observe(score, now);
+                        let t = threshold.value();
+                        threshold.observe(score, now);
                         let a = if score >= t { action } else { otherwise };
                         RowDecision {
                             score,
                             class_scores: None,
                             threshold: Some(t),
-                            threshold_mode: Some(cutoff.mode()),
+                            threshold_mode: Some(threshold.mode()),
                             model_action: a.clone(),
                             final_action: a.clone(),
                             limit: LimitOutcome::Ok,
@@ -276,7 +258,7 @@ impl CompiledRoute {
                     Some(Decider::Multiclass {
                         classes,
                         default_action,
-                        cutoffs,
+                        thresholds,
                     }),
                     Scores::Multi(s),
                 ) => {
@@ -287,9 +269,9 @@ impl CompiledRoute {
                                 (0, &f64::NEG_INFINITY),
                                 |acc, (i, v)| if *v > *acc.1 { (i, v) } else { acc },
                             );
-                            let cutoff = cutoffs.get(best).and_then(Option::as_ref);
-                            let t = cutoff.map(Cutoff::value);
-                            if let Some(c) = cutoff {
+                            let threshold = thresholds.get(best).and_then(Option::as_ref);
+                            let t = threshold.map(Threshold::value);
+                            if let Some(c) = threshold {
                                 c.observe(score, now);
                             }
                             let a = match t {
@@ -300,7 +282,7 @@ impl CompiledRoute {
                                 score,
                                 class_scores: Some(row.clone()),
                                 threshold: t,
-                                threshold_mode: cutoff.map(Cutoff::mode),
+                                threshold_mode: threshold.map(Threshold::mode),
                                 model_action: a.clone(),
                                 final_action: a.clone(),
                                 limit: LimitOutcome::Ok,
@@ -393,8 +375,8 @@ impl CompiledRoute {
     /// Periodic upkeep off the request path: recomputes due thresholds and ends breaches
     /// whose windows have emptied.
     pub fn tick(&self, now: Instant, events: &mut Vec<BreachEvent>) {
-        for cutoff in self.cutoffs() {
-            if let Cutoff::Adaptive(a) = cutoff {
+        for threshold in self.thresholds() {
+            if let Threshold::Adaptive(a) = threshold {
                 a.update_if_due(now);
             }
         }
@@ -429,31 +411,35 @@ impl CompiledRoute {
     /// `None` when it keeps no state worth carrying.
     fn state_window(&self) -> Option<Duration> {
         let limits = self.limits.iter().map(|l| l.spec.window);
-        let thresholds = self.cutoffs().into_iter().filter_map(|c| match c {
-            Cutoff::Adaptive(a) => Some(a.spec.window),
-            Cutoff::Fixed(_) => None,
+        let thresholds = self.thresholds().into_iter().filter_map(|c| match c {
+            Threshold::Adaptive(a) => Some(a.params().window),
+            Threshold::Fixed(_) => None,
         });
         limits.chain(thresholds).max()
     }
 
     /// Every cut-off of the route with its class label (`""` for a binary route).
-    pub fn cutoffs(&self) -> Vec<&Cutoff> {
+    pub fn thresholds(&self) -> Vec<&Threshold> {
         match &self.decider {
-            Some(Decider::Binary { cutoff, .. }) => vec![cutoff],
-            Some(Decider::Multiclass { cutoffs, .. }) => cutoffs.iter().flatten().collect(),
+            Some(Decider::Binary { threshold, .. }) => vec![threshold],
+            Some(Decider::Multiclass { thresholds, .. }) => thresholds.iter().flatten().collect(),
             None => Vec::new(),
         }
     }
 
     /// (class label, cut-off) pairs, for the threshold gauge.
-    pub fn labelled_cutoffs(&self) -> Vec<(&str, &Cutoff)> {
+    pub fn labelled_thresholds(&self) -> Vec<(&str, &Threshold)> {
         match &self.decider {
-            Some(Decider::Binary { action, cutoff, .. }) => vec![(&**action, cutoff)],
+            Some(Decider::Binary {
+                action, threshold, ..
+            }) => vec![(&**action, threshold)],
             Some(Decider::Multiclass {
-                classes, cutoffs, ..
+                classes,
+                thresholds,
+                ..
             }) => classes
                 .iter()
-                .zip(cutoffs)
+                .zip(thresholds)
                 .filter_map(|(c, t)| t.as_ref().map(|t| (&**c, t)))
                 .collect(),
             None => Vec::new(),
@@ -527,28 +513,23 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         .score
         .as_ref()
         .map_or((0.0, 1.0), |s| (s.range[0], s.range[1]));
-    let old_cutoffs: Vec<(&str, &Cutoff)> = old.map(|o| o.labelled_cutoffs()).unwrap_or_default();
-    let cutoff = |label: &str, t: &Threshold| -> Cutoff {
+    let old_thresholds: Vec<(&str, &Threshold)> =
+        old.map(|o| o.labelled_thresholds()).unwrap_or_default();
+    let compile_threshold = |label: &str, t: &ThresholdSpec| -> Threshold {
         match t {
-            Threshold::Fixed(v) => Cutoff::Fixed(*v),
-            Threshold::Adaptive(spec) => {
-                let config = adaptive_config(spec, range);
+            ThresholdSpec::Fixed(v) => Threshold::Fixed(*v),
+            ThresholdSpec::Adaptive(spec) => {
+                let params = adaptive_params(spec, range);
                 // Same settings under the same label: keep the estimator and its window.
-                let kept = old_cutoffs.iter().find_map(|(l, c)| match c {
-                    Cutoff::Adaptive(a)
-                        if *l == label && a.spec == *spec && *a.state.config() == config =>
-                    {
+                let kept = old_thresholds.iter().find_map(|(l, c)| match c {
+                    Threshold::Adaptive(a) if *l == label && *a.params() == params => {
                         Some(a.clone())
                     }
                     _ => None,
                 });
-                Cutoff::Adaptive(kept.unwrap_or_else(|| {
-                    Arc::new(Adaptive {
-                        spec: spec.clone(),
-                        state: AdaptiveThreshold::new(config, now),
-                        last_update: std::sync::Mutex::new(now),
-                    })
-                }))
+                Threshold::Adaptive(
+                    kept.unwrap_or_else(|| Arc::new(AdaptiveThreshold::new(params, now))),
+                )
             }
         }
     };
@@ -560,7 +541,7 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         } => Decider::Binary {
             action: action.as_str().into(),
             otherwise: otherwise.as_str().into(),
-            cutoff: cutoff(action, threshold),
+            threshold: compile_threshold(action, threshold),
         },
         Decision::Multiclass {
             classes,
@@ -569,9 +550,9 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         } => Decider::Multiclass {
             classes: classes.iter().map(|c| c.as_str().into()).collect(),
             default_action: default_action.as_str().into(),
-            cutoffs: classes
+            thresholds: classes
                 .iter()
-                .map(|c| thresholds.get(c).map(|t| cutoff(c, t)))
+                .map(|c| thresholds.get(c).map(|t| compile_threshold(c, t)))
                 .collect(),
         },
     });
@@ -622,8 +603,8 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
     }
 }
 
-fn adaptive_config(a: &AdaptiveSpec, score_range: (f64, f64)) -> AdaptiveConfig {
-    AdaptiveConfig {
+fn adaptive_params(a: &AdaptiveThresholdSpec, score_range: (f64, f64)) -> AdaptiveThresholdParams {
+    AdaptiveThresholdParams {
         target_rate: a.target_rate,
         window: a.window,
         buckets: THRESHOLD_BUCKETS,
@@ -631,6 +612,7 @@ fn adaptive_config(a: &AdaptiveSpec, score_range: (f64, f64)) -> AdaptiveConfig 
         min: a.min,
         max: a.max,
         max_step: a.max_step,
+        update_interval: a.update_interval,
         min_samples: a.min_samples,
         score_range,
     }

@@ -85,7 +85,7 @@ const FLOOR_ALLOWANCE: f64 = 1e-12;
 /// infinite (no rate limit). Settings outside these never cause a panic, but the threshold they
 /// produce is unspecified (a zero `window` or `buckets` is treated as 1 ns / 1 bucket).
 #[derive(Clone, Debug, PartialEq)]
-pub struct AdaptiveConfig {
+pub struct AdaptiveThresholdParams {
     /// Fraction of scores that should be `≥` the threshold, in (0, 1).
     pub target_rate: f64,
     /// The sliding window the quantile is taken over.
@@ -100,6 +100,8 @@ pub struct AdaptiveConfig {
     pub max: f64,
     /// Largest move of the published threshold per update.
     pub max_step: f64,
+    /// How often [`AdaptiveThreshold::update_if_due`] recomputes the threshold.
+    pub update_interval: Duration,
     /// Scores needed in the window before the threshold is recomputed.
     pub min_samples: u64,
     /// `(lo, hi)`: the range scores are clamped to; precision is finest near `hi`.
@@ -115,8 +117,8 @@ struct Slot {
 
 /// One adaptive threshold: shared by all requests of a route (Arc), updated by a background ticker.
 pub struct AdaptiveThreshold {
-    config: AdaptiveConfig,
-    /// Clamp range and mapping constants, derived once from `config.score_range`.
+    params: AdaptiveThresholdParams,
+    /// Clamp range and mapping constants, derived once from `params.score_range`.
     lo: f64,
     hi: f64,
     /// Record units per score unit, and score units per record unit.
@@ -125,7 +127,7 @@ pub struct AdaptiveThreshold {
     /// Sub-window `k` covers `[origin + k·bucket_nanos, origin + (k+1)·bucket_nanos)`.
     origin: Instant,
     bucket_nanos: u64,
-    /// Sub-windows in the window (`config.buckets`, at least 1).
+    /// Sub-windows in the window (`params.buckets`, at least 1).
     window_buckets: u64,
     /// `window_buckets + 1` slots, indexed by `epoch % len`.
     ring: Box<[Mutex<Slot>]>,
@@ -136,13 +138,15 @@ pub struct AdaptiveThreshold {
     warmed: AtomicBool,
     ignored: AtomicU64,
     out_of_range: AtomicU64,
+    /// When `update_if_due` last recomputed.
+    last_update: Mutex<Instant>,
 }
 
 impl fmt::Debug for AdaptiveThreshold {
     // The histograms are large; show the state an operator cares about.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdaptiveThreshold")
-            .field("config", &self.config)
+            .field("params", &self.params)
             .field("current", &self.current())
             .field("warmed_up", &self.warmed_up())
             .field("ignored", &self.ignored())
@@ -152,13 +156,13 @@ impl fmt::Debug for AdaptiveThreshold {
 }
 
 impl AdaptiveThreshold {
-    /// A threshold publishing `config.initial` (clamped to `[min, max]`), with an empty window
+    /// A threshold publishing `params.initial` (clamped to `[min, max]`), with an empty window
     /// whose sub-windows are aligned to `now`. Allocates all its memory here.
-    pub fn new(config: AdaptiveConfig, now: Instant) -> Self {
-        let (lo, hi) = config.score_range;
+    pub fn new(params: AdaptiveThresholdParams, now: Instant) -> Self {
+        let (lo, hi) = params.score_range;
         let span = hi - lo;
-        let window_buckets = u64::from(config.buckets.max(1));
-        let bucket_nanos = u64::try_from(config.window.as_nanos() / u128::from(window_buckets))
+        let window_buckets = u64::from(params.buckets.max(1));
+        let bucket_nanos = u64::try_from(params.window.as_nanos() / u128::from(window_buckets))
             .unwrap_or(u64::MAX)
             .max(1);
         let empty = empty_histogram();
@@ -170,7 +174,7 @@ impl AdaptiveThreshold {
                 })
             })
             .collect();
-        let initial = clamp(config.initial, config.min, config.max);
+        let initial = clamp(params.initial, params.min, params.max);
         Self {
             lo,
             hi,
@@ -185,13 +189,14 @@ impl AdaptiveThreshold {
             warmed: AtomicBool::new(false),
             ignored: AtomicU64::new(0),
             out_of_range: AtomicU64::new(0),
-            config,
+            last_update: Mutex::new(now),
+            params,
         }
     }
 
     /// The settings this threshold was built with (to tell whether a reloaded policy changed it).
-    pub fn config(&self) -> &AdaptiveConfig {
-        &self.config
+    pub fn params(&self) -> &AdaptiveThresholdParams {
+        &self.params
     }
 
     /// Hot path: counts one score (NaN/inf ignored and counted).
@@ -245,16 +250,26 @@ impl AdaptiveThreshold {
         let mut scratch = lock(&self.scratch);
         let n = self.merge_window(&mut scratch, self.epoch(now));
         let current = self.current();
-        if n == 0 || n < self.config.min_samples {
+        if n == 0 || n < self.params.min_samples {
             return current;
         }
         self.warmed.store(true, Ordering::Relaxed);
         let Some(quantile) = self.quantile(&scratch) else {
             return current;
         };
-        let next = step_toward(current, quantile, &self.config);
+        let next = step_toward(current, quantile, &self.params);
         self.published.store(next.to_bits(), Ordering::Relaxed);
         next
+    }
+
+    /// Off the hot path: [`update`](Self::update) when `update_interval` has passed since the
+    /// last time it ran here.
+    pub fn update_if_due(&self, now: Instant) {
+        let mut last = lock(&self.last_update);
+        if now.saturating_duration_since(*last) >= self.params.update_interval {
+            *last = now;
+            self.update(now);
+        }
     }
 
     /// Scores in the window now (for metrics and warm-up).
@@ -339,7 +354,7 @@ impl AdaptiveThreshold {
             return None;
         }
         // Records ascend as scores descend: the a-th largest score is the a-th smallest record.
-        let allowed = allowed_at_or_above(n, self.config.target_rate);
+        let allowed = allowed_at_or_above(n, self.params.target_rate);
         let mut seen = 0u64;
         for bucket in hist.iter_recorded() {
             seen = seen.saturating_add(bucket.count_at_value());
@@ -382,17 +397,17 @@ fn allowed_at_or_above(n: u64, r: f64) -> u64 {
 }
 
 /// Moves `current` toward `target` (clamped to `[min, max]`) by at most `max_step`.
-fn step_toward(current: f64, target: f64, config: &AdaptiveConfig) -> f64 {
-    let target = clamp(target, config.min, config.max);
+fn step_toward(current: f64, target: f64, params: &AdaptiveThresholdParams) -> f64 {
+    let target = clamp(target, params.min, params.max);
     let delta = target - current;
-    let next = if delta.abs() <= config.max_step {
+    let next = if delta.abs() <= params.max_step {
         target
     } else if delta > 0.0 {
-        current + config.max_step
+        current + params.max_step
     } else {
-        current - config.max_step
+        current - params.max_step
     };
-    clamp(next, config.min, config.max)
+    clamp(next, params.min, params.max)
 }
 
 /// Clamp that never panics (`f64::clamp` does when `min > max` or either is NaN).
@@ -428,8 +443,8 @@ mod tests {
         }
     }
 
-    fn config(target_rate: f64, range: (f64, f64)) -> AdaptiveConfig {
-        AdaptiveConfig {
+    fn params(target_rate: f64, range: (f64, f64)) -> AdaptiveThresholdParams {
+        AdaptiveThresholdParams {
             target_rate,
             window: Duration::from_secs(300),
             buckets: 10,
@@ -437,6 +452,7 @@ mod tests {
             min: range.0,
             max: range.1,
             max_step: f64::INFINITY,
+            update_interval: Duration::from_secs(10),
             min_samples: 1,
             score_range: range,
         }
@@ -464,7 +480,7 @@ mod tests {
         let h = empty_histogram();
         assert!(h.high() >= V_MAX);
         assert_eq!(h.distinct_values(), 21_504);
-        let t = AdaptiveThreshold::new(config(0.1, (0.0, 1.0)), Instant::now());
+        let t = AdaptiveThreshold::new(params(0.1, (0.0, 1.0)), Instant::now());
         assert_eq!(t.ring.len(), 11);
     }
 
@@ -515,7 +531,7 @@ mod tests {
                 points.extend([hi - d, hi - 1.37 * d, hi - 3.9 * d, lo + d]);
             }
             // Every point through the estimator's arithmetic: record, bucket, top of bucket.
-            let t = AdaptiveThreshold::new(config(0.5, range), now);
+            let t = AdaptiveThreshold::new(params(0.5, range), now);
             let hist = empty_histogram();
             let mut worst = 0.0f64;
             for &s in &points {
@@ -529,7 +545,7 @@ mod tests {
             // The bound is tight to within a small factor.
             assert!(worst > 0.5, "range {range:?}: worst error/bound {worst}");
             // Some of them through the public path, one score per window.
-            let mut cfg = config(0.5, range);
+            let mut cfg = params(0.5, range);
             cfg.buckets = 1;
             for &s in points.iter().step_by(97) {
                 let t = AdaptiveThreshold::new(cfg.clone(), now);
@@ -542,7 +558,7 @@ mod tests {
     fn check_against_oracle(name: &str, range: (f64, f64), scores: &[f64]) {
         let now = Instant::now();
         for r in [0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001, 0.0001] {
-            let t = AdaptiveThreshold::new(config(r, range), now);
+            let t = AdaptiveThreshold::new(params(r, range), now);
             // Spread over the window's sub-windows.
             for (i, &s) in scores.iter().enumerate() {
                 t.observe(s, now + Duration::from_millis(i as u64 % 290_000));
@@ -602,7 +618,7 @@ mod tests {
     fn agrees_with_exact_after_partial_expiry() {
         let now = Instant::now();
         let range = (0.0, 1.0);
-        let t = AdaptiveThreshold::new(config(0.05, range), now);
+        let t = AdaptiveThreshold::new(params(0.05, range), now);
         let mut rng = Rng::new(4);
         let old: Vec<f64> = (0..5_000).map(|_| rng.unit().powi(3)).collect();
         let new: Vec<f64> = (0..5_000).map(|_| rng.unit().sqrt()).collect();
@@ -656,7 +672,7 @@ mod tests {
         const PER_SECOND: u64 = 300;
         const MINUTES: u64 = 40;
         let start = Instant::now();
-        let cfg = AdaptiveConfig {
+        let cfg = AdaptiveThresholdParams {
             target_rate: target,
             window: Duration::from_secs(300),
             buckets: 10,
@@ -664,6 +680,7 @@ mod tests {
             min: 0.5,
             max: 0.999,
             max_step: 0.01,
+            update_interval: Duration::from_secs(10),
             min_samples: 1_000,
             score_range: (0.0, 1.0),
         };
@@ -754,7 +771,7 @@ mod tests {
     #[test]
     fn min_max_and_max_step_respected() {
         let now = Instant::now();
-        let cfg = AdaptiveConfig {
+        let cfg = AdaptiveThresholdParams {
             target_rate: 0.1,
             window: Duration::from_secs(60),
             buckets: 6,
@@ -762,6 +779,7 @@ mod tests {
             min: 0.3,
             max: 0.7,
             max_step: 0.05,
+            update_interval: Duration::from_secs(10),
             min_samples: 10,
             score_range: (0.0, 1.0),
         };
@@ -793,7 +811,7 @@ mod tests {
     #[test]
     fn sudden_shift_moves_at_most_max_step_per_update() {
         let now = Instant::now();
-        let mut cfg = config(0.05, (0.0, 1.0));
+        let mut cfg = params(0.05, (0.0, 1.0));
         cfg.max_step = 0.02;
         cfg.initial = 0.5;
         cfg.window = Duration::from_secs(10);
@@ -825,7 +843,7 @@ mod tests {
     #[test]
     fn warm_up_then_window_expiry_holds_last_value() {
         let now = Instant::now();
-        let mut cfg = config(0.1, (0.0, 1.0));
+        let mut cfg = params(0.1, (0.0, 1.0));
         cfg.initial = 0.8;
         cfg.min_samples = 100;
         cfg.window = Duration::from_secs(60);
@@ -863,7 +881,7 @@ mod tests {
     #[test]
     fn window_spans_buckets_sub_windows() {
         let now = Instant::now();
-        let mut cfg = config(0.5, (0.0, 1.0));
+        let mut cfg = params(0.5, (0.0, 1.0));
         cfg.window = Duration::from_secs(60);
         cfg.buckets = 6;
         let t = AdaptiveThreshold::new(cfg, now);
@@ -876,14 +894,14 @@ mod tests {
             );
         }
         // A score stamped more than a window behind newer data in its slot is dropped.
-        let t = AdaptiveThreshold::new(t.config().clone(), now);
+        let t = AdaptiveThreshold::new(t.params().clone(), now);
         assert_eq!(t.ring.len(), 7);
         t.observe(0.5, now + Duration::from_secs(70)); // sub-window 7, slot 0
         t.observe(0.5, now); // sub-window 0, slot 0: already expired
         assert_eq!(t.samples(now + Duration::from_secs(70)), 1);
         // Instants before creation count as the first sub-window.
         let later = Instant::now() + Duration::from_secs(1);
-        let t = AdaptiveThreshold::new(t.config().clone(), later);
+        let t = AdaptiveThreshold::new(t.params().clone(), later);
         t.observe(0.5, now);
         assert_eq!(t.samples(later), 1);
     }
@@ -891,7 +909,7 @@ mod tests {
     #[test]
     fn update_clears_expired_slots_off_the_hot_path() {
         let now = Instant::now();
-        let mut cfg = config(0.5, (0.0, 1.0));
+        let mut cfg = params(0.5, (0.0, 1.0));
         cfg.window = Duration::from_secs(60);
         cfg.buckets = 6;
         let t = AdaptiveThreshold::new(cfg, now);
@@ -904,7 +922,7 @@ mod tests {
     #[test]
     fn non_finite_ignored_out_of_range_clamped_extremes_safe() {
         let now = Instant::now();
-        let t = AdaptiveThreshold::new(config(0.5, (0.0, 1.0)), now);
+        let t = AdaptiveThreshold::new(params(0.5, (0.0, 1.0)), now);
         for s in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -f64::NAN] {
             t.observe(s, now);
         }
@@ -939,14 +957,14 @@ mod tests {
         let v = t.update(now);
         assert!(v.is_finite() && (0.0..=1.0).contains(&v));
         // Clamped scores sit at the ends: all-high gives hi, all-low gives lo (within accuracy).
-        let t = AdaptiveThreshold::new(config(0.5, (0.0, 1.0)), now);
+        let t = AdaptiveThreshold::new(params(0.5, (0.0, 1.0)), now);
         t.observe(f64::MAX, now);
         assert_eq!(t.update(now), 1.0);
-        let t = AdaptiveThreshold::new(config(0.5, (0.0, 1.0)), now);
+        let t = AdaptiveThreshold::new(params(0.5, (0.0, 1.0)), now);
         t.observe(-f64::MAX, now);
         assert_within((0.0, 1.0), t.update(now), 0.0, "all below range");
         // A far-future instant does not overflow.
-        let t = AdaptiveThreshold::new(config(0.5, (-20.0, 20.0)), now);
+        let t = AdaptiveThreshold::new(params(0.5, (-20.0, 20.0)), now);
         let far = now + Duration::from_secs(1 << 40);
         t.observe(3.0, far);
         assert_eq!(t.samples(far), 1);
@@ -956,7 +974,7 @@ mod tests {
     #[test]
     fn nonsense_config_does_not_panic() {
         let now = Instant::now();
-        let cfg = AdaptiveConfig {
+        let cfg = AdaptiveThresholdParams {
             target_rate: f64::NAN,
             window: Duration::ZERO,
             buckets: 0,
@@ -964,12 +982,13 @@ mod tests {
             min: 2.0,
             max: 1.0,
             max_step: -1.0,
+            update_interval: Duration::ZERO,
             min_samples: 0,
             score_range: (1.0, 1.0),
         };
         for range in [(1.0, 1.0), (0.0, 1e-300), (-f64::MAX, f64::MAX), (1.0, 0.0)] {
             let t = AdaptiveThreshold::new(
-                AdaptiveConfig {
+                AdaptiveThresholdParams {
                     score_range: range,
                     ..cfg.clone()
                 },
@@ -987,7 +1006,7 @@ mod tests {
     #[test]
     fn concurrent_observers_and_updater() {
         let now = Instant::now();
-        let t = AdaptiveThreshold::new(config(0.1, (0.0, 1.0)), now);
+        let t = AdaptiveThreshold::new(params(0.1, (0.0, 1.0)), now);
         std::thread::scope(|scope| {
             for seed in 1..=2 {
                 let t = &t;

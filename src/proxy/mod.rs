@@ -611,14 +611,14 @@ impl Proxy {
             let mut events = Vec::new();
             for route in &policy.routes.routes {
                 route.tick(now, &mut events);
-                for (class, cutoff) in route.labelled_cutoffs() {
+                for (class, threshold) in route.labelled_thresholds() {
                     self.metrics
                         .threshold
                         .get_or_create(&crate::telemetry::RouteClass {
                             route: route.name.to_string(),
                             class: class.to_owned(),
                         })
-                        .set(cutoff.value());
+                        .set(threshold.value());
                 }
             }
             for event in events {
