@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::extract;
-use sluicegate::decide::limits::{LimitConfig, LimitWindow, Recorded};
+use sluicegate::decide::limits::{LimitWindow, LimitWindowParams, Recorded};
 use sluicegate::decide::threshold::{exact_threshold, AdaptiveThreshold, AdaptiveThresholdParams};
 use sluicegate::decide::RouteTable;
 use sluicegate::demo::{v2_request, StandInModel};
@@ -102,7 +102,7 @@ fn threshold(c: &mut Criterion) {
 
 fn limit(c: &mut Criterion) {
     let w = LimitWindow::new(
-        LimitConfig {
+        LimitWindowParams {
             max_fraction: Some(0.05),
             max_count: None,
             window: Duration::from_secs(60),

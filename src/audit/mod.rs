@@ -583,7 +583,7 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::policy::{Limit, OnBreach};
+    use crate::config::policy::{LimitSpec, OnBreach};
     use crate::decide::BreachEvent;
     use crate::tee::alert::Alert;
 
@@ -623,7 +623,7 @@ mod tests {
             started: true,
             decisions: 10,
             actions: 5,
-            spec: Limit {
+            spec: LimitSpec {
                 action: "spam".into(),
                 max_fraction: None,
                 max_count: Some(4),

@@ -143,7 +143,7 @@ pub struct Route {
     pub decision: Option<Decision>,
     /// Caps on how often an action is taken.
     #[serde(default)]
-    pub limits: Vec<Limit>,
+    pub limits: Vec<LimitSpec>,
     /// Also write the decisions into the response body (always in headers).
     #[serde(default)]
     pub write_decisions: Option<WriteDecisions>,
@@ -295,7 +295,7 @@ fn default_min_samples() -> u64 {
 /// A cap on how often one action is taken on a route.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limit {
+pub struct LimitSpec {
     /// The limited action.
     pub action: String,
     /// Largest fraction of the route's decisions that may take it, in (0, 1].

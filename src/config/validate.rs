@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveThresholdSpec, ConsumersPolicy, Decision, Exploration, Limit, OnBreach, Policy,
+    AdaptiveThresholdSpec, ConsumersPolicy, Decision, Exploration, LimitSpec, OnBreach, Policy,
     Protocol, Route, RouteMatch, ScoreSpec, Tagging, TeePolicy, ThresholdSpec, WriteDecisions,
 };
 
@@ -237,7 +237,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
         match v.as_sequence() {
             Some(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    if let Some(l) = part::<Limit>(item, &format!("{path}.limits[{i}]"), errors) {
+                    if let Some(l) = part::<LimitSpec>(item, &format!("{path}.limits[{i}]"), errors)
+                    {
                         limits.push(l);
                     }
                 }

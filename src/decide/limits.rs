@@ -58,7 +58,7 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The most buckets a window keeps; a larger [`LimitConfig::buckets`] is clamped to it
+/// The most buckets a window keeps; a larger [`LimitWindowParams::buckets`] is clamped to it
 /// (policy validation should refuse it instead).
 pub const MAX_BUCKETS: u32 = 65_536;
 
@@ -67,7 +67,7 @@ const BREACH_HOLD_BUCKETS: u64 = 2;
 
 /// One action limit on one route.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LimitConfig {
+pub struct LimitWindowParams {
     /// Maximum fraction of the route's decisions that may take the action, in (0, 1].
     pub max_fraction: Option<f64>,
     /// Maximum number of actions in the window.
@@ -81,7 +81,7 @@ pub struct LimitConfig {
     pub min_decisions: u64,
 }
 
-impl LimitConfig {
+impl LimitWindowParams {
     /// Whether taking the action now breaches, given the counts already in the window.
     fn breaches(&self, decisions: u64, actions: u64) -> bool {
         let actions = actions.saturating_add(1);
@@ -208,7 +208,7 @@ impl State {
 /// route (`Send + Sync`; put it in an `Arc`).
 #[derive(Debug)]
 pub struct LimitWindow {
-    config: LimitConfig,
+    params: LimitWindowParams,
     origin: Instant,
     width_nanos: u128,
     state: Mutex<State>,
@@ -216,9 +216,9 @@ pub struct LimitWindow {
 
 impl LimitWindow {
     /// An empty window whose first bucket starts at `now`.
-    pub fn new(config: LimitConfig, now: Instant) -> Self {
-        let buckets = config.buckets.clamp(1, MAX_BUCKETS);
-        let width_nanos = (config.window.as_nanos() / u128::from(buckets)).max(1);
+    pub fn new(params: LimitWindowParams, now: Instant) -> Self {
+        let buckets = params.buckets.clamp(1, MAX_BUCKETS);
+        let width_nanos = (params.window.as_nanos() / u128::from(buckets)).max(1);
         let state = State {
             ring: vec![Bucket::default(); buckets as usize],
             head: 0,
@@ -228,17 +228,17 @@ impl LimitWindow {
             last_breach: 0,
         };
         Self {
-            config,
+            params,
             origin: now,
             width_nanos,
             state: Mutex::new(state),
         }
     }
 
-    /// The configuration this window was built with (a reload whose limit is unchanged
+    /// The settings this window was built with (a reload whose limit is unchanged
     /// keeps the window; a changed one builds a new window).
-    pub fn config(&self) -> &LimitConfig {
-        &self.config
+    pub fn params(&self) -> &LimitWindowParams {
+        &self.params
     }
 
     /// For a decision whose model action is the limited action: checks and records in one
@@ -314,7 +314,7 @@ impl LimitWindow {
     pub fn tick(&self, now: Instant) -> Option<bool> {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        let passes = !self.config.breaches(state.decisions, state.actions);
+        let passes = !self.params.breaches(state.decisions, state.actions);
         state.try_end_breach(passes)
     }
 
@@ -330,7 +330,7 @@ impl LimitWindow {
     }
 
     fn decide_locked(&self, state: &mut State, on_breach: Recorded) -> Verdict {
-        let breach = self.config.breaches(state.decisions, state.actions);
+        let breach = self.params.breaches(state.decisions, state.actions);
         if breach {
             state.record(on_breach);
             state.last_breach = state.head;
@@ -351,7 +351,7 @@ impl LimitWindow {
 
     fn record_other_locked(&self, state: &mut State) -> Option<bool> {
         state.record(Recorded::NotTaken);
-        let passes = !self.config.breaches(state.decisions, state.actions);
+        let passes = !self.params.breaches(state.decisions, state.actions);
         state.try_end_breach(passes)
     }
 }
@@ -364,8 +364,8 @@ mod tests {
         Duration::from_secs_f64(s)
     }
 
-    fn count_limit(max: u64) -> LimitConfig {
-        LimitConfig {
+    fn count_limit(max: u64) -> LimitWindowParams {
+        LimitWindowParams {
             max_fraction: None,
             max_count: Some(max),
             window: secs(60.0),
@@ -374,8 +374,8 @@ mod tests {
         }
     }
 
-    fn fraction_limit(max: f64, min_decisions: u64) -> LimitConfig {
-        LimitConfig {
+    fn fraction_limit(max: f64, min_decisions: u64) -> LimitWindowParams {
+        LimitWindowParams {
             max_fraction: Some(max),
             max_count: None,
             window: secs(60.0),
@@ -680,7 +680,7 @@ mod tests {
     #[test]
     fn both_limits_at_once() {
         let t0 = Instant::now();
-        let config = LimitConfig {
+        let config = LimitWindowParams {
             max_fraction: Some(0.5),
             max_count: Some(3),
             window: secs(10.0),
@@ -722,7 +722,7 @@ mod tests {
     #[test]
     fn odd_configs_and_backward_time_do_not_panic() {
         let t0 = Instant::now();
-        let config = LimitConfig {
+        let config = LimitWindowParams {
             max_fraction: Some(f64::NAN),
             max_count: None,
             window: Duration::ZERO,
@@ -730,7 +730,7 @@ mod tests {
             min_decisions: 0,
         };
         let w = LimitWindow::new(config.clone(), t0 + secs(5.0));
-        assert_eq!(w.config().buckets, 0);
+        assert_eq!(w.params().buckets, 0);
         // Before the origin, and a NaN limit that never breaches.
         assert!(!w.decide(t0, Recorded::Taken).breach);
         assert_eq!(w.counts(t0), (1, 1));
@@ -745,7 +745,7 @@ mod tests {
         assert_eq!(w.counts(t0 + secs(90.0)), (0, 0));
 
         // A bucket index past u64 (1 ns buckets, 35 000 years on) saturates.
-        let tiny = LimitConfig {
+        let tiny = LimitWindowParams {
             max_count: Some(1),
             ..config
         };

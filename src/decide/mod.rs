@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use extract::Scores;
-use limits::{LimitConfig, LimitWindow, Recorded};
+use limits::{LimitWindow, LimitWindowParams, Recorded};
 use threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
 
 use crate::config::policy::{
-    AdaptiveThresholdSpec, Decision, Limit, OnBreach, Policy, Protocol, Route, ThresholdSpec,
+    AdaptiveThresholdSpec, Decision, LimitSpec, OnBreach, Policy, Protocol, Route, ThresholdSpec,
 };
 
 /// Buckets per limit window: the window slides in steps of window/60.
@@ -94,10 +94,10 @@ impl Decider {
     }
 }
 
-/// A limit in force.
+/// A limit in force: the runtime state of a [`LimitSpec`].
 #[derive(Debug)]
-pub struct ActiveLimit {
-    pub spec: Limit,
+pub struct Limit {
+    pub spec: LimitSpec,
     pub window: Arc<LimitWindow>,
 }
 
@@ -108,7 +108,7 @@ pub struct CompiledRoute {
     prefixes: Vec<String>,
     pub spec: Route,
     pub decider: Option<Decider>,
-    pub limits: Vec<ActiveLimit>,
+    pub limits: Vec<Limit>,
     /// Opt-in exploration; kept across reloads while its settings do not change, so a seeded
     /// sequence goes on.
     pub explorer: Option<Arc<Explorer>>,
@@ -190,7 +190,7 @@ pub struct BreachEvent {
     pub started: bool,
     pub decisions: u64,
     pub actions: u64,
-    pub spec: Limit,
+    pub spec: LimitSpec,
 }
 
 /// The decisions for a whole response.
@@ -390,7 +390,7 @@ impl CompiledRoute {
     fn breach_event(
         &self,
         index: usize,
-        limit: &ActiveLimit,
+        limit: &Limit,
         started: bool,
         now: Instant,
     ) -> BreachEvent {
@@ -560,7 +560,7 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         .limits
         .iter()
         .map(|l| {
-            let config = LimitConfig {
+            let params = LimitWindowParams {
                 max_fraction: l.max_fraction,
                 max_count: l.max_count,
                 window: l.window,
@@ -570,12 +570,12 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
             let kept = old.and_then(|o| {
                 o.limits
                     .iter()
-                    .find(|ol| ol.spec.action == l.action && *ol.window.config() == config)
+                    .find(|ol| ol.spec.action == l.action && *ol.window.params() == params)
                     .map(|ol| ol.window.clone())
             });
-            ActiveLimit {
+            Limit {
                 spec: l.clone(),
-                window: kept.unwrap_or_else(|| Arc::new(LimitWindow::new(config, now))),
+                window: kept.unwrap_or_else(|| Arc::new(LimitWindow::new(params, now))),
             }
         })
         .collect();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::record::EncodeContext;
 use super::spool::{EntryKind, SpoolEntry};
-use crate::config::policy::Limit;
+use crate::config::policy::LimitSpec;
 use crate::decide::BreachEvent;
 
 pub const ALERT_SCHEMA: &str = "sluicegate.alert.v1";
@@ -43,7 +43,7 @@ struct AlertView<'a> {
     action: &'a str,
     on_breach: crate::config::policy::OnBreach,
     limit_index: usize,
-    limit: &'a Limit,
+    limit: &'a LimitSpec,
     window_decisions: u64,
     window_actions: u64,
     policy: PolicyView<'a>,
