@@ -46,7 +46,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use sluicegate::config::policy::Policy;
 use sluicegate::config::settings::{RecordDecisions, Settings};
 use sluicegate::config::validate::parse;
-use sluicegate::decide::CompiledRoute;
+use sluicegate::decide::Route;
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::policy::{self, SharedPolicy};
 use sluicegate::provenance::{generate_key, Algorithm};
@@ -384,7 +384,7 @@ fn phases(
             .expect("an identity body");
         (a, captured)
     };
-    type Head = (Admitted, Arc<CompiledRoute>, http::response::Parts);
+    type Head = (Admitted, Arc<Route>, http::response::Parts);
     type Whole = (Admitted, Captured);
 
     let mut g = c.benchmark_group(format!("phases_{size}"));

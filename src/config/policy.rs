@@ -20,7 +20,7 @@ pub struct Policy {
     pub consumers: ConsumersPolicy,
     /// Routes by stable name: the name carries threshold and limit state across reloads.
     #[serde(default)]
-    pub routes: BTreeMap<String, Route>,
+    pub routes: BTreeMap<String, RouteSpec>,
     /// Signed provenance tags on decided responses. Absent: responses are not tagged.
     #[serde(default)]
     pub tagging: Option<Tagging>,
@@ -43,7 +43,7 @@ pub struct Tagging {
 /// propensity, so training can weight by inverse propensity.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Exploration {
+pub struct ExplorationSpec {
     /// Probability of exploring, in [0, 1).
     pub epsilon: f64,
     /// A fixed seed makes the draws repeatable (tests, replays); absent, they are random.
@@ -129,7 +129,7 @@ pub enum Undeclared {
 /// One route: which requests, how to read scores, how to decide, what to limit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Route {
+pub struct RouteSpec {
     /// Which requests this route takes.
     #[serde(rename = "match")]
     pub matcher: RouteMatch,
@@ -140,7 +140,7 @@ pub struct Route {
     pub score: Option<ScoreSpec>,
     /// How scores become actions. Absent: the route only records.
     #[serde(default)]
-    pub decision: Option<Decision>,
+    pub decision: Option<DecisionSpec>,
     /// Caps on how often an action is taken.
     #[serde(default)]
     pub limits: Vec<LimitSpec>,
@@ -152,7 +152,7 @@ pub struct Route {
     pub capture_bodies: Option<bool>,
     /// Opt-in exploration.
     #[serde(default)]
-    pub exploration: Option<Exploration>,
+    pub exploration: Option<ExplorationSpec>,
     /// Also write the tag into the JSON response body at this pointer (for clients that drop
     /// headers), e.g. `/sluicegate_tag`.
     #[serde(default)]
@@ -211,7 +211,7 @@ fn default_range() -> [f64; 2] {
 /// How scores become actions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Decision {
+pub enum DecisionSpec {
     /// score ≥ threshold → `action`, else `otherwise`.
     Binary {
         action: String,
@@ -228,14 +228,14 @@ pub enum Decision {
     },
 }
 
-impl Decision {
+impl DecisionSpec {
     /// Every action this decision can produce.
     pub fn actions(&self) -> Vec<&str> {
         match self {
-            Decision::Binary {
+            DecisionSpec::Binary {
                 action, otherwise, ..
             } => vec![action.as_str(), otherwise.as_str()],
-            Decision::Multiclass {
+            DecisionSpec::Multiclass {
                 classes,
                 default_action,
                 ..

@@ -8,8 +8,9 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveThresholdSpec, ConsumersPolicy, Decision, Exploration, LimitSpec, OnBreach, Policy,
-    Protocol, Route, RouteMatch, ScoreSpec, Tagging, TeePolicy, ThresholdSpec, WriteDecisions,
+    AdaptiveThresholdSpec, ConsumersPolicy, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach,
+    Policy, Protocol, RouteMatch, RouteSpec, ScoreSpec, Tagging, TeePolicy, ThresholdSpec,
+    WriteDecisions,
 };
 
 /// One problem in a policy, with where it is.
@@ -203,7 +204,7 @@ fn structure(value: &Value, errors: &mut Errors) -> Policy {
     policy
 }
 
-fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
+fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpec> {
     let path = format!("routes.{name}");
     let keys = [
         "match",
@@ -231,7 +232,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
     let protocol = required("protocol", errors)
         .and_then(|v| part::<Protocol>(v, &join(&path, "protocol"), errors));
     let score = get("score").map(|v| part::<ScoreSpec>(v, &join(&path, "score"), errors));
-    let decision = get("decision").map(|v| part::<Decision>(v, &join(&path, "decision"), errors));
+    let decision =
+        get("decision").map(|v| part::<DecisionSpec>(v, &join(&path, "decision"), errors));
     let mut limits = Vec::new();
     if let Some(v) = get("limits") {
         match v.as_sequence() {
@@ -251,12 +253,12 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<Route> {
     let capture_bodies =
         get("capture_bodies").map(|v| part::<bool>(v, &join(&path, "capture_bodies"), errors));
     let exploration =
-        get("exploration").map(|v| part::<Exploration>(v, &join(&path, "exploration"), errors));
+        get("exploration").map(|v| part::<ExplorationSpec>(v, &join(&path, "exploration"), errors));
     let tag_field = get("tag_field").map(|v| part::<String>(v, &join(&path, "tag_field"), errors));
     if errors.0.len() > before {
         return None;
     }
-    Some(Route {
+    Some(RouteSpec {
         matcher: matcher?,
         protocol: protocol?,
         score: score.flatten(),
@@ -351,7 +353,7 @@ fn check(policy: &Policy, max_record_bytes: u64, errors: &mut Errors) {
     }
 }
 
-fn check_route(name: &str, route: &Route, errors: &mut Errors) {
+fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
     let path = format!("routes.{name}");
     if name.is_empty()
         || !name
@@ -449,7 +451,7 @@ fn check_route(name: &str, route: &Route, errors: &mut Errors) {
     let range = route.score.as_ref().map_or([0.0, 1.0], |s| s.range);
     let dp = format!("{path}.decision");
     match decision {
-        Decision::Binary {
+        DecisionSpec::Binary {
             action,
             otherwise,
             threshold,
@@ -462,7 +464,7 @@ fn check_route(name: &str, route: &Route, errors: &mut Errors) {
             }
             check_threshold(threshold, &format!("{dp}.binary.threshold"), range, errors);
         }
-        Decision::Multiclass {
+        DecisionSpec::Multiclass {
             classes,
             default_action,
             thresholds,

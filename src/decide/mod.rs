@@ -17,7 +17,8 @@ use limits::{LimitWindow, LimitWindowParams, Recorded};
 use threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
 
 use crate::config::policy::{
-    AdaptiveThresholdSpec, Decision, LimitSpec, OnBreach, Policy, Protocol, Route, ThresholdSpec,
+    AdaptiveThresholdSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach, Policy, Protocol,
+    RouteSpec, ThresholdSpec,
 };
 
 /// Buckets per limit window: the window slides in steps of window/60.
@@ -55,7 +56,8 @@ impl Threshold {
     }
 }
 
-/// How a route turns scores into actions.
+/// How a route turns scores into actions: the runtime state of a [`DecisionSpec`] (not named
+/// `Decision`, which is a response's decisions in `proxy` and the record).
 #[derive(Debug)]
 pub enum Decider {
     Binary {
@@ -101,33 +103,33 @@ pub struct Limit {
     pub window: Arc<LimitWindow>,
 }
 
-/// A route, ready for the request path.
+/// A route, ready for the request path: the runtime state of a [`RouteSpec`].
 #[derive(Debug)]
-pub struct CompiledRoute {
+pub struct Route {
     pub name: Arc<str>,
     prefixes: Vec<String>,
-    pub spec: Route,
+    pub spec: RouteSpec,
     pub decider: Option<Decider>,
     pub limits: Vec<Limit>,
     /// Opt-in exploration; kept across reloads while its settings do not change, so a seeded
     /// sequence goes on.
-    pub explorer: Option<Arc<Explorer>>,
+    pub explorer: Option<Arc<Exploration>>,
 }
 
-/// Draws exploration decisions.
+/// Draws exploration decisions: the runtime state of an [`ExplorationSpec`].
 #[derive(Debug)]
-pub struct Explorer {
-    pub spec: crate::config::policy::Exploration,
+pub struct Exploration {
+    pub spec: ExplorationSpec,
     rng: std::sync::Mutex<fastrand::Rng>,
 }
 
-impl Explorer {
-    fn new(spec: crate::config::policy::Exploration) -> Self {
+impl Exploration {
+    fn new(spec: ExplorationSpec) -> Self {
         let rng = match spec.seed {
             Some(seed) => fastrand::Rng::with_seed(seed),
             None => fastrand::Rng::new(),
         };
-        Explorer {
+        Exploration {
             spec,
             rng: std::sync::Mutex::new(rng),
         }
@@ -202,7 +204,7 @@ pub struct Decided {
     pub events: Vec<BreachEvent>,
 }
 
-impl CompiledRoute {
+impl Route {
     /// Whether this route takes a request with `path`.
     pub fn matches(&self, path: &str) -> bool {
         self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
@@ -450,7 +452,7 @@ impl CompiledRoute {
 /// The routes of one policy, in matching order.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub routes: Vec<Arc<CompiledRoute>>,
+    pub routes: Vec<Arc<Route>>,
     /// Routes a reload removed, kept (unmatched) for their longest window: a route that comes
     /// back within it, say after a half-written policy was replaced by the whole one, gets its
     /// threshold and limit state back instead of starting empty.
@@ -459,7 +461,7 @@ pub struct RouteTable {
 
 #[derive(Debug)]
 struct Retired {
-    route: Arc<CompiledRoute>,
+    route: Arc<Route>,
     until: Instant,
 }
 
@@ -503,12 +505,12 @@ impl RouteTable {
     }
 
     /// The route taking `path`, if any (validation guarantees at most one).
-    pub fn route_for(&self, path: &str) -> Option<&Arc<CompiledRoute>> {
+    pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| r.matches(path))
     }
 }
 
-fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) -> CompiledRoute {
+fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> Route {
     let range = spec
         .score
         .as_ref()
@@ -534,7 +536,7 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
         }
     };
     let decider = spec.decision.as_ref().map(|d| match d {
-        Decision::Binary {
+        DecisionSpec::Binary {
             action,
             otherwise,
             threshold,
@@ -543,7 +545,7 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
             otherwise: otherwise.as_str().into(),
             threshold: compile_threshold(action, threshold),
         },
-        Decision::Multiclass {
+        DecisionSpec::Multiclass {
             classes,
             default_action,
             thresholds,
@@ -591,9 +593,9 @@ fn compile(name: &str, spec: &Route, old: Option<&CompiledRoute>, now: Instant) 
     let explorer = spec.exploration.as_ref().map(|x| {
         old.and_then(|o| o.explorer.clone())
             .filter(|e| e.spec == *x)
-            .unwrap_or_else(|| Arc::new(Explorer::new(x.clone())))
+            .unwrap_or_else(|| Arc::new(Exploration::new(x.clone())))
     });
-    CompiledRoute {
+    Route {
         name: name.into(),
         prefixes,
         spec: spec.clone(),
@@ -643,7 +645,7 @@ routes:
         .unwrap()
     }
 
-    fn route(extra: &str) -> Arc<CompiledRoute> {
+    fn route(extra: &str) -> Arc<Route> {
         RouteTable::build(&policy(extra), None, Instant::now()).routes[0].clone()
     }
 

@@ -24,7 +24,7 @@ use super::pending::Pending;
 use super::{Admitted, Proxy};
 use crate::config::policy::Protocol;
 use crate::decide::extract::{extract, extract_v2, ExtractError, Scores};
-use crate::decide::{CompiledRoute, Decided, LimitOutcome};
+use crate::decide::{Decided, LimitOutcome, Route};
 use crate::policy::PolicySnapshot;
 use crate::provenance::TagClaims;
 use crate::tee::alert::Alert;
@@ -119,7 +119,7 @@ pub(super) fn pass_too_large(
 
 /// A deciding route's response read whole and decoded, its body in the record.
 pub struct Captured {
-    route: Arc<CompiledRoute>,
+    route: Arc<Route>,
     parts: Parts,
     bytes: Bytes,
 }
@@ -136,7 +136,7 @@ pub struct Decision {
 pub(super) fn capture_whole(
     proxy: &Proxy,
     admitted: &mut Admitted,
-    route: Arc<CompiledRoute>,
+    route: Arc<Route>,
     mut parts: Parts,
     bytes: Bytes,
 ) -> Result<Captured, Box<Response<ResponseBody>>> {
@@ -360,7 +360,7 @@ impl Read {
 /// nothing at all) never builds a `Value` of the answer: a batch's other outputs, and every
 /// number but its scores, are only scanned.
 fn read_response(
-    route: &CompiledRoute,
+    route: &Route,
     bytes: &[u8],
 ) -> Result<(Read, Scores), crate::decide::extract::ExtractError> {
     let spec = route
@@ -385,7 +385,7 @@ fn read_response(
 
 /// The signed provenance tag of a decided response, when the policy tags.
 fn sign_tag(
-    route: &CompiledRoute,
+    route: &Route,
     policy: &PolicySnapshot,
     read: &Read,
     decided: &Decided,
@@ -584,7 +584,7 @@ struct Counted {
 }
 
 impl Counted {
-    fn for_route(route: &CompiledRoute) -> Self {
+    fn for_route(route: &Route) -> Self {
         let limits = !route.limits.is_empty();
         Counted {
             limits,
@@ -823,7 +823,7 @@ fn splice_v2_actions(bytes: &Bytes, decided: &Decided) -> Option<Bytes> {
 }
 
 /// Adds the decisions to the body: a v2 output tensor, a v1 top-level object, or a pointer.
-fn write_into_body(route: &CompiledRoute, value: &mut Value, decided: &Decided, id: &HeaderValue) {
+fn write_into_body(route: &Route, value: &mut Value, decided: &Decided, id: &HeaderValue) {
     let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
     match route.protocol() {
         Protocol::V2 => {

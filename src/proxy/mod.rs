@@ -55,7 +55,7 @@ use pool::{H2Error, H2Pool, SendH2};
 
 use crate::config::policy::Undeclared;
 use crate::config::settings::{Upstream, UpstreamProtocol};
-use crate::decide::CompiledRoute;
+use crate::decide::Route;
 use crate::policy::{PolicySnapshot, SharedPolicy};
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
@@ -491,7 +491,7 @@ impl Proxy {
         parts: &mut http::response::Parts,
         original_version: Version,
         upstream_time: Duration,
-    ) -> Option<Arc<CompiledRoute>> {
+    ) -> Option<Arc<Route>> {
         admitted
             .metrics
             .upstream_duration(upstream_time.as_secs_f64());
@@ -517,7 +517,7 @@ impl Proxy {
     pub fn capture_whole(
         &self,
         admitted: &mut Admitted,
-        route: Arc<CompiledRoute>,
+        route: Arc<Route>,
         parts: http::response::Parts,
         bytes: Bytes,
     ) -> Result<Captured, Box<Response<ResponseBody>>> {
@@ -664,7 +664,7 @@ impl Proxy {
 pub struct Admitted {
     policy: Arc<PolicySnapshot>,
     /// The matched route; `None` for the default route and for a refused request.
-    compiled: Option<Arc<CompiledRoute>>,
+    compiled: Option<Arc<Route>>,
     metrics: Arc<RouteMetrics>,
     id: HeaderValue,
     /// Taken by [`Proxy::upstream_head`] into the upstream URI.
