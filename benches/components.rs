@@ -25,12 +25,12 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use http::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sluicegate::config::policy::{Policy, Protocol, ScoreSpec};
+use sluicegate::config::policy::{PolicySpec, Protocol, ScoreSpec};
 use sluicegate::config::settings::RecordDecisions;
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
-use sluicegate::policy::PolicySnapshot;
+use sluicegate::policy::Policy;
 use sluicegate::provenance::{generate_key, Algorithm, KeyRing, TagClaims, TAG_PREFIX};
 use sluicegate::tee::record::{
     Capture, DecisionOutcome, EncodeContext, Exchange, Message, ReadJson, RECORD_SCHEMA,
@@ -162,7 +162,7 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 }
 
 /// A v2 exchange as the proxy captures it; `policy` decides whether it carries decisions.
-fn exchange(rows: usize, policy: Arc<PolicySnapshot>, keys: &KeyRing) -> Exchange {
+fn exchange(rows: usize, policy: Arc<Policy>, keys: &KeyRing) -> Exchange {
     let request = v2_request(rows, 7);
     let response = StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap();
     let response = serde_json::to_vec(&response).unwrap();
@@ -341,12 +341,9 @@ fn records(c: &mut Criterion) {
     let policies = [
         (
             "tee_only",
-            Arc::new(PolicySnapshot::new(Policy::default(), 0, 1 << 20, None)),
+            Arc::new(Policy::new(PolicySpec::default(), 0, 1 << 20, None)),
         ),
-        (
-            "decided",
-            Arc::new(PolicySnapshot::new(full, 0, 1 << 20, None)),
-        ),
+        ("decided", Arc::new(Policy::new(full, 0, 1 << 20, None))),
     ];
     let ctx = EncodeContext {
         instance: "sluicegate-7d9f8-abcde".into(),

@@ -43,7 +43,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use sluicegate::config::policy::Policy;
+use sluicegate::config::policy::PolicySpec;
 use sluicegate::config::settings::{RecordDecisions, Settings};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::Route;
@@ -305,7 +305,7 @@ fn stack(c: &mut Criterion) {
         let setups = [
             (
                 "sluicegate_tee",
-                policy::shared(Policy::default(), Settings::default().max_record_bytes),
+                policy::shared(PolicySpec::default(), Settings::default().max_record_bytes),
             ),
             ("sluicegate_full", full_policy(&dir.path().join("keys"))),
         ];

@@ -7,7 +7,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::policy::Policy;
+use crate::config::policy::PolicySpec;
 use crate::config::settings::Settings;
 use crate::config::validate::{self, PolicyError, PolicyErrors};
 use crate::control::reload::{self, Reloader};
@@ -83,7 +83,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 errors,
             }
         })?,
-        None => Policy::default(),
+        None => PolicySpec::default(),
     };
     let keys = policy::load_keys(&initial, settings.tag_keys_dir.as_deref()).map_err(|errors| {
         StartError::Policy {

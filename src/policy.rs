@@ -9,28 +9,31 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
-use crate::config::policy::{version_of, Policy};
+use crate::config::policy::{version_of, PolicySpec};
 use crate::config::validate::{PolicyError, PolicyErrors};
 use crate::decide::RouteTable;
 use crate::provenance::{Algorithm, KeyRing};
 use crate::tee::record::RecordContext;
 
-/// A validated policy ready for the request path: loaded once per request and carried.
+/// A validated policy compiled for the request path: the runtime state of a [`PolicySpec`].
+/// Each request loads one (a snapshot) and carries it to the end. The parsed tee settings are
+/// read here from `record`, which builds them once.
 #[derive(Debug)]
-pub struct PolicySnapshot {
-    pub policy: Policy,
+pub struct Policy {
+    /// The policy as the operator wrote it.
+    pub spec: PolicySpec,
     /// Content hash of the policy: the same policy gives the same version on every pod,
     /// whatever its comments or key order.
     pub version: String,
     /// Reloads applied since start (0 = the policy loaded at start).
     pub generation: u64,
-    /// `tee.redact_headers`, parsed once.
+    /// `tee.redact_headers`, parsed once (as in `record`).
     pub redacted_headers: Vec<HeaderName>,
-    /// `tee.body_cap_bytes`, clamped to what fits in a record.
+    /// `tee.body_cap_bytes`, clamped to what fits in a record (as in `record`).
     pub body_cap: usize,
     /// The routes, compiled, with their threshold and limit state.
     pub routes: RouteTable,
-    /// `consumers.header`, parsed once.
+    /// `consumers.header`, parsed once (as in `record`).
     pub consumer_header: HeaderName,
     /// What the tee reads of this policy; each exchange carries it to the writer thread.
     pub record: Arc<RecordContext>,
@@ -40,19 +43,19 @@ pub struct PolicySnapshot {
     pub signer: Option<(String, Algorithm)>,
 }
 
-impl PolicySnapshot {
-    /// Builds the snapshot; `max_record_bytes` comes from the settings. State of thresholds and
+impl Policy {
+    /// Compiles `spec`; `max_record_bytes` comes from the settings. State of thresholds and
     /// limits whose settings did not change is taken over from `previous`.
     pub fn new(
-        policy: Policy,
+        spec: PolicySpec,
         generation: u64,
         max_record_bytes: u64,
-        previous: Option<&PolicySnapshot>,
+        previous: Option<&Policy>,
     ) -> Self {
-        let record = RecordContext::new(&policy, version_of(&policy), generation, max_record_bytes);
-        let routes = RouteTable::build(&policy, previous.map(|p| &p.routes), Instant::now());
-        PolicySnapshot {
-            policy,
+        let record = RecordContext::new(&spec, version_of(&spec), generation, max_record_bytes);
+        let routes = RouteTable::build(&spec, previous.map(|p| &p.routes), Instant::now());
+        Policy {
+            spec,
             version: record.version.clone(),
             generation,
             redacted_headers: record.redacted_headers.clone(),
@@ -67,7 +70,7 @@ impl PolicySnapshot {
 
     /// Attaches the tag keys (checked beforehand by [`load_keys`]).
     pub fn with_keys(mut self, keys: Arc<KeyRing>) -> Self {
-        self.signer = self.policy.tagging.as_ref().and_then(|t| {
+        self.signer = self.spec.tagging.as_ref().and_then(|t| {
             let alg = t.algorithm.parse::<Algorithm>().ok()?;
             keys.can_sign(&t.signing_key, alg)
                 .then(|| (t.signing_key.clone(), alg))
@@ -80,12 +83,12 @@ impl PolicySnapshot {
 
     /// Whether `consumer` is declared in the policy.
     pub fn declared(&self, consumer: &str) -> bool {
-        self.policy.consumers.declared.iter().any(|d| d == consumer)
+        self.spec.consumers.declared.iter().any(|d| d == consumer)
     }
 
     /// Whether this request is recorded (sampling).
     pub fn sampled(&self) -> bool {
-        let rate = self.policy.tee.sample_rate;
+        let rate = self.spec.tee.sample_rate;
         rate >= 1.0 || (rate > 0.0 && fastrand::f64() < rate)
     }
 }
@@ -93,7 +96,7 @@ impl PolicySnapshot {
 /// Loads the tag keys and checks that the policy's signing key can sign; the errors name the
 /// policy key and the files.
 pub fn load_keys(
-    policy: &Policy,
+    policy: &PolicySpec,
     dir: Option<&std::path::Path>,
 ) -> Result<Arc<KeyRing>, PolicyErrors> {
     let keys = match dir {
@@ -133,17 +136,21 @@ pub fn load_keys(
 }
 
 /// The policy in force: many readers, rare writers.
-pub type SharedPolicy = Arc<ArcSwap<PolicySnapshot>>;
+pub type SharedPolicy = Arc<ArcSwap<Policy>>;
 
 /// The shared handle holding `policy` (the built-in default when none is given).
-pub fn shared(policy: Policy, max_record_bytes: u64) -> SharedPolicy {
+pub fn shared(policy: PolicySpec, max_record_bytes: u64) -> SharedPolicy {
     shared_with_keys(policy, max_record_bytes, Arc::new(KeyRing::default()))
 }
 
 /// The shared handle holding `policy`, with its tag keys.
-pub fn shared_with_keys(policy: Policy, max_record_bytes: u64, keys: Arc<KeyRing>) -> SharedPolicy {
+pub fn shared_with_keys(
+    policy: PolicySpec,
+    max_record_bytes: u64,
+    keys: Arc<KeyRing>,
+) -> SharedPolicy {
     Arc::new(ArcSwap::from_pointee(
-        PolicySnapshot::new(policy, 0, max_record_bytes, None).with_keys(keys),
+        Policy::new(policy, 0, max_record_bytes, None).with_keys(keys),
     ))
 }
 
@@ -153,18 +160,18 @@ mod tests {
 
     #[test]
     fn version_is_a_stable_content_hash() {
-        let a = PolicySnapshot::new(Policy::default(), 0, 1 << 20, None);
-        let b = PolicySnapshot::new(Policy::default(), 3, 1 << 20, None);
+        let a = Policy::new(PolicySpec::default(), 0, 1 << 20, None);
+        let b = Policy::new(PolicySpec::default(), 3, 1 << 20, None);
         assert_eq!(a.version, b.version);
         assert_eq!(a.version.len(), 12);
-        let mut p = Policy::default();
+        let mut p = PolicySpec::default();
         p.tee.sample_rate = 0.5;
-        assert_ne!(PolicySnapshot::new(p, 0, 1 << 20, None).version, a.version);
+        assert_ne!(Policy::new(p, 0, 1 << 20, None).version, a.version);
     }
 
     #[test]
     fn body_cap_never_exceeds_a_record() {
-        let s = PolicySnapshot::new(Policy::default(), 0, 8192, None);
+        let s = Policy::new(PolicySpec::default(), 0, 8192, None);
         assert_eq!(s.body_cap, 8192);
     }
 }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::policy::Policy;
+use super::policy::PolicySpec;
 
 /// One changed setting.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,7 +34,7 @@ impl std::fmt::Display for Change {
 }
 
 /// The changes from `a` to `b`, in key order.
-pub fn diff(a: &Policy, b: &Policy) -> Vec<Change> {
+pub fn diff(a: &PolicySpec, b: &PolicySpec) -> Vec<Change> {
     let a = serde_json::to_value(a).expect("policy serializes");
     let b = serde_json::to_value(b).expect("policy serializes");
     let mut out = Vec::new();
@@ -150,7 +150,7 @@ routes:
             ]
         );
         assert!(diff(&a, &a).is_empty());
-        let removed = diff(&a, &Policy::default());
+        let removed = diff(&a, &PolicySpec::default());
         assert!(matches!(&removed[0], Change::Removed { path, .. } if path == "routes.spam"));
     }
 }

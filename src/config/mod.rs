@@ -1,5 +1,6 @@
-//! Configuration: the static settings (read at start) and the hot policy (validated whole,
-//! swapped live), with the policy's semantic diff.
+//! Configuration, the bottom layer: the static settings (read at start) and the hot policy as
+//! written (plain specs, validated whole), with the policy's semantic diff. Nothing here
+//! depends on another module of the crate; the compiled policy is [`crate::policy`].
 
 pub mod diff;
 pub mod policy;

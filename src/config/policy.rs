@@ -1,6 +1,6 @@
 //! The hot policy as an operator writes it: routes, score extraction, thresholds, limits,
 //! consumers and the tee's settings. One YAML file, validated whole (`validate`); its compiled,
-//! runtime form is [`crate::policy::PolicySnapshot`].
+//! runtime form is [`crate::policy::Policy`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,13 +11,13 @@ use sha2::{Digest, Sha256};
 /// The policy as written by an operator.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Policy {
+pub struct PolicySpec {
     /// What the tee records and how.
     #[serde(default)]
-    pub tee: TeePolicy,
+    pub tee: TeeSpec,
     /// Who may call, and how callers name themselves.
     #[serde(default)]
-    pub consumers: ConsumersPolicy,
+    pub consumers: ConsumersSpec,
     /// Routes by stable name: the name carries threshold and limit state across reloads.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteSpec>,
@@ -54,7 +54,7 @@ pub struct ExplorationSpec {
 /// The tee's hot settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TeePolicy {
+pub struct TeeSpec {
     /// Fraction of requests recorded, in [0, 1].
     pub sample_rate: f64,
     /// Header names whose values are replaced by `[redacted]` in records (case-insensitive).
@@ -71,9 +71,9 @@ pub struct TeePolicy {
     pub capture_bodies: bool,
 }
 
-impl Default for TeePolicy {
+impl Default for TeeSpec {
     fn default() -> Self {
-        TeePolicy {
+        TeeSpec {
             sample_rate: 1.0,
             redact_headers: [
                 "authorization",
@@ -97,7 +97,7 @@ impl Default for TeePolicy {
 /// Callers identify themselves by a header; declared ones are listed here.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ConsumersPolicy {
+pub struct ConsumersSpec {
     /// The header callers name themselves in.
     pub header: String,
     /// Declared consumers. Empty: nobody is declared (every caller counts as undeclared).
@@ -106,9 +106,9 @@ pub struct ConsumersPolicy {
     pub undeclared: Undeclared,
 }
 
-impl Default for ConsumersPolicy {
+impl Default for ConsumersSpec {
     fn default() -> Self {
-        ConsumersPolicy {
+        ConsumersSpec {
             header: "sluicegate-consumer".into(),
             declared: Vec::new(),
             undeclared: Undeclared::Record,
@@ -359,7 +359,7 @@ mod duration_text {
 }
 
 /// The policy's version: the first 12 hex digits of the SHA-256 of its canonical JSON.
-pub fn version_of(policy: &Policy) -> String {
+pub fn version_of(policy: &PolicySpec) -> String {
     let canonical = serde_json::to_vec(policy).expect("policy serializes");
     Sha256::digest(&canonical)[..6]
         .iter()

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveThresholdSpec, ConsumersPolicy, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach,
-    Policy, Protocol, RouteMatch, RouteSpec, ScoreSpec, Tagging, TeePolicy, ThresholdSpec,
+    AdaptiveThresholdSpec, ConsumersSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach,
+    PolicySpec, Protocol, RouteMatch, RouteSpec, ScoreSpec, Tagging, TeeSpec, ThresholdSpec,
     WriteDecisions,
 };
 
@@ -64,7 +64,7 @@ impl Errors {
 /// body cap may not exceed it. An empty document (nothing, or only comments) is refused: it is
 /// what a file truncated for rewriting looks like, and applying it would switch every guardrail
 /// off. A policy that wants every default says `{}`.
-pub fn parse(text: &str, max_record_bytes: u64) -> Result<Policy, PolicyErrors> {
+pub fn parse(text: &str, max_record_bytes: u64) -> Result<PolicySpec, PolicyErrors> {
     let mut errors = Errors(Vec::new());
     let value: Value = match serde_yaml_ng::from_str(text) {
         Ok(v) => v,
@@ -90,7 +90,7 @@ pub fn parse(text: &str, max_record_bytes: u64) -> Result<Policy, PolicyErrors> 
 }
 
 /// Reads a policy file.
-pub fn load(path: &std::path::Path, max_record_bytes: u64) -> Result<Policy, PolicyErrors> {
+pub fn load(path: &std::path::Path, max_record_bytes: u64) -> Result<PolicySpec, PolicyErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         PolicyErrors(vec![PolicyError {
             path: String::new(),
@@ -161,8 +161,8 @@ fn join(path: &str, key: &str) -> String {
 /// Builds the typed policy part by part, so that an error in one part does not hide the
 /// others: a part that fails is reported and left at its default (a route is left out), and
 /// the semantic checks still run on every part that parsed.
-fn structure(value: &Value, errors: &mut Errors) -> Policy {
-    let mut policy = Policy::default();
+fn structure(value: &Value, errors: &mut Errors) -> PolicySpec {
+    let mut policy = PolicySpec::default();
     let Some(map) = mapping(
         value,
         "",
@@ -172,11 +172,10 @@ fn structure(value: &Value, errors: &mut Errors) -> Policy {
         return policy;
     };
     let get = |k: &str| map.get(Value::String(k.into()));
-    if let Some(tee) = get("tee").and_then(|v| part::<TeePolicy>(v, "tee", errors)) {
+    if let Some(tee) = get("tee").and_then(|v| part::<TeeSpec>(v, "tee", errors)) {
         policy.tee = tee;
     }
-    if let Some(c) = get("consumers").and_then(|v| part::<ConsumersPolicy>(v, "consumers", errors))
-    {
+    if let Some(c) = get("consumers").and_then(|v| part::<ConsumersSpec>(v, "consumers", errors)) {
         policy.consumers = c;
     }
     if let Some(v) = get("tagging").filter(|v| !v.is_null()) {
@@ -272,7 +271,7 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
 }
 
 /// The semantic checks: ranges, references between parts, and the whole file's consistency.
-fn check(policy: &Policy, max_record_bytes: u64, errors: &mut Errors) {
+fn check(policy: &PolicySpec, max_record_bytes: u64, errors: &mut Errors) {
     let tee = &policy.tee;
     if !(0.0..=1.0).contains(&tee.sample_rate) {
         errors.add("tee.sample_rate", "must be in [0, 1]");
@@ -708,7 +707,7 @@ routes:
     fn a_good_policy_parses() {
         let p = parse(GOOD, MAX).unwrap();
         assert_eq!(p.routes["spam"].limits[0].fallback.as_deref(), Some("ham"));
-        assert!(parse("{}", MAX).unwrap() == Policy::default());
+        assert!(parse("{}", MAX).unwrap() == PolicySpec::default());
     }
 
     #[test]

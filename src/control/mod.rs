@@ -351,7 +351,7 @@ async fn admin_call(
             let (s, origin) = admin.reloader.current_with_origin().await;
             json(
                 StatusCode::OK,
-                serde_json::json!({"version": s.version, "generation": s.generation, "source": origin.as_str(), "policy": s.policy}),
+                serde_json::json!({"version": s.version, "generation": s.generation, "source": origin.as_str(), "policy": s.spec}),
             )
         }
         (&Method::PUT, "/admin/policy") => match std::str::from_utf8(body) {

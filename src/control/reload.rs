@@ -21,9 +21,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::config::policy::Policy;
+use crate::config::policy::PolicySpec;
 use crate::config::validate::{self, PolicyErrors};
-use crate::policy::{load_keys, PolicySnapshot, SharedPolicy};
+use crate::policy::{load_keys, Policy, SharedPolicy};
 use crate::provenance::KeyRing;
 use crate::telemetry::PolicyMetrics;
 
@@ -136,12 +136,12 @@ impl Reloader {
         self.keys_dir.as_deref()
     }
 
-    pub fn current(&self) -> Arc<PolicySnapshot> {
+    pub fn current(&self) -> Arc<Policy> {
         self.policy.load_full()
     }
 
     /// The policy in force and where it came from.
-    pub async fn current_with_origin(&self) -> (Arc<PolicySnapshot>, Origin) {
+    pub async fn current_with_origin(&self) -> (Arc<Policy>, Origin) {
         let state = self.state.lock().await;
         (self.policy.load_full(), state.origin)
     }
@@ -241,10 +241,10 @@ impl Reloader {
 
     fn reload_keys(&self, state: &State) -> Result<Reloaded, PolicyErrors> {
         let current = self.policy.load_full();
-        let keys = load_keys(&current.policy, self.keys_dir.as_deref()).inspect_err(|errors| {
+        let keys = load_keys(&current.spec, self.keys_dir.as_deref()).inspect_err(|errors| {
             self.refused(Source::File, errors);
         })?;
-        let reloaded = self.swap(current.policy.clone(), keys, &current, Source::File);
+        let reloaded = self.swap(current.spec.clone(), keys, &current, Source::File);
         tracing::info!(origin = state.origin.as_str(), "tag keys reloaded");
         Ok(reloaded)
     }
@@ -263,15 +263,15 @@ impl Reloader {
 
     fn swap(
         &self,
-        policy: Policy,
+        policy: PolicySpec,
         keys: Arc<KeyRing>,
-        current: &PolicySnapshot,
+        current: &Policy,
         source: Source,
     ) -> Reloaded {
         let new_version = crate::config::policy::version_of(&policy);
         if new_version == current.version {
             // Same meaning: the same generation, with the keys as they are now on disk.
-            let snapshot = PolicySnapshot::new(
+            let snapshot = Policy::new(
                 policy,
                 current.generation,
                 self.max_record_bytes,
@@ -285,8 +285,7 @@ impl Reloader {
         }
         let generation = current.generation + 1;
         let snapshot =
-            PolicySnapshot::new(policy, generation, self.max_record_bytes, Some(current))
-                .with_keys(keys);
+            Policy::new(policy, generation, self.max_record_bytes, Some(current)).with_keys(keys);
         let version = snapshot.version.clone();
         self.policy.store(Arc::new(snapshot));
         tracing::info!(?source, from = %current.version, to = %version, generation, "policy applied");
@@ -462,19 +461,19 @@ mod tests {
         let (r, shared, _) = reloader(dir.path(), A);
         r.apply_text(B, Source::Api).await.unwrap();
         assert!(r.on_files_changed().await.is_none());
-        assert_eq!(shared.load().policy.tee.sample_rate, 0.25);
+        assert_eq!(shared.load().spec.tee.sample_rate, 0.25);
         assert_eq!(r.current_with_origin().await.1, Origin::Api);
 
         // POST /admin/reload and SIGHUP re-apply the file.
         r.reload_file(Source::Signal).await.unwrap();
-        assert_eq!(shared.load().policy.tee.sample_rate, 0.5);
+        assert_eq!(shared.load().spec.tee.sample_rate, 0.5);
         assert_eq!(r.current_with_origin().await.1, Origin::File);
 
         // A change of the file's content ends an override too.
         r.apply_text(B, Source::Api).await.unwrap();
         std::fs::write(dir.path().join("policy.yaml"), "tee: {sample_rate: 0.75}\n").unwrap();
         assert!(matches!(r.on_files_changed().await, Some(Ok(_))));
-        assert_eq!(shared.load().policy.tee.sample_rate, 0.75);
+        assert_eq!(shared.load().spec.tee.sample_rate, 0.75);
         assert_eq!(r.current_with_origin().await.1, Origin::File);
     }
 
@@ -485,7 +484,7 @@ mod tests {
         assert!(r.apply_text("", Source::Api).await.is_err());
         std::fs::write(dir.path().join("policy.yaml"), "").unwrap();
         assert!(matches!(r.on_files_changed().await, Some(Err(_))));
-        assert_eq!(shared.load().policy.tee.sample_rate, 0.5);
+        assert_eq!(shared.load().spec.tee.sample_rate, 0.5);
         assert_eq!(metrics.reload_failures.get(), 2);
     }
 }

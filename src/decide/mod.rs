@@ -17,8 +17,8 @@ use limits::{LimitWindow, LimitWindowParams, Recorded};
 use threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
 
 use crate::config::policy::{
-    AdaptiveThresholdSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach, Policy, Protocol,
-    RouteSpec, ThresholdSpec,
+    AdaptiveThresholdSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach, PolicySpec,
+    Protocol, RouteSpec, ThresholdSpec,
 };
 
 /// Buckets per limit window: the window slides in steps of window/60.
@@ -452,7 +452,8 @@ impl Route {
 /// The routes of one policy, in matching order.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub routes: Vec<Arc<Route>>,
+    /// The routes in force.
+    pub live: Vec<Arc<Route>>,
     /// Routes a reload removed, kept (unmatched) for their longest window: a route that comes
     /// back within it, say after a half-written policy was replaced by the whole one, gets its
     /// threshold and limit state back instead of starting empty.
@@ -468,24 +469,24 @@ struct Retired {
 impl RouteTable {
     /// Builds the table, taking over state from `previous` (its routes, and the routes it
     /// keeps retired) wherever settings did not change.
-    pub fn build(policy: &Policy, previous: Option<&RouteTable>, now: Instant) -> RouteTable {
+    pub fn build(policy: &PolicySpec, previous: Option<&RouteTable>, now: Instant) -> RouteTable {
         let find_old = |name: &str| {
             let t = previous?;
-            t.routes.iter().find(|r| &*r.name == name).or_else(|| {
+            t.live.iter().find(|r| &*r.name == name).or_else(|| {
                 t.retired
                     .iter()
                     .find(|r| &*r.route.name == name && r.until > now)
                     .map(|r| &r.route)
             })
         };
-        let routes = policy
+        let live = policy
             .routes
             .iter()
             .map(|(name, spec)| Arc::new(compile(name, spec, find_old(name).map(|r| &**r), now)))
             .collect();
         let mut retired = Vec::new();
         if let Some(t) = previous {
-            let removed = t.routes.iter().filter_map(|r| {
+            let removed = t.live.iter().filter_map(|r| {
                 let until = now + r.state_window()?;
                 Some(Retired {
                     route: r.clone(),
@@ -501,12 +502,12 @@ impl RouteTable {
                 .filter(|r| !policy.routes.contains_key(&*r.route.name))
                 .collect();
         }
-        RouteTable { routes, retired }
+        RouteTable { live, retired }
     }
 
     /// The route taking `path`, if any (validation guarantees at most one).
     pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
-        self.routes.iter().find(|r| r.matches(path))
+        self.live.iter().find(|r| r.matches(path))
     }
 }
 
@@ -626,7 +627,7 @@ mod tests {
     use crate::config::validate::parse;
 
     /// A policy with one binary route `r`, `extra` lines appended to the route.
-    fn policy(extra: &str) -> Policy {
+    fn policy(extra: &str) -> PolicySpec {
         parse(
             &format!(
                 r#"
@@ -646,7 +647,7 @@ routes:
     }
 
     fn route(extra: &str) -> Arc<Route> {
-        RouteTable::build(&policy(extra), None, Instant::now()).routes[0].clone()
+        RouteTable::build(&policy(extra), None, Instant::now()).live[0].clone()
     }
 
     #[test]
@@ -707,7 +708,7 @@ routes:
         };
         let without = parse("routes: {}", 1 << 20).unwrap();
         let spam = |t: &RouteTable, now| {
-            let d = t.routes[0].decide(&Scores::Binary(vec![0.9; 2]), now);
+            let d = t.live[0].decide(&Scores::Binary(vec![0.9; 2]), now);
             d.rows.iter().filter(|r| &*r.final_action == "spam").count()
         };
         let t0 = Instant::now();
@@ -716,7 +717,7 @@ routes:
 
         // Removed (a half-written file), then back: the two taken still count.
         let gone = RouteTable::build(&without, Some(&table), t0);
-        assert!(gone.routes.is_empty());
+        assert!(gone.live.is_empty());
         let gone_again = RouteTable::build(&without, Some(&gone), t0);
         let back = RouteTable::build(&with("1m"), Some(&gone_again), t0);
         assert_eq!(spam(&back, t0), 1, "the cap of 3 holds across the removal");

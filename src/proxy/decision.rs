@@ -25,7 +25,7 @@ use super::{Admitted, Proxy};
 use crate::config::policy::Protocol;
 use crate::decide::extract::{extract, extract_v2, ExtractError, Scores};
 use crate::decide::{Decided, LimitOutcome, Route};
-use crate::policy::PolicySnapshot;
+use crate::policy::Policy;
 use crate::provenance::TagClaims;
 use crate::tee::alert::Alert;
 use crate::tee::record::{DecisionOutcome, ReadJson};
@@ -386,7 +386,7 @@ fn read_response(
 /// The signed provenance tag of a decided response, when the policy tags.
 fn sign_tag(
     route: &Route,
-    policy: &PolicySnapshot,
+    policy: &Policy,
     read: &Read,
     decided: &Decided,
     id: &HeaderValue,
@@ -522,17 +522,13 @@ fn decision_error(
 }
 
 /// Breach starts and ends: a metric, a log line and an alert record each.
-pub(crate) fn alerts(proxy: &Proxy, policy: &PolicySnapshot, decided: &Decided) {
+pub(crate) fn alerts(proxy: &Proxy, policy: &Policy, decided: &Decided) {
     for event in &decided.events {
         emit_alert(proxy, policy, event.clone());
     }
 }
 
-pub(crate) fn emit_alert(
-    proxy: &Proxy,
-    policy: &PolicySnapshot,
-    event: crate::decide::BreachEvent,
-) {
+pub(crate) fn emit_alert(proxy: &Proxy, policy: &Policy, event: crate::decide::BreachEvent) {
     let alert = Alert::new(event, &policy.version, policy.generation);
     let e = &alert.event;
     let route = e.route.to_string();
@@ -675,7 +671,7 @@ fn counts<'a>(values: impl Iterator<Item = &'a str>, room: usize) -> String {
 fn decision_headers(
     h: &mut http::HeaderMap,
     decided: &Decided,
-    policy: &PolicySnapshot,
+    policy: &Policy,
     counted: Counted,
     rejected: bool,
 ) {
@@ -910,7 +906,7 @@ mod tests {
         tag_len: usize,
         upstream: &[(&str, &str)],
     ) -> http::HeaderMap {
-        let policy = PolicySnapshot::new(Default::default(), 0, 1 << 20, None);
+        let policy = Policy::new(Default::default(), 0, 1 << 20, None);
         let mut h = http::HeaderMap::new();
         h.insert(
             super::super::ID_HEADER,

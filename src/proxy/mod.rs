@@ -56,7 +56,7 @@ use pool::{H2Error, H2Pool, SendH2};
 use crate::config::policy::Undeclared;
 use crate::config::settings::{Upstream, UpstreamProtocol};
 use crate::decide::Route;
-use crate::policy::{PolicySnapshot, SharedPolicy};
+use crate::policy::{Policy, SharedPolicy};
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
 use crate::telemetry::{ConsumerLabel, ErrorLabel, ProxyMetrics, RouteMetrics};
@@ -320,7 +320,7 @@ impl Proxy {
         let capture_bodies = compiled
             .as_ref()
             .and_then(|r| r.spec.capture_bodies)
-            .unwrap_or(policy.policy.tee.capture_bodies);
+            .unwrap_or(policy.spec.tee.capture_bodies);
         let body_cap = if capture_bodies { policy.body_cap } else { 0 };
         let capture = Arc::new(RequestCapture {
             capture: std::sync::Mutex::new(Capture::with_cap(body_cap)),
@@ -358,9 +358,7 @@ impl Proxy {
             )
         });
 
-        if refusal.is_none()
-            && !declared
-            && policy.policy.consumers.undeclared == Undeclared::Refuse
+        if refusal.is_none() && !declared && policy.spec.consumers.undeclared == Undeclared::Refuse
         {
             // The message is recorded too: a redacted consumer header stays out of it.
             let who = match consumer {
@@ -550,7 +548,7 @@ impl Proxy {
     /// The metric handles of `policy`'s routes and consumers, resolved once per policy
     /// generation: the first request under a new generation builds them for every route, and
     /// the old generation's go with it (a route a reload removed keeps no handles here).
-    fn handles(&self, policy: &PolicySnapshot) -> Arc<MetricHandles> {
+    fn handles(&self, policy: &Policy) -> Arc<MetricHandles> {
         let current = self.handles.load_full();
         if let Some(current) = current
             .as_ref()
@@ -609,7 +607,7 @@ impl Proxy {
             let policy = self.policy.load_full();
             let now = Instant::now();
             let mut events = Vec::new();
-            for route in &policy.routes.routes {
+            for route in &policy.routes.live {
                 route.tick(now, &mut events);
                 for (class, threshold) in route.labelled_thresholds() {
                     self.metrics
@@ -662,7 +660,7 @@ impl Proxy {
 /// route, id and metric handles, and its record under way. Opaque: public so the stack bench
 /// can time each phase.
 pub struct Admitted {
-    policy: Arc<PolicySnapshot>,
+    policy: Arc<Policy>,
     /// The matched route; `None` for the default route and for a refused request.
     compiled: Option<Arc<Route>>,
     metrics: Arc<RouteMetrics>,
@@ -686,10 +684,10 @@ struct MetricHandles {
 }
 
 impl MetricHandles {
-    fn new(metrics: &ProxyMetrics, policy: &PolicySnapshot, default_route: &Arc<str>) -> Self {
+    fn new(metrics: &ProxyMetrics, policy: &Policy, default_route: &Arc<str>) -> Self {
         let routes = policy
             .routes
-            .routes
+            .live
             .iter()
             .map(|r| &r.name)
             .chain([default_route])
@@ -708,7 +706,7 @@ impl MetricHandles {
             generation: policy.generation,
             routes,
             consumers: policy
-                .policy
+                .spec
                 .consumers
                 .declared
                 .iter()
@@ -1146,7 +1144,7 @@ routes:
         let renamed = DECIDING.replace("  spam:", "  ham-or-spam:");
         let renamed = crate::config::validate::parse(&renamed, 1 << 20).unwrap();
         let old = proxy.policy.load_full();
-        let next = PolicySnapshot::new(renamed, 1, 1 << 20, Some(&old));
+        let next = Policy::new(renamed, 1, 1 << 20, Some(&old));
         proxy.policy.store(Arc::new(next));
         let second = proxy.handles(&proxy.policy.load());
         let mut names: Vec<&str> = second.routes.keys().map(|r| &**r).collect();

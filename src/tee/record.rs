@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use sha2::Digest;
 
 use super::spool::{EntryKind, SpoolEntry};
-use crate::config::policy::{Policy, Protocol, ScoreSpec};
+use crate::config::policy::{PolicySpec, Protocol, ScoreSpec};
 use crate::config::settings::RecordDecisions;
 use crate::decide::RowDecision;
 use crate::provenance::KeyRing;
@@ -142,7 +142,12 @@ pub struct ScoreSource {
 impl RecordContext {
     /// The context of `policy`, named by `version` and `generation`; `max_record_bytes` (a
     /// setting) bounds the body cap. No tag keys: the caller attaches them.
-    pub fn new(policy: &Policy, version: String, generation: u64, max_record_bytes: u64) -> Self {
+    pub fn new(
+        policy: &PolicySpec,
+        version: String,
+        generation: u64,
+        max_record_bytes: u64,
+    ) -> Self {
         let tee = &policy.tee;
         RecordContext {
             version,
@@ -1176,7 +1181,7 @@ mod tests {
     use crate::config::policy::version_of;
 
     /// The record context of `policy`, as the policy snapshot builds it.
-    fn context(policy: &Policy) -> Arc<RecordContext> {
+    fn context(policy: &PolicySpec) -> Arc<RecordContext> {
         Arc::new(RecordContext::new(policy, version_of(policy), 0, 1 << 20))
     }
 
@@ -1195,7 +1200,7 @@ mod tests {
             id: "id-1".into(),
             time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             route: "default".into(),
-            record: context(&Policy::default()),
+            record: context(&PolicySpec::default()),
             consumer: Some("checkout".into()),
             method: Method::POST,
             path: "/v2/models/iris/versions/3/infer?x=1".into(),
@@ -1267,7 +1272,7 @@ mod tests {
     fn a_redacted_consumer_header_keeps_its_value_out_of_the_consumer_id() {
         let v = decode(&exchange(b"{}", b"{}", 1024).encode(&ctx(1 << 20)));
         assert_eq!(v["consumer"]["id"], "checkout");
-        let mut p = Policy::default();
+        let mut p = PolicySpec::default();
         p.consumers.header = "X-Api-Key".into();
         let mut ex = exchange(b"{}", b"{}", 1024);
         ex.consumer = Some("sk-live-123".into());
@@ -1300,7 +1305,7 @@ mod tests {
 
     #[test]
     fn body_fields_are_redacted_or_hashed_by_pointer() {
-        let mut p = Policy::default();
+        let mut p = PolicySpec::default();
         p.tee.redact_body = vec!["/inputs/*/data".into()];
         p.tee.hash_body = vec!["/parameters/user".into()];
         let mut ex = exchange(
@@ -1324,7 +1329,7 @@ mod tests {
 
     #[test]
     fn a_pointer_that_cannot_match_leaves_the_body_as_sent() {
-        let mut p = Policy::default();
+        let mut p = PolicySpec::default();
         p.tee.hash_body = vec!["/parameters/user_id".into()];
         p.tee.redact_body = vec!["/0/secret".into()];
         let mut ex = exchange(br#"{"inputs":[1.10, 2e3]}"#, b"[1,2]", 1024);
