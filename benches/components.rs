@@ -31,7 +31,9 @@ use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::{extract, extract_v2, Scores};
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::policy::Policy;
-use sluicegate::provenance::{generate_key, Algorithm, KeyRing, TagClaims, TAG_PREFIX};
+use sluicegate::provenance::{
+    generate_key, Algorithm, ClaimsInput, KeyRing, TagClaims, TAG_PREFIX,
+};
 use sluicegate::tee::record::{
     Capture, DecisionOutcome, EncodeContext, Exchange, Message, ReadJson, RECORD_SCHEMA,
 };
@@ -94,17 +96,16 @@ fn tags(c: &mut Criterion) {
     let keys = KeyRing::load_dir(dir.path()).unwrap();
     // As the proxy does per response: build the claims, then sign them.
     let sign = |key: &str, alg: Algorithm, actions: &[&str]| {
-        let mut claims = TagClaims::new(
-            ID,
-            "spam",
-            Some("spam-filter"),
-            Some("3"),
-            POLICY_VERSION,
+        let mut claims = TagClaims::new(ClaimsInput {
+            prediction_id: ID,
+            route: "spam",
+            model: Some("spam-filter"),
+            model_version: Some("3"),
+            policy_version: POLICY_VERSION,
             actions,
-            &[],
-            &[],
-            TIME_MS,
-        );
+            timestamp_ms: TIME_MS,
+            ..Default::default()
+        });
         keys.sign(key, alg, &mut claims).unwrap()
     };
     let signers = [
@@ -178,17 +179,16 @@ fn exchange(rows: usize, policy: Arc<Policy>, keys: &KeyRing) -> Exchange {
             .unwrap();
             let decided = route.decide(&scores, Instant::now());
             let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
-            let mut claims = TagClaims::new(
-                ID,
-                "spam",
-                Some("spam-filter"),
-                Some("3"),
-                &policy.version,
-                &actions,
-                &[],
-                &[],
-                TIME_MS,
-            );
+            let mut claims = TagClaims::new(ClaimsInput {
+                prediction_id: ID,
+                route: "spam",
+                model: Some("spam-filter"),
+                model_version: Some("3"),
+                policy_version: &policy.version,
+                actions: &actions,
+                timestamp_ms: TIME_MS,
+                ..Default::default()
+            });
             let tag = keys.sign("ed", Algorithm::Ed25519, &mut claims);
             (Some(DecisionOutcome::Made(decided.rows)), tag)
         }

@@ -89,11 +89,13 @@ impl Source {
                 group_id,
                 properties,
             } => read_topic(
-                brokers,
-                topic,
-                *commit,
-                group_id.as_deref(),
-                properties,
+                &Topic {
+                    brokers,
+                    topic,
+                    commit: *commit,
+                    group_id: group_id.as_deref(),
+                    properties,
+                },
                 from_ms,
                 f,
             ),
@@ -101,15 +103,27 @@ impl Source {
     }
 }
 
-fn read_topic(
-    brokers: &str,
-    topic: &str,
+/// The topic a [`Source::Kafka`] names, borrowed.
+struct Topic<'a> {
+    brokers: &'a str,
+    topic: &'a str,
     commit: bool,
-    group_id: Option<&str>,
-    properties: &[(String, String)],
+    group_id: Option<&'a str>,
+    properties: &'a [(String, String)],
+}
+
+fn read_topic(
+    source: &Topic<'_>,
     from_ms: Option<i64>,
     f: &mut dyn FnMut(&[u8]),
 ) -> anyhow::Result<()> {
+    let &Topic {
+        brokers,
+        topic,
+        commit,
+        group_id,
+        properties,
+    } = source;
     use anyhow::Context;
     let timeout = Duration::from_secs(10);
     let mut config = ClientConfig::new();

@@ -62,7 +62,8 @@ mod tests;
 
 pub use keys::{generate_key, KeyError, KeyRing};
 pub use tag::{
-    decode_unverified, digest_actions, Algorithm, TagClaims, TagError, UnknownAlgorithm,
+    decode_unverified, digest_actions, Algorithm, ClaimsInput, TagClaims, TagError,
+    UnknownAlgorithm,
 };
 
 /// The start of every tag: the format version and the first separator.

@@ -142,6 +142,28 @@ pub struct TagClaims {
     pub timestamp_ms: i64,
 }
 
+/// What [`TagClaims::new`] builds claims from: one response's decisions, by name (the
+/// fields of the tag, most of them strings, are too easily swapped when positional).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClaimsInput<'a> {
+    /// The prediction id (`sluicegate-id`).
+    pub prediction_id: &'a str,
+    /// The route that decided.
+    pub route: &'a str,
+    pub model: Option<&'a str>,
+    pub model_version: Option<&'a str>,
+    /// The policy's version.
+    pub policy_version: &'a str,
+    /// The final action of each row.
+    pub actions: &'a [&'a str],
+    /// Per row, whether exploration drew it; empty when the route does not explore.
+    pub explored: &'a [bool],
+    /// Per row, the propensity of the action taken; empty when the route does not explore.
+    pub propensities: &'a [f64],
+    /// Unix time of the decision, milliseconds.
+    pub timestamp_ms: i64,
+}
+
 impl TagClaims {
     /// Builds claims for `actions` (listing or digesting them), with key_id/algorithm left for
     /// `sign` to set.
@@ -149,18 +171,18 @@ impl TagClaims {
     /// `explored` and `propensities` are either both empty (the route does not explore) or hold
     /// one entry per row; propensities are rounded to 6 significant digits. Claims built from
     /// inconsistent input fail [`TagClaims::validate`], so `sign` refuses them.
-    #[allow(clippy::too_many_arguments)] // the field list of the tag; named in the API contract
-    pub fn new(
-        prediction_id: &str,
-        route: &str,
-        model: Option<&str>,
-        model_version: Option<&str>,
-        policy_version: &str,
-        actions: &[&str],
-        explored: &[bool],
-        propensities: &[f64],
-        timestamp_ms: i64,
-    ) -> Self {
+    pub fn new(input: ClaimsInput<'_>) -> Self {
+        let ClaimsInput {
+            prediction_id,
+            route,
+            model,
+            model_version,
+            policy_version,
+            actions,
+            explored,
+            propensities,
+            timestamp_ms,
+        } = input;
         let rows = actions.len();
         let listed = rows <= MAX_LISTED_ROWS;
         let (listed_actions, actions_digest) = if listed {

@@ -41,32 +41,44 @@ impl Seeded {
     }
 }
 
+/// Claims input with placeholder names: id `i`, route `r`, policy `p`, time 0.
+const PLACEHOLDER: ClaimsInput<'static> = ClaimsInput {
+    prediction_id: "i",
+    route: "r",
+    model: None,
+    model_version: None,
+    policy_version: "p",
+    actions: &[],
+    explored: &[],
+    propensities: &[],
+    timestamp_ms: 0,
+};
+
 fn one_row() -> TagClaims {
-    TagClaims::new(
-        "0190f0c4-7a1e-7b3c-9d2f-3c1b2a4d5e6f",
-        "spam",
-        Some("spam-clf"),
-        Some("7"),
-        "3f9a1c0d2b4e5f60",
-        &["spam"],
-        &[],
-        &[],
-        1_735_689_600_000,
-    )
+    TagClaims::new(ClaimsInput {
+        prediction_id: "0190f0c4-7a1e-7b3c-9d2f-3c1b2a4d5e6f",
+        route: "spam",
+        model: Some("spam-clf"),
+        model_version: Some("7"),
+        policy_version: "3f9a1c0d2b4e5f60",
+        actions: &["spam"],
+        timestamp_ms: 1_735_689_600_000,
+        ..Default::default()
+    })
 }
 
 fn explored_rows() -> TagClaims {
-    TagClaims::new(
-        "0190f0c4-7a1e-7b3c-9d2f-3c1b2a4d5e6f",
-        "fraud",
-        Some("fraud-gbm"),
-        None,
-        "v12",
-        &["allow", "review", "block"],
-        &[false, true, false],
-        &[0.95, 0.025, 0.1 + 0.2],
-        1_735_689_600_123,
-    )
+    TagClaims::new(ClaimsInput {
+        prediction_id: "0190f0c4-7a1e-7b3c-9d2f-3c1b2a4d5e6f",
+        route: "fraud",
+        model: Some("fraud-gbm"),
+        policy_version: "v12",
+        actions: &["allow", "review", "block"],
+        explored: &[false, true, false],
+        propensities: &[0.95, 0.025, 0.1 + 0.2],
+        timestamp_ms: 1_735_689_600_123,
+        ..Default::default()
+    })
 }
 
 /// A ring with an Ed25519 key `ed` and an HMAC key `hm`, and its directory.
@@ -827,17 +839,16 @@ fn large_batch_uses_digests() {
         .iter()
         .map(|&x| if x { 0.1 / 3.0 } else { 0.9 + 0.1 / 3.0 })
         .collect();
-    let mut claims = TagClaims::new(
-        "id-1",
-        "fraud",
-        None,
-        None,
-        "v1",
-        &actions,
-        &explored,
-        &propensities,
-        1,
-    );
+    let mut claims = TagClaims::new(ClaimsInput {
+        prediction_id: "id-1",
+        route: "fraud",
+        policy_version: "v1",
+        actions: &actions,
+        explored: &explored,
+        propensities: &propensities,
+        timestamp_ms: 1,
+        ..Default::default()
+    });
     assert_eq!(claims.actions, None);
     assert_eq!(claims.actions_digest, Some(digest_actions(&actions)));
     assert!(claims.explored.is_empty() && claims.propensities.is_empty());
@@ -871,28 +882,34 @@ fn large_batch_uses_digests() {
     // A propensity a hair above 1 from float error rounds to 1, listed or digested.
     let over = 1.0 + 1e-12;
     let many = vec!["a"; 20];
-    let mut c = TagClaims::new(
-        "i",
-        "r",
-        None,
-        None,
-        "p",
-        &many,
-        &[true; 20],
-        &[over; 20],
-        0,
-    );
+    let mut c = TagClaims::new(ClaimsInput {
+        actions: &many,
+        explored: &[true; 20],
+        propensities: &[over; 20],
+        ..PLACEHOLDER
+    });
     assert!(c.exploration_digest.is_some());
     assert!(ring.sign("ed", Algorithm::Ed25519, &mut c).is_some());
-    let mut c = TagClaims::new("i", "r", None, None, "p", &["a"], &[true], &[over], 0);
+    let mut c = TagClaims::new(ClaimsInput {
+        actions: &["a"],
+        explored: &[true],
+        propensities: &[over],
+        ..PLACEHOLDER
+    });
     assert_eq!(c.propensities, vec![1.0]);
     assert!(ring.sign("ed", Algorithm::Ed25519, &mut c).is_some());
     // Exactly MAX_LISTED_ROWS rows are listed; one more is digested.
     let listed = vec!["a"; MAX_LISTED_ROWS];
-    let c = TagClaims::new("i", "r", None, None, "p", &listed, &[], &[], 0);
+    let c = TagClaims::new(ClaimsInput {
+        actions: &listed,
+        ..PLACEHOLDER
+    });
     assert!(c.actions.is_some() && c.actions_match(&listed));
     let digested = vec!["a"; MAX_LISTED_ROWS + 1];
-    let c = TagClaims::new("i", "r", None, None, "p", &digested, &[], &[], 0);
+    let c = TagClaims::new(ClaimsInput {
+        actions: &digested,
+        ..PLACEHOLDER
+    });
     assert!(c.actions.is_none() && c.actions_match(&digested));
     assert!(!c.actions_match(&listed));
     // The digest is of the actions joined by '\n'.
@@ -913,26 +930,43 @@ fn sign_refuses_inconsistent_claims() {
     let mut nan = explored_rows();
     nan.propensities[0] = f64::NAN;
     assert_eq!(ring.sign("ed", Algorithm::Ed25519, &mut nan), None);
-    let mut lengths = TagClaims::new("i", "r", None, None, "p", &["a", "b"], &[true], &[0.5], 0);
+    let mut lengths = TagClaims::new(ClaimsInput {
+        actions: &["a", "b"],
+        explored: &[true],
+        propensities: &[0.5],
+        ..PLACEHOLDER
+    });
     assert_eq!(ring.sign("ed", Algorithm::Ed25519, &mut lengths), None);
     let big: Vec<&str> = vec!["a"; 20];
-    let mut mismatched =
-        TagClaims::new("i", "r", None, None, "p", &big, &[true; 19], &[0.5; 19], 0);
+    let mut mismatched = TagClaims::new(ClaimsInput {
+        actions: &big,
+        explored: &[true; 19],
+        propensities: &[0.5; 19],
+        ..PLACEHOLDER
+    });
     assert_eq!(
         ring.sign("hm", Algorithm::HmacSha256, &mut mismatched),
         None
     );
-    let mut empty_id = TagClaims::new("", "r", None, None, "p", &["a"], &[], &[], 0);
+    let mut empty_id = TagClaims::new(ClaimsInput {
+        prediction_id: "",
+        actions: &["a"],
+        ..PLACEHOLDER
+    });
     assert_eq!(ring.sign("hm", Algorithm::HmacSha256, &mut empty_id), None);
     let long = "x".repeat(MAX_TAG_LEN);
-    let mut too_long = TagClaims::new("i", &long, None, None, "p", &["a"], &[], &[], 0);
+    let mut too_long = TagClaims::new(ClaimsInput {
+        route: &long,
+        actions: &["a"],
+        ..PLACEHOLDER
+    });
     assert_eq!(ring.sign("hm", Algorithm::HmacSha256, &mut too_long), None);
     assert_eq!(
         ring.sign("nope", Algorithm::HmacSha256, &mut one_row()),
         None
     );
     // Zero rows is a valid (if odd) tag.
-    let mut zero = TagClaims::new("i", "r", None, None, "p", &[], &[], &[], 0);
+    let mut zero = TagClaims::new(ClaimsInput { ..PLACEHOLDER });
     let token = ring.sign("hm", Algorithm::HmacSha256, &mut zero).unwrap();
     assert_eq!(ring.verify(&token), Ok(zero));
 }
@@ -1148,17 +1182,15 @@ fn tag_cost() {
         let n = 2_000u32;
         let start = Instant::now();
         for _ in 0..n {
-            let mut claims = TagClaims::new(
-                "id",
-                "r",
-                None,
-                None,
-                "p",
-                &actions,
-                &explored,
-                &propensities,
-                0,
-            );
+            let mut claims = TagClaims::new(ClaimsInput {
+                prediction_id: "id",
+                route: "r",
+                policy_version: "p",
+                actions: &actions,
+                explored: &explored,
+                propensities: &propensities,
+                ..Default::default()
+            });
             std::hint::black_box(ring.sign(key, alg, &mut claims).unwrap());
         }
         println!(

@@ -26,7 +26,7 @@ use crate::config::policy::Protocol;
 use crate::decide::extract::{extract, extract_v2, ExtractError, Scores};
 use crate::decide::{Decided, LimitOutcome, Route};
 use crate::policy::Policy;
-use crate::provenance::TagClaims;
+use crate::provenance::{ClaimsInput, TagClaims};
 use crate::tee::alert::Alert;
 use crate::tee::record::{DecisionOutcome, ReadJson};
 use crate::telemetry::{AlertLabel, RouteAction, RouteMetrics};
@@ -406,17 +406,17 @@ fn sign_tag(
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let mut claims = TagClaims::new(
-        id.to_str().unwrap_or_default(),
-        &route.name,
-        model.as_deref(),
-        version.as_deref(),
-        &policy.version,
-        &actions,
-        &explored,
-        &propensities,
-        now_ms,
-    );
+    let mut claims = TagClaims::new(ClaimsInput {
+        prediction_id: id.to_str().unwrap_or_default(),
+        route: &route.name,
+        model: model.as_deref(),
+        model_version: version.as_deref(),
+        policy_version: &policy.version,
+        actions: &actions,
+        explored: &explored,
+        propensities: &propensities,
+        timestamp_ms: now_ms,
+    });
     policy.keys.sign(key_id, *algorithm, &mut claims)
 }
 
