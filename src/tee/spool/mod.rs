@@ -1,5 +1,5 @@
 //! Write-ahead spool: the tee appends records here before they are sent to Kafka, so a killed
-//! process loses nothing that reached the spool (the README's "Delivery guarantees").
+//! process loses nothing that reached the spool (docs/reliability.md, "Delivery guarantees").
 //!
 //! A [`SpoolWriter`] (on its own OS thread) appends batches of entries to segment files and
 //! publishes, through a `watch` channel, the [`Position`] before which everything is whole
