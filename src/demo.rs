@@ -16,7 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::config::settings::{KafkaSettings, Settings, DEFAULT_ALERTS_TOPIC, DEFAULT_TOPIC};
+use crate::config::settings::{
+    parse_duration_arg, KafkaSettings, Settings, DEFAULT_ALERTS_TOPIC, DEFAULT_TOPIC,
+};
 
 /// The stand-in model: a logistic regression over four features, served over the Open
 /// Inference Protocol v2 (`/v2/models/NAME/infer`) and TF-Serving v1 (`/v1/models/NAME:predict`).
@@ -227,11 +229,19 @@ pub fn v2_request(rows: usize, seed: u64) -> String {
 }
 
 /// Options of `sluicegate demo`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct DemoOptions {
+    /// Send the tee to Kafka instead of the spool alone.
+    #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// How long to drive traffic.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     pub duration: Duration,
+    /// Requests per second.
+    #[arg(long, default_value_t = 200)]
     pub rate: u32,
+    /// Where the spool goes.
+    #[arg(long, default_value = "sluicegate-demo-spool")]
     pub spool_dir: PathBuf,
 }
 
