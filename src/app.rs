@@ -1,4 +1,11 @@
 //! Composition root: builds everything from the settings, spawns the tasks, owns shutdown.
+//!
+//! Start-up runs in the order that makes a failure cheap: everything that can refuse the
+//! settings (the policy, its keys, the spool's format, Kafka's properties) is checked before a
+//! port is bound, so a start that fails has accepted no request and exits 64 or 65 naming the
+//! problem; in Kubernetes the pod then never turns ready. Shutdown runs the other way round:
+//! stop admitting, finish what was admitted, then flush the tee, and keep the admin port up to
+//! the end so the probes and `/metrics` see the whole drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +67,10 @@ impl Running {
 /// Starts the proxy, the admin port, the tee and the readiness probe.
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
+    // The policy is read and validated first: an invalid one is exit 64 with every error
+    // (`StartError::Policy`), never a proxy that serves under a policy the operator did not
+    // write. The text is kept for the reloader, which compares content: the first look at an
+    // unchanged file then does nothing.
     let policy_text = match &settings.policy {
         Some(file) => Some(
             std::fs::read_to_string(file).map_err(|e| StartError::Policy {
@@ -83,8 +94,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 errors,
             }
         })?,
+        // No `--policy`: the built-in default (record everything, redact credentials, decide
+        // nothing). An empty policy *file* is refused by `parse`; only its absence means this.
         None => PolicySpec::default(),
     };
+    // A policy that tags needs its signing key now: without it every decided response would
+    // fail to sign, so the start is refused instead.
     let keys = policy::load_keys(&initial, settings.tag_keys_dir.as_deref()).map_err(|errors| {
         StartError::Policy {
             file: settings
@@ -105,6 +120,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         metrics.policy.clone(),
     ));
 
+    // With Kafka the spool is a backlog of unsent records: when full it keeps what it holds and
+    // drops new records (Hold), and only the sender deletes, on acknowledgement. Without Kafka
+    // it is the sink itself, a rotating log whose oldest segment goes first (Rotate). Never
+    // both: two deleters would account for the same segments twice.
     let spool_config = SpoolConfig {
         dir: settings.spool.dir.clone(),
         max_bytes: settings.spool.max_bytes,
@@ -116,6 +135,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             SpoolMode::Rotate
         },
     };
+    // A spool written by a newer build (a rollback) gets its own error and exit code 65: the
+    // operator must decide, and skipping its segments as corrupt would drop their records.
     let spool_err = |source: std::io::Error| {
         let dir = settings.spool.dir.display().to_string();
         match NewerFormat::of(&source) {
@@ -128,10 +149,15 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     };
     let (mut spool, written) =
         SpoolWriter::open(spool_config, metrics.tee.spool.clone()).map_err(spool_err)?;
+    // Read before anything is written: segments below it are an earlier process's, and the
+    // sender counts what it sends from them as replayed.
     let first_live_segment = spool.first_segment();
 
     let kafka = match &settings.kafka {
         Some(kafka) => {
+            // The writer hands the sender what it has just written, so a sender that keeps up
+            // never reads the spool back; it must be set before the writer thread takes the
+            // spool.
             let handoff = Handoff::new(HANDOFF_BYTES);
             spool.set_handoff(handoff.clone());
             let sender = KafkaSender {
@@ -143,6 +169,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 first_live_segment,
                 handoff: Some(handoff),
             };
+            // A property librdkafka rejects is a settings error (exit 64) here, not a sender
+            // thread that fails after the proxy is already serving.
             sender.check_config().map_err(StartError::Kafka)?;
             let drain = CancellationToken::new();
             let thread = sender.spawn(drain.clone()).map_err(StartError::Thread)?;
@@ -164,6 +192,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     )
     .map_err(StartError::Thread)?;
 
+    // Ports last: every check that can refuse the start has passed, and the tee is running, so
+    // the first request accepted already has somewhere to put its record.
     let listener = server::bind(settings.listen, "data port")
         .await
         .map_err(StartError::Listen)?;
@@ -175,6 +205,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 
     let background = Background::default();
     let readiness = Arc::new(Readiness::default());
+    // Readiness starts false and only the probe sets it: the pod takes traffic once the model
+    // answers, whatever the tee or Kafka is doing.
     background.spawn(control::probe_upstream(
         settings.upstream.clone(),
         readiness.clone(),
@@ -203,12 +235,17 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         )
         .with_max_decided_response(settings.max_decided_response_bytes),
     );
+    // Once a second, off the request path: adaptive thresholds recomputed, limit windows moved
+    // on and their breach alerts sent.
     background.spawn(proxy.clone().run_upkeep());
     let limits = ListenerLimits::from_settings(&settings);
     let shutdown = CancellationToken::new();
     let triggered = shutdown.clone();
     let drain_delay = settings.drain_delay;
     let lifecycle = tokio::spawn(async move {
+        // Shutdown order: `/readyz` turns 503 at once, the listener stays open for
+        // `--drain-delay` while load balancers catch up, then closes; in-flight requests get
+        // `--shutdown-grace` inside `server::serve`.
         let stop_accepting = async {
             triggered.cancelled().await;
             readiness.begin_shutdown();
@@ -218,11 +255,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         // Returns once every connection is gone, cut or not: every record is queued by then.
         server::serve(listener, proxy, limits, stop_accepting).await;
         tracing::info!("listener closed; writing the tee queue to the spool");
+        // Closing the writer writes the queue to the spool and fsyncs it; it blocks, so it runs
+        // off the runtime's workers. Only then is the sender told to drain (its last 5 s), so
+        // it sees the last records; what it cannot deliver stays spooled for the next start.
         let _ = tokio::task::spawn_blocking(move || writer.close()).await;
         if let Some((thread, drain)) = kafka {
             drain.cancel();
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        // Last: the admin port, probes and reload watch live through the whole drain, so the
+        // kubelet's liveness probe keeps passing and `/metrics` shows the drain.
         background.stop().await;
         tracing::info!("shutdown complete");
     });
@@ -281,6 +323,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    // SIGINT too: Ctrl-C in a terminal drains like a pod's SIGTERM.
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),

@@ -13,17 +13,27 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
-use crate::config::settings::{KafkaSettings, Settings, DEFAULT_ALERTS_TOPIC, DEFAULT_TOPIC};
+use crate::config::settings::{
+    parse_duration_arg, KafkaSettings, Settings, DEFAULT_ALERTS_TOPIC, DEFAULT_TOPIC,
+};
 // The stand-in lives in `testing` (below every module); its old path here stays valid for the
 // binary, the integration tests and the benchmarks.
 pub use crate::testing::{v2_request, StandInModel};
 
 /// Options of `sluicegate demo`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct DemoOptions {
+    /// Send the tee to Kafka instead of the spool alone.
+    #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// How long to drive traffic.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     pub duration: Duration,
+    /// Requests per second.
+    #[arg(long, default_value_t = 200)]
     pub rate: u32,
+    /// Where the spool goes.
+    #[arg(long, default_value = "sluicegate-demo-spool")]
     pub spool_dir: PathBuf,
 }
 

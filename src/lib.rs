@@ -31,6 +31,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod decide;

@@ -19,6 +19,16 @@ use crate::tee::alert::{AlertEvent, ALERT_SCHEMA};
 use crate::tee::record::v1::{ErrorCode, LimitOutcome, Record};
 use source::Source;
 
+/// How the report is printed (`--format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// For people.
+    #[default]
+    Table,
+    /// For machines.
+    Json,
+}
+
 /// What to read and how to report.
 pub struct AuditOptions {
     pub predictions: Option<Source>,

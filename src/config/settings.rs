@@ -183,210 +183,234 @@ impl Default for Settings {
     }
 }
 
-/// The settings file as written: every key optional, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SettingsFile {
-    /// Data-plane listener address.
-    pub listen: Option<String>,
-    /// Admin listener address.
-    pub admin_listen: Option<String>,
-    /// Upstream model server URL.
-    pub upstream: Option<String>,
-    /// Upstream response-header timeout, e.g. `30s`.
-    pub upstream_timeout: Option<String>,
-    /// Upstream connect timeout, e.g. `2s`.
-    pub upstream_connect_timeout: Option<String>,
-    /// Longest pause inside an upstream response body, e.g. `60s`.
-    pub upstream_body_timeout: Option<String>,
-    /// `auto`, `http1` or `http2`.
-    pub upstream_protocol: Option<UpstreamProtocol>,
-    /// Readiness probe path on the upstream, e.g. `/v2/health/ready`.
-    pub upstream_ready_path: Option<String>,
-    /// HTTP/2 connections to the upstream at most.
-    pub upstream_h2_max_connections: Option<usize>,
-    /// Largest request body, e.g. `16MiB`.
-    pub max_request_body: Option<String>,
-    /// Largest response a deciding route reads whole, e.g. `16MiB`.
-    pub max_decided_response: Option<String>,
-    /// Largest tee record, e.g. `1MiB`.
-    pub max_record: Option<String>,
-    /// `rows` or `columns`.
-    pub record_decisions: Option<RecordDecisions>,
-    /// Header read timeout, e.g. `10s`.
-    pub header_read_timeout: Option<String>,
-    /// Longest pause inside a request body, e.g. `15s`.
-    pub client_body_timeout: Option<String>,
-    /// Client connections served at once.
-    pub max_connections: Option<usize>,
-    /// Streams open at once on one HTTP/2 client connection.
-    pub max_concurrent_streams: Option<u32>,
-    /// Delay between SIGTERM and closing the listener.
-    pub drain_delay: Option<String>,
-    /// Time in-flight requests get after the listener closes.
-    pub shutdown_grace: Option<String>,
-    /// Path of the policy file.
-    pub policy: Option<PathBuf>,
-    /// File with the admin API's bearer token.
-    pub admin_token_file: Option<PathBuf>,
-    /// Admin connections served at once.
-    pub admin_max_connections: Option<usize>,
-    /// Largest admin request body, e.g. `256KiB`.
-    pub admin_max_body: Option<String>,
-    /// Admin request head (and body) timeout, e.g. `5s`.
-    pub admin_header_timeout: Option<String>,
-    /// Directory of provenance tag keys.
-    pub tag_keys_dir: Option<PathBuf>,
-    /// Kafka connection.
-    pub kafka: Option<KafkaFile>,
-    /// Disk spool.
-    pub spool: Option<SpoolFile>,
+/// Declares one layer of settings (flags and environment, or the file: the same struct) and its
+/// [`Layer::over`], so that each setting is written once.
+macro_rules! layer {
+    ($(#[$meta:meta])* pub struct $name:ident {
+        $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)*
+    }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+        impl Layer for $name {
+            fn over(self, lower: Self) -> Self {
+                $name { $($field: self.$field.over(lower.$field),)* }
+            }
+        }
+    };
 }
 
-/// `kafka:` in the settings file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaFile {
-    /// Bootstrap brokers, comma-separated.
-    pub brokers: Option<String>,
-    /// Topic for request records.
-    pub topic: Option<String>,
-    /// Topic for limit alerts.
-    pub alerts_topic: Option<String>,
-    /// librdkafka properties passed through.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+/// A setting as one layer gives it: what this layer leaves unset, `lower` supplies.
+trait Layer {
+    fn over(self, lower: Self) -> Self;
 }
 
-/// `spool:` in the settings file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SpoolFile {
-    /// Spool directory.
-    pub dir: Option<PathBuf>,
-    /// Bound on total spool size, e.g. `1GiB`.
-    pub max_bytes: Option<String>,
-    /// Size at which a segment is closed, e.g. `16MiB`.
-    pub segment_bytes: Option<String>,
-    /// fsync interval, e.g. `1s`.
-    pub fsync_interval: Option<String>,
-    /// In-memory queue in front of the spool, in records.
-    pub queue_records: Option<usize>,
-    /// In-memory queue in front of the spool, in bytes, e.g. `64MiB`.
-    pub queue_bytes: Option<String>,
+impl<T> Layer for Option<T> {
+    fn over(self, lower: Self) -> Self {
+        self.or(lower)
+    }
 }
 
-/// Overrides from flags and environment variables (clap fills these).
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct SettingsArgs {
-    /// Settings file (YAML).
-    #[arg(long, env = "SLUICEGATE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Data-plane listen address [default: 0.0.0.0:8090].
-    #[arg(long, env = "SLUICEGATE_LISTEN")]
-    pub listen: Option<String>,
-    /// Admin listen address [default: 0.0.0.0:9901].
-    #[arg(long, env = "SLUICEGATE_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
-    /// Upstream model server, e.g. http://127.0.0.1:8080.
-    #[arg(long, env = "SLUICEGATE_UPSTREAM")]
-    pub upstream: Option<String>,
-    /// Upstream response-header timeout [default: 30s].
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_TIMEOUT")]
-    pub upstream_timeout: Option<String>,
-    /// Upstream connect timeout [default: 2s].
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT")]
-    pub upstream_connect_timeout: Option<String>,
-    /// Longest pause inside an upstream response body before it is cut [default: 60s].
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_BODY_TIMEOUT")]
-    pub upstream_body_timeout: Option<String>,
-    /// HTTP version to the upstream [default: auto].
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_PROTOCOL", value_enum)]
-    pub upstream_protocol: Option<UpstreamProtocol>,
-    /// Readiness probe path on the upstream (default: TCP connect).
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_READY_PATH")]
-    pub upstream_ready_path: Option<String>,
-    /// HTTP/2 connections to the upstream at most [default: 16].
-    #[arg(long, env = "SLUICEGATE_UPSTREAM_H2_MAX_CONNECTIONS")]
-    pub upstream_h2_max_connections: Option<usize>,
-    /// Largest request body accepted [default: 16MiB].
-    #[arg(long, env = "SLUICEGATE_MAX_REQUEST_BODY")]
-    pub max_request_body: Option<String>,
-    /// Largest response a deciding route reads whole and decides; a larger one passes
-    /// undecided [default: 16MiB].
-    #[arg(long, env = "SLUICEGATE_MAX_DECIDED_RESPONSE")]
-    pub max_decided_response: Option<String>,
-    /// Largest tee record [default: 1MiB].
-    #[arg(long, env = "SLUICEGATE_MAX_RECORD")]
-    pub max_record: Option<String>,
-    /// How records hold a decided batch's decisions: `rows`, one object per row, or `columns`,
-    /// compact, for large batches [default: rows].
-    #[arg(long, env = "SLUICEGATE_RECORD_DECISIONS", value_enum)]
-    pub record_decisions: Option<RecordDecisions>,
-    /// Header read timeout [default: 10s].
-    #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
-    pub header_read_timeout: Option<String>,
-    /// Longest pause inside a request body before 408 [default: 15s].
-    #[arg(long, env = "SLUICEGATE_CLIENT_BODY_TIMEOUT")]
-    pub client_body_timeout: Option<String>,
-    /// Client connections served at once [default: 4096].
-    #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Streams open at once on one HTTP/2 client connection [default: 100].
-    #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT_STREAMS")]
-    pub max_concurrent_streams: Option<u32>,
-    /// Delay between SIGTERM and closing the listener [default: 0s].
-    #[arg(long, env = "SLUICEGATE_DRAIN_DELAY")]
-    pub drain_delay: Option<String>,
-    /// Time in-flight requests get to finish at shutdown [default: 20s].
-    #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE")]
-    pub shutdown_grace: Option<String>,
-    /// Policy file (hot-reloaded).
-    #[arg(long, env = "SLUICEGATE_POLICY")]
-    pub policy: Option<PathBuf>,
-    /// File with the bearer token for /admin/* (unset: the admin API is off).
-    #[arg(long, env = "SLUICEGATE_ADMIN_TOKEN_FILE")]
-    pub admin_token_file: Option<PathBuf>,
-    /// Admin connections served at once [default: 64].
-    #[arg(long, env = "SLUICEGATE_ADMIN_MAX_CONNECTIONS")]
-    pub admin_max_connections: Option<usize>,
-    /// Largest PUT /admin/policy body [default: 256KiB].
-    #[arg(long, env = "SLUICEGATE_ADMIN_MAX_BODY")]
-    pub admin_max_body: Option<String>,
-    /// Time an admin connection gets to send its request head, and as long again for its body [default: 5s].
-    #[arg(long, env = "SLUICEGATE_ADMIN_HEADER_TIMEOUT")]
-    pub admin_header_timeout: Option<String>,
-    /// Directory of provenance tag keys, one file per key (a Secret mounted as a directory).
-    #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
-    pub tag_keys_dir: Option<PathBuf>,
-    /// Kafka bootstrap brokers; unset, the spool is the sink.
-    #[arg(long, env = "SLUICEGATE_KAFKA_BROKERS")]
-    pub kafka_brokers: Option<String>,
-    /// Kafka topic for records [default: sluicegate.records].
-    #[arg(long, env = "SLUICEGATE_KAFKA_TOPIC")]
-    pub kafka_topic: Option<String>,
-    /// Kafka topic for limit alerts [default: sluicegate.alerts].
-    #[arg(long, env = "SLUICEGATE_KAFKA_ALERTS_TOPIC")]
-    pub kafka_alerts_topic: Option<String>,
-    /// A librdkafka property KEY=VALUE (repeatable; env: comma-separated).
-    #[arg(
-        long = "kafka-property",
-        env = "SLUICEGATE_KAFKA_PROPERTIES",
-        value_delimiter = ','
-    )]
-    pub kafka_properties: Vec<String>,
-    /// Spool directory [default: ./sluicegate-spool].
-    #[arg(long, env = "SLUICEGATE_SPOOL_DIR")]
-    pub spool_dir: Option<PathBuf>,
-    /// Bound on total spool size [default: 1GiB].
-    #[arg(long, env = "SLUICEGATE_SPOOL_MAX_BYTES")]
-    pub spool_max_bytes: Option<String>,
-    /// Spool segment size [default: 16MiB].
-    #[arg(long, env = "SLUICEGATE_SPOOL_SEGMENT_BYTES")]
-    pub spool_segment_bytes: Option<String>,
-    /// Spool fsync interval [default: 1s].
-    #[arg(long, env = "SLUICEGATE_SPOOL_FSYNC_INTERVAL")]
-    pub spool_fsync_interval: Option<String>,
+/// A list given at a layer replaces the lower one whole (each list has one source today).
+impl<T> Layer for Vec<T> {
+    fn over(self, lower: Self) -> Self {
+        if self.is_empty() {
+            lower
+        } else {
+            self
+        }
+    }
+}
+
+impl<K, V> Layer for BTreeMap<K, V> {
+    fn over(self, lower: Self) -> Self {
+        if self.is_empty() {
+            lower
+        } else {
+            self
+        }
+    }
+}
+
+layer! {
+    /// Every setting as flags and environment variables give it (clap fills these) and as the
+    /// settings file writes it (serde): every key optional, unknown keys refused.
+    #[derive(Clone, Debug, Default, clap::Args, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SettingsArgs {
+        /// Settings file (YAML).
+        #[arg(long, env = "SLUICEGATE_CONFIG")]
+        #[serde(skip)]
+        pub config: Option<PathBuf>,
+        /// Data-plane listen address [default: 0.0.0.0:8090].
+        #[arg(long, env = "SLUICEGATE_LISTEN")]
+        pub listen: Option<String>,
+        /// Admin listen address [default: 0.0.0.0:9901].
+        #[arg(long, env = "SLUICEGATE_ADMIN_LISTEN")]
+        pub admin_listen: Option<String>,
+        /// Upstream model server, e.g. http://127.0.0.1:8080.
+        #[arg(long, env = "SLUICEGATE_UPSTREAM")]
+        pub upstream: Option<String>,
+        /// Upstream response-header timeout [default: 30s].
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_TIMEOUT")]
+        pub upstream_timeout: Option<String>,
+        /// Upstream connect timeout [default: 2s].
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_CONNECT_TIMEOUT")]
+        pub upstream_connect_timeout: Option<String>,
+        /// Longest pause inside an upstream response body before it is cut [default: 60s].
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_BODY_TIMEOUT")]
+        pub upstream_body_timeout: Option<String>,
+        /// HTTP version to the upstream [default: auto].
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_PROTOCOL", value_enum)]
+        pub upstream_protocol: Option<UpstreamProtocol>,
+        /// Readiness probe path on the upstream (default: TCP connect).
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_READY_PATH")]
+        pub upstream_ready_path: Option<String>,
+        /// HTTP/2 connections to the upstream at most [default: 16].
+        #[arg(long, env = "SLUICEGATE_UPSTREAM_H2_MAX_CONNECTIONS")]
+        pub upstream_h2_max_connections: Option<usize>,
+        /// Largest request body accepted [default: 16MiB].
+        #[arg(long, env = "SLUICEGATE_MAX_REQUEST_BODY")]
+        pub max_request_body: Option<String>,
+        /// Largest response a deciding route reads whole and decides; a larger one passes
+        /// undecided [default: 16MiB].
+        #[arg(long, env = "SLUICEGATE_MAX_DECIDED_RESPONSE")]
+        pub max_decided_response: Option<String>,
+        /// Largest tee record [default: 1MiB].
+        #[arg(long, env = "SLUICEGATE_MAX_RECORD")]
+        pub max_record: Option<String>,
+        /// How records hold a decided batch's decisions: `rows`, one object per row, or `columns`,
+        /// compact, for large batches [default: rows].
+        #[arg(long, env = "SLUICEGATE_RECORD_DECISIONS", value_enum)]
+        pub record_decisions: Option<RecordDecisions>,
+        /// Header read timeout [default: 10s].
+        #[arg(long, env = "SLUICEGATE_HEADER_READ_TIMEOUT")]
+        pub header_read_timeout: Option<String>,
+        /// Longest pause inside a request body before 408 [default: 15s].
+        #[arg(long, env = "SLUICEGATE_CLIENT_BODY_TIMEOUT")]
+        pub client_body_timeout: Option<String>,
+        /// Client connections served at once [default: 4096].
+        #[arg(long, env = "SLUICEGATE_MAX_CONNECTIONS")]
+        pub max_connections: Option<usize>,
+        /// Streams open at once on one HTTP/2 client connection [default: 100].
+        #[arg(long, env = "SLUICEGATE_MAX_CONCURRENT_STREAMS")]
+        pub max_concurrent_streams: Option<u32>,
+        /// Delay between SIGTERM and closing the listener [default: 0s].
+        #[arg(long, env = "SLUICEGATE_DRAIN_DELAY")]
+        pub drain_delay: Option<String>,
+        /// Time in-flight requests get to finish at shutdown [default: 20s].
+        #[arg(long, env = "SLUICEGATE_SHUTDOWN_GRACE")]
+        pub shutdown_grace: Option<String>,
+        /// Policy file (hot-reloaded).
+        #[arg(long, env = "SLUICEGATE_POLICY")]
+        pub policy: Option<PathBuf>,
+        /// File with the bearer token for /admin/* (unset: the admin API is off).
+        #[arg(long, env = "SLUICEGATE_ADMIN_TOKEN_FILE")]
+        pub admin_token_file: Option<PathBuf>,
+        /// Admin connections served at once [default: 64].
+        #[arg(long, env = "SLUICEGATE_ADMIN_MAX_CONNECTIONS")]
+        pub admin_max_connections: Option<usize>,
+        /// Largest PUT /admin/policy body [default: 256KiB].
+        #[arg(long, env = "SLUICEGATE_ADMIN_MAX_BODY")]
+        pub admin_max_body: Option<String>,
+        /// Time an admin connection gets to send its request head, and as long again for its body [default: 5s].
+        #[arg(long, env = "SLUICEGATE_ADMIN_HEADER_TIMEOUT")]
+        pub admin_header_timeout: Option<String>,
+        /// Directory of provenance tag keys, one file per key (a Secret mounted as a directory).
+        #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
+        pub tag_keys_dir: Option<PathBuf>,
+        /// `kafka:` in the file, `--kafka-*` as flags.
+        #[command(flatten)]
+        #[serde(default, deserialize_with = "null_as_default")]
+        pub kafka: KafkaArgs,
+        /// `spool:` in the file, `--spool-*` as flags.
+        #[command(flatten)]
+        #[serde(default, deserialize_with = "null_as_default")]
+        pub spool: SpoolArgs,
+    }
+}
+
+layer! {
+    /// The Kafka settings: `kafka.KEY` in the file, `--kafka-KEY` as a flag.
+    #[derive(Clone, Debug, Default, clap::Args, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct KafkaArgs {
+        /// Kafka bootstrap brokers; unset, the spool is the sink.
+        #[arg(long = "kafka-brokers", value_name = "KAFKA_BROKERS", env = "SLUICEGATE_KAFKA_BROKERS")]
+        pub brokers: Option<String>,
+        /// Kafka topic for records [default: sluicegate.records].
+        #[arg(long = "kafka-topic", value_name = "KAFKA_TOPIC", env = "SLUICEGATE_KAFKA_TOPIC")]
+        pub topic: Option<String>,
+        /// Kafka topic for limit alerts [default: sluicegate.alerts].
+        #[arg(
+            long = "kafka-alerts-topic",
+            value_name = "KAFKA_ALERTS_TOPIC",
+            env = "SLUICEGATE_KAFKA_ALERTS_TOPIC"
+        )]
+        pub alerts_topic: Option<String>,
+        /// librdkafka properties as the file writes them (a map).
+        #[arg(skip)]
+        #[serde(default)]
+        pub properties: BTreeMap<String, String>,
+        /// A librdkafka property KEY=VALUE (repeatable; env: comma-separated).
+        #[arg(
+            long = "kafka-property",
+            value_name = "KAFKA_PROPERTIES",
+            env = "SLUICEGATE_KAFKA_PROPERTIES",
+            value_delimiter = ','
+        )]
+        #[serde(skip)]
+        pub property_args: Vec<String>,
+    }
+}
+
+layer! {
+    /// The spool settings: `spool.KEY` in the file, `--spool-KEY` as a flag (the queue's bounds
+    /// are in the file only).
+    #[derive(Clone, Debug, Default, clap::Args, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SpoolArgs {
+        /// Spool directory [default: ./sluicegate-spool].
+        #[arg(long = "spool-dir", value_name = "SPOOL_DIR", env = "SLUICEGATE_SPOOL_DIR")]
+        pub dir: Option<PathBuf>,
+        /// Bound on total spool size [default: 1GiB].
+        #[arg(
+            long = "spool-max-bytes",
+            value_name = "SPOOL_MAX_BYTES",
+            env = "SLUICEGATE_SPOOL_MAX_BYTES"
+        )]
+        pub max_bytes: Option<String>,
+        /// Spool segment size [default: 16MiB].
+        #[arg(
+            long = "spool-segment-bytes",
+            value_name = "SPOOL_SEGMENT_BYTES",
+            env = "SLUICEGATE_SPOOL_SEGMENT_BYTES"
+        )]
+        pub segment_bytes: Option<String>,
+        /// Spool fsync interval [default: 1s].
+        #[arg(
+            long = "spool-fsync-interval",
+            value_name = "SPOOL_FSYNC_INTERVAL",
+            env = "SLUICEGATE_SPOOL_FSYNC_INTERVAL"
+        )]
+        pub fsync_interval: Option<String>,
+        /// In-memory queue in front of the spool, in records.
+        #[arg(skip)]
+        pub queue_records: Option<usize>,
+        /// In-memory queue in front of the spool, in bytes, e.g. `64MiB`.
+        #[arg(skip)]
+        pub queue_bytes: Option<String>,
+    }
+}
+
+/// `kafka:` or `spool:` written with nothing after it reads as an empty section.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 /// A settings problem, named precisely enough to fix.
@@ -403,306 +427,255 @@ pub enum SettingsError {
     Invalid(Vec<String>),
 }
 
+/// A setting's value with its key (the file's name for it, which errors use):
+/// `key!(self.listen)`, `key!(spool: self.max_bytes)` for `spool.max_bytes`.
+macro_rules! key {
+    ($layer:ident . $field:ident) => {
+        (stringify!($field), $layer.$field)
+    };
+    ($section:ident : $layer:ident . $field:ident) => {
+        (
+            concat!(stringify!($section), ".", stringify!($field)),
+            $layer.$field,
+        )
+    };
+}
+
 impl SettingsArgs {
-    /// Builds the settings: defaults, then the file, then flags and environment.
+    /// Builds the settings: each key from its flag, else its variable (clap has merged those
+    /// two), else the file, else the default.
     pub fn resolve(&self) -> Result<Settings, SettingsError> {
         let file = match &self.config {
             Some(path) => read_file(path)?,
-            None => SettingsFile::default(),
+            None => SettingsArgs::default(),
         };
-        let mut errors = Vec::new();
-        let settings = self.merge(file, &mut errors);
-        if errors.is_empty() {
+        let mut problems = Problems(Vec::new());
+        let settings = self.clone().over(file).settings(&mut problems);
+        if problems.0.is_empty() {
             Ok(settings)
         } else {
-            Err(SettingsError::Invalid(errors))
+            Err(SettingsError::Invalid(problems.0))
         }
     }
 
-    fn merge(&self, file: SettingsFile, errors: &mut Vec<String>) -> Settings {
+    /// Parses and checks the merged layers over the defaults.
+    fn settings(self, p: &mut Problems) -> Settings {
         let mut s = Settings::default();
-        // Each key: the flag (or its variable) if set, else the file's value, else the default.
-        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
-        if let Some(v) = pick(&self.listen, file.listen) {
-            set_parsed(&mut s.listen, "listen", &v, |v| v.parse().ok(), errors);
-        }
-        if let Some(v) = pick(&self.admin_listen, file.admin_listen) {
-            set_parsed(
-                &mut s.admin_listen,
-                "admin_listen",
-                &v,
-                |v| v.parse().ok(),
-                errors,
-            );
-        }
-        if let Some(v) = pick(&self.upstream, file.upstream) {
+        let addr = |v: &str| v.parse().ok();
+        p.parse(&mut s.listen, key!(self.listen), addr);
+        p.parse(&mut s.admin_listen, key!(self.admin_listen), addr);
+        if let Some(v) = self.upstream {
             match parse_upstream(&v) {
                 Ok(a) => s.upstream.authority = a,
-                Err(e) => errors.push(format!("upstream: {e}")),
+                Err(e) => p.0.push(format!("upstream: {e}")),
             }
         }
-        let durations: [(&str, &Option<String>, Option<String>, &mut Duration); 8] = [
-            (
-                "upstream_timeout",
-                &self.upstream_timeout,
-                file.upstream_timeout,
-                &mut s.upstream.timeout,
-            ),
-            (
-                "upstream_connect_timeout",
-                &self.upstream_connect_timeout,
-                file.upstream_connect_timeout,
-                &mut s.upstream.connect_timeout,
-            ),
-            (
-                "upstream_body_timeout",
-                &self.upstream_body_timeout,
-                file.upstream_body_timeout,
-                &mut s.upstream.body_timeout,
-            ),
-            (
-                "header_read_timeout",
-                &self.header_read_timeout,
-                file.header_read_timeout,
-                &mut s.header_read_timeout,
-            ),
-            (
-                "admin_header_timeout",
-                &self.admin_header_timeout,
-                file.admin_header_timeout,
-                &mut s.admin_header_timeout,
-            ),
-            (
-                "client_body_timeout",
-                &self.client_body_timeout,
-                file.client_body_timeout,
-                &mut s.client_body_timeout,
-            ),
-            (
-                "drain_delay",
-                &self.drain_delay,
-                file.drain_delay,
-                &mut s.drain_delay,
-            ),
-            (
-                "shutdown_grace",
-                &self.shutdown_grace,
-                file.shutdown_grace,
-                &mut s.shutdown_grace,
-            ),
-        ];
-        for (key, flag, from_file, slot) in durations {
-            if let Some(v) = pick(flag, from_file) {
-                set_parsed(slot, key, &v, parse_duration, errors);
-            }
+        let up = &mut s.upstream;
+        for (slot, setting) in [
+            (&mut up.timeout, key!(self.upstream_timeout)),
+            (&mut up.connect_timeout, key!(self.upstream_connect_timeout)),
+            (&mut up.body_timeout, key!(self.upstream_body_timeout)),
+            (&mut s.header_read_timeout, key!(self.header_read_timeout)),
+            (&mut s.admin_header_timeout, key!(self.admin_header_timeout)),
+            (&mut s.client_body_timeout, key!(self.client_body_timeout)),
+            (&mut s.drain_delay, key!(self.drain_delay)),
+            (&mut s.shutdown_grace, key!(self.shutdown_grace)),
+        ] {
+            p.parse(slot, setting, parse_duration);
         }
         for (key, timeout) in [
             ("client_body_timeout", s.client_body_timeout),
             ("upstream_body_timeout", s.upstream.body_timeout),
             ("admin_header_timeout", s.admin_header_timeout),
         ] {
-            if timeout.is_zero() {
-                errors.push(format!("{key}: must be more than 0s"));
-            }
+            p.check(!timeout.is_zero(), || {
+                format!("{key}: must be more than 0s")
+            });
         }
-        if let Some(n) = self.max_connections.or(file.max_connections) {
-            if n == 0 {
-                errors.push("max_connections: must be at least 1".into());
-            }
-            s.max_connections = n;
+        p.count(&mut s.max_connections, key!(self.max_connections));
+        p.count(
+            &mut s.admin_max_connections,
+            key!(self.admin_max_connections),
+        );
+        p.parse(
+            &mut s.admin_max_body_bytes,
+            key!(self.admin_max_body),
+            parse_bytes,
+        );
+        p.count(
+            &mut s.max_concurrent_streams,
+            key!(self.max_concurrent_streams),
+        );
+        let h2 = key!(self.upstream_h2_max_connections);
+        p.count(&mut s.upstream.h2_max_connections, h2);
+        s.upstream.protocol = self.upstream_protocol.unwrap_or(s.upstream.protocol);
+        s.upstream.ready_path = self.upstream_ready_path;
+        if let Some(path) = &s.upstream.ready_path {
+            p.check(path.starts_with('/'), || {
+                format!("upstream_ready_path: {path:?} must start with '/'")
+            });
         }
-        if let Some(n) = self.admin_max_connections.or(file.admin_max_connections) {
-            if n == 0 {
-                errors.push("admin_max_connections: must be at least 1".into());
-            }
-            s.admin_max_connections = n;
-        }
-        if let Some(v) = pick(&self.admin_max_body, file.admin_max_body) {
-            set_parsed(
-                &mut s.admin_max_body_bytes,
-                "admin_max_body",
-                &v,
-                parse_bytes,
-                errors,
-            );
-        }
-        if let Some(n) = self.max_concurrent_streams.or(file.max_concurrent_streams) {
-            if n == 0 {
-                errors.push("max_concurrent_streams: must be at least 1".into());
-            }
-            s.max_concurrent_streams = n;
-        }
-        if let Some(n) = self
-            .upstream_h2_max_connections
-            .or(file.upstream_h2_max_connections)
-        {
-            if n == 0 {
-                errors.push("upstream_h2_max_connections: must be at least 1".into());
-            }
-            s.upstream.h2_max_connections = n;
-        }
-        if let Some(p) = self.upstream_protocol.or(file.upstream_protocol) {
-            s.upstream.protocol = p;
-        }
-        s.upstream.ready_path = pick(&self.upstream_ready_path, file.upstream_ready_path);
-        if let Some(p) = &s.upstream.ready_path {
-            if !p.starts_with('/') {
-                errors.push(format!("upstream_ready_path: {p:?} must start with '/'"));
-            }
-        }
-        if let Some(v) = pick(&self.max_request_body, file.max_request_body) {
-            set_parsed(
-                &mut s.max_request_body_bytes,
-                "max_request_body",
-                &v,
-                parse_bytes,
-                errors,
-            );
-        }
-        if let Some(v) = pick(&self.max_decided_response, file.max_decided_response) {
-            set_parsed(
-                &mut s.max_decided_response_bytes,
-                "max_decided_response",
-                &v,
-                parse_bytes,
-                errors,
-            );
+        p.parse(
+            &mut s.max_request_body_bytes,
+            key!(self.max_request_body),
+            parse_bytes,
+        );
+        if self.max_decided_response.is_some() {
+            let setting = key!(self.max_decided_response);
+            p.parse(&mut s.max_decided_response_bytes, setting, parse_bytes);
             // Zero would leave every deciding route undecided, silently.
-            if s.max_decided_response_bytes == 0 {
-                errors.push("max_decided_response: must be at least 1 byte".into());
-            }
+            p.check(s.max_decided_response_bytes != 0, || {
+                "max_decided_response: must be at least 1 byte".into()
+            });
         }
-        if let Some(v) = pick(&self.max_record, file.max_record) {
-            set_parsed(
-                &mut s.max_record_bytes,
-                "max_record",
-                &v,
-                parse_bytes,
-                errors,
-            );
-        }
-        if let Some(form) = self.record_decisions.or(file.record_decisions) {
-            s.record_decisions = form;
-        }
-        if s.max_record_bytes < 4096 {
-            errors.push("max_record: must be at least 4KiB".into());
-        }
-        s.policy = self.policy.clone().or(file.policy);
-        s.admin_token_file = self.admin_token_file.clone().or(file.admin_token_file);
-        s.tag_keys_dir = self.tag_keys_dir.clone().or(file.tag_keys_dir);
-
-        let spool = file.spool.unwrap_or_default();
-        if let Some(d) = self.spool_dir.clone().or(spool.dir) {
-            s.spool.dir = d;
-        }
-        let sizes: [(&str, &Option<String>, Option<String>, &mut u64); 2] = [
-            (
-                "spool.max_bytes",
-                &self.spool_max_bytes,
-                spool.max_bytes,
-                &mut s.spool.max_bytes,
-            ),
-            (
-                "spool.segment_bytes",
-                &self.spool_segment_bytes,
-                spool.segment_bytes,
-                &mut s.spool.segment_bytes,
-            ),
-        ];
-        for (key, flag, from_file, slot) in sizes {
-            if let Some(v) = pick(flag, from_file) {
-                set_parsed(slot, key, &v, parse_bytes, errors);
-            }
-        }
-        if let Some(v) = pick(&self.spool_fsync_interval, spool.fsync_interval) {
-            set_parsed(
-                &mut s.spool.fsync_interval,
-                "spool.fsync_interval",
-                &v,
-                parse_duration,
-                errors,
-            );
-        }
-        if let Some(n) = spool.queue_records {
-            s.spool.queue_records = n;
-        }
-        if let Some(v) = spool.queue_bytes {
-            let mut b = s.spool.queue_bytes as u64;
-            set_parsed(&mut b, "spool.queue_bytes", &v, parse_bytes, errors);
-            s.spool.queue_bytes = usize::try_from(b).unwrap_or(usize::MAX);
-        }
-        if s.spool.queue_records == 0 {
-            errors.push("spool.queue_records: must be at least 1".into());
-        }
-        if s.spool.segment_bytes < s.max_record_bytes {
-            errors.push(format!(
-                "spool.segment_bytes: {} is below max_record ({}); a segment must hold a record",
-                s.spool.segment_bytes, s.max_record_bytes
-            ));
-        }
-        if s.spool.max_bytes < 2 * s.spool.segment_bytes {
-            errors.push(format!(
-                "spool.max_bytes: {} must be at least two segments ({})",
-                s.spool.max_bytes,
-                2 * s.spool.segment_bytes
-            ));
-        }
-
-        let kafka = file.kafka.unwrap_or_default();
-        let mut properties = kafka.properties;
-        for kv in &self.kafka_properties {
-            match kv.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => {
-                    properties.insert(k.trim().to_string(), v.trim().to_string());
-                }
-                _ => errors.push(format!("kafka-property: {kv:?} is not KEY=VALUE")),
-            }
-        }
-        let brokers = self.kafka_brokers.clone().or(kafka.brokers);
-        s.kafka = match brokers.filter(|b| !b.trim().is_empty()) {
-            Some(brokers) => Some(KafkaSettings {
-                brokers,
-                topic: pick(&self.kafka_topic, kafka.topic).unwrap_or(DEFAULT_TOPIC.into()),
-                alerts_topic: pick(&self.kafka_alerts_topic, kafka.alerts_topic)
-                    .unwrap_or(DEFAULT_ALERTS_TOPIC.into()),
-                properties,
-            }),
-            None => {
-                if !properties.is_empty() {
-                    errors.push("kafka properties are set but no kafka brokers".into());
-                }
-                None
-            }
-        };
+        p.parse(&mut s.max_record_bytes, key!(self.max_record), parse_bytes);
+        s.record_decisions = self.record_decisions.unwrap_or(s.record_decisions);
+        p.check(s.max_record_bytes >= 4096, || {
+            "max_record: must be at least 4KiB".into()
+        });
+        s.policy = self.policy;
+        s.admin_token_file = self.admin_token_file;
+        s.tag_keys_dir = self.tag_keys_dir;
+        self.spool.apply(&mut s.spool, s.max_record_bytes, p);
+        s.kafka = self.kafka.settings(p);
         s
     }
 }
 
-fn read_file(path: &Path) -> Result<SettingsFile, SettingsError> {
+impl SpoolArgs {
+    fn apply(self, s: &mut SpoolSettings, max_record_bytes: u64, p: &mut Problems) {
+        if let Some(dir) = self.dir {
+            s.dir = dir;
+        }
+        p.parse(&mut s.max_bytes, key!(spool: self.max_bytes), parse_bytes);
+        p.parse(
+            &mut s.segment_bytes,
+            key!(spool: self.segment_bytes),
+            parse_bytes,
+        );
+        let fsync = key!(spool: self.fsync_interval);
+        p.parse(&mut s.fsync_interval, fsync, parse_duration);
+        s.queue_records = self.queue_records.unwrap_or(s.queue_records);
+        let mut queue_bytes = s.queue_bytes as u64;
+        p.parse(&mut queue_bytes, key!(spool: self.queue_bytes), parse_bytes);
+        s.queue_bytes = usize::try_from(queue_bytes).unwrap_or(usize::MAX);
+        p.check(s.queue_records != 0, || {
+            "spool.queue_records: must be at least 1".into()
+        });
+        p.check(s.segment_bytes >= max_record_bytes, || {
+            format!(
+                "spool.segment_bytes: {} is below max_record ({max_record_bytes}); a segment must hold a record",
+                s.segment_bytes
+            )
+        });
+        p.check(s.max_bytes >= 2 * s.segment_bytes, || {
+            format!(
+                "spool.max_bytes: {} must be at least two segments ({})",
+                s.max_bytes,
+                2 * s.segment_bytes
+            )
+        });
+    }
+}
+
+impl KafkaArgs {
+    /// `None` without brokers: the spool is the sink.
+    fn settings(self, p: &mut Problems) -> Option<KafkaSettings> {
+        // The file's properties, then each flag's (or the variable's) over them.
+        let mut properties = self.properties;
+        for kv in &self.property_args {
+            match parse_key_value(kv) {
+                Some((k, v)) => {
+                    properties.insert(k.to_owned(), v.to_owned());
+                }
+                None => p.0.push(format!("kafka-property: {kv:?} is not KEY=VALUE")),
+            }
+        }
+        match self.brokers.filter(|b| !b.trim().is_empty()) {
+            Some(brokers) => Some(KafkaSettings {
+                brokers,
+                topic: self.topic.unwrap_or(DEFAULT_TOPIC.into()),
+                alerts_topic: self.alerts_topic.unwrap_or(DEFAULT_ALERTS_TOPIC.into()),
+                properties,
+            }),
+            None => {
+                p.check(properties.is_empty(), || {
+                    "kafka properties are set but no kafka brokers".into()
+                });
+                None
+            }
+        }
+    }
+}
+
+/// Every problem found while resolving, in the order of the keys.
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// Parses a given value into `slot`, or names the key and the value that did not parse.
+    fn parse<T>(
+        &mut self,
+        slot: &mut T,
+        (key, value): (&str, Option<String>),
+        parse: impl Fn(&str) -> Option<T>,
+    ) {
+        if let Some(value) = value {
+            match parse(&value) {
+                Some(v) => *slot = v,
+                None => self.0.push(format!("{key}: cannot parse {value:?}")),
+            }
+        }
+    }
+
+    /// A given count into `slot`; zero is refused.
+    fn count<T: Copy + Default + PartialEq>(
+        &mut self,
+        slot: &mut T,
+        (key, value): (&str, Option<T>),
+    ) {
+        if let Some(n) = value {
+            self.check(n != T::default(), || format!("{key}: must be at least 1"));
+            *slot = n;
+        }
+    }
+
+    fn check(&mut self, ok: bool, problem: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(problem());
+        }
+    }
+}
+
+/// Splits `KEY=VALUE` at the first `=`, both sides trimmed; `None` without an `=` or a key.
+/// Every `KEY=VALUE` flag reads through it.
+pub fn parse_key_value(kv: &str) -> Option<(&str, &str)> {
+    let (k, v) = kv.split_once('=')?;
+    let k = k.trim();
+    (!k.is_empty()).then_some((k, v.trim()))
+}
+
+/// `parse_bytes` for a clap flag.
+pub fn parse_bytes_arg(s: &str) -> Result<u64, String> {
+    parse_bytes(s).ok_or_else(|| format!("not a size: {s:?}"))
+}
+
+/// `parse_duration` for a clap flag.
+pub fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("not a duration: {s:?}"))
+}
+
+fn read_file(path: &Path) -> Result<SettingsArgs, SettingsError> {
     let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
         path: path.to_owned(),
         source,
     })?;
     if text.trim().is_empty() {
-        return Ok(SettingsFile::default());
+        return Ok(SettingsArgs::default());
     }
     serde_yaml_ng::from_str(&text).map_err(|e| SettingsError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
     })
-}
-
-fn set_parsed<T>(
-    slot: &mut T,
-    key: &str,
-    value: &str,
-    parse: impl Fn(&str) -> Option<T>,
-    errors: &mut Vec<String>,
-) {
-    match parse(value) {
-        Some(v) => *slot = v,
-        None => errors.push(format!("{key}: cannot parse {value:?}")),
-    }
 }
 
 /// Accepts `http://host:port` (a trailing `/` is fine); anything else is an error with a reason.
@@ -766,7 +739,7 @@ mod tests {
         let s = args(|a| {
             a.config = Some(path.clone());
             a.listen = Some("127.0.0.1:2".into());
-            a.kafka_properties = vec!["acks=1".into()];
+            a.kafka.property_args = vec!["acks=1".into()];
         })
         .resolve()
         .unwrap();
@@ -850,6 +823,48 @@ mod tests {
                 .to_string();
             assert!(err.contains("max_decided_response"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_files_sections_may_be_empty_or_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(&path, "kafka:\nspool:\n").unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        assert!(s.kafka.is_none());
+        assert_eq!(s.spool, Settings::default().spool);
+
+        let text = "kafka: {brokers: k:9092}\nspool: {queue_records: 7, queue_bytes: 1MiB}\n";
+        std::fs::write(&path, text).unwrap();
+        let s = args(|a| {
+            a.config = Some(path.clone());
+            a.spool.dir = Some("flagged".into());
+        })
+        .resolve()
+        .unwrap();
+        let kafka = s.kafka.unwrap();
+        assert_eq!(kafka.topic, DEFAULT_TOPIC);
+        assert!(kafka.properties.is_empty());
+        assert_eq!(s.spool.queue_records, 7, "a key the file alone sets");
+        assert_eq!(s.spool.queue_bytes, 1 << 20);
+        assert_eq!(s.spool.dir, PathBuf::from("flagged"));
+    }
+
+    #[test]
+    fn key_value_pairs_are_trimmed_and_need_a_key() {
+        assert_eq!(parse_key_value(" acks = all "), Some(("acks", "all")));
+        assert_eq!(parse_key_value("a=b=c"), Some(("a", "b=c")));
+        assert_eq!(parse_key_value("a="), Some(("a", "")));
+        assert_eq!(parse_key_value("=b"), None);
+        assert_eq!(parse_key_value("ab"), None);
+        let err = args(|a| a.kafka.property_args = vec!["=b".into()])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("kafka-property: \"=b\" is not KEY=VALUE"),
+            "{err}"
+        );
     }
 
     #[test]

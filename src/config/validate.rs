@@ -1,6 +1,12 @@
 //! Reading and validating a policy file: every error in one pass, each with its key path
 //! (`routes.spam.limits[0].max_fraction: must be in (0, 1]`), so an operator fixes them all
 //! at once; a policy with any error is refused whole.
+//!
+//! Two passes: `structure` reads the YAML part by part into the typed policy, collecting
+//! shape errors (unknown keys, wrong types) without stopping; `check` then runs the semantic
+//! checks on every part that was read. A guardrail that is written but cannot take effect — a
+//! redaction that matches no header, a limit on an action the route never takes — is an error
+//! here, never a silent no-op: from the outside it would look like a guardrail in force.
 
 use std::collections::HashSet;
 
@@ -69,6 +75,7 @@ pub fn parse(text: &str, max_record_bytes: u64) -> Result<PolicySpec, PolicyErro
     let value: Value = match serde_yaml_ng::from_str(text) {
         Ok(v) => v,
         Err(e) => {
+            // Nothing below can be located without a parse tree: this one error is all there is.
             errors.add("", format!("not valid YAML: {e}"));
             return Err(PolicyErrors(errors.0));
         }
@@ -80,6 +87,7 @@ pub fn parse(text: &str, max_record_bytes: u64) -> Result<PolicySpec, PolicyErro
         );
         return Err(PolicyErrors(errors.0));
     }
+    // `check` runs even after shape errors, on what did parse, so one pass reports both kinds.
     let policy = structure(&value, &mut errors);
     check(&policy, max_record_bytes, &mut errors);
     if errors.0.is_empty() {
@@ -111,6 +119,8 @@ fn part<T: DeserializeOwned>(value: &Value, path: &str, errors: &mut Errors) -> 
             return None;
         }
     };
+    // serde_path_to_error names the key inside the part; joined to `path` it gives the full
+    // key path the operator searches the file for (`[i]` glued on, `.key` dotted).
     match serde_path_to_error::deserialize::<_, T>(json) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -137,6 +147,9 @@ fn mapping<'a>(
         errors.add(path, "expected a mapping");
         return None;
     };
+    // Unknown keys are errors, not ignored: a typo (`mtach`, `max_fracton`) would otherwise
+    // leave that setting at its default, and for a limit or a redaction that means off. The
+    // mapping is still returned, so its known keys are checked too.
     for key in map.keys() {
         match key.as_str() {
             Some(k) if allowed.contains(&k) => {}
@@ -178,6 +191,8 @@ fn structure(value: &Value, errors: &mut Errors) -> PolicySpec {
     if let Some(c) = get("consumers").and_then(|v| part::<ConsumersSpec>(v, "consumers", errors)) {
         policy.consumers = c;
     }
+    // `tagging:` left empty means no tagging, as does its absence, so a commented-out body
+    // does not turn into an error.
     if let Some(v) = get("tagging").filter(|v| !v.is_null()) {
         policy.tagging = part::<Tagging>(v, "tagging", errors);
     }
@@ -226,6 +241,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
         }
         v
     };
+    // The protocol is required, never guessed from the body: the same JSON can be read as more
+    // than one protocol, and a guess that changes with the model's output changes decisions.
     let matcher = required("match", errors)
         .and_then(|v| part::<RouteMatch>(v, &join(&path, "match"), errors));
     let protocol = required("protocol", errors)
@@ -254,6 +271,8 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
     let exploration =
         get("exploration").map(|v| part::<ExplorationSpec>(v, &join(&path, "exploration"), errors));
     let tag_field = get("tag_field").map(|v| part::<String>(v, &join(&path, "tag_field"), errors));
+    // A route with any error is left out whole: checking a half-read route would report
+    // follow-on errors (e.g. a missing score) for parts that already failed.
     if errors.0.len() > before {
         return None;
     }
@@ -276,12 +295,15 @@ fn check(policy: &PolicySpec, max_record_bytes: u64, errors: &mut Errors) {
     if !(0.0..=1.0).contains(&tee.sample_rate) {
         errors.add("tee.sample_rate", "must be in [0, 1]");
     }
+    // A body cap above the largest record promises bodies the record can never hold.
     if tee.body_cap_bytes > max_record_bytes {
         errors.add(
             "tee.body_cap_bytes",
             format!("{} is above the largest record ({max_record_bytes} bytes, the settings' max_record)", tee.body_cap_bytes),
         );
     }
+    // A redaction that can never match (not a header name, not a JSON pointer) would leave the
+    // field it meant to hide in every record.
     for (i, h) in tee.redact_headers.iter().enumerate() {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
             errors.add(
@@ -311,6 +333,8 @@ fn check(policy: &PolicySpec, max_record_bytes: u64, errors: &mut Errors) {
             format!("{:?} is not a header name", c.header),
         );
     }
+    // Declared consumers are compared with the caller's header: an empty entry or one listed
+    // twice names no consumer and is an edit gone wrong.
     let mut seen = HashSet::new();
     for (i, d) in c.declared.iter().enumerate() {
         if d.is_empty() {
@@ -324,6 +348,8 @@ fn check(policy: &PolicySpec, max_record_bytes: u64, errors: &mut Errors) {
     }
 
     if let Some(t) = &policy.tagging {
+        // `hs256` is the name the tag's own `alg` field uses, accepted as a synonym. Whether
+        // the signing key exists is checked where the key directory is read, not here.
         if !matches!(t.algorithm.as_str(), "ed25519" | "hmac-sha256" | "hs256") {
             errors.add(
                 "tagging.algorithm",
@@ -354,6 +380,8 @@ fn check(policy: &PolicySpec, max_record_bytes: u64, errors: &mut Errors) {
 
 fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
     let path = format!("routes.{name}");
+    // The name is part of every key path (`routes.NAME.…`), metric label and tag: a `.` or a
+    // space in it would make those ambiguous.
     if name.is_empty()
         || !name
             .chars()
@@ -361,6 +389,8 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
     {
         errors.add(&path, "route names use letters, digits, '-' and '_'");
     }
+    // Exactly one matcher: with both, whether a request must match one or both would be a
+    // guess. A model name is one path segment (`/v2/models/NAME/…`), so it holds no `/`.
     match (&route.matcher.path_prefix, &route.matcher.model) {
         (Some(_), Some(_)) | (None, None) => errors.add(
             format!("{path}.match"),
@@ -375,6 +405,8 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
         _ => {}
     }
 
+    // Where the scores are depends on the declared protocol; a key of another protocol is
+    // refused rather than ignored, since ignoring it would read the scores from elsewhere.
     if let Some(score) = &route.score {
         let sp = format!("{path}.score");
         match route.protocol {
@@ -387,6 +419,7 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
                 Some(p) if !p.starts_with('/') => {
                     errors.add(format!("{sp}.pointer"), "a JSON pointer starts with '/'")
                 }
+                // `*` stands for the batch's rows; two would make a row ambiguous.
                 Some(p) if p.split('/').filter(|s| *s == "*").count() > 1 => errors.add(
                     format!("{sp}.pointer"),
                     "at most one '*' (the batch's rows)",
@@ -401,6 +434,8 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
         if route.protocol != Protocol::V2 && score.output.is_some() {
             errors.add(format!("{sp}.output"), "only for protocol v2");
         }
+        // The adaptive threshold maps scores into the range (dividing by `hi − lo`): an empty
+        // or infinite range has no mapping.
         let [lo, hi] = score.range;
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {
             errors.add(format!("{sp}.range"), "must be [low, high] with low < high");
@@ -408,6 +443,7 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
     }
 
     if let Some(x) = &route.exploration {
+        // ε = 1 would ignore the model: every action drawn at random.
         if !(0.0..1.0).contains(&x.epsilon) {
             errors.add(format!("{path}.exploration.epsilon"), "must be in [0, 1)");
         }
@@ -432,6 +468,8 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
             );
         }
     }
+    // Limits and written decisions of a route that decides nothing could never act: refused,
+    // so the operator learns the route is not guarded, rather than believing it is.
     let Some(decision) = &route.decision else {
         if !route.limits.is_empty() {
             errors.add(format!("{path}.limits"), "limits need a decision to limit");
@@ -447,6 +485,8 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
     if route.score.is_none() {
         errors.add(format!("{path}.score"), "required when the route decides");
     }
+    // A missing score was reported above; the thresholds are still checked, against the
+    // default range, so their errors come in the same pass.
     let range = route.score.as_ref().map_or([0.0, 1.0], |s| s.range);
     let dp = format!("{path}.decision");
     match decision {
@@ -458,6 +498,7 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
             if action.is_empty() {
                 errors.add(format!("{dp}.binary.action"), "empty");
             }
+            // The same action both ways would decide nothing.
             if action == otherwise {
                 errors.add(format!("{dp}.binary.otherwise"), "must differ from action");
             }
@@ -490,6 +531,7 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
                 }
                 check_threshold(t, &tp, range, errors);
             }
+            // Multi-class takes the argmax over every column; a single column is a binary route.
             if route.score.as_ref().is_some_and(|s| s.column.is_some()) {
                 errors.add(
                     format!("{path}.score.column"),
@@ -517,6 +559,10 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
         );
     }
 
+    // Limits are the guardrails operators change live, so every way one could silently not
+    // bind is refused: an action the route never takes (a typo), no bound, a zero window, a
+    // fallback that is missing, impossible or itself limited (a breach must always have an
+    // answer that is allowed).
     let actions = decision.actions();
     let limited: HashSet<&str> = route.limits.iter().map(|l| l.action.as_str()).collect();
     for (i, limit) in route.limits.iter().enumerate() {
@@ -576,6 +622,9 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
             _ => {}
         }
     }
+    // Two limits on one action over one window would count the same decisions twice; one limit
+    // carries both `max_fraction` and `max_count`. (A reload also finds a limit's state by its
+    // action and settings, which two such limits would share.)
     let mut seen = HashSet::new();
     for (i, l) in route.limits.iter().enumerate() {
         if !seen.insert((&l.action, l.window)) {
@@ -604,6 +653,7 @@ fn check_threshold(t: &ThresholdSpec, path: &str, [lo, hi]: [f64; 2], errors: &m
 }
 
 fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], errors: &mut Errors) {
+    // A rate of 0 or 1 needs no estimator: it is a fixed threshold at the range's top or bottom.
     if !(a.target_rate > 0.0 && a.target_rate < 1.0) {
         errors.add(format!("{path}.target_rate"), "must be in (0, 1)");
     }
@@ -612,6 +662,8 @@ fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], err
             format!("{path}.min"),
             format!("{} is above max ({})", a.min, a.max),
         );
+    // `else`: with min above max, "initial outside [min, max]" would be a second report of the
+    // same mistake.
     } else if !(a.min..=a.max).contains(&a.initial) {
         errors.add(
             format!("{path}.initial"),
@@ -621,6 +673,7 @@ fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], err
             ),
         );
     }
+    // Scores are clamped into the range, so a bound outside it would always or never be met.
     for (key, v) in [("min", a.min), ("max", a.max), ("initial", a.initial)] {
         if !(v >= lo && v <= hi) {
             errors.add(
@@ -629,12 +682,14 @@ fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], err
             );
         }
     }
+    // A step of 0 would pin the threshold at `initial` for good.
     if a.max_step.is_nan() || a.max_step <= 0.0 {
         errors.add(format!("{path}.max_step"), "must be above 0");
     }
     if a.window.is_zero() {
         errors.add(format!("{path}.window"), "must be longer than 0s");
     }
+    // Updated less often than once a window, the threshold would lag whole windows behind.
     if a.update_interval.is_zero() || a.update_interval > a.window {
         errors.add(
             format!("{path}.update_interval"),
@@ -650,6 +705,8 @@ fn check_adaptive(a: &AdaptiveThresholdSpec, path: &str, [lo, hi]: [f64; 2], err
 fn prefixes(m: &RouteMatch) -> Vec<String> {
     match (&m.path_prefix, &m.model) {
         (Some(p), _) => vec![p.clone()],
+        // Every path a model is served on; each ends in `:` or `/` so that model `a` does not
+        // take `ab`'s requests.
         (None, Some(model)) => vec![
             format!("/v1/models/{model}:"),
             format!("/v1/models/{model}/"),
@@ -661,6 +718,8 @@ fn prefixes(m: &RouteMatch) -> Vec<String> {
 
 /// A request path both matchers take, if any.
 fn overlap(a: &RouteMatch, b: &RouteMatch) -> Option<String> {
+    // Prefix matching: two prefixes meet exactly when one starts with the other, and then the
+    // longer one is a path both take.
     for pa in prefixes(a) {
         for pb in prefixes(b) {
             if pa.starts_with(&pb) {

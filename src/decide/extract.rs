@@ -279,6 +279,18 @@ pub struct V2Read {
     pub scores: Scores,
     pub model_name: Option<String>,
     pub model_version: Option<String>,
+    /// Where an output could be appended to `outputs`, when the same pass could tell.
+    pub splice: Option<SplicePoint>,
+}
+
+/// The closing bracket of the top-level `outputs` array, found while reading the scores so
+/// that writing the decisions into the body needs no second scan of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplicePoint {
+    /// Byte offset of the `]` that closes `outputs`.
+    pub close: usize,
+    /// `outputs` held no element (no comma goes before an appended one).
+    pub empty: bool,
 }
 
 /// [`extract`] for a v2 response, straight from its bytes, in one pass: only the route's output
@@ -304,11 +316,24 @@ pub fn extract_v2(
     if scores.rows() == 0 {
         return Err(ExtractError::Empty);
     }
+    let splice = top.outputs_last.and_then(|empty| {
+        closing_bracket_of_last_member(bytes).map(|close| SplicePoint { close, empty })
+    });
     Ok(V2Read {
         scores,
         model_name: top.model_name,
         model_version: top.model_version,
+        splice,
     })
+}
+
+/// In a JSON object whose last member's value is an array, the offset of that array's `]`:
+/// the last non-whitespace byte before the object's closing `}`.
+fn closing_bracket_of_last_member(bytes: &[u8]) -> Option<usize> {
+    let is_ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let brace = bytes.iter().rposition(|b| !is_ws(b))?;
+    let close = bytes[..brace].iter().rposition(|b| !is_ws(b))?;
+    (bytes[brace] == b'}' && bytes[close] == b']').then_some(close)
 }
 
 /// The one-pass reader behind [`extract_v2`]. Every visitor takes any JSON value (what it does
@@ -327,6 +352,9 @@ mod v2read {
         pub output: Option<Output>,
         pub model_name: Option<String>,
         pub model_version: Option<String>,
+        /// `outputs` is an array, the object's last member and its only `outputs` key:
+        /// `Some(empty)`. Then its closing bracket is the body's last `]`.
+        pub outputs_last: Option<bool>,
     }
 
     pub struct Output {
@@ -396,13 +424,18 @@ mod v2read {
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
             let mut found = Found::default();
+            let mut outputs_keys = 0;
             while let Some(key) = map.next_key::<TopKey>()? {
+                found.outputs_last = None;
                 match key {
                     TopKey::ModelName => found.model_name = map.next_value::<Text>()?.0,
                     TopKey::ModelVersion => found.model_version = map.next_value::<Text>()?.0,
                     // A repeated key: the last one counts, as in a parsed value.
                     TopKey::Outputs => {
-                        found.output = map.next_value_seed(Outputs { name: self.name })?
+                        outputs_keys += 1;
+                        let read = map.next_value_seed(Outputs { name: self.name })?;
+                        found.output = read.output;
+                        found.outputs_last = read.array_empty.filter(|_| outputs_keys == 1);
                     }
                     TopKey::Other => {
                         map.next_value::<IgnoredAny>()?;
@@ -429,41 +462,53 @@ mod v2read {
         name: &'n str,
     }
 
+    /// What `outputs` held: the output wanted, and whether it was an (empty) array.
+    #[derive(Default)]
+    struct OutputsRead {
+        output: Option<Output>,
+        array_empty: Option<bool>,
+    }
+
     impl<'de> DeserializeSeed<'de> for Outputs<'_> {
-        type Value = Option<Output>;
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Output>, D::Error> {
+        type Value = OutputsRead;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<OutputsRead, D::Error> {
             d.deserialize_any(self)
         }
     }
 
     impl<'de> Visitor<'de> for Outputs<'_> {
-        type Value = Option<Output>;
+        type Value = OutputsRead;
 
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("the outputs")
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Output>, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OutputsRead, A::Error> {
             let mut found = None;
+            let mut empty = true;
             while let Some(output) = seq.next_element_seed(OneOutput {
                 name: self.name,
                 wanted: found.is_none(),
             })? {
+                empty = false;
                 found = found.or(output);
             }
-            Ok(found)
+            Ok(OutputsRead {
+                output: found,
+                array_empty: Some(empty),
+            })
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Output>, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OutputsRead, A::Error> {
             while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok(None)
+            Ok(OutputsRead::default())
         }
 
-        fn visit_str<E>(self, _: &str) -> Result<Option<Output>, E> {
-            Ok(None)
+        fn visit_str<E>(self, _: &str) -> Result<OutputsRead, E> {
+            Ok(OutputsRead::default())
         }
 
-        skip_scalars!(None);
+        skip_scalars!(OutputsRead::default());
     }
 
     /// One element of `outputs`; `wanted` is false once the output was found.

@@ -23,7 +23,7 @@ use super::error::ProxyError;
 use super::pending::Pending;
 use super::{Admitted, Proxy};
 use crate::config::policy::Protocol;
-use crate::decide::extract::{extract, extract_v2, ExtractError, Scores};
+use crate::decide::extract::{extract, extract_v2, ExtractError, Scores, SplicePoint};
 use crate::decide::{Decided, LimitOutcome, Route};
 use crate::policy::Policy;
 use crate::provenance::{ClaimsInput, TagClaims};
@@ -292,7 +292,7 @@ pub(super) fn respond(
     let tag_in_body = route.spec.tag_field.as_deref().zip(tag.as_deref());
     let writes = route.spec.write_decisions.is_some();
     let spliced = (writes && tag_in_body.is_none() && route.protocol() == Protocol::V2)
-        .then(|| splice_v2_actions(&bytes, &decided))
+        .then(|| splice_v2_actions(&bytes, &decided, read.splice_point()))
         .flatten();
     let body = if let Some(spliced) = spliced {
         spliced
@@ -326,6 +326,7 @@ enum Read {
     V2 {
         model_name: Option<String>,
         model_version: Option<String>,
+        splice: Option<SplicePoint>,
     },
     /// Parsed whole, because the route writes into it other than by splicing, or reads it by
     /// a path only a parsed value answers (v1, json).
@@ -339,11 +340,20 @@ impl Read {
             Read::V2 {
                 model_name,
                 model_version,
+                ..
             } => (model_name.clone(), model_version.clone()),
             Read::Whole(v) => {
                 let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
                 (text("model_name"), text("model_version"))
             }
+        }
+    }
+
+    /// Where the v2 read found the end of `outputs`.
+    fn splice_point(&self) -> Option<SplicePoint> {
+        match self {
+            Read::V2 { splice, .. } => *splice,
+            Read::Whole(_) => None,
         }
     }
 
@@ -374,6 +384,7 @@ fn read_response(
         let meta = Read::V2 {
             model_name: read.model_name,
             model_version: read.model_version,
+            splice: read.splice,
         };
         return Ok((meta, read.scores));
     }
@@ -795,9 +806,28 @@ fn v2_action_tensor(decided: &Decided) -> ActionTensor<'_> {
 
 /// The v2 response with the action tensor appended to its `outputs`, everything else kept
 /// byte for byte: re-serializing the whole body would cost more than deciding (float
-/// formatting of every output) and would reformat the model's numbers. `None` when the body
-/// has no `outputs` array (the caller then falls back to rewriting the parsed value).
-fn splice_v2_actions(bytes: &Bytes, decided: &Decided) -> Option<Bytes> {
+/// formatting of every output) and would reformat the model's numbers. `at` is where the
+/// score read found the end of `outputs`; without it (`outputs` not the last member) the body
+/// is scanned for it. `None` when the body has no `outputs` array (the caller then falls back
+/// to rewriting the parsed value).
+fn splice_v2_actions(bytes: &Bytes, decided: &Decided, at: Option<SplicePoint>) -> Option<Bytes> {
+    let SplicePoint { close, empty } = match at {
+        Some(at) => at,
+        None => find_outputs_end(bytes)?,
+    };
+    let tensor = serde_json::to_vec(&v2_action_tensor(decided)).expect("a tensor serializes");
+    let mut out = Vec::with_capacity(bytes.len() + tensor.len() + 1);
+    out.extend_from_slice(&bytes[..close]);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&tensor);
+    out.extend_from_slice(&bytes[close..]);
+    Some(Bytes::from(out))
+}
+
+/// Where the top-level `outputs` array of a JSON object closes, by scanning it whole.
+fn find_outputs_end(bytes: &[u8]) -> Option<SplicePoint> {
     #[derive(serde::Deserialize)]
     struct Outputs<'a> {
         #[serde(borrow)]
@@ -805,17 +835,12 @@ fn splice_v2_actions(bytes: &Bytes, decided: &Decided) -> Option<Bytes> {
     }
     let outputs = serde_json::from_slice::<Outputs>(bytes).ok()?.outputs.get();
     let inner = outputs.strip_prefix('[')?.strip_suffix(']')?;
-    // Where the array's closing bracket sits in the body (the raw value borrows from it).
+    // The raw value borrows from the body: its last byte is the array's closing bracket.
     let close = outputs.as_ptr() as usize - bytes.as_ptr() as usize + outputs.len() - 1;
-    let tensor = serde_json::to_vec(&v2_action_tensor(decided)).expect("a tensor serializes");
-    let mut out = Vec::with_capacity(bytes.len() + tensor.len() + 1);
-    out.extend_from_slice(&bytes[..close]);
-    if !inner.trim().is_empty() {
-        out.push(b',');
-    }
-    out.extend_from_slice(&tensor);
-    out.extend_from_slice(&bytes[close..]);
-    Some(Bytes::from(out))
+    Some(SplicePoint {
+        close,
+        empty: inner.trim().is_empty(),
+    })
 }
 
 /// Adds the decisions to the body: a v2 output tensor, a v1 top-level object, or a pointer.
@@ -874,6 +899,7 @@ fn set_pointer(value: &mut Value, pointer: &str, new: Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::policy::ScoreSpec;
     use crate::decide::RowDecision;
 
     fn decided(actions: &[&str]) -> Decided {
@@ -1147,7 +1173,7 @@ mod tests {
         let body = Bytes::from_static(
             br#"{"model_name":"m", "outputs" : [ {"name":"p","shape":[2],"datatype":"FP64","data":[1.50, 2e-3]} ] , "id":"x"}"#,
         );
-        let spliced = splice_v2_actions(&body, &decided(&["spam", "ham"])).unwrap();
+        let spliced = splice_v2_actions(&body, &decided(&["spam", "ham"]), None).unwrap();
         let text = std::str::from_utf8(&spliced).unwrap();
         // The model's numbers and spacing are untouched; the tensor closes the array.
         assert!(text.starts_with(
@@ -1166,7 +1192,7 @@ mod tests {
 
         let empty = Bytes::from_static(br#"{"outputs":[ ]}"#);
         let v: Value =
-            serde_json::from_slice(&splice_v2_actions(&empty, &decided(&["ham"])).unwrap())
+            serde_json::from_slice(&splice_v2_actions(&empty, &decided(&["ham"]), None).unwrap())
                 .unwrap();
         assert_eq!(v["outputs"].as_array().unwrap().len(), 1);
 
@@ -1177,7 +1203,50 @@ mod tests {
             br#"[1]"#,
             b"not json",
         ] {
-            assert!(splice_v2_actions(&Bytes::copy_from_slice(body), &decided(&["ham"])).is_none());
+            assert!(
+                splice_v2_actions(&Bytes::copy_from_slice(body), &decided(&["ham"]), None)
+                    .is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn the_splice_point_found_while_reading_the_scores_is_where_a_scan_finds_it() {
+        let p = r#"{"name":"p","shape":[2],"datatype":"FP64","data":[0.1,0.9]}"#;
+        let q = r#"{"name":"q","shape":[1],"datatype":"INT64","data":[3]}"#;
+        let cases = [
+            // (body, whether the score read can tell where `outputs` ends)
+            (format!(r#"{{"model_name":"m","outputs":[{p}]}}"#), true),
+            (format!("{{\"outputs\" : [ {q} , {p} ] \n\t}} \r\n"), true),
+            (format!(r#"{{"outputs":[{p}],"id":"x"}}"#), false),
+            (format!(r#"{{"outputs":[],"outputs":[{p}]}}"#), false),
+        ];
+        let spec = ScoreSpec {
+            output: Some("p".into()),
+            column: None,
+            pointer: None,
+            range: [0.0, 1.0],
+        };
+        let decided = decided(&["spam", "ham"]);
+        for (body, known) in cases {
+            let read = extract_v2(&spec, None, body.as_bytes()).unwrap();
+            assert_eq!(read.splice.is_some(), known, "{body}");
+            let body = Bytes::from(body);
+            assert_eq!(
+                splice_v2_actions(&body, &decided, read.splice),
+                splice_v2_actions(&body, &decided, None),
+                "{body:?}"
+            );
+            if known {
+                let v: Value = serde_json::from_slice(
+                    &splice_v2_actions(&body, &decided, read.splice).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(
+                    v["outputs"].as_array().unwrap().last().unwrap()["name"],
+                    "sluicegate_action"
+                );
+            }
         }
     }
 

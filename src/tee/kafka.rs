@@ -4,19 +4,18 @@
 //! file. Failed or timed-out deliveries are sent again; a fatal producer error (a fenced
 //! idempotent producer) rebuilds the producer. It runs on its own thread with its own
 //! single-threaded runtime, so neither its file reads nor librdkafka's callbacks share a core
-//! schedule with the request path.
+//! schedule with the request path. It polls the producer itself: delivery reports are booked
+//! on this thread, with no polling thread of librdkafka's to wake it for each record.
 
-use std::collections::VecDeque;
-use std::future::Future;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -99,9 +98,27 @@ pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientCo
     c
 }
 
-/// Tracks whether the producer reaches a broker, and logs the changes (not every retry).
+/// Tracks whether the producer reaches a broker, and logs the changes (not every retry); takes
+/// delivery reports.
 struct TeeContext {
     metrics: TeeMetrics,
+    reported: Reported,
+}
+
+/// Deliveries librdkafka reported (by the key the sender gave the record), waiting to be
+/// settled. Filled inside [`BaseProducer::poll`], which only the sender's thread calls.
+type Reported = Arc<Mutex<Vec<(u64, Outcome)>>>;
+
+impl ProducerContext for TeeContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, key: usize) {
+        let outcome = match result {
+            Ok(_) => Outcome::Acked,
+            Err((err, _)) => classify(err),
+        };
+        lock(&self.reported).push((key as u64, outcome));
+    }
 }
 
 impl ClientContext for TeeContext {
@@ -127,7 +144,7 @@ impl ClientContext for TeeContext {
     }
 }
 
-type Producer_ = FutureProducer<TeeContext>;
+type Producer_ = BaseProducer<TeeContext>;
 
 /// What happened to one delivery.
 enum Outcome {
@@ -155,7 +172,54 @@ fn classify(err: &KafkaError) -> Outcome {
     }
 }
 
-type InFlight = Pin<Box<dyn Future<Output = (SpooledEntry, Outcome)> + Send>>;
+/// How often, at most, the sender polls the producer for delivery reports while records are in
+/// flight (it also polls whenever it wakes for new records). An acknowledgement only frees the
+/// spool and the in-memory bound, so a few milliseconds late costs nothing a client sees.
+const DELIVERY_POLL: Duration = Duration::from_millis(5);
+
+/// Records handed to librdkafka and not yet reported, by the key their delivery report carries.
+#[derive(Default)]
+struct InFlight {
+    entries: HashMap<u64, SpooledEntry>,
+    next_key: u64,
+}
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Everything still in flight, oldest first (for a producer that is gone).
+    fn drain_in_order(&mut self) -> Vec<SpooledEntry> {
+        let mut left: Vec<_> = self.entries.drain().collect();
+        left.sort_unstable_by_key(|(key, _)| *key);
+        left.into_iter().map(|(_, entry)| entry).collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves librdkafka's events and returns the deliveries reported since the last call. A poll
+/// that does not wait serves one event (a delivery report carries many records), so it goes
+/// on while reports come, within a bound.
+fn poll_reports(producer: &Producer_, reported: &Reported) -> Vec<(u64, Outcome)> {
+    let mut out = Vec::new();
+    for _ in 0..64 {
+        producer.poll(Duration::ZERO);
+        let mut new = lock(reported);
+        if new.is_empty() {
+            break;
+        }
+        out.append(&mut new);
+    }
+    out
+}
 
 /// After shutdown's drain begins (the writer has closed), the sender gets this long to deliver
 /// what is left; the rest stays in the spool for the next start.
@@ -226,12 +290,13 @@ pub struct KafkaSender {
 impl KafkaSender {
     /// Checks the configuration by building a producer (bad properties fail here, at start).
     pub fn check_config(&self) -> Result<(), KafkaError> {
-        self.producer().map(|_| ())
+        self.producer(&Reported::default()).map(|_| ())
     }
 
-    fn producer(&self) -> Result<Producer_, KafkaError> {
+    fn producer(&self, reported: &Reported) -> Result<Producer_, KafkaError> {
         producer_config(&self.kafka, self.max_record_bytes).create_with_context(TeeContext {
             metrics: self.metrics.clone(),
+            reported: reported.clone(),
         })
     }
 
@@ -250,7 +315,8 @@ impl KafkaSender {
     }
 
     async fn run(mut self, drain: CancellationToken) {
-        let mut producer = match self.producer() {
+        let reported = Reported::default();
+        let mut producer = match self.producer(&reported) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create kafka producer; records stay in the spool");
@@ -279,7 +345,7 @@ impl KafkaSender {
             last_checkpoint: Instant::now(),
             checkpoint_failing: false,
         };
-        let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
+        let mut in_flight = InFlight::default();
         let mut writer_done = false;
         let mut reader_caught_up = false;
         let mut deadline = None;
@@ -295,19 +361,67 @@ impl KafkaSender {
                 }
             }
 
+            // Book what librdkafka reported since the last round: it may make room, or show
+            // that only a new producer can deliver.
+            let reports = poll_reports(&producer, &reported);
+            if !reports.is_empty() {
+                b.fatal = false;
+                for (key, outcome) in reports {
+                    if let Some(entry) = in_flight.entries.remove(&key) {
+                        self.settle(&mut b, entry, outcome);
+                    }
+                }
+                let stalled = !b.retry.is_empty() && b.health.stalled();
+                let fatal_error = producer.client().fatal_error();
+                if b.fatal || stalled || fatal_error.is_some() {
+                    let reason = match fatal_error {
+                        Some((_, reason)) => reason,
+                        None if stalled => {
+                            format!("no delivery for {:?}", b.health.last_ack.elapsed())
+                        }
+                        None => "fatal delivery error".into(),
+                    };
+                    tracing::warn!(reason, "rebuilding the kafka producer; unacknowledged records are sent again from the spool");
+                    // Dropping it purges what it holds; what it acknowledged meanwhile is
+                    // booked, everything else still in flight is sent again.
+                    drop(producer);
+                    let reports = std::mem::take(&mut *lock(&reported));
+                    for (key, outcome) in reports {
+                        if matches!(outcome, Outcome::Acked) {
+                            if let Some(entry) = in_flight.entries.remove(&key) {
+                                self.settle(&mut b, entry, outcome);
+                            }
+                        }
+                    }
+                    b.retry.extend(in_flight.drain_in_order());
+                    producer = loop {
+                        match self.producer(&reported) {
+                            Ok(p) => break p,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot rebuild kafka producer");
+                                tokio::time::sleep(RETRY_MAX).await;
+                            }
+                        }
+                    };
+                    self.metrics.producer_rebuilds.inc();
+                    b.health.last_rebuild = Instant::now();
+                }
+            }
+
             // Send: retries first (they are older), then new records, while there is room.
             let now = Instant::now();
             while in_flight.len() < MAX_IN_FLIGHT && now >= b.retry_at {
                 let Some(entry) = b.retry.pop_front() else {
                     break;
                 };
-                match self.send(&producer, entry) {
-                    Ok(fut) => in_flight.push(fut),
-                    Err(entry) => {
+                match self.send(&producer, &mut in_flight, entry) {
+                    None => {}
+                    Some((entry, Outcome::Retry | Outcome::Fatal)) => {
                         b.retry.push_front(entry);
                         b.retry_at = now + RETRY_MIN;
                         break;
                     }
+                    Some((entry, outcome)) => self.settle(&mut b, entry, outcome),
                 }
             }
             reader_caught_up = false;
@@ -344,12 +458,13 @@ impl KafkaSender {
                     if entry.pos.segment < self.first_live_segment {
                         self.metrics.replayed.inc();
                     }
-                    match self.send(&producer, entry) {
-                        Ok(fut) => in_flight.push(fut),
-                        Err(entry) => {
+                    match self.send(&producer, &mut in_flight, entry) {
+                        None => {}
+                        Some((entry, Outcome::Retry | Outcome::Fatal)) => {
                             b.retry.push_back(entry);
                             b.retry_at = Instant::now() + RETRY_MIN;
                         }
+                        Some((entry, outcome)) => self.settle(&mut b, entry, outcome),
                     }
                 }
             }
@@ -358,7 +473,7 @@ impl KafkaSender {
             let sleep_until = if in_flight.len() >= MAX_IN_FLIGHT || b.held_bytes >= MAX_HELD_BYTES
             {
                 // Full: only a delivery can make room.
-                Instant::now() + Duration::from_secs(1)
+                Instant::now() + DELIVERY_POLL
             } else if b.retry.is_empty() && !reader_caught_up {
                 Instant::now() + Duration::from_millis(1)
             } else if b.retry.is_empty() {
@@ -367,41 +482,13 @@ impl KafkaSender {
                 b.retry_at
             }
             .min(b.last_checkpoint + CHECKPOINT_INTERVAL);
+            // Delivery reports come only from polling: while records are in flight, poll often.
+            let sleep_until = if in_flight.is_empty() {
+                sleep_until
+            } else {
+                sleep_until.min(Instant::now() + DELIVERY_POLL)
+            };
             tokio::select! {
-                Some((entry, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
-                    b.fatal = false;
-                    self.settle(&mut b, entry, outcome);
-                    // Settle everything already finished before going round again.
-                    while let Some(Some((entry, outcome))) = futures_util::FutureExt::now_or_never(in_flight.next()) {
-                        self.settle(&mut b, entry, outcome);
-                    }
-                    let stalled = !b.retry.is_empty() && b.health.stalled();
-                    let fatal_error = producer.client().fatal_error();
-                    if b.fatal || stalled || fatal_error.is_some() {
-                        let reason = match fatal_error {
-                            Some((_, reason)) => reason,
-                            None if stalled => format!("no delivery for {:?}", b.health.last_ack.elapsed()),
-                            None => "fatal delivery error".into(),
-                        };
-                        tracing::warn!(reason, "rebuilding the kafka producer; unacknowledged records are sent again from the spool");
-                        // Outstanding deliveries of the old producer are failed back as retries.
-                        drop(producer);
-                        while let Some((entry, _)) = in_flight.next().await {
-                            b.retry.push_back(entry);
-                        }
-                        producer = loop {
-                            match self.producer() {
-                                Ok(p) => break p,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "cannot rebuild kafka producer");
-                                    tokio::time::sleep(RETRY_MAX).await;
-                                }
-                            }
-                        };
-                        self.metrics.producer_rebuilds.inc();
-                        b.health.last_rebuild = Instant::now();
-                    }
-                }
                 changed = self.written.changed(), if !writer_done => {
                     if changed.is_err() {
                         writer_done = true;
@@ -414,6 +501,12 @@ impl KafkaSender {
                 b.checkpoint();
             }
         }
+        let _ = producer.flush(Duration::from_millis(100));
+        for (key, outcome) in poll_reports(&producer, &reported) {
+            if let Some(entry) = in_flight.entries.remove(&key) {
+                self.settle(&mut b, entry, outcome);
+            }
+        }
         b.checkpoint();
         let left = in_flight.len() + b.retry.len();
         if left > 0 {
@@ -422,11 +515,16 @@ impl KafkaSender {
                 "shutdown: records not yet acknowledged stay in the spool for the next start"
             );
         }
-        let _ = producer.flush(Duration::from_millis(100));
     }
 
-    /// Hands one record to librdkafka; gives it back when librdkafka's queue is full.
-    fn send(&self, producer: &Producer_, entry: SpooledEntry) -> Result<InFlight, SpooledEntry> {
+    /// Hands one record to librdkafka, which reports its delivery by the key it is filed under
+    /// in `in_flight`; gives it back, with what to do with it, when librdkafka will not take it.
+    fn send(
+        &self,
+        producer: &Producer_,
+        in_flight: &mut InFlight,
+        entry: SpooledEntry,
+    ) -> Option<(SpooledEntry, Outcome)> {
         let e = &entry.entry;
         let (topic, schema) = match e.kind {
             EntryKind::Record => (&self.kafka.topic, super::record::RECORD_SCHEMA),
@@ -441,25 +539,19 @@ impl KafkaSender {
                 key: "sluicegate-route",
                 value: Some(e.route.as_str()),
             });
-        let record = FutureRecord::to(topic)
+        let key = in_flight.next_key;
+        let record = BaseRecord::with_opaque_to(topic, key as usize)
             .key(e.key.as_str())
             .payload(e.payload.as_slice())
             .timestamp(e.timestamp_ms)
             .headers(headers);
-        match producer.send_result(record) {
-            Ok(delivery) => Ok(Box::pin(async move {
-                let outcome = match delivery.await {
-                    Ok(Ok(_)) => Outcome::Acked,
-                    Ok(Err((err, _))) => classify(&err),
-                    // The producer went away before reporting: send again.
-                    Err(_) => Outcome::Retry,
-                };
-                (entry, outcome)
-            })),
-            Err((err, _)) => match classify(&err) {
-                Outcome::Retry | Outcome::Fatal => Err(entry),
-                outcome => Ok(Box::pin(async move { (entry, outcome) })),
-            },
+        match producer.send(record).map_err(|(err, _)| classify(&err)) {
+            Ok(()) => {
+                in_flight.next_key += 1;
+                in_flight.entries.insert(key, entry);
+                None
+            }
+            Err(outcome) => Some((entry, outcome)),
         }
     }
 
