@@ -20,9 +20,9 @@ use rdkafka::ClientContext;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::metrics::TeeMetrics;
 use super::spool::{DeadLetter, EntryKind, Handoff, Position, SpoolReader, SpooledEntry};
 use crate::config::settings::KafkaSettings;
-use crate::telemetry::TeeMetrics;
 
 /// Records read from the spool and not yet acknowledged, at most. Matches the producer's own
 /// queue bound below, so memory stays bounded however long Kafka is away.

@@ -14,6 +14,7 @@
 
 pub mod alert;
 pub mod kafka;
+pub mod metrics;
 pub mod record;
 pub mod spool;
 
@@ -24,11 +25,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use alert::Alert;
+use metrics::TeeMetrics;
 use record::{EncodeContext, Exchange, ExchangeError, InboundTags, VerifyBudget};
 use spool::{SpoolEntry, SpoolWriter};
 
 use crate::config::settings::SpoolSettings;
-use crate::telemetry::TeeMetrics;
 
 /// Most records the writer encodes and appends in one write (with large bodies, a batch is
 /// held in memory twice: captured and encoded).
@@ -81,7 +82,7 @@ pub struct TeeSender {
 }
 
 type InboundTagCounter = prometheus_client::metrics::family::Family<
-    crate::telemetry::RouteKind,
+    metrics::RouteKind,
     prometheus_client::metrics::counter::Counter,
 >;
 

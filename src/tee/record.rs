@@ -216,7 +216,7 @@ pub struct EncodeContext {
     pub record_decisions: RecordDecisions,
     /// Tags found on the way in, by route and kind (`direct`, `hidden`, `invalid`, `unverified`).
     pub inbound_tags: prometheus_client::metrics::family::Family<
-        crate::telemetry::RouteKind,
+        super::metrics::RouteKind,
         prometheus_client::metrics::counter::Counter,
     >,
 }
@@ -322,7 +322,7 @@ impl Exchange {
         &self,
         budget: &VerifyBudget,
         counter: &prometheus_client::metrics::family::Family<
-            crate::telemetry::RouteKind,
+            super::metrics::RouteKind,
             prometheus_client::metrics::counter::Counter,
         >,
     ) -> InboundTags {
@@ -344,7 +344,7 @@ impl Exchange {
         let count = |kind: &'static str, n: usize| {
             if n > 0 {
                 counter
-                    .get_or_create(&crate::telemetry::RouteKind {
+                    .get_or_create(&super::metrics::RouteKind {
                         route: self.route.to_string(),
                         kind,
                     })
@@ -1666,7 +1666,7 @@ mod tests {
 
     fn counted(ctx: &EncodeContext, kind: &'static str) -> u64 {
         ctx.inbound_tags
-            .get_or_create(&crate::telemetry::RouteKind {
+            .get_or_create(&crate::tee::metrics::RouteKind {
                 route: "default".into(),
                 kind,
             })

@@ -1,4 +1,6 @@
-//! Metrics (Prometheus text via prometheus-client, registered per area, no globals) and logging.
+//! Metrics (Prometheus text via prometheus-client, no globals) and logging: the registry,
+//! which each area registers its own metrics in (the tee's are [`crate::tee::metrics`]), and the
+//! data plane's and the policy's metrics.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,7 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::tee::spool::SpoolMetrics;
+use crate::tee::metrics::{RouteKind, TeeMetrics};
 
 /// Labels of a proxied request. `route` comes from the policy (a bounded set); `status` is the
 /// HTTP status sent to the client.
@@ -34,12 +36,6 @@ pub struct RouteActionOutcome {
     pub action: String,
     /// `flagged`, `fallback` or `rejected`.
     pub outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteKind {
-    pub route: String,
-    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -283,45 +279,6 @@ impl RouteMetrics {
     }
 }
 
-/// The tee's metrics outside the spool itself.
-#[derive(Clone, Debug)]
-pub struct TeeMetrics {
-    /// Records handed to the in-memory queue.
-    pub queued: Counter,
-    /// Records refused because the in-memory queue was full (the disk could not keep up).
-    pub dropped_queue_full: Counter,
-    /// Records Kafka acknowledged.
-    pub sent: Counter,
-    /// Records read from spool segments written by an earlier process.
-    pub replayed: Counter,
-    /// Deliveries that failed and will be sent again from the spool.
-    pub delivery_retries: Counter,
-    /// Producers rebuilt after a fatal error.
-    pub producer_rebuilds: Counter,
-    /// Request time to Kafka acknowledgement.
-    pub lag: Histogram,
-    /// 1 while the producer reaches at least one broker.
-    pub kafka_connected: Gauge,
-    pub spool: SpoolMetrics,
-}
-
-impl Default for TeeMetrics {
-    fn default() -> Self {
-        TeeMetrics {
-            queued: Counter::default(),
-            dropped_queue_full: Counter::default(),
-            sent: Counter::default(),
-            replayed: Counter::default(),
-            delivery_retries: Counter::default(),
-            producer_rebuilds: Counter::default(),
-            // 1 ms .. ~9 h: lag spans a healthy few ms to a long outage.
-            lag: Histogram::new(exponential_buckets(0.001, 2.0, 25)),
-            kafka_connected: Gauge::default(),
-            spool: SpoolMetrics::default(),
-        }
-    }
-}
-
 /// The policy in force, for operators comparing pods.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyMetrics {
@@ -435,48 +392,7 @@ impl Metrics {
             "Policy reloads refused (invalid policy)",
             policy.reload_failures.clone(),
         );
-        let t = root.sub_registry_with_prefix("tee");
-        t.register(
-            "records_queued",
-            "Records handed to the spool queue",
-            tee.queued.clone(),
-        );
-        t.register(
-            "records_dropped_queue_full",
-            "Records dropped because the queue in front of the spool was full",
-            tee.dropped_queue_full.clone(),
-        );
-        t.register(
-            "records_sent",
-            "Records acknowledged by Kafka",
-            tee.sent.clone(),
-        );
-        t.register(
-            "records_replayed",
-            "Records sent from spool segments of an earlier process",
-            tee.replayed.clone(),
-        );
-        t.register(
-            "delivery_retries",
-            "Deliveries that failed and are sent again from the spool",
-            tee.delivery_retries.clone(),
-        );
-        t.register(
-            "producer_rebuilds",
-            "Kafka producers rebuilt after a fatal error",
-            tee.producer_rebuilds.clone(),
-        );
-        t.register(
-            "lag_seconds",
-            "Request time to Kafka acknowledgement",
-            tee.lag.clone(),
-        );
-        t.register(
-            "kafka_connected",
-            "1 while the producer reaches a Kafka broker",
-            tee.kafka_connected.clone(),
-        );
-        tee.spool.register(t);
+        tee.register(root.sub_registry_with_prefix("tee"));
         Metrics {
             proxy,
             tee,
