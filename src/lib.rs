@@ -10,23 +10,42 @@
 //!                                                        ─▶ spool writer thread ─▶ segments
 //!                                                        ─▶ tee::kafka sender thread ─▶ Kafka
 //! ```
-//! - [`config`]: static settings (flags, env, file); the policy, its validation and diff.
-//! - [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
-//!   and times out a side that goes quiet; deciding routes read the response and decide (its
-//!   `decision` module); HTTP/2 goes upstream over a pool of h2c connections (`pool`).
-//! - [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
-//!   compiled route table that carries their state across policy reloads.
-//! - [`provenance`]: signed tags, the key directory, verification.
-//! - [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender.
-//! - [`control`]: the admin port, the upstream readiness probe, policy reloads.
-//! - [`audit`]: `sluicegate audit` (depends only on records and tag verification).
-//! - [`telemetry`]: metrics and logging.
-//! - [`app`]: builds and starts all of it, owns shutdown. [`demo`] runs it in front of a
-//!   built-in stand-in model.
+//! # Layers
 //!
-//! Dependency direction: `proxy` uses `decide`, `provenance`, `config` and a tee sender; it
-//! never imports `control`, `audit` or the Kafka producer. `control` changes state only by
-//! swapping the policy snapshot.
+//! Each module uses only modules listed before it here, bottom up (`layers_only_point_down`,
+//! a test in this file, reads `src/` and fails on an edge that points up, or on a module
+//! missing from the list):
+//!
+//! 1. [`config`]: static settings (flags, env, file) and the policy as written: plain specs,
+//!    their validation and diff.
+//! 2. [`provenance`]: signed tags, the key directory, verification.
+//! 3. [`testing`]: the stand-in model server that tests, benchmarks and the demo run against.
+//! 4. [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
+//!    route table that carries their state across policy reloads.
+//! 5. [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender, and
+//!    their metrics. It reads the policy only through a per-snapshot record context.
+//! 6. [`policy`]: the policy in force, compiled from its spec: routes, tag keys, the tee's
+//!    record context; swapped whole on reload.
+//! 7. [`telemetry`]: the metrics registry (each area registers its own), the data plane's and
+//!    the policy's metrics, logging.
+//! 8. [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
+//!    and times out a side that goes quiet; deciding routes read the response and decide (its
+//!    `decision` module); HTTP/2 goes upstream over a pool of h2c connections (`pool`).
+//! 9. [`control`]: the admin port, the upstream readiness probe, policy reloads.
+//! 10. [`audit`]: `sluicegate audit` (records and tag verification).
+//! 11. [`app`]: builds and starts all of it, owns shutdown.
+//! 12. [`demo`]: the proxy in front of the stand-in model.
+//! 13. [`cli`]: the command line.
+//!
+//! So `proxy` never imports `control`, `audit` or `app`, and `control` changes the data plane
+//! only by swapping the policy snapshot.
+//!
+//! # Names
+//!
+//! What an operator writes is a `…Spec` in [`config::policy`] (`RouteSpec`, `ThresholdSpec`,
+//! `LimitSpec`…); the runtime state compiled from it drops the suffix ([`decide::Route`],
+//! [`decide::Threshold`], [`decide::Limit`], [`policy::Policy`]). A leaf algorithm's own
+//! settings are `…Params` ([`decide::threshold::AdaptiveThresholdParams`]).
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -42,3 +61,6 @@ pub mod proxy;
 pub mod tee;
 pub mod telemetry;
 pub mod testing;
+
+#[cfg(test)]
+mod layers;
