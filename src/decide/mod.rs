@@ -50,8 +50,12 @@ impl Threshold {
     }
 
     fn observe(&self, score: f64, now: Instant) {
+        self.observe_all(&[score], now);
+    }
+
+    fn observe_all(&self, scores: &[f64], now: Instant) {
         if let Threshold::Adaptive(a) = self {
-            a.observe(score, now);
+            a.observe_all(scores, now);
         }
     }
 }
@@ -237,25 +241,27 @@ impl Route {
                         threshold,
                     }),
                     Scores::Binary(s),
-                ) => s
-                    .iter()
-                    .map(|&score| {
-                        let t = threshold.value();
-                        threshold.observe(score, now);
-                        let a = if score >= t { action } else { otherwise };
-                        RowDecision {
-                            score,
-                            class_scores: None,
-                            threshold: Some(t),
-                            threshold_mode: Some(threshold.mode()),
-                            model_action: a.clone(),
-                            final_action: a.clone(),
-                            limit: LimitOutcome::Ok,
-                            explored: false,
-                            propensity: None,
-                        }
-                    })
-                    .collect(),
+                ) => {
+                    // One threshold for the whole batch, and its scores counted under one lock.
+                    let t = threshold.value();
+                    threshold.observe_all(s, now);
+                    s.iter()
+                        .map(|&score| {
+                            let a = if score >= t { action } else { otherwise };
+                            RowDecision {
+                                score,
+                                class_scores: None,
+                                threshold: Some(t),
+                                threshold_mode: Some(threshold.mode()),
+                                model_action: a.clone(),
+                                final_action: a.clone(),
+                                limit: LimitOutcome::Ok,
+                                explored: false,
+                                propensity: None,
+                            }
+                        })
+                        .collect()
+                }
                 (
                     Some(Decider::Multiclass {
                         classes,
