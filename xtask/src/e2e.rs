@@ -9,7 +9,7 @@
 //!   `E2E_RECORD_DECISIONS=rows` for the one-object-per-row form);
 //! - `sluicegate-tee`: `sluicegate serve` with no policy (record everything) and the spool as sink;
 //! - `nginx` and `haproxy`: plain reverse proxies with keep-alive to the upstream
-//!   (benches/e2e/nginx.conf, benches/e2e/haproxy.cfg).
+//!   (xtask/src/e2e/nginx.conf, xtask/src/e2e/haproxy.cfg).
 //!
 //! Load is `oha` at fixed request rates with `--latency-correction` (latency from each request's
 //! scheduled send time: free of coordinated omission), HTTP/1.1 keep-alive over a fixed number of
@@ -30,10 +30,11 @@
 //! 6. every setup's closed-loop ceiling (last: it leaves memory and the broker at their worst).
 //!
 //! ```sh
-//! cargo bench --bench e2e
+//! cargo xtask e2e
 //! ```
 //!
-//! builds `oha` (benches/install-oha.sh) and `tansu` (tests/install-tansu.sh) into
+//! builds sluicegate (`cargo build --release`), `oha` (xtask/install-oha.sh) and `tansu`
+//! (tests/install-tansu.sh) into
 //! ~/.cache/sluicegate when missing, installs nginx with apt-get when it is missing and the bench
 //! runs as root (or with password-less sudo), and writes bench-results/e2e.{md,json,svg}.
 //! Environment (defaults in brackets):
@@ -57,7 +58,7 @@
 //! | `E2E_OHA`, `SLUICEGATE_TANSU_BIN` | use these binaries instead of building them |
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,11 +66,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluicegate");
-const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
+use crate::root;
+use wire::{http, Metrics};
+
+// The integration tests' raw HTTP client and Prometheus parser; they use parts this does not.
+#[allow(dead_code)]
+#[path = "../../tests/it/common/wire.rs"]
+mod wire;
+
 const TOPIC: &str = "sluicegate.records";
 const ALERTS_TOPIC: &str = "sluicegate.alerts";
 const INFER_PATH: &str = "/v2/models/spam-filter/infer";
+const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
 const PROXY_CPU: &str = "0";
 const REST_CPU: &str = "1";
 const PCTS: [(&str, &str); 4] = [
@@ -151,9 +159,16 @@ impl Cfg {
             out: if out.is_absolute() {
                 out
             } else {
-                Path::new(MANIFEST).join(out)
+                root().join(out)
             },
         }
+    }
+
+    /// Whether `k` is in E2E_SETUPS (direct always is).
+    fn wants(&self, k: Kind) -> bool {
+        self.setups
+            .as_ref()
+            .is_none_or(|s| k == Kind::Direct || s.iter().any(|x| x == k.name()))
     }
 }
 
@@ -399,111 +414,22 @@ fn peak_rss_kib(pids: &[u32]) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client (admin /metrics, checks): one request per connection.
+// Metrics
 
-struct HttpResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpResponse> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let bad = || std::io::Error::other("malformed HTTP response");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .ok_or_else(bad)?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_lowercase(), v.trim().to_owned()))
-        })
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
-    {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        for _ in 0..100_000 {
-            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
-            let len = usize::from_str_radix(
-                String::from_utf8_lossy(&rest[..eol])
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim(),
-                16,
-            )
-            .map_err(|_| bad())?;
-            rest = &rest[eol + 2..];
-            if len == 0 || rest.len() < len {
-                break;
-            }
-            out.extend_from_slice(&rest[..len]);
-            rest = &rest[(len + 2).min(rest.len())..];
-        }
-        body = out;
-    }
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
-}
-
-type Metrics = BTreeMap<String, f64>;
-
+/// The admin port's /metrics (empty when it does not answer).
 fn scrape(admin: SocketAddr) -> Metrics {
-    let Ok(r) = http(admin, "GET", "/metrics", b"") else {
-        return Metrics::new();
-    };
-    String::from_utf8_lossy(&r.body)
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-/// The sum of every series of `name` (all label sets).
-fn msum(m: &Metrics, name: &str) -> f64 {
-    m.iter()
-        .filter(|(k, _)| k.split('{').next() == Some(name))
-        .map(|(_, v)| v)
-        .sum()
+    http(admin, "GET", "/metrics", &[], b"")
+        .map(|r| Metrics::parse(&String::from_utf8_lossy(&r.body)))
+        .unwrap_or_default()
 }
 
 /// Cumulative histogram buckets of `name` as (upper bound, count), sorted.
 fn buckets(m: &Metrics, name: &str) -> Vec<(f64, f64)> {
     let key = format!("{name}_bucket");
     let mut v: Vec<(f64, f64)> = m
-        .iter()
-        .filter(|(k, _)| k.split('{').next() == Some(key.as_str()))
-        .filter_map(|(k, &c)| {
-            let le = k.split("le=\"").nth(1)?.split('"').next()?;
+        .series(&key)
+        .filter_map(|(labels, c)| {
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
                 f64::INFINITY
             } else {
@@ -564,20 +490,20 @@ const TEE_COUNTERS: [&str; 9] = [
 ];
 
 fn dropped(m: &Metrics) -> f64 {
-    msum(m, "sluicegate_tee_records_dropped_queue_full_total")
-        + msum(m, "sluicegate_tee_records_dropped_spool_error_total")
-        + msum(m, "sluicegate_tee_records_dropped_spool_full_total")
+    m.sum("sluicegate_tee_records_dropped_queue_full_total")
+        + m.sum("sluicegate_tee_records_dropped_spool_error_total")
+        + m.sum("sluicegate_tee_records_dropped_spool_full_total")
 }
 
 /// Everything queued has been spooled (or refused by the spool) and, with Kafka, everything
 /// spooled acknowledged (or set aside).
 fn drained(m: &Metrics, kafka: bool) -> bool {
-    let queued = msum(m, "sluicegate_tee_records_queued_total");
-    let spooled = msum(m, "sluicegate_tee_records_spooled_total");
-    let refused = msum(m, "sluicegate_tee_records_dropped_spool_error_total")
-        + msum(m, "sluicegate_tee_records_dropped_spool_full_total");
-    let settled = msum(m, "sluicegate_tee_records_sent_total")
-        + msum(m, "sluicegate_tee_records_dead_lettered_total");
+    let queued = m.sum("sluicegate_tee_records_queued_total");
+    let spooled = m.sum("sluicegate_tee_records_spooled_total");
+    let refused = m.sum("sluicegate_tee_records_dropped_spool_error_total")
+        + m.sum("sluicegate_tee_records_dropped_spool_full_total");
+    let settled = m.sum("sluicegate_tee_records_sent_total")
+        + m.sum("sluicegate_tee_records_dead_lettered_total");
     spooled + refused >= queued && (!kafka || settled >= spooled)
 }
 
@@ -607,7 +533,7 @@ fn script_path(script: &str, env_override: &str) -> Result<PathBuf, String> {
         }
     }
     eprintln!("e2e: {script} (builds it once into ~/.cache/sluicegate if missing)");
-    let out = Command::new(Path::new(MANIFEST).join(script))
+    let out = Command::new(root().join(script))
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| format!("{script}: {e}"))?;
@@ -986,6 +912,16 @@ impl World {
     fn kinds(&self) -> Vec<Kind> {
         self.setups.iter().map(|s| s.kind).collect()
     }
+    /// The median achieved rate of `k`'s closed-loop runs in `phase` at `size`.
+    fn ceiling(&self, phase: &str, size: &str, k: Kind) -> Option<f64> {
+        median(
+            self.cells
+                .iter()
+                .filter(|c| c.phase == phase && c.size == size && c.kind == k)
+                .map(|c| c.load.rps)
+                .collect(),
+        )
+    }
 
     fn run(
         &mut self,
@@ -1039,7 +975,7 @@ impl World {
                 let m1 = scrape(a);
                 let d = TEE_COUNTERS
                     .iter()
-                    .map(|n| (n.to_string(), msum(&m1, n) - msum(&m0, n)))
+                    .map(|n| (n.to_string(), m1.sum(n) - m0.sum(n)))
                     .collect::<BTreeMap<_, _>>();
                 let lag = bucket_delta(
                     &buckets(&m0, "sluicegate_tee_lag_seconds"),
@@ -1107,63 +1043,18 @@ fn rotate<T: Copy>(v: &[T], by: usize) -> Vec<T> {
 
 // ---------------------------------------------------------------------------------------------
 
-fn main() {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs bench targets without it.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("e2e: a benchmark; run it with `cargo bench --bench e2e`");
-        return;
-    }
+pub(crate) fn main() {
     if let Ok(dirs) = std::env::var("E2E_COMBINE") {
         combine(&dirs);
         return;
     }
+    let sluicegate = crate::build_sluicegate();
     let cfg = Cfg::from_env();
     let started = Instant::now();
     let started_at = std::time::SystemTime::now();
-    let tck = clk_tck();
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pin = cfg.pin && have_taskset() && ncpu >= 2;
-    if cfg.pin && !pin {
-        eprintln!("e2e: not pinning (needs taskset and 2 CPUs)");
-    }
-    let (pin_proxy, pin_rest) = if pin {
-        (Some(PROXY_CPU), Some(REST_CPU))
-    } else {
-        (None, None)
-    };
-    if pin {
-        // The bench itself (the Kafka front, the scrapes) stays off the proxies' CPU.
-        let _ = Command::new("taskset")
-            .args(["-a", "-p", "-c", REST_CPU, &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status();
-    }
-
-    // Tools.
-    let oha_bin =
-        script_path("benches/install-oha.sh", "E2E_OHA").unwrap_or_else(|e| panic!("oha: {e}"));
-    let wanted = |k: Kind| {
-        cfg.setups
-            .as_ref()
-            .is_none_or(|s| k == Kind::Direct || s.iter().any(|x| x == k.name()))
-    };
-    let tansu_bin = if wanted(Kind::Full) {
-        match script_path("tests/install-tansu.sh", "SLUICEGATE_TANSU_BIN") {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("e2e: SKIPPED sluicegate-full: no tansu broker ({e})");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let nginx_bin = wanted(Kind::Nginx)
-        .then(|| debian_program("nginx", "nginx"))
-        .flatten();
-    let haproxy_bin = wanted(Kind::Haproxy)
-        .then(|| debian_program("haproxy", "haproxy"))
-        .flatten();
+    let pins = Pins::choose(&cfg, ncpu);
+    let tools = Tools::find(&cfg, sluicegate);
 
     let work_dir = tempfile::Builder::new()
         .prefix("sluicegate-e2e-")
@@ -1172,174 +1063,436 @@ fn main() {
     let work = work_dir.path().to_owned();
     eprintln!("e2e: work dir {}", work.display());
 
-    // The upstream.
-    let model = free_addr();
-    let mut upstream = {
-        let mut c = command(pin_rest, Path::new(BIN));
-        c.args(["stand-in", "--listen", &model.to_string()])
-            .env("RUST_LOG", "warn");
-        spawn("stand-in", c, &work.join("stand-in.log"))
+    let Lab {
+        upstream,
+        broker,
+        mut front,
+        broker_port,
+        setups,
+    } = Lab::start(&cfg, &tools, &pins, &work);
+    let (sizes, answered) = check_sizes(&cfg, &setups, &work);
+    let mut world = World {
+        tck: clk_tck(),
+        pin_rest: pins.rest,
+        oha: tools.oha.clone(),
+        work: work.clone(),
+        setups,
+        sizes,
+        upstream,
+        broker,
+        cells: Vec::new(),
+        total_cells: 0,
+        cfg,
     };
-    wait_listening(
-        model,
-        "the stand-in model",
-        Some(&mut upstream),
-        &work.join("stand-in.log"),
-    );
+    let kinds = world.kinds();
 
-    let mut setups = vec![Setup {
-        kind: Kind::Direct,
-        addr: model,
-        admin: None,
-        proc_: None,
-    }];
-
-    // The broker and its front.
-    let mut broker = None;
-    let mut front = None;
-    let mut broker_port = 0;
-    if let Some(tansu) = &tansu_bin {
-        let port = free_addr().port();
-        let front_port = free_addr().port();
-        let mut c = command(pin_rest, tansu);
-        c.arg("broker")
-            .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
-            .args([
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{front_port}"),
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .current_dir(&work);
-        let mut p = spawn("tansu", c, &work.join("tansu.log"));
-        let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_listening(a, "tansu", Some(&mut p), &work.join("tansu.log"));
-        create_topic(tansu, port, TOPIC);
-        create_topic(tansu, port, ALERTS_TOPIC);
-        front = Some(Front::start(front_port, a));
-        broker = Some(p);
-        broker_port = front_port;
+    // Phases 1 to 6 (the module's header).
+    let fresh_rss = warm_up(&world);
+    let rates = place_rates(&mut world);
+    let outage_cells = if world.cfg.outage && world.has(Kind::Full) {
+        10
+    } else {
+        0
+    };
+    rate_rounds(&mut world, &rates, outage_cells);
+    let counter = Counter::new(&world, broker_port);
+    let count_point = || counter.as_ref().map(Counter::count);
+    let count1 = count_point();
+    if let Some(c) = &count1 {
+        eprintln!("e2e: records at the broker after the rate rounds: {c}");
     }
+    let (outage, count2) = if outage_cells > 0 {
+        kafka_outage(&mut world, front.as_mut().unwrap(), &count_point, &count1)
+    } else {
+        (Value::Null, None)
+    };
+    ceiling_rounds(&mut world);
+    let count3 = count_point();
+    let kafka = kafka_healthy(&count1, &count2, &count3);
 
-    // sluicegate, twice.
-    let sluicegate = |kind: Kind, extra: Vec<String>| {
-        let (listen, admin) = (free_addr(), free_addr());
-        let spool = work.join(format!("spool-{}", kind.name()));
-        let mut c = command(pin_proxy, Path::new(BIN));
-        c.args(["serve", "--upstream", &format!("http://{model}")])
-            .args(["--listen", &listen.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
-            .arg("--spool-dir")
-            .arg(&spool)
-            .args(extra)
-            .env("RUST_LOG", "warn");
-        let log = work.join(format!("{}.log", kind.name()));
-        let mut p = spawn(kind.name(), c, &log);
-        wait_listening(listen, kind.name(), Some(&mut p), &log);
-        wait_listening(admin, kind.name(), Some(&mut p), &log);
-        Setup {
-            kind,
-            addr: listen,
-            admin: Some(admin),
-            proc_: Some(p),
+    // Run-wide facts, then stop everything.
+    let rss = rss_table(&world, &fresh_rss);
+    let versions = tools.versions();
+    for s in &mut world.setups {
+        if let Some(p) = s.proc_.as_mut() {
+            p.stop();
         }
-    };
-    if tansu_bin.is_some() {
-        let keys = work.join("tag-keys");
-        let ok = Command::new(BIN)
-            .args(["tag", "keygen", "--id", "bench", "--dir"])
-            .arg(&keys)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "sluicegate tag keygen failed");
-        let policy = Path::new(MANIFEST).join("benches/e2e/policy.full.yaml");
-        setups.push(sluicegate(
-            Kind::Full,
-            vec![
-                "--policy".into(),
-                policy.display().to_string(),
-                "--tag-keys-dir".into(),
-                keys.display().to_string(),
-                "--kafka-brokers".into(),
-                format!("127.0.0.1:{broker_port}"),
-                "--kafka-topic".into(),
-                TOPIC.into(),
-                "--kafka-alerts-topic".into(),
-                ALERTS_TOPIC.into(),
-                "--record-decisions".into(),
-                env_str("E2E_RECORD_DECISIONS", "columns"),
-            ],
-        ));
     }
-    if wanted(Kind::Tee) {
-        setups.push(sluicegate(Kind::Tee, vec![]));
+    world.upstream.stop();
+    drop(front);
+    if let Some(b) = world.broker.as_mut() {
+        b.stop();
     }
-    let fill = |template: &str, listen: SocketAddr, dir: &Path| {
-        template
-            .replace("@DIR@", &dir.display().to_string())
-            .replace("@LISTEN@", &listen.to_string())
-            .replace("@UPSTREAM@", &model.to_string())
-    };
-    if let Some(nginx) = &nginx_bin {
-        let dir = work.join("nginx");
-        std::fs::create_dir_all(&dir).unwrap();
-        // The workers run as `nobody` when the master is root: let them in.
-        let _ = Command::new("chmod").args(["0777"]).arg(&dir).status();
-        let _ = Command::new("chmod").args(["0711"]).arg(&work).status();
-        let listen = free_addr();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, fill(include_str!("e2e/nginx.conf"), listen, &dir)).unwrap();
-        let mut c = command(pin_proxy, nginx);
-        c.arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-e")
-            .arg(dir.join("nginx-error.log"));
-        let log = work.join("nginx.log");
-        let mut p = spawn("nginx", c, &log);
-        wait_listening(listen, "nginx", Some(&mut p), &log);
-        setups.push(Setup {
-            kind: Kind::Nginx,
-            addr: listen,
-            admin: None,
-            proc_: Some(p),
-        });
-    }
-    if let Some(haproxy) = &haproxy_bin {
-        let listen = free_addr();
-        let conf = work.join("haproxy.cfg");
-        std::fs::write(&conf, fill(include_str!("e2e/haproxy.cfg"), listen, &work)).unwrap();
-        let mut c = command(pin_proxy, haproxy);
-        c.arg("-f").arg(&conf).arg("-db");
-        let log = work.join("haproxy.log");
-        let mut p = spawn("haproxy", c, &log);
-        wait_listening(listen, "haproxy", Some(&mut p), &log);
-        setups.push(Setup {
-            kind: Kind::Haproxy,
-            addr: listen,
-            admin: None,
-            proc_: Some(p),
-        });
-    }
-    setups.sort_by_key(|s| s.kind);
 
-    // Sizes, and a check that every setup answers them (and that the full setup decides and tags).
+    let cfg = &world.cfg;
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':').map(|x| x.1.trim().to_owned()))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let when = started_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let sizes_json: Vec<Value> = world
+        .sizes
+        .iter()
+        .map(|s| {
+            json!({"name": s.name, "rows": s.rows, "request_bytes": s.request_bytes,
+                   "response_bytes": s.response_bytes,
+                   "response_bytes_by_setup": kinds.iter().map(|k| (k.name(), answered.get(&format!("{} {}", s.name, k.name())))).collect::<BTreeMap<_, _>>()})
+        })
+        .collect();
+    let doc = json!({
+        "schema": "sluicegate.bench.e2e.v1",
+        "started_unix": when,
+        "duration_s": started.elapsed().as_secs_f64(),
+        "machine": {"cpus": ncpu, "cpu": cpu_model, "kernel": kernel.trim(), "pinned": pins.pinned,
+                    "proxy_cpu": pins.proxy, "load_upstream_broker_cpu": pins.rest},
+        "config": {"seconds": cfg.seconds, "rounds": cfg.rounds, "ceiling_seconds": cfg.ceiling_seconds,
+                   "ceiling_rounds": cfg.ceiling_rounds, "warmup_seconds": cfg.warmup_seconds,
+                   "connections": cfg.connections, "rates": world.sizes.iter().zip(&rates).map(|(s, r)| (s.name.clone(), r.clone())).collect::<BTreeMap<_, _>>()},
+        "versions": versions,
+        "setups": kinds.iter().map(|k| (k.name(), k.describe())).collect::<BTreeMap<_, _>>(),
+        "sizes": sizes_json,
+        "ceilings": ceiling_rows(&world, &kinds),
+        "rows": rate_rows(&world, &rates, &kinds),
+        "kafka_healthy": kafka,
+        "kafka_outage": outage,
+        "rss": rss,
+        "cells": world.cells.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+    });
+    let mut doc = doc;
+    doc["targets"] = targets(&doc);
+    doc["cost_model"] = cost_model(&doc);
+
+    let md = markdown(&doc);
+    println!("\n{md}");
+    std::fs::create_dir_all(&cfg.out).expect("results dir");
+    std::fs::write(cfg.out.join("e2e.md"), &md).unwrap();
+    std::fs::write(
+        cfg.out.join("e2e.json"),
+        serde_json::to_string_pretty(&doc).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(cfg.out.join("e2e.svg"), svg(&doc)).unwrap();
+    println!(
+        "written to {} (e2e.md, e2e.json, e2e.svg) in {:.0} s",
+        cfg.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    drop(work_dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up: CPUs, tools, processes
+
+/// Proxies on one CPU, everything else (the load, the upstream, the broker, this process) on
+/// the other, when there are two and taskset.
+struct Pins {
+    pinned: bool,
+    proxy: Option<&'static str>,
+    rest: Option<&'static str>,
+}
+
+impl Pins {
+    fn choose(cfg: &Cfg, ncpu: usize) -> Pins {
+        let pin = cfg.pin && have_taskset() && ncpu >= 2;
+        if cfg.pin && !pin {
+            eprintln!("e2e: not pinning (needs taskset and 2 CPUs)");
+        }
+        let (proxy, rest) = if pin {
+            (Some(PROXY_CPU), Some(REST_CPU))
+        } else {
+            (None, None)
+        };
+        if pin {
+            // The bench itself (the Kafka front, the scrapes) stays off the proxies' CPU.
+            let _ = Command::new("taskset")
+                .args(["-a", "-p", "-c", REST_CPU, &std::process::id().to_string()])
+                .stdout(Stdio::null())
+                .status();
+        }
+        Pins {
+            pinned: pin,
+            proxy,
+            rest,
+        }
+    }
+}
+
+/// The programs the run needs; a setup whose program is missing is left out.
+struct Tools {
+    sluicegate: PathBuf,
+    oha: PathBuf,
+    tansu: Option<PathBuf>,
+    nginx: Option<PathBuf>,
+    haproxy: Option<PathBuf>,
+}
+
+impl Tools {
+    fn find(cfg: &Cfg, sluicegate: PathBuf) -> Tools {
+        let oha =
+            script_path("xtask/install-oha.sh", "E2E_OHA").unwrap_or_else(|e| panic!("oha: {e}"));
+        let tansu = if cfg.wants(Kind::Full) {
+            match script_path("tests/install-tansu.sh", "SLUICEGATE_TANSU_BIN") {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("e2e: SKIPPED sluicegate-full: no tansu broker ({e})");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let nginx = cfg
+            .wants(Kind::Nginx)
+            .then(|| debian_program("nginx", "nginx"))
+            .flatten();
+        let haproxy = cfg
+            .wants(Kind::Haproxy)
+            .then(|| debian_program("haproxy", "haproxy"))
+            .flatten();
+        Tools {
+            sluicegate,
+            oha,
+            tansu,
+            nginx,
+            haproxy,
+        }
+    }
+
+    fn versions(&self) -> Value {
+        json!({
+            "sluicegate": version_of(&self.sluicegate, "--version"),
+            "oha": version_of(&self.oha, "--version"),
+            "nginx": self.nginx.as_deref().map(|p| version_of(p, "-v")),
+            "haproxy": self.haproxy.as_deref().map(|p| version_of(p, "-v")),
+            "tansu": self.tansu.as_deref().map(|p| p.display().to_string()),
+        })
+    }
+}
+
+/// Every process of the run: the upstream, the broker behind its front, and the setups.
+struct Lab {
+    upstream: Proc,
+    broker: Option<Proc>,
+    front: Option<Front>,
+    broker_port: u16,
+    setups: Vec<Setup>,
+}
+
+impl Lab {
+    fn start(cfg: &Cfg, tools: &Tools, pins: &Pins, work: &Path) -> Lab {
+        // The upstream.
+        let model = free_addr();
+        let mut upstream = {
+            let mut c = command(pins.rest, &tools.sluicegate);
+            c.args(["stand-in", "--listen", &model.to_string()])
+                .env("RUST_LOG", "warn");
+            spawn("stand-in", c, &work.join("stand-in.log"))
+        };
+        wait_listening(
+            model,
+            "the stand-in model",
+            Some(&mut upstream),
+            &work.join("stand-in.log"),
+        );
+
+        let mut setups = vec![Setup {
+            kind: Kind::Direct,
+            addr: model,
+            admin: None,
+            proc_: None,
+        }];
+
+        // The broker and its front.
+        let mut broker = None;
+        let mut front = None;
+        let mut broker_port = 0;
+        if let Some(tansu) = &tools.tansu {
+            let port = free_addr().port();
+            let front_port = free_addr().port();
+            let mut c = command(pins.rest, tansu);
+            c.arg("broker")
+                .args(["--listener-url", &format!("tcp://127.0.0.1:{port}")])
+                .args([
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{front_port}"),
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .current_dir(work);
+            let mut p = spawn("tansu", c, &work.join("tansu.log"));
+            let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            wait_listening(a, "tansu", Some(&mut p), &work.join("tansu.log"));
+            create_topic(tansu, port, TOPIC);
+            create_topic(tansu, port, ALERTS_TOPIC);
+            front = Some(Front::start(front_port, a));
+            broker = Some(p);
+            broker_port = front_port;
+        }
+
+        // sluicegate, twice.
+        let sluicegate = |kind: Kind, extra: Vec<String>| {
+            start_sluicegate(&tools.sluicegate, pins.proxy, model, work, kind, extra)
+        };
+        if tools.tansu.is_some() {
+            let keys = work.join("tag-keys");
+            let ok = Command::new(&tools.sluicegate)
+                .args(["tag", "keygen", "--id", "bench", "--dir"])
+                .arg(&keys)
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "sluicegate tag keygen failed");
+            let policy = root().join("benches/e2e/policy.full.yaml");
+            setups.push(sluicegate(
+                Kind::Full,
+                vec![
+                    "--policy".into(),
+                    policy.display().to_string(),
+                    "--tag-keys-dir".into(),
+                    keys.display().to_string(),
+                    "--kafka-brokers".into(),
+                    format!("127.0.0.1:{broker_port}"),
+                    "--kafka-topic".into(),
+                    TOPIC.into(),
+                    "--kafka-alerts-topic".into(),
+                    ALERTS_TOPIC.into(),
+                    "--record-decisions".into(),
+                    env_str("E2E_RECORD_DECISIONS", "columns"),
+                ],
+            ));
+        }
+        if cfg.wants(Kind::Tee) {
+            setups.push(sluicegate(Kind::Tee, vec![]));
+        }
+        if let Some(nginx) = &tools.nginx {
+            setups.push(start_nginx(nginx, pins.proxy, model, work));
+        }
+        if let Some(haproxy) = &tools.haproxy {
+            setups.push(start_haproxy(haproxy, pins.proxy, model, work));
+        }
+        setups.sort_by_key(|s| s.kind);
+        Lab {
+            upstream,
+            broker,
+            front,
+            broker_port,
+            setups,
+        }
+    }
+}
+
+fn start_sluicegate(
+    bin: &Path,
+    pin: Option<&str>,
+    model: SocketAddr,
+    work: &Path,
+    kind: Kind,
+    extra: Vec<String>,
+) -> Setup {
+    let (listen, admin) = (free_addr(), free_addr());
+    let spool = work.join(format!("spool-{}", kind.name()));
+    let mut c = command(pin, bin);
+    c.args(["serve", "--upstream", &format!("http://{model}")])
+        .args(["--listen", &listen.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .arg("--spool-dir")
+        .arg(&spool)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    let log = work.join(format!("{}.log", kind.name()));
+    let mut p = spawn(kind.name(), c, &log);
+    wait_listening(listen, kind.name(), Some(&mut p), &log);
+    wait_listening(admin, kind.name(), Some(&mut p), &log);
+    Setup {
+        kind,
+        addr: listen,
+        admin: Some(admin),
+        proc_: Some(p),
+    }
+}
+
+/// A config template with its @DIR@, @LISTEN@ and @UPSTREAM@ filled in.
+fn fill(template: &str, listen: SocketAddr, dir: &Path, model: SocketAddr) -> String {
+    template
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@LISTEN@", &listen.to_string())
+        .replace("@UPSTREAM@", &model.to_string())
+}
+
+fn start_nginx(nginx: &Path, pin: Option<&str>, model: SocketAddr, work: &Path) -> Setup {
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The workers run as `nobody` when the master is root: let them in.
+    let _ = Command::new("chmod").args(["0777"]).arg(&dir).status();
+    let _ = Command::new("chmod").args(["0711"]).arg(work).status();
+    let listen = free_addr();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        fill(include_str!("e2e/nginx.conf"), listen, &dir, model),
+    )
+    .unwrap();
+    let mut c = command(pin, nginx);
+    c.arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"));
+    let log = work.join("nginx.log");
+    let mut p = spawn("nginx", c, &log);
+    wait_listening(listen, "nginx", Some(&mut p), &log);
+    Setup {
+        kind: Kind::Nginx,
+        addr: listen,
+        admin: None,
+        proc_: Some(p),
+    }
+}
+
+fn start_haproxy(haproxy: &Path, pin: Option<&str>, model: SocketAddr, work: &Path) -> Setup {
+    let listen = free_addr();
+    let conf = work.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        fill(include_str!("e2e/haproxy.cfg"), listen, work, model),
+    )
+    .unwrap();
+    let mut c = command(pin, haproxy);
+    c.arg("-f").arg(&conf).arg("-db");
+    let log = work.join("haproxy.log");
+    let mut p = spawn("haproxy", c, &log);
+    wait_listening(listen, "haproxy", Some(&mut p), &log);
+    Setup {
+        kind: Kind::Haproxy,
+        addr: listen,
+        admin: None,
+        proc_: Some(p),
+    }
+}
+
+/// The sizes, and a check that every setup answers them (and that the full setup decides and
+/// tags); with each setup's response length by "SIZE SETUP".
+fn check_sizes(cfg: &Cfg, setups: &[Setup], work: &Path) -> (Vec<Size>, BTreeMap<String, usize>) {
     let mut sizes = Vec::new();
     for s in &cfg.sizes {
         let target = if s == "16k" { 16 << 10 } else { 1 << 10 };
         sizes.push(size_for(
             if s == "16k" { "16KiB" } else { "1KiB" },
             target,
-            &work,
+            work,
         ));
     }
     let mut answered = BTreeMap::new();
     for size in &sizes {
         let body = std::fs::read(&size.body).unwrap();
-        for s in &setups {
-            let r = http(s.addr, "POST", INFER_PATH, &body)
+        for s in setups {
+            let r = http(s.addr, "POST", INFER_PATH, JSON, &body)
                 .unwrap_or_else(|e| panic!("{} does not answer: {e}", s.kind.name()));
             assert_eq!(r.status, 200, "{}: status {}", s.kind.name(), r.status);
             let has = |h: &str| r.headers.iter().any(|(k, _)| k == h);
@@ -1363,30 +1516,22 @@ fn main() {
                 .map_or("-".into(), |n| n.to_string())
         );
     }
+    (sizes, answered)
+}
 
-    let n_kinds = setups.len();
-    let mut world = World {
-        tck,
-        pin_rest,
-        oha: oha_bin.clone(),
-        work: work.clone(),
-        setups,
-        sizes,
-        upstream,
-        broker,
-        cells: Vec::new(),
-        total_cells: 0,
-        cfg,
-    };
-    let kinds = world.kinds();
-    let nsizes = world.sizes.len();
+// ---------------------------------------------------------------------------------------------
+// The phases
 
-    // Warm-up (excluded) at 1,000 req/s: connections, pools, page cache, allocators. The
-    // proxies are fresh processes here, so their peak RSS after it is the peak RSS of a process
-    // that has seen 1,000 req/s of ~1 KiB (and then of ~16 KiB) and nothing else.
-    let mut fresh_rss: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
-    for si in 0..nsizes {
-        for &k in &kinds {
+/// Peak RSS (KiB) by size and setup after the warm-up.
+type FreshRss = BTreeMap<String, BTreeMap<&'static str, u64>>;
+
+/// Phase 1, the warm-up (excluded) at 1,000 req/s: connections, pools, page cache,
+/// allocators. The proxies are fresh processes here, so their peak RSS after it is the peak
+/// RSS of a process that has seen 1,000 req/s of ~1 KiB (and then of ~16 KiB) and nothing else.
+fn warm_up(world: &World) -> FreshRss {
+    let mut fresh_rss = FreshRss::new();
+    for si in 0..world.sizes.len() {
+        for k in world.kinds() {
             let s = world.setup(k);
             if world.cfg.warmup_seconds > 0 {
                 oha(
@@ -1397,7 +1542,7 @@ fn main() {
                     Some(1000),
                     world.cfg.warmup_seconds,
                     world.cfg.connections,
-                    &work.join("warmup.json"),
+                    &world.work.join("warmup.json"),
                 );
             }
         }
@@ -1416,8 +1561,12 @@ fn main() {
             }
         }
     }
+    fresh_rss
+}
 
-    // The direct ceiling (closed loop), to place the rates.
+/// Phase 2, the direct ceiling (closed loop), and the rates it places: one list per size.
+fn place_rates(world: &mut World) -> Vec<Vec<u32>> {
+    let nsizes = world.sizes.len();
     let ceiling_rounds = world.cfg.ceiling_rounds.max(1);
     world.total_cells = ceiling_rounds * nsizes;
     for round in 1..=ceiling_rounds {
@@ -1426,17 +1575,6 @@ fn main() {
             world.run("direct-ceiling", round, si, Kind::Direct, None, secs);
         }
     }
-    let ceiling = |w: &World, phase: &str, size: &str, k: Kind| {
-        median(
-            w.cells
-                .iter()
-                .filter(|c| c.phase == phase && c.size == size && c.kind == k)
-                .map(|c| c.load.rps)
-                .collect(),
-        )
-    };
-
-    // Rates.
     let mut rates: Vec<Vec<u32>> = Vec::new();
     for si in 0..nsizes {
         let name = world.sizes[si].name.clone();
@@ -1445,7 +1583,9 @@ fn main() {
         } else {
             world.cfg.rates_1k.clone()
         };
-        let c = ceiling(&world, "direct-ceiling", &name, Kind::Direct).unwrap_or(2000.0);
+        let c = world
+            .ceiling("direct-ceiling", &name, Kind::Direct)
+            .unwrap_or(2000.0);
         let r = given.unwrap_or_else(|| {
             // Open loop, the direct setup keeps a stable tail up to about half its closed-loop
             // ceiling; past that the load generator and the upstream, sharing one core, queue
@@ -1472,16 +1612,15 @@ fn main() {
         eprintln!("e2e: {name}: direct ceiling {c:.0} req/s; rates {r:?}");
         rates.push(r);
     }
+    rates
+}
 
-    // Fixed-rate rounds, interleaved: every round runs every rate and setup once, in an order
-    // that rotates so that no setup always follows the same one.
-    let per_round: usize = rates.iter().map(|r| r.len()).sum::<usize>() * n_kinds;
-    let outage_cells = if world.cfg.outage && world.has(Kind::Full) {
-        10
-    } else {
-        0
-    };
-    let ceiling_cells = world.cfg.ceiling_rounds * nsizes * n_kinds;
+/// Phase 3, the fixed-rate rounds, interleaved: every round runs every rate and setup once, in
+/// an order that rotates so that no setup always follows the same one.
+fn rate_rounds(world: &mut World, rates: &[Vec<u32>], outage_cells: usize) {
+    let kinds = world.kinds();
+    let per_round: usize = rates.iter().map(|r| r.len()).sum::<usize>() * kinds.len();
+    let ceiling_cells = world.cfg.ceiling_rounds * world.sizes.len() * kinds.len();
     world.total_cells =
         world.cells.len() + per_round * world.cfg.rounds + outage_cells + ceiling_cells;
     for round in 1..=world.cfg.rounds {
@@ -1494,206 +1633,238 @@ fn main() {
             }
         }
     }
+}
 
-    // Records at the broker. tansu 0.6 makes the last batch it acknowledged readable only once
-    // the next one arrives, so a count is taken after two marker requests, each drained: every
-    // record up to the first marker is then readable, and `expected` counts them.
-    let brokers = world
-        .broker
-        .as_ref()
-        .map(|_| format!("127.0.0.1:{broker_port}"));
-    let full_admin = world
-        .has(Kind::Full)
-        .then(|| world.setup(Kind::Full).admin.unwrap());
-    let marker_addr = world.has(Kind::Full).then(|| world.setup(Kind::Full).addr);
-    let marker_body = std::fs::read(&world.sizes[0].body).unwrap();
-    let count_point = || -> Option<Value> {
-        let (admin, brokers, addr) = (full_admin?, brokers.clone()?, marker_addr?);
+/// Phase 4, the records at the broker. tansu 0.6 makes the last batch it acknowledged readable
+/// only once the next one arrives, so a count is taken after two marker requests, each
+/// drained: every record up to the first marker is then readable, and `expected` counts them.
+struct Counter {
+    admin: SocketAddr,
+    brokers: String,
+    addr: SocketAddr,
+    marker_body: Vec<u8>,
+}
+
+impl Counter {
+    /// None without the full setup or a broker.
+    fn new(world: &World, broker_port: u16) -> Option<Counter> {
+        let brokers = world
+            .broker
+            .as_ref()
+            .map(|_| format!("127.0.0.1:{broker_port}"));
+        let full_admin = world
+            .has(Kind::Full)
+            .then(|| world.setup(Kind::Full).admin.unwrap());
+        let marker_addr = world.has(Kind::Full).then(|| world.setup(Kind::Full).addr);
+        let marker_body = std::fs::read(&world.sizes[0].body).unwrap();
+        Some(Counter {
+            admin: full_admin?,
+            brokers: brokers?,
+            addr: marker_addr?,
+            marker_body,
+        })
+    }
+
+    fn count(&self) -> Value {
+        let (admin, brokers, addr) = (self.admin, &self.brokers, self.addr);
         let mut drained_ok = wait_drained(admin, true, Duration::from_secs(60));
         for _ in 0..2 {
-            let _ = http(addr, "POST", INFER_PATH, &marker_body);
+            let _ = http(addr, "POST", INFER_PATH, JSON, &self.marker_body);
             drained_ok &= wait_drained(admin, true, Duration::from_secs(30));
         }
         let m = scrape(admin);
         // Records made = handed to the queue or dropped in front of it, less the alerts (which
         // go to their own topic).
-        let made = msum(&m, "sluicegate_tee_records_queued_total")
-            + msum(&m, "sluicegate_tee_records_dropped_queue_full_total")
-            - msum(&m, "sluicegate_limit_alerts_total");
-        let visible = topic_count(&brokers, TOPIC);
-        Some(json!({
+        let made = m.sum("sluicegate_tee_records_queued_total")
+            + m.sum("sluicegate_tee_records_dropped_queue_full_total")
+            - m.sum("sluicegate_limit_alerts_total");
+        let visible = topic_count(brokers, TOPIC);
+        json!({
             "drained": drained_ok,
             "records_made": made,
             "records_in_topic": visible,
             // Readable must be every record but possibly the last marker's.
             "missing": visible.map(|v| (made - 1.0 - v as f64).max(0.0)),
-            "requests_answered": msum(&m, "sluicegate_requests_total"),
-            "records_queued": msum(&m, "sluicegate_tee_records_queued_total"),
-            "records_spooled": msum(&m, "sluicegate_tee_records_spooled_total"),
-            "records_sent": msum(&m, "sluicegate_tee_records_sent_total"),
+            "requests_answered": m.sum("sluicegate_requests_total"),
+            "records_queued": m.sum("sluicegate_tee_records_queued_total"),
+            "records_spooled": m.sum("sluicegate_tee_records_spooled_total"),
+            "records_sent": m.sum("sluicegate_tee_records_sent_total"),
             "records_dropped": dropped(&m),
-            "records_dead_lettered": msum(&m, "sluicegate_tee_records_dead_lettered_total"),
-            "delivery_retries": msum(&m, "sluicegate_tee_delivery_retries_total"),
-            "producer_rebuilds": msum(&m, "sluicegate_tee_producer_rebuilds_total"),
-            "alerts_emitted": msum(&m, "sluicegate_limit_alerts_total"),
-            "alerts_in_topic": topic_count(&brokers, ALERTS_TOPIC),
+            "records_dead_lettered": m.sum("sluicegate_tee_records_dead_lettered_total"),
+            "delivery_retries": m.sum("sluicegate_tee_delivery_retries_total"),
+            "producer_rebuilds": m.sum("sluicegate_tee_producer_rebuilds_total"),
+            "alerts_emitted": m.sum("sluicegate_limit_alerts_total"),
+            "alerts_in_topic": topic_count(brokers, ALERTS_TOPIC),
             "tee_lag_p99_s": bucket_quantile(&buckets(&m, "sluicegate_tee_lag_seconds"), 0.99),
-        }))
-    };
-    let missing = |c: &Option<Value>| c.as_ref().and_then(|c| c["missing"].as_f64());
-    let count1 = count_point();
-    if let Some(c) = &count1 {
-        eprintln!("e2e: records at the broker after the rate rounds: {c}");
+        })
     }
+}
 
-    // The Kafka outage: pairs (direct, full) at 1,000 req/s with ~1 KiB, two with the broker
-    // reachable, then the broker cut off (its TCP front closed) for three pairs, then back.
-    let mut outage = Value::Null;
-    let mut count2 = None;
-    if outage_cells > 0 {
-        let si = 0;
-        let rate = 1000;
-        let secs = world.cfg.seconds;
-        let admin = full_admin.unwrap();
-        let before = scrape(admin);
-        for round in 1..=2 {
-            for k in rotate(&[Kind::Direct, Kind::Full], round) {
-                world.run("outage-up", round, si, k, Some(rate), secs);
-            }
+/// Records a count found missing at the broker.
+fn missing(c: &Option<Value>) -> Option<f64> {
+    c.as_ref().and_then(|c| c["missing"].as_f64())
+}
+
+/// Phase 5, the Kafka outage: pairs (direct, full) at 1,000 req/s with ~1 KiB, two with the
+/// broker reachable, then the broker cut off (its TCP front closed) for three pairs, then back.
+/// The phase's figures, and the count at the broker after it.
+fn kafka_outage(
+    world: &mut World,
+    front: &mut Front,
+    count_point: &dyn Fn() -> Option<Value>,
+    count1: &Option<Value>,
+) -> (Value, Option<Value>) {
+    let si = 0;
+    let rate = 1000;
+    let secs = world.cfg.seconds;
+    let admin = world.setup(Kind::Full).admin.unwrap();
+    let before = scrape(admin);
+    for round in 1..=2 {
+        for k in rotate(&[Kind::Direct, Kind::Full], round) {
+            world.run("outage-up", round, si, k, Some(rate), secs);
         }
-        let cut_at = Instant::now();
-        front.as_mut().unwrap().cut();
-        let mut seen_down = false;
-        for round in 1..=3 {
-            for k in rotate(&[Kind::Direct, Kind::Full], round) {
-                world.run("outage-down", round, si, k, Some(rate), secs);
-            }
-            seen_down |= msum(&scrape(admin), "sluicegate_tee_kafka_connected") == 0.0;
+    }
+    let cut_at = Instant::now();
+    front.cut();
+    let mut seen_down = false;
+    for round in 1..=3 {
+        for k in rotate(&[Kind::Direct, Kind::Full], round) {
+            world.run("outage-down", round, si, k, Some(rate), secs);
         }
-        let outage_s = cut_at.elapsed().as_secs_f64();
-        let during = scrape(admin);
-        front.as_mut().unwrap().restore();
-        let recovered_at = Instant::now();
-        let drained_ok = wait_drained(admin, true, Duration::from_secs(120));
-        let recovery_s = recovered_at.elapsed().as_secs_f64();
-        count2 = count_point();
-        let after = scrape(admin);
-        let cells_of = |phase: &str, k: Kind| -> Vec<Cell> {
-            world
-                .cells
-                .iter()
-                .filter(|c| c.phase == phase && c.kind == k)
-                .cloned()
-                .collect()
-        };
-        let pct = |phase: &str, k: Kind, i: usize| {
-            median(cells_of(phase, k).iter().map(|c| c.load.p[i]).collect())
-        };
-        let added = |phase: &str, i: usize| {
-            let d = cells_of(phase, Kind::Direct);
-            let f = cells_of(phase, Kind::Full);
-            median(
-                f.iter()
-                    .filter_map(|fc| {
-                        Some(fc.load.p[i] - d.iter().find(|dc| dc.round == fc.round)?.load.p[i])
-                    })
-                    .collect(),
-            )
-        };
-        let (up, down) = (
-            pct("outage-up", Kind::Full, 2),
-            pct("outage-down", Kind::Full, 2),
-        );
-        let (dup, ddown) = (
-            pct("outage-up", Kind::Direct, 2),
-            pct("outage-down", Kind::Direct, 2),
-        );
-        let failed: u64 = world
+        seen_down |= scrape(admin).sum("sluicegate_tee_kafka_connected") == 0.0;
+    }
+    let outage_s = cut_at.elapsed().as_secs_f64();
+    let during = scrape(admin);
+    front.restore();
+    let recovered_at = Instant::now();
+    let drained_ok = wait_drained(admin, true, Duration::from_secs(120));
+    let recovery_s = recovered_at.elapsed().as_secs_f64();
+    let count2 = count_point();
+    let after = scrape(admin);
+    let cells_of = |phase: &str, k: Kind| -> Vec<Cell> {
+        world
             .cells
             .iter()
-            .filter(|c| c.phase.starts_with("outage") && c.kind == Kind::Full)
-            .map(|c| c.load.failed)
-            .sum();
-        let change = match (up, down) {
-            (Some(u), Some(d)) if u > 0.0 => Some((d - u) / u),
-            _ => None,
-        };
-        let norm_change = match (up, down, dup, ddown) {
-            (Some(u), Some(d), Some(du), Some(dd)) if u > 0.0 && dd > 0.0 && du > 0.0 => {
-                Some((d / dd) / (u / du) - 1.0)
-            }
-            _ => None,
-        };
-        // Records missing at the broker are cumulative: what went missing during the phase.
-        let lost = missing(&count2).map(|b| (b - missing(&count1).unwrap_or(0.0)).max(0.0));
-        let made = match (&count1, &count2) {
-            (Some(a), Some(b)) => b["records_made"]
-                .as_f64()
-                .zip(a["records_made"].as_f64())
-                .map(|(b, a)| b - a),
-            _ => None,
-        };
-        outage = json!({
-            "rate": rate, "size": world.sizes[si].name, "outage_s": outage_s,
-            "kafka_seen_down": seen_down,
-            "failed_requests": failed,
-            "p50_us_kafka_up": pct("outage-up", Kind::Full, 0), "p50_us_kafka_down": pct("outage-down", Kind::Full, 0),
-            "p99_us_kafka_up": up, "p99_us_kafka_down": down,
-            "p999_us_kafka_up": pct("outage-up", Kind::Full, 3), "p999_us_kafka_down": pct("outage-down", Kind::Full, 3),
-            "direct_p99_us_kafka_up": dup, "direct_p99_us_kafka_down": ddown,
-            "added_p99_us_kafka_up": added("outage-up", 2), "added_p99_us_kafka_down": added("outage-down", 2),
-            "p99_change": change,
-            "p99_change_relative_to_direct": norm_change,
-            "spool_backlog_bytes_at_end_of_outage": msum(&during, "sluicegate_tee_spool_bytes"),
-            "sent_during_outage_phase": msum(&during, "sluicegate_tee_records_sent_total") - msum(&before, "sluicegate_tee_records_sent_total"),
-            "recovered": drained_ok, "recovery_s": recovery_s,
-            "records_made": made,
-            "records_lost": lost,
-            "records_dropped": dropped(&after) - dropped(&before),
-            "delivery_retries": msum(&after, "sluicegate_tee_delivery_retries_total") - msum(&before, "sluicegate_tee_delivery_retries_total"),
-            "producer_rebuilds": msum(&after, "sluicegate_tee_producer_rebuilds_total") - msum(&before, "sluicegate_tee_producer_rebuilds_total"),
-        });
-        eprintln!("e2e: outage: {outage}");
-    }
+            .filter(|c| c.phase == phase && c.kind == k)
+            .cloned()
+            .collect()
+    };
+    let pct = |phase: &str, k: Kind, i: usize| {
+        median(cells_of(phase, k).iter().map(|c| c.load.p[i]).collect())
+    };
+    let added = |phase: &str, i: usize| {
+        let d = cells_of(phase, Kind::Direct);
+        let f = cells_of(phase, Kind::Full);
+        median(
+            f.iter()
+                .filter_map(|fc| {
+                    Some(fc.load.p[i] - d.iter().find(|dc| dc.round == fc.round)?.load.p[i])
+                })
+                .collect(),
+        )
+    };
+    let (up, down) = (
+        pct("outage-up", Kind::Full, 2),
+        pct("outage-down", Kind::Full, 2),
+    );
+    let (dup, ddown) = (
+        pct("outage-up", Kind::Direct, 2),
+        pct("outage-down", Kind::Direct, 2),
+    );
+    let failed: u64 = world
+        .cells
+        .iter()
+        .filter(|c| c.phase.starts_with("outage") && c.kind == Kind::Full)
+        .map(|c| c.load.failed)
+        .sum();
+    let change = match (up, down) {
+        (Some(u), Some(d)) if u > 0.0 => Some((d - u) / u),
+        _ => None,
+    };
+    let norm_change = match (up, down, dup, ddown) {
+        (Some(u), Some(d), Some(du), Some(dd)) if u > 0.0 && dd > 0.0 && du > 0.0 => {
+            Some((d / dd) / (u / du) - 1.0)
+        }
+        _ => None,
+    };
+    // Records missing at the broker are cumulative: what went missing during the phase.
+    let lost = missing(&count2).map(|b| (b - missing(count1).unwrap_or(0.0)).max(0.0));
+    let made = match (count1, &count2) {
+        (Some(a), Some(b)) => b["records_made"]
+            .as_f64()
+            .zip(a["records_made"].as_f64())
+            .map(|(b, a)| b - a),
+        _ => None,
+    };
+    let outage = json!({
+        "rate": rate, "size": world.sizes[si].name, "outage_s": outage_s,
+        "kafka_seen_down": seen_down,
+        "failed_requests": failed,
+        "p50_us_kafka_up": pct("outage-up", Kind::Full, 0), "p50_us_kafka_down": pct("outage-down", Kind::Full, 0),
+        "p99_us_kafka_up": up, "p99_us_kafka_down": down,
+        "p999_us_kafka_up": pct("outage-up", Kind::Full, 3), "p999_us_kafka_down": pct("outage-down", Kind::Full, 3),
+        "direct_p99_us_kafka_up": dup, "direct_p99_us_kafka_down": ddown,
+        "added_p99_us_kafka_up": added("outage-up", 2), "added_p99_us_kafka_down": added("outage-down", 2),
+        "p99_change": change,
+        "p99_change_relative_to_direct": norm_change,
+        "spool_backlog_bytes_at_end_of_outage": during.sum("sluicegate_tee_spool_bytes"),
+        "sent_during_outage_phase": during.sum("sluicegate_tee_records_sent_total") - before.sum("sluicegate_tee_records_sent_total"),
+        "recovered": drained_ok, "recovery_s": recovery_s,
+        "records_made": made,
+        "records_lost": lost,
+        "records_dropped": dropped(&after) - dropped(&before),
+        "delivery_retries": after.sum("sluicegate_tee_delivery_retries_total") - before.sum("sluicegate_tee_delivery_retries_total"),
+        "producer_rebuilds": after.sum("sluicegate_tee_producer_rebuilds_total") - before.sum("sluicegate_tee_producer_rebuilds_total"),
+    });
+    eprintln!("e2e: outage: {outage}");
+    (outage, count2)
+}
 
-    // Ceilings: closed loop, every setup, interleaved (last: they leave the proxies' memory
-    // and the broker at their worst).
+/// Phase 6, the ceilings: closed loop, every setup, interleaved (last: they leave the proxies'
+/// memory and the broker at their worst).
+fn ceiling_rounds(world: &mut World) {
+    let kinds = world.kinds();
     for round in 1..=world.cfg.ceiling_rounds {
-        for si in 0..nsizes {
+        for si in 0..world.sizes.len() {
             for k in rotate(&kinds, round + si) {
                 let secs = world.cfg.ceiling_seconds;
                 world.run("ceiling", round, si, k, None, secs);
             }
         }
     }
-    let count3 = count_point();
+}
 
-    // Kafka healthy: everything but the outage phase.
-    let mut kafka = Value::Null;
-    if let (Some(c1), Some(c3)) = (&count1, &count3) {
-        // Missing at the broker before the outage, and missing anew after it (ceilings).
-        let lost_a = missing(&count1);
-        let lost_b =
-            missing(&count3).map(|m| (m - missing(&count2).or(lost_a).unwrap_or(0.0)).max(0.0));
-        let made = c3["records_made"].as_f64().unwrap_or(0.0)
-            - count2.as_ref().map_or(0.0, |c2| {
-                c2["records_made"].as_f64().unwrap_or(0.0)
-                    - c1["records_made"].as_f64().unwrap_or(0.0)
-            });
-        kafka = json!({
-            "records_made": made,
-            "records_lost": lost_a.zip(lost_b).map(|(a, b)| a + b),
-            "records_lost_before_outage": lost_a,
-            "records_lost_after_outage": lost_b,
-            "records_missing_at_end": missing(&count3),
-            "after_rate_rounds": c1,
-            "after_outage": count2,
-            "at_end": c3,
+// ---------------------------------------------------------------------------------------------
+// Aggregates
+
+/// Kafka healthy: everything but the outage phase (Null without a count at the broker).
+fn kafka_healthy(count1: &Option<Value>, count2: &Option<Value>, count3: &Option<Value>) -> Value {
+    let (Some(c1), Some(c3)) = (count1, count3) else {
+        return Value::Null;
+    };
+    // Missing at the broker before the outage, and missing anew after it (ceilings).
+    let lost_a = missing(count1);
+    let lost_b = missing(count3).map(|m| (m - missing(count2).or(lost_a).unwrap_or(0.0)).max(0.0));
+    let made = c3["records_made"].as_f64().unwrap_or(0.0)
+        - count2.as_ref().map_or(0.0, |c2| {
+            c2["records_made"].as_f64().unwrap_or(0.0) - c1["records_made"].as_f64().unwrap_or(0.0)
         });
-        eprintln!("e2e: Kafka healthy: {kafka}");
-    }
+    let kafka = json!({
+        "records_made": made,
+        "records_lost": lost_a.zip(lost_b).map(|(a, b)| a + b),
+        "records_lost_before_outage": lost_a,
+        "records_lost_after_outage": lost_b,
+        "records_missing_at_end": missing(count3),
+        "after_rate_rounds": c1,
+        "after_outage": count2,
+        "at_end": c3,
+    });
+    eprintln!("e2e: Kafka healthy: {kafka}");
+    kafka
+}
 
-    // Run-wide facts, then stop everything.
+/// Every measured setup's RSS: fresh after the warm-up, at 1,000 req/s, its peak, at the end.
+fn rss_table(world: &World, fresh_rss: &FreshRss) -> BTreeMap<&'static str, Value> {
     let mut rss_table: BTreeMap<&'static str, Value> = BTreeMap::new();
     for s in &world.setups {
         if s.pids().is_empty() {
@@ -1734,27 +1905,11 @@ fn main() {
             }),
         );
     }
-    let versions = json!({
-        "sluicegate": version_of(Path::new(BIN), "--version"),
-        "oha": version_of(&oha_bin, "--version"),
-        "nginx": nginx_bin.as_deref().map(|p| version_of(p, "-v")),
-        "haproxy": haproxy_bin.as_deref().map(|p| version_of(p, "-v")),
-        "tansu": tansu_bin.as_deref().map(|p| p.display().to_string()),
-    });
-    for s in &mut world.setups {
-        if let Some(p) = s.proc_.as_mut() {
-            p.stop();
-        }
-    }
-    world.upstream.stop();
-    drop(front);
-    if let Some(b) = world.broker.as_mut() {
-        b.stop();
-    }
+    rss_table
+}
 
-    // -----------------------------------------------------------------------------------------
-    // Aggregate.
-    let cfg = &world.cfg;
+/// The rate rounds' medians per size, rate and setup.
+fn rate_rows(world: &World, rates: &[Vec<u32>], kinds: &[Kind]) -> Vec<Value> {
     let cells = &world.cells;
     let sel = |size: &str, rate: u32, k: Kind| -> Vec<&Cell> {
         cells
@@ -1765,7 +1920,7 @@ fn main() {
     let mut rows = Vec::new();
     for (si, size) in world.sizes.iter().enumerate() {
         for &rate in &rates[si] {
-            for &k in &kinds {
+            for &k in kinds {
                 let cs = sel(&size.name, rate, k);
                 let direct = sel(&size.name, rate, Kind::Direct);
                 let pct: Vec<Option<f64>> = (0..4)
@@ -1846,15 +2001,21 @@ fn main() {
             }
         }
     }
+    rows
+}
+
+/// The closed-loop ceilings per size and setup.
+fn ceiling_rows(world: &World, kinds: &[Kind]) -> Vec<Value> {
     let mut ceilings = Vec::new();
     for size in &world.sizes {
-        let direct = ceiling(&world, "ceiling", &size.name, Kind::Direct);
-        for &k in &kinds {
-            let cs: Vec<&Cell> = cells
+        let direct = world.ceiling("ceiling", &size.name, Kind::Direct);
+        for &k in kinds {
+            let cs: Vec<&Cell> = world
+                .cells
                 .iter()
                 .filter(|c| c.phase == "ceiling" && c.size == size.name && c.kind == k)
                 .collect();
-            let c = ceiling(&world, "ceiling", &size.name, k);
+            let c = world.ceiling("ceiling", &size.name, k);
             let util = median(
                 cs.iter()
                     .filter_map(|c| c.proxy_cpu_s.map(|s| s / c.wall_s.max(1e-9)))
@@ -1869,64 +2030,7 @@ fn main() {
         }
     }
 
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':').map(|x| x.1.trim().to_owned()))
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let when = started_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let sizes_json: Vec<Value> = world
-        .sizes
-        .iter()
-        .map(|s| {
-            json!({"name": s.name, "rows": s.rows, "request_bytes": s.request_bytes,
-                   "response_bytes": s.response_bytes,
-                   "response_bytes_by_setup": kinds.iter().map(|k| (k.name(), answered.get(&format!("{} {}", s.name, k.name())))).collect::<BTreeMap<_, _>>()})
-        })
-        .collect();
-    let doc = json!({
-        "schema": "sluicegate.bench.e2e.v1",
-        "started_unix": when,
-        "duration_s": started.elapsed().as_secs_f64(),
-        "machine": {"cpus": ncpu, "cpu": cpu_model, "kernel": kernel.trim(), "pinned": pin,
-                    "proxy_cpu": pin_proxy, "load_upstream_broker_cpu": pin_rest},
-        "config": {"seconds": cfg.seconds, "rounds": cfg.rounds, "ceiling_seconds": cfg.ceiling_seconds,
-                   "ceiling_rounds": cfg.ceiling_rounds, "warmup_seconds": cfg.warmup_seconds,
-                   "connections": cfg.connections, "rates": world.sizes.iter().zip(&rates).map(|(s, r)| (s.name.clone(), r.clone())).collect::<BTreeMap<_, _>>()},
-        "versions": versions,
-        "setups": kinds.iter().map(|k| (k.name(), k.describe())).collect::<BTreeMap<_, _>>(),
-        "sizes": sizes_json,
-        "ceilings": ceilings,
-        "rows": rows,
-        "kafka_healthy": kafka,
-        "kafka_outage": outage,
-        "rss": rss_table,
-        "cells": cells.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
-    });
-    let mut doc = doc;
-    doc["targets"] = targets(&doc);
-    doc["cost_model"] = cost_model(&doc);
-
-    let md = markdown(&doc);
-    println!("\n{md}");
-    std::fs::create_dir_all(&cfg.out).expect("results dir");
-    std::fs::write(cfg.out.join("e2e.md"), &md).unwrap();
-    std::fs::write(
-        cfg.out.join("e2e.json"),
-        serde_json::to_string_pretty(&doc).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(cfg.out.join("e2e.svg"), svg(&doc)).unwrap();
-    println!(
-        "written to {} (e2e.md, e2e.json, e2e.svg) in {:.0} s",
-        cfg.out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    drop(work_dir);
+    ceilings
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,16 +1,14 @@
 //! The tee against librdkafka's in-process mock cluster: fast fault tests (broker down,
 //! refused produce requests, SIGKILL with records in the spool).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::kafka::{
+use crate::common::kafka::{
     check_contract, count_missing, graceful_restart_copies, keys, mock_cluster, start_teeing,
     stays_ready_through_outage, wait_sent_then_consume, Consumed,
 };
-use common::*;
+use crate::common::*;
 use sluicegate::demo::StandInModel;
 
 fn start(model: std::net::SocketAddr, brokers: &str, spool: &std::path::Path) -> ProxyProcess {

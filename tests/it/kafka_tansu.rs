@@ -1,18 +1,16 @@
 //! The tee against a real Kafka-protocol broker process (`tansu`): records read back by a
 //! consumer group, the broker killed mid-load, a topic created late, TLS through HAProxy.
 
-mod common;
-
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::kafka::{
+use crate::common::kafka::{
     check_contract, consume, count_missing, graceful_restart_copies, keys, start_teeing,
     stays_ready_through_outage, wait_sent_then_consume, TOPIC,
 };
-use common::tansu::{self, Tansu};
-use common::*;
+use crate::common::tansu::{self, Tansu};
+use crate::common::*;
 use sluicegate::demo::StandInModel;
 
 fn start(

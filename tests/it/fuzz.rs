@@ -3,6 +3,7 @@
 //! whatever the input; each runs a bounded number of cases (PROPTEST_CASES raises it).
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use serde_json::Value;
 use sluicegate::config::policy::{Protocol, ScoreSpec};
 use sluicegate::config::validate::parse;
@@ -85,7 +86,13 @@ fn v2_body() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    // Regressions next to this file (tests/it/fuzz.proptest-regressions): the default would
+    // put them in tests/proptest-regressions/, now that tests/it has a main.rs.
+    #![proptest_config(ProptestConfig {
+        cases: 1000,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     /// The request path reads v2 scores from the bytes without parsing the whole answer; it
     /// must agree with reading them from the parsed value, scores and errors alike.

@@ -1,14 +1,12 @@
 //! Hot reload through every source — the file (including a Kubernetes ConfigMap's `..data`
 //! symlink swap), SIGHUP and the admin API — under load, valid and invalid.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
 const TOKEN: &str = "s3cret-token";
@@ -37,7 +35,7 @@ fn admin(
     token: Option<&str>,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    let (status, text) = http10(addr, method, path, token, body);
+    let (status, text) = admin_request(addr, method, path, token, body);
     let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     (status, json)
 }

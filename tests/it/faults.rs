@@ -3,14 +3,14 @@
 //! long Kafka outage; a full spool with Kafka down — the proxy stays bounded, answers what it
 //! must, leaks nothing, and recovers.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::kafka::{count_missing, keys, mock_cluster, start_teeing, wait_sent_then_consume};
-use common::*;
+use crate::common::kafka::{
+    count_missing, keys, mock_cluster, start_teeing, wait_sent_then_consume,
+};
+use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
 fn open_fds(pid: u32) -> usize {
@@ -1279,11 +1279,7 @@ async fn client_body_faults_are_the_clients_not_the_upstreams() {
     );
     let metrics = admin_get(proxy.admin, "/metrics").1;
     let errors = |source: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("sluicegate_proxy_errors_total{") && l.contains(source))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        Metrics::parse(&metrics).sum_with("sluicegate_proxy_errors_total", source)
     };
     assert_eq!(errors("source=\"client\""), 4.0, "{metrics}");
     assert_eq!(errors("source=\"upstream\""), 0.0, "{metrics}");

@@ -17,8 +17,6 @@
 //! tool is missing prints SKIPPED, unless SLUICEGATE_REQUIRE_DEPLOY_TESTS is set (tests/run.sh
 //! sets it), which makes it fail. Network: loopback only.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde::Deserialize;
 use serde_json::Value;
 use sluicegate::demo::{v2_request, StandInModel};
@@ -427,7 +425,7 @@ fn policy_versions(metrics: &str) -> Vec<String> {
 }
 
 fn admin_get_token(addr: SocketAddr, path: &str, token: &str) -> (u16, String) {
-    http10(addr, "GET", path, Some(token), "")
+    admin_request(addr, "GET", path, Some(token), "")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1506,10 +1504,7 @@ async fn start_variant(dir: &str) -> Started {
     assert_eq!(headers["sluicegate-policy"], version.as_str());
     assert!(headers.contains_key("sluicegate-action"));
     within(Duration::from_secs(10), "the record is spooled", || {
-        metric_sum(
-            &admin_get(sidecar.admin, "/metrics").1,
-            "sluicegate_tee_records_spooled_total",
-        ) >= 1.0
+        scrape(sidecar.admin).sum("sluicegate_tee_records_spooled_total") >= 1.0
     });
     let spool = flag(&f, "--spool-dir").unwrap();
     let (mp, d) = vol_dirs
@@ -1580,12 +1575,7 @@ async fn the_native_sidecar_starts_with_its_args_reloads_the_configmap_and_stops
     within(
         Duration::from_secs(3),
         "the invalid edit is counted",
-        || {
-            metric_sum(
-                &admin_get(admin, "/metrics").1,
-                "sluicegate_policy_reload_failures_total",
-            ) >= 1.0
-        },
+        || scrape(admin).sum("sluicegate_policy_reload_failures_total") >= 1.0,
     );
     assert_eq!(
         policy_versions(&admin_get(admin, "/metrics").1),

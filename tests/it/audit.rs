@@ -2,13 +2,11 @@
 //! training file planted with known shares of tagged rows (two models, forged tags) and labels
 //! with a known bias → `sluicegate audit` reports exactly those.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::kafka::{mock_cluster, TOPIC};
-use common::*;
+use crate::common::kafka::{mock_cluster, TOPIC};
+use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
 const POLICY: &str = r#"
@@ -421,17 +419,9 @@ async fn a_flood_of_forged_tags_costs_no_records() {
         Duration::from_secs(20),
     );
     let with_tags = dropped() - without_tags;
-    let metrics = admin_get(proxy.admin, "/metrics").1;
-    let kind = |k: &str| {
-        metric_sum(
-            &metrics
-                .lines()
-                .filter(|l| l.contains(&format!("kind=\"{k}\"")))
-                .collect::<Vec<_>>()
-                .join("\n"),
-            "sluicegate_inbound_tags_total",
-        )
-    };
+    let metrics = scrape(proxy.admin);
+    let kind =
+        |k: &str| metrics.sum_with("sluicegate_inbound_tags_total", &format!("kind=\"{k}\""));
     eprintln!(
         "{n} requests at {rate}/s: {without_tags} records dropped without tags, {with_tags} with \
          8 forged tags each; tags counted: {} invalid, {} unverified",

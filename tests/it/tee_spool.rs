@@ -2,12 +2,10 @@
 //! reached the spool is lost to SIGKILL, and the spool stays within its bound. The spool's
 //! format versions: an older build's spool is read and replayed, a newer build's refused.
 
-mod common;
-
 use std::time::Duration;
 
-use common::kafka::{consume, keys, mock_cluster, start_teeing, TOPIC};
-use common::*;
+use crate::common::kafka::{consume, keys, mock_cluster, start_teeing, TOPIC};
+use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 use sluicegate::tee::spool::{
     encode_frame, segment_header, EntryKind, SpoolEntry, SEGMENT_HEADER_LEN, SPOOL_FORMAT_VERSION,

@@ -3,9 +3,12 @@
 
 pub mod kafka;
 pub mod tansu;
+pub mod wire;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+pub use wire::{http, Metrics};
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -88,7 +91,7 @@ impl ProxyProcess {
 
     /// Sum of a metric's samples over all label sets (0 when absent).
     pub fn metric(&self, name: &str) -> f64 {
-        metric_sum(&admin_get(self.admin, "/metrics").1, name)
+        scrape(self.admin).sum(name)
     }
 
     pub fn ready(&self) -> bool {
@@ -214,54 +217,32 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
     }
 }
 
-/// GET on the admin port with a plain HTTP/1.0 exchange: (status, body).
+/// GET on the admin port: (status, body).
 pub fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http10(addr, "GET", path, None, "")
+    admin_request(addr, "GET", path, None, "")
 }
 
-/// One plain HTTP/1.0 exchange (optionally with a bearer token and a body): (status, body).
-/// The status is 0 when the answer is not HTTP.
-pub fn http10(
+/// One request on the admin port, optionally with a bearer token: (status, body). The status
+/// is 0 when the answer is not HTTP.
+pub fn admin_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: admin\r\n{auth}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    match http(addr, method, path, &headers, body.as_bytes()) {
+        Ok(r) => (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => (0, String::new()),
+        Err(e) => panic!("{method} {path} on {addr}: {e}"),
+    }
 }
 
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The admin port's /metrics, parsed.
+pub fn scrape(addr: SocketAddr) -> Metrics {
+    Metrics::parse(&admin_get(addr, "/metrics").1)
 }
 
 /// `sluicegate spool cat DIR` parsed into JSON records.

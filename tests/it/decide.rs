@@ -1,11 +1,9 @@
 //! Decisions through the real proxy: thresholds, limits (each breach policy), consumers,
 //! unreadable responses, decisions written into the body and the record.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
 /// Starts the proxy in front of the stand-in model with `policy` (YAML).

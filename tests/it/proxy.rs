@@ -1,14 +1,12 @@
 //! The data plane end to end: the real binary between a client and an upstream on loopback.
 
-mod common;
-
 use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
