@@ -91,7 +91,7 @@ async fn a_graceful_restart_resends_nothing_kafka_already_has() {
 /// The broker becomes unreachable mid-load (every connection to it cut, new ones refused) and
 /// comes back. Not a restart of tansu itself: tansu 0.6 with sqlite storage panics on the first
 /// idempotent produce from a producer id it knew before its restart, and is then wedged (see
-/// the README); librdkafka's mock cluster covers the broker-down case in kafka_mock.rs.
+/// docs/testing.md); librdkafka's mock cluster covers the broker-down case in kafka_mock.rs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
     let Some(bin) = tansu::binary() else { return };

@@ -597,7 +597,7 @@ async fn missing_or_invalid_host_and_connect_get_400_and_are_never_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parse_errors_hyper_answers_itself_have_no_body() {
-    // Pins what the README says of hyper's own 400 and 431: status line, no body.
+    // Pins what docs/operating.md says of hyper's own 400 and 431: status line, no body.
     let up = upstream(echo).await;
     let spool = spool_dir();
     let proxy = start_proxy(up, spool.path(), &[]);
