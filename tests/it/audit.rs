@@ -314,12 +314,7 @@ async fn tags_coming_back_in_are_recorded_as_direct_or_hidden_loops() {
     .await;
     let forged_id = h["sluicegate-id"].to_str().unwrap().to_owned();
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        5.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 5.0);
     let inbound =
         |id: &str| records.iter().find(|r| r["id"] == id).unwrap()["inbound_tags"].clone();
     let d = inbound(&direct_id);

@@ -81,12 +81,7 @@ async fn a_v2_batch_of_n_by_2_probabilities_gives_n_correct_decisions() {
     assert_eq!(tensor["datatype"], "BYTES");
     assert_eq!(tensor["data"], serde_json::json!(expected));
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        1.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 1.0);
     let r = &records[0];
     assert_eq!(r["route"], "spam");
     let decisions = r["decisions"].as_array().unwrap();
@@ -166,12 +161,8 @@ async fn fallback_replaces_the_action_and_the_window_expires() {
     );
 
     // Start and end are alert records beside the request records.
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        7.0,
-        Duration::from_secs(10),
-    );
-    let alerts: Vec<_> = spool_records(&dir.path().join("spool"))
+    let alerts: Vec<_> = proxy
+        .spool_records_after(&dir.path().join("spool"), 7.0)
         .into_iter()
         .filter(|r| r["schema"] == "sluicegate.alert.v1")
         .collect();
@@ -606,12 +597,7 @@ async fn a_model_server_that_always_compresses_is_decoded_decided_and_limited() 
         }
         eprintln!("always-{coding} model, 3 requests through a limit of 4 spam: {statuses:?}");
         assert_eq!(statuses, [200, 200, 429], "{coding}");
-        proxy.wait_metric(
-            "sluicegate_tee_records_spooled_total",
-            3.0,
-            Duration::from_secs(10),
-        );
-        let records = spool_records(&dir.path().join("spool"));
+        let records = proxy.spool_records_after(&dir.path().join("spool"), 3.0);
         let r = &records[0];
         assert_eq!(r["decisions"].as_array().unwrap().len(), 2, "{coding}");
         assert_eq!(
@@ -850,12 +836,7 @@ async fn a_10000_row_batch_passes_through_a_default_nginx_in_front() {
     // And in the record, under --max-record (1 MiB): a row per object would be 2.2 MB, so the
     // bodies are cut and the decisions stored in columns, scores written out. (The limit's
     // breach alert is spooled too.)
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 2.0);
     let r = records
         .iter()
         .find(|r| r["schema"] == "sluicegate.record.v1")
@@ -923,12 +904,7 @@ async fn max_decided_response_caps_the_decided_response_and_max_request_body_doe
     let v: serde_json::Value = serde_json::from_slice(&resp).expect("the model's answer, whole");
     assert_eq!(v["outputs"][0]["shape"], serde_json::json!([2000, 2]));
     assert_eq!(proxy.metric("sluicegate_decision_errors_total"), 1.0);
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 2.0);
     let r = records
         .iter()
         .find(|r| r["decision_error"].is_object())

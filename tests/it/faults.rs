@@ -1251,12 +1251,8 @@ async fn client_body_faults_are_the_clients_not_the_upstreams() {
     );
 
     // Four records, each incomplete with the client's code; no upstream fault counted.
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        4.0,
-        Duration::from_secs(10),
-    );
-    let codes: Vec<(String, bool)> = spool_records(spool.path())
+    let codes: Vec<(String, bool)> = proxy
+        .spool_records_after(spool.path(), 4.0)
         .iter()
         .map(|r| {
             (
@@ -1375,12 +1371,7 @@ async fn an_upstream_body_that_stops_midway_times_out() {
     assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("upstream_body_timeout"));
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 2.0);
     assert_eq!(records.len(), 2);
     for r in &records {
         assert_eq!(r["error"]["code"], "upstream_body_timeout", "{r}");

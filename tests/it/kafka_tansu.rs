@@ -24,6 +24,34 @@ fn start(
     start_teeing(model, spool, brokers, &args)
 }
 
+/// A tansu broker (memory storage, the records topic with 3 partitions) that the proxy reaches
+/// through a forwarder the test can cut, a stand-in model and a spool directory.
+struct BehindALink {
+    _broker: Tansu,
+    link: Forwarder,
+    model: std::net::SocketAddr,
+    spool: tempfile::TempDir,
+    /// The forwarder's address: what the proxy is given as its brokers.
+    brokers: String,
+}
+
+impl BehindALink {
+    async fn start(bin: std::path::PathBuf) -> Self {
+        let port = free_port();
+        let front = free_port();
+        let broker = Tansu::start(bin, port, front, "memory://tansu/", &std::env::temp_dir());
+        broker.create_topic(TOPIC, 3);
+        let link = Forwarder::start(front, format!("127.0.0.1:{port}").parse().unwrap()).await;
+        BehindALink {
+            _broker: broker,
+            link,
+            model: StandInModel::spawn().await.unwrap(),
+            spool: spool_dir(),
+            brokers: format!("127.0.0.1:{front}"),
+        }
+    }
+}
+
 /// Waits up to `sent_within` for `n` records sent, then reads them back within 60 s (with the
 /// consumer `config`) and checks the Kafka contract on them.
 async fn delivered(
@@ -95,14 +123,13 @@ async fn a_graceful_restart_resends_nothing_kafka_already_has() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
     let Some(bin) = tansu::binary() else { return };
-    let port = free_port();
-    let front = free_port();
-    let broker = Tansu::start(bin, port, front, "memory://tansu/", &std::env::temp_dir());
-    broker.create_topic(TOPIC, 3);
-    let mut link = Forwarder::start(front, format!("127.0.0.1:{port}").parse().unwrap()).await;
-    let model = StandInModel::spawn().await.unwrap();
-    let spool = spool_dir();
-    let brokers = format!("127.0.0.1:{front}");
+    let BehindALink {
+        _broker,
+        mut link,
+        model,
+        spool,
+        brokers,
+    } = BehindALink::start(bin).await;
     let proxy = start(model, &brokers, spool.path(), &[]);
     let data = proxy.data;
     let traffic = tokio::spawn(async move { load(data, 100, Duration::from_secs(8)).await });
@@ -130,14 +157,13 @@ async fn broker_unreachable_mid_load_then_back_every_record_arrives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_sent_from_memory_and_unacked_at_sigkill_are_replayed() {
     let Some(bin) = tansu::binary() else { return };
-    let port = free_port();
-    let front = free_port();
-    let broker = Tansu::start(bin, port, front, "memory://tansu/", &std::env::temp_dir());
-    broker.create_topic(TOPIC, 3);
-    let mut link = Forwarder::start(front, format!("127.0.0.1:{port}").parse().unwrap()).await;
-    let model = StandInModel::spawn().await.unwrap();
-    let spool = spool_dir();
-    let brokers = format!("127.0.0.1:{front}");
+    let BehindALink {
+        _broker,
+        mut link,
+        model,
+        spool,
+        brokers,
+    } = BehindALink::start(bin).await;
     let mut proxy = start(model, &brokers, spool.path(), &[]);
     let (mut ids, failed) = load(proxy.data, 100, Duration::from_secs(1)).await;
     assert_eq!(failed, 0);

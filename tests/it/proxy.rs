@@ -80,12 +80,7 @@ async fn v1_and_v2_json_pass_byte_for_byte_and_are_recorded() {
     assert_eq!(status, 200);
     assert_eq!(body, direct.2, "v1 response unchanged");
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(spool.path());
+    let records = proxy.spool_records_after(spool.path(), 2.0);
     assert_eq!(records.len(), 2);
     let r = records.iter().find(|r| r["id"] == id.as_str()).unwrap();
     assert_eq!(r["request"]["body"]["encoding"], "json");
@@ -118,12 +113,7 @@ async fn large_bodies_stream_both_ways_and_are_captured_up_to_the_cap() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(body == big, "8 MiB echoed byte for byte");
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        1.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(spool.path());
+    let records = proxy.spool_records_after(spool.path(), 1.0);
     let b = &records[0]["request"]["body"];
     assert_eq!(b["encoding"], "base64");
     assert_eq!(b["size"], 8 << 20);
@@ -293,12 +283,7 @@ async fn upstream_down_refused_reset_and_slow() {
     assert_eq!(error_code(&body), "upstream_unavailable");
     // A short stable message for the client; hyper's error chain stays in the record.
     assert_eq!(error_message(&body), "cannot connect to the model server");
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        1.0,
-        Duration::from_secs(10),
-    );
-    let recorded = spool_records(spool.path())[0]["error"]["message"].clone();
+    let recorded = proxy.spool_records_after(spool.path(), 1.0)[0]["error"]["message"].clone();
     assert!(
         recorded.as_str().unwrap().contains("refused"),
         "the cause is recorded: {recorded}"
@@ -350,12 +335,7 @@ async fn upstream_down_refused_reset_and_slow() {
     let (status, _, _) = post(&c, &proxy.url("/fast"), "{}").await;
     assert_eq!(status, 200);
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(spool3.path());
+    let records = proxy.spool_records_after(spool3.path(), 2.0);
     let timed_out = records.iter().find(|r| r["status"] == 504).unwrap();
     assert_eq!(timed_out["error"]["code"], "upstream_timeout");
     assert!(timed_out["response"].is_null());
@@ -644,12 +624,7 @@ async fn api_keys_are_redacted_by_default_also_as_the_consumer_id() {
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
     assert_eq!(client().request(req).await.unwrap().status(), 200);
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        2.0,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 2.0);
     let text = serde_json::to_string(&records).unwrap();
     for secret in ["sk-live-1111", "azure-2222", "sts-3333", "ops-key"] {
         assert!(

@@ -195,12 +195,7 @@ async fn reloads_from_every_source_under_load_fail_no_request() {
         .find(|v| **v != version_a)
         .cloned()
         .unwrap();
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        ids.len() as f64,
-        Duration::from_secs(10),
-    );
-    let records = spool_records(&dir.path().join("spool"));
+    let records = proxy.spool_records_after(&dir.path().join("spool"), ids.len() as f64);
     let seen: HashSet<String> = records
         .iter()
         .filter(|r| r["schema"] == "sluicegate.record.v1")

@@ -94,6 +94,17 @@ impl ProxyProcess {
         scrape(self.admin).sum(name)
     }
 
+    /// The records in the spool at `dir` (`spool cat`), once at least `spooled` records and
+    /// alerts were spooled.
+    pub fn spool_records_after(&self, dir: &Path, spooled: f64) -> Vec<serde_json::Value> {
+        self.wait_metric(
+            "sluicegate_tee_records_spooled_total",
+            spooled,
+            Duration::from_secs(10),
+        );
+        spool_records(dir)
+    }
+
     pub fn ready(&self) -> bool {
         admin_get(self.admin, "/readyz").0 == 200
     }
