@@ -31,7 +31,7 @@ use crate::telemetry::Metrics;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error("{0}")]
     Listen(std::io::Error),
     #[error("cannot open the spool at {dir}: {source}")]
@@ -48,7 +48,7 @@ pub enum StartError {
 }
 
 /// A running proxy.
-pub struct Running {
+pub(crate) struct Running {
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
@@ -58,14 +58,14 @@ pub struct Running {
 
 impl Running {
     /// Begins a graceful shutdown (as SIGTERM does) and waits for it to finish.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.shutdown.cancel();
         let _ = self.lifecycle.await;
     }
 }
 
 /// Starts the proxy, the admin port, the tee and the readiness probe.
-pub async fn start(settings: Settings) -> Result<Running, StartError> {
+pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     // The policy is read and validated first: an invalid one is exit 64 with every error
     // (`StartError::Policy`), never a proxy that serves under a policy the operator did not
@@ -313,7 +313,7 @@ impl Background {
 }
 
 /// `sluicegate serve`: runs until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn serve(settings: Settings) -> Result<(), StartError> {
+pub(crate) async fn serve(settings: Settings) -> Result<(), StartError> {
     let running = start(settings).await?;
     wait_for_signal().await;
     running.shutdown().await;

@@ -47,12 +47,14 @@
 //! [`decide::Threshold`], [`decide::Limit`], [`policy::Policy`]). A leaf algorithm's own
 //! settings are `…Params` ([`decide::threshold::AdaptiveThresholdParams`]).
 #![forbid(unsafe_code)]
+// What tests, benches and the binary need is `pub`; the rest is `pub(crate)`, and this lint keeps it so.
+#![warn(unreachable_pub)]
 
-pub mod app;
+mod app;
 pub mod audit;
 pub mod cli;
 pub mod config;
-pub mod control;
+mod control;
 pub mod decide;
 pub mod demo;
 pub mod policy;

@@ -7,7 +7,7 @@ use super::policy::PolicySpec;
 
 /// One changed setting.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Change {
+pub(crate) enum Change {
     Added {
         path: String,
         value: Value,
@@ -34,7 +34,7 @@ impl std::fmt::Display for Change {
 }
 
 /// The changes from `a` to `b`, in key order.
-pub fn diff(a: &PolicySpec, b: &PolicySpec) -> Vec<Change> {
+pub(crate) fn diff(a: &PolicySpec, b: &PolicySpec) -> Vec<Change> {
     let a = serde_json::to_value(a).expect("policy serializes");
     let b = serde_json::to_value(b).expect("policy serializes");
     let mut out = Vec::new();

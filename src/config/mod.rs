@@ -2,8 +2,8 @@
 //! written (plain specs, validated whole), with the policy's semantic diff. Nothing here
 //! depends on another module of the crate; the compiled policy is [`crate::policy`].
 
-pub mod diff;
+pub(crate) mod diff;
 pub mod policy;
 pub mod settings;
-pub mod units;
+pub(crate) mod units;
 pub mod validate;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Parses a duration such as `500ms`, `10s` or `1m 30s` (humantime syntax).
-pub fn parse_duration(value: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(value: &str) -> Option<Duration> {
     let v = value.trim();
     if v == "0" {
         return Some(Duration::ZERO);
@@ -13,7 +13,7 @@ pub fn parse_duration(value: &str) -> Option<Duration> {
 
 /// Parses a size: a plain number of bytes, or a number with `KiB`, `MiB`, `GiB` (or `KB`, `MB`,
 /// `GB`, also powers of 1024: operators mean memory and disk sizes here).
-pub fn parse_bytes(value: &str) -> Option<u64> {
+pub(crate) fn parse_bytes(value: &str) -> Option<u64> {
     let v = value.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (number, unit) = v.split_at(split);

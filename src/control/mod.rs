@@ -1,7 +1,7 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, and the token-protected `/admin/*`
 //! (reload, view or replace the policy); the upstream readiness probe; policy reloads.
 
-pub mod reload;
+pub(crate) mod reload;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use crate::telemetry::Metrics;
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     upstream_ready: AtomicBool,
     shutting_down: AtomicBool,
 }
@@ -29,18 +29,22 @@ pub struct Readiness {
 impl Readiness {
     /// Ready: the upstream answers and no shutdown has begun. The tee plays no part: a Kafka
     /// outage must not take a fleet of model pods out of service.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.upstream_ready.load(Ordering::Relaxed) && !self.shutting_down.load(Ordering::Relaxed)
     }
 
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Relaxed);
     }
 }
 
 /// Probes the upstream once a second: an HTTP GET of the ready path (2xx = ready), or a TCP
 /// connect when no path is set.
-pub async fn probe_upstream(upstream: Upstream, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+pub(crate) async fn probe_upstream(
+    upstream: Upstream,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let mut was_ready = None;
     loop {
@@ -74,7 +78,7 @@ pub async fn probe_upstream(upstream: Upstream, readiness: Arc<Readiness>, metri
 }
 
 /// What the admin port needs.
-pub struct Admin {
+pub(crate) struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub reloader: Arc<reload::Reloader>,
@@ -87,7 +91,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub fn new(
+    pub(crate) fn new(
         metrics: Arc<Metrics>,
         readiness: Arc<Readiness>,
         reloader: Arc<reload::Reloader>,
@@ -108,7 +112,7 @@ impl Admin {
 /// Bounds on the admin port, so that a flood of it (it needs no token to connect) costs
 /// bounded memory and leaves the data port alone.
 #[derive(Clone, Copy, Debug)]
-pub struct AdminLimits {
+pub(crate) struct AdminLimits {
     /// Connections served at once; past it, new ones wait in the listen backlog.
     pub max_connections: usize,
     /// Largest `PUT /admin/policy` body.
@@ -119,7 +123,7 @@ pub struct AdminLimits {
 }
 
 impl AdminLimits {
-    pub fn from_settings(settings: &crate::config::settings::Settings) -> Self {
+    pub(crate) fn from_settings(settings: &crate::config::settings::Settings) -> Self {
         AdminLimits {
             max_connections: settings.admin_max_connections,
             max_body: settings.admin_max_body_bytes as usize,
@@ -130,7 +134,7 @@ impl AdminLimits {
 
 /// Serves the admin port until the listener is dropped with the task. One request per
 /// connection: an idle keep-alive connection would hold a slot with no deadline.
-pub async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
+pub(crate) async fn serve_admin(listener: TcpListener, admin: Arc<Admin>) {
     let limits = admin.limits;
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut builder = hyper::server::conn::http1::Builder::new();

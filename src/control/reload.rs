@@ -28,11 +28,11 @@ use crate::provenance::KeyRing;
 use crate::telemetry::PolicyMetrics;
 
 /// How long a changed policy file's content must stay the same before it is applied.
-pub const STABLE_FOR: Duration = Duration::from_secs(1);
+pub(crate) const STABLE_FOR: Duration = Duration::from_secs(1);
 
 /// What a reload did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reloaded {
+pub(crate) enum Reloaded {
     /// A new policy version is in force.
     Applied { version: String, generation: u64 },
     /// The policy is the one already in force.
@@ -41,7 +41,7 @@ pub enum Reloaded {
 
 /// What asked for a reload, for logs.
 #[derive(Clone, Copy, Debug)]
-pub enum Source {
+pub(crate) enum Source {
     File,
     Signal,
     Api,
@@ -49,7 +49,7 @@ pub enum Source {
 
 /// Where the policy in force came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// The built-in default: the proxy was started without `--policy`.
     Default,
     /// The policy file.
@@ -59,7 +59,7 @@ pub enum Origin {
 }
 
 impl Origin {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Origin::Default => "default",
             Origin::File => "file",
@@ -85,7 +85,7 @@ struct State {
 }
 
 /// Applies policies, one at a time.
-pub struct Reloader {
+pub(crate) struct Reloader {
     policy: SharedPolicy,
     file: Option<PathBuf>,
     keys_dir: Option<PathBuf>,
@@ -99,7 +99,7 @@ pub struct Reloader {
 impl Reloader {
     /// `policy` holds the policy loaded at start: from `file` if there is one (read as
     /// `initial_text`), else the built-in default.
-    pub fn new(
+    pub(crate) fn new(
         policy: SharedPolicy,
         file: Option<PathBuf>,
         initial_text: Option<String>,
@@ -128,27 +128,23 @@ impl Reloader {
         }
     }
 
-    pub fn file(&self) -> Option<&Path> {
+    pub(crate) fn file(&self) -> Option<&Path> {
         self.file.as_deref()
     }
 
-    pub fn keys_dir(&self) -> Option<&Path> {
+    pub(crate) fn keys_dir(&self) -> Option<&Path> {
         self.keys_dir.as_deref()
     }
 
-    pub fn current(&self) -> Arc<Policy> {
-        self.policy.load_full()
-    }
-
     /// The policy in force and where it came from.
-    pub async fn current_with_origin(&self) -> (Arc<Policy>, Origin) {
+    pub(crate) async fn current_with_origin(&self) -> (Arc<Policy>, Origin) {
         let state = self.state.lock().await;
         (self.policy.load_full(), state.origin)
     }
 
     /// Applies the policy file now, as read now (SIGHUP, `POST /admin/reload`): ends an API
     /// override.
-    pub async fn reload_file(&self, source: Source) -> Result<Reloaded, PolicyErrors> {
+    pub(crate) async fn reload_file(&self, source: Source) -> Result<Reloaded, PolicyErrors> {
         if self.file.is_none() {
             return Err(one_error(
                 "no policy file is configured (--policy); nothing to reload",
@@ -161,7 +157,11 @@ impl Reloader {
 
     /// Validates `text` and, if it is a valid policy, swaps it in (`PUT /admin/policy`). It
     /// holds until the file's content next changes.
-    pub async fn apply_text(&self, text: &str, source: Source) -> Result<Reloaded, PolicyErrors> {
+    pub(crate) async fn apply_text(
+        &self,
+        text: &str,
+        source: Source,
+    ) -> Result<Reloaded, PolicyErrors> {
         let mut state = self.state.lock().await;
         let reloaded = self.apply(text, source)?;
         state.origin = Origin::Api;
@@ -172,7 +172,7 @@ impl Reloader {
     /// The watch's entry point: acts if the policy file or the key files changed since they
     /// were last acted on, once their content has held for [`STABLE_FOR`]. `None`: nothing
     /// changed.
-    pub async fn on_files_changed(&self) -> Option<Result<Reloaded, PolicyErrors>> {
+    pub(crate) async fn on_files_changed(&self) -> Option<Result<Reloaded, PolicyErrors>> {
         self.file.as_ref()?;
         let mut contents = self.read_contents().await;
         if self.state.lock().await.seen.as_ref() == Some(&contents) {
@@ -350,7 +350,7 @@ fn one_error(message: &str) -> PolicyErrors {
 /// Watches the policy file's directory (a ConfigMap update renames `..data`, which a watch on
 /// the file itself would miss) and the tag key directory, and reloads when their content
 /// changes. A slow poll backs the watch up, in case the platform drops events.
-pub async fn watch_file(reloader: Arc<Reloader>) {
+pub(crate) async fn watch_file(reloader: Arc<Reloader>) {
     let Some(file) = reloader.file().map(Path::to_path_buf) else {
         return;
     };
@@ -403,7 +403,7 @@ pub async fn watch_file(reloader: Arc<Reloader>) {
 }
 
 /// Reloads the policy file on SIGHUP.
-pub async fn on_sighup(reloader: Arc<Reloader>) {
+pub(crate) async fn on_sighup(reloader: Arc<Reloader>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP");

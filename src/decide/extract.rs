@@ -348,7 +348,7 @@ mod v2read {
 
     /// What the top level held: the first output named as wanted, the model's name and version.
     #[derive(Default)]
-    pub struct Found {
+    pub(super) struct Found {
         pub output: Option<Output>,
         pub model_name: Option<String>,
         pub model_version: Option<String>,
@@ -357,7 +357,7 @@ mod v2read {
         pub outputs_last: Option<bool>,
     }
 
-    pub struct Output {
+    pub(super) struct Output {
         pub shape: Option<Value>,
         /// Finite numbers, `None` for any other value; absent when the output has no data.
         pub data: Option<Vec<Option<f64>>>,
@@ -404,7 +404,7 @@ mod v2read {
         };
     }
 
-    pub struct Top<'n> {
+    pub(super) struct Top<'n> {
         pub name: &'n str,
     }
 

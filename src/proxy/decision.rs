@@ -31,25 +31,28 @@ use crate::tee::alert::Alert;
 use crate::tee::record::{DecisionOutcome, ReadJson};
 use crate::telemetry::{AlertLabel, RouteAction, RouteMetrics};
 
-pub const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action");
-pub const MODEL_ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-model-action");
-pub const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit");
-pub const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
-pub const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
-pub const ROWS_HEADER: HeaderName = HeaderName::from_static("sluicegate-rows");
-pub const ACTION_COUNTS_HEADER: HeaderName = HeaderName::from_static("sluicegate-action-counts");
-pub const MODEL_ACTION_COUNTS_HEADER: HeaderName =
+pub(super) const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action");
+pub(super) const MODEL_ACTION_HEADER: HeaderName =
+    HeaderName::from_static("sluicegate-model-action");
+pub(super) const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit");
+pub(super) const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
+pub(super) const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
+pub(super) const ROWS_HEADER: HeaderName = HeaderName::from_static("sluicegate-rows");
+pub(super) const ACTION_COUNTS_HEADER: HeaderName =
+    HeaderName::from_static("sluicegate-action-counts");
+pub(super) const MODEL_ACTION_COUNTS_HEADER: HeaderName =
     HeaderName::from_static("sluicegate-model-action-counts");
-pub const LIMIT_COUNTS_HEADER: HeaderName = HeaderName::from_static("sluicegate-limit-counts");
+pub(super) const LIMIT_COUNTS_HEADER: HeaderName =
+    HeaderName::from_static("sluicegate-limit-counts");
 
 /// The most rows the decision headers list one value per row; past it they are counted
 /// instead (the per-row truth stays in the body tensor and the record).
-pub const MAX_PER_ROW_HEADER_ROWS: usize = 64;
+pub(super) const MAX_PER_ROW_HEADER_ROWS: usize = 64;
 
 /// All `sluicegate-*` headers of a decided response together stay under this many bytes, as
 /// sent over HTTP/1.1 (`name: value` and CRLF): proxies in front buffer a whole response head
 /// in 4 KiB by default (nginx's `proxy_buffer_size`), and the model's own headers need room.
-pub const HEADER_BUDGET: usize = 2048;
+pub(super) const HEADER_BUDGET: usize = 2048;
 
 /// The upstream body, read whole if it fits under the limit.
 pub(super) enum Collected {

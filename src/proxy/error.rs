@@ -8,7 +8,7 @@ use crate::tee::record::ExchangeError;
 
 /// Why the proxy, not the upstream, answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The client's body went past the limit.
     BodyTooLarge { limit: u64 },
     /// No connection to the upstream could be opened.
@@ -36,7 +36,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -54,7 +54,7 @@ impl ProxyError {
 
     /// Whose fault it was, the `source` label of the error counter: `client`, `upstream` or
     /// `policy` (the proxy refused by its policy).
-    pub fn source(self) -> &'static str {
+    pub(crate) fn source(self) -> &'static str {
         match self {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody
@@ -70,7 +70,7 @@ impl ProxyError {
     }
 
     /// The stable code clients and dashboards match on.
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             ProxyError::BodyTooLarge { .. } => "request_too_large",
             ProxyError::UpstreamUnavailable => "upstream_unavailable",
@@ -86,7 +86,7 @@ impl ProxyError {
         }
     }
 
-    pub fn message(self, detail: &str) -> String {
+    pub(crate) fn message(self, detail: &str) -> String {
         match self {
             ProxyError::BodyTooLarge { limit } => {
                 format!("request body is larger than the {limit}-byte limit")
@@ -115,7 +115,7 @@ impl ProxyError {
 
     /// Whether `detail` is kept out of the client's message (it goes to the log and the
     /// record instead).
-    pub fn detail_is_internal(self) -> bool {
+    pub(crate) fn detail_is_internal(self) -> bool {
         matches!(
             self,
             ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed | ProxyError::ClientBody
@@ -123,7 +123,7 @@ impl ProxyError {
     }
 
     /// The JSON response sent to the client.
-    pub fn response(self, id: &HeaderValue, message: &str) -> Response<ResponseBody> {
+    pub(crate) fn response(self, id: &HeaderValue, message: &str) -> Response<ResponseBody> {
         let body = serde_json::json!({ "error": self.code(), "message": message });
         let mut resp = Response::new(ResponseBody::full(body.to_string()));
         *resp.status_mut() = self.status();
@@ -139,7 +139,7 @@ impl ProxyError {
         resp
     }
 
-    pub fn for_record(self, message: String) -> ExchangeError {
+    pub(crate) fn for_record(self, message: String) -> ExchangeError {
         ExchangeError {
             code: self.code(),
             message,

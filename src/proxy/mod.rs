@@ -22,7 +22,7 @@
 
 pub mod body;
 mod decision;
-pub mod error;
+pub(crate) mod error;
 mod path;
 mod pending;
 mod pool;

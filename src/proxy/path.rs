@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 /// Why a path is refused (the client gets 400 `ambiguous_path`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AmbiguousPath {
+pub(super) enum AmbiguousPath {
     #[error("the path holds a percent-encoded {0}, which servers decode differently")]
     Encoded(&'static str),
     #[error("the path holds a '%' that starts no percent-encoding")]
@@ -37,7 +37,7 @@ fn hex(b: u8) -> Option<u8> {
 
 /// The normalized form of `path` (the path alone, without the query), or why it is refused.
 /// Borrowed when nothing was decoded, the common case.
-pub fn normalize(path: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
+pub(super) fn normalize(path: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
     let bytes = path.as_bytes();
     let mut out: Option<Vec<u8>> = None;
     let mut i = 0;

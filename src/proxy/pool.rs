@@ -35,7 +35,7 @@ const SEND_ATTEMPTS: usize = 3;
 
 /// Why a request got no response from the pooled connections.
 #[derive(Debug)]
-pub enum H2Error {
+pub(super) enum H2Error {
     /// No connection could be opened (refused, timed out, handshake failed).
     Connect(Arc<str>),
     /// The connection or the stream failed.
@@ -51,7 +51,7 @@ pub(crate) type H2Future<'a> =
     Pin<Box<dyn Future<Output = Result<(Response<Incoming>, Arc<Stream>), H2Error>> + Send + 'a>>;
 
 /// h2c connections to one upstream, opened through `connector`.
-pub struct H2Pool<C> {
+pub(super) struct H2Pool<C> {
     connector: C,
     uri: Uri,
     builder: http2::Builder<TokioExecutor>,
@@ -101,7 +101,7 @@ impl Entry {
 
 /// One stream taken on a pooled connection, given back when the last holder drops it (the
 /// request body and the response body each hold it).
-pub struct Stream {
+pub(crate) struct Stream {
     shared: Arc<Shared>,
     conn: u64,
 }
@@ -140,7 +140,11 @@ where
     C::Error: Into<BoxError>,
     C::Future: Send + 'static,
 {
-    pub fn new(connector: C, authority: http::uri::Authority, max_connections: usize) -> Self {
+    pub(super) fn new(
+        connector: C,
+        authority: http::uri::Authority,
+        max_connections: usize,
+    ) -> Self {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())

@@ -10,11 +10,11 @@ use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::LimitSpec;
 use crate::decide::BreachEvent;
 
-pub const ALERT_SCHEMA: &str = "sluicegate.alert.v1";
+pub(crate) const ALERT_SCHEMA: &str = "sluicegate.alert.v1";
 
 /// The fields of an alert that `audit` reads; the others are read past.
 #[derive(Debug, Deserialize)]
-pub struct AlertEvent {
+pub(crate) struct AlertEvent {
     pub schema: String,
     pub time: String,
     pub route: String,

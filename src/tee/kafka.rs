@@ -42,7 +42,7 @@ const READ_BATCH: usize = 256;
 /// from disk. Measured at 1,000 req/s against tansu: 97–99.8% of the records were sent from
 /// memory (~1 KiB and ~16 KiB answers), and the sender's CPU per ~90 KiB record fell from
 /// 66–99 µs (read back, CRC-checked and copied out of the page cache) to 26–50 µs.
-pub const HANDOFF_BYTES: usize = 4 << 20;
+pub(crate) const HANDOFF_BYTES: usize = 4 << 20;
 const RETRY_MIN: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Deliveries failing with no acknowledgement for this long while a broker is reachable: the
@@ -52,7 +52,7 @@ const STALL_REBUILD: Duration = Duration::from_secs(20);
 /// How often the acknowledged position is checkpointed (and at shutdown): after a crash, a
 /// restart resends at most what was acknowledged in this last interval (besides the
 /// unacknowledged records, which it must send).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Between half and all of `backoff`, at random: the sidecars of a fleet that lost the same
 /// broker do not come back to it in step.
@@ -69,7 +69,7 @@ fn jittered(backoff: Duration) -> Duration {
 const LINGER_MS: &str = "10";
 
 /// Builds the producer configuration: sluicegate's defaults, then the user's properties.
-pub fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
+pub(crate) fn producer_config(kafka: &KafkaSettings, max_record_bytes: u64) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.brokers)
         .set("client.id", "sluicegate")
@@ -223,7 +223,7 @@ fn poll_reports(producer: &Producer_, reported: &Reported) -> Vec<(u64, Outcome)
 
 /// After shutdown's drain begins (the writer has closed), the sender gets this long to deliver
 /// what is left; the rest stays in the spool for the next start.
-pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// When the producer last made progress, and when it was last rebuilt.
 struct Health {
@@ -272,7 +272,7 @@ impl Backlog {
 }
 
 /// The Kafka sender task.
-pub struct KafkaSender {
+pub(crate) struct KafkaSender {
     pub kafka: KafkaSettings,
     pub spool_dir: PathBuf,
     pub max_record_bytes: u64,
@@ -289,7 +289,7 @@ pub struct KafkaSender {
 
 impl KafkaSender {
     /// Checks the configuration by building a producer (bad properties fail here, at start).
-    pub fn check_config(&self) -> Result<(), KafkaError> {
+    pub(crate) fn check_config(&self) -> Result<(), KafkaError> {
         self.producer(&Reported::default()).map(|_| ())
     }
 
@@ -302,7 +302,10 @@ impl KafkaSender {
 
     /// Runs the sender on its own thread until, once `drain` is cancelled, everything written
     /// has been delivered or [`SHUTDOWN_DRAIN`] has passed.
-    pub fn spawn(self, drain: CancellationToken) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub(crate) fn spawn(
+        self,
+        drain: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
             .name("sluicegate-kafka".into())
             .spawn(move || {
@@ -367,8 +370,8 @@ impl KafkaSender {
             if !reports.is_empty() {
                 b.fatal = false;
                 for (key, outcome) in reports {
-                    if let Some(entry) = in_flight.entries.remove(&key) {
-                        self.settle(&mut b, entry, outcome);
+                    if let Some(spooled) = in_flight.entries.remove(&key) {
+                        self.settle(&mut b, spooled, outcome);
                     }
                 }
                 let stalled = !b.retry.is_empty() && b.health.stalled();
@@ -388,8 +391,8 @@ impl KafkaSender {
                     let reports = std::mem::take(&mut *lock(&reported));
                     for (key, outcome) in reports {
                         if matches!(outcome, Outcome::Acked) {
-                            if let Some(entry) = in_flight.entries.remove(&key) {
-                                self.settle(&mut b, entry, outcome);
+                            if let Some(spooled) = in_flight.entries.remove(&key) {
+                                self.settle(&mut b, spooled, outcome);
                             }
                         }
                     }
@@ -411,17 +414,17 @@ impl KafkaSender {
             // Send: retries first (they are older), then new records, while there is room.
             let now = Instant::now();
             while in_flight.len() < MAX_IN_FLIGHT && now >= b.retry_at {
-                let Some(entry) = b.retry.pop_front() else {
+                let Some(spooled) = b.retry.pop_front() else {
                     break;
                 };
-                match self.send(&producer, &mut in_flight, entry) {
+                match self.send(&producer, &mut in_flight, spooled) {
                     None => {}
-                    Some((entry, Outcome::Retry | Outcome::Fatal)) => {
-                        b.retry.push_front(entry);
+                    Some((spooled, Outcome::Retry | Outcome::Fatal)) => {
+                        b.retry.push_front(spooled);
                         b.retry_at = now + RETRY_MIN;
                         break;
                     }
-                    Some((entry, outcome)) => self.settle(&mut b, entry, outcome),
+                    Some((spooled, outcome)) => self.settle(&mut b, spooled, outcome),
                 }
             }
             reader_caught_up = false;
@@ -453,18 +456,18 @@ impl KafkaSender {
                     .spool
                     .sent_from_memory
                     .inc_by(from_memory as u64);
-                for entry in batch {
-                    b.held_bytes += entry.entry.payload.len();
-                    if entry.pos.segment < self.first_live_segment {
+                for spooled in batch {
+                    b.held_bytes += spooled.entry.payload.len();
+                    if spooled.pos.segment < self.first_live_segment {
                         self.metrics.replayed.inc();
                     }
-                    match self.send(&producer, &mut in_flight, entry) {
+                    match self.send(&producer, &mut in_flight, spooled) {
                         None => {}
-                        Some((entry, Outcome::Retry | Outcome::Fatal)) => {
-                            b.retry.push_back(entry);
+                        Some((spooled, Outcome::Retry | Outcome::Fatal)) => {
+                            b.retry.push_back(spooled);
                             b.retry_at = Instant::now() + RETRY_MIN;
                         }
-                        Some((entry, outcome)) => self.settle(&mut b, entry, outcome),
+                        Some((spooled, outcome)) => self.settle(&mut b, spooled, outcome),
                     }
                 }
             }
@@ -503,8 +506,8 @@ impl KafkaSender {
         }
         let _ = producer.flush(Duration::from_millis(100));
         for (key, outcome) in poll_reports(&producer, &reported) {
-            if let Some(entry) = in_flight.entries.remove(&key) {
-                self.settle(&mut b, entry, outcome);
+            if let Some(spooled) = in_flight.entries.remove(&key) {
+                self.settle(&mut b, spooled, outcome);
             }
         }
         b.checkpoint();
@@ -523,9 +526,9 @@ impl KafkaSender {
         &self,
         producer: &Producer_,
         in_flight: &mut InFlight,
-        entry: SpooledEntry,
+        spooled: SpooledEntry,
     ) -> Option<(SpooledEntry, Outcome)> {
-        let e = &entry.entry;
+        let e = &spooled.entry;
         let (topic, schema) = match e.kind {
             EntryKind::Record => (&self.kafka.topic, super::record::RECORD_SCHEMA),
             EntryKind::Alert => (&self.kafka.alerts_topic, super::alert::ALERT_SCHEMA),
@@ -548,19 +551,19 @@ impl KafkaSender {
         match producer.send(record).map_err(|(err, _)| classify(&err)) {
             Ok(()) => {
                 in_flight.next_key += 1;
-                in_flight.entries.insert(key, entry);
+                in_flight.entries.insert(key, spooled);
                 None
             }
-            Err(outcome) => Some((entry, outcome)),
+            Err(outcome) => Some((spooled, outcome)),
         }
     }
 
     /// Books a finished delivery: acknowledged records leave the spool, refused ones go to the
     /// dead-letter file, the rest wait in the backlog to be sent again.
-    fn settle(&self, b: &mut Backlog, entry: SpooledEntry, outcome: Outcome) {
+    fn settle(&self, b: &mut Backlog, spooled: SpooledEntry, outcome: Outcome) {
         match outcome {
             Outcome::Acked => {
-                b.held_bytes = b.held_bytes.saturating_sub(entry.entry.payload.len());
+                b.held_bytes = b.held_bytes.saturating_sub(spooled.entry.payload.len());
                 b.health.last_ack = Instant::now();
                 self.metrics.sent.inc();
                 if self.metrics.kafka_connected.set(1) != 1 {
@@ -570,9 +573,9 @@ impl KafkaSender {
                 let now_ms = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
-                let lag_ms = (now_ms - entry.entry.timestamp_ms).max(0);
+                let lag_ms = (now_ms - spooled.entry.timestamp_ms).max(0);
                 self.metrics.lag.observe(lag_ms as f64 / 1e3);
-                self.ack(&mut b.reader, entry.pos);
+                self.ack(&mut b.reader, spooled.pos);
             }
             Outcome::DeadLetter(reason) => {
                 if b.dead_letter.is_none() {
@@ -582,25 +585,25 @@ impl KafkaSender {
                     }
                 }
                 let written = match b.dead_letter.as_mut() {
-                    Some(d) => d.append(&entry.entry, &reason),
+                    Some(d) => d.append(&spooled.entry, &reason),
                     None => Err(std::io::Error::other("no dead-letter file")),
                 };
                 match written {
                     Ok(()) => {
-                        b.held_bytes = b.held_bytes.saturating_sub(entry.entry.payload.len());
-                        self.ack(&mut b.reader, entry.pos)
+                        b.held_bytes = b.held_bytes.saturating_sub(spooled.entry.payload.len());
+                        self.ack(&mut b.reader, spooled.pos)
                     }
                     Err(e) => {
                         // Keep it in the spool rather than lose it.
                         tracing::error!(error = %e, "cannot write the dead-letter file");
-                        b.retry.push_back(entry);
+                        b.retry.push_back(spooled);
                         b.retry_at = Instant::now() + RETRY_MAX;
                     }
                 }
             }
             Outcome::Fatal => {
                 b.fatal = true;
-                b.retry.push_back(entry);
+                b.retry.push_back(spooled);
             }
             Outcome::Retry => {
                 self.metrics.delivery_retries.inc();
@@ -608,7 +611,7 @@ impl KafkaSender {
                     b.retry_at = Instant::now() + jittered(b.backoff);
                     b.backoff = (b.backoff * 2).min(RETRY_MAX);
                 }
-                b.retry.push_back(entry);
+                b.retry.push_back(spooled);
             }
         }
     }

@@ -12,9 +12,9 @@
 //! the provenance tags a request carried before queueing its record (bounded per record and per
 //! second), so a flood of tags cannot take the writer's time from everyone's records.
 
-pub mod alert;
-pub mod kafka;
-pub mod metrics;
+pub(crate) mod alert;
+pub(crate) mod kafka;
+pub(crate) mod metrics;
 pub mod record;
 pub mod spool;
 

@@ -44,13 +44,13 @@ impl Handoff {
     /// Offers written entries, in spool order; those past the byte bound are not kept.
     pub fn offer(&self, written: impl Iterator<Item = SpooledEntry>) {
         let mut q = self.lock();
-        for entry in written {
-            let len = entry.entry.payload.len();
+        for spooled in written {
+            let len = spooled.entry.payload.len();
             if q.bytes + len > q.max_bytes {
                 break;
             }
             q.bytes += len;
-            q.entries.push_back(entry);
+            q.entries.push_back(spooled);
         }
     }
 
@@ -67,12 +67,12 @@ impl Handoff {
             if !accepted && front.pos >= reader.read_position() {
                 break;
             }
-            let Some(entry) = q.entries.pop_front() else {
+            let Some(spooled) = q.entries.pop_front() else {
                 break;
             };
-            q.bytes -= entry.entry.payload.len();
+            q.bytes -= spooled.entry.payload.len();
             if accepted {
-                out.push(entry);
+                out.push(spooled);
                 taken += 1;
             }
         }
