@@ -200,8 +200,20 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
     let admin_listener = server::bind(settings.admin_listen, "admin port")
         .await
         .map_err(StartError::Listen)?;
+    let grpc_listener = match &settings.grpc {
+        Some(grpc) => Some(
+            server::bind(grpc.listen, "gRPC port")
+                .await
+                .map_err(StartError::Listen)?,
+        ),
+        None => None,
+    };
     let data_addr = listener.local_addr().map_err(StartError::Listen)?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
+    let grpc_addr = match &grpc_listener {
+        Some(l) => Some(l.local_addr().map_err(StartError::Listen)?),
+        None => None,
+    };
 
     let background = Background::default();
     let readiness = Arc::new(Readiness::default());
@@ -225,19 +237,28 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
     background.spawn(reload::watch_file(reloader.clone()));
     background.spawn(reload::on_sighup(reloader));
 
-    let proxy = Arc::new(
-        Proxy::new(
-            settings.upstream.clone(),
-            RequestLimits::from_settings(&settings),
-            policy,
-            tee,
-            metrics.proxy.clone(),
+    // One proxy per port, each with its own upstream; the policy (and so every threshold's and
+    // limit's state), the tee and the metrics are the same objects behind both.
+    let proxy_to = |upstream| {
+        Arc::new(
+            Proxy::new(
+                upstream,
+                RequestLimits::from_settings(&settings),
+                policy.clone(),
+                tee.clone(),
+                metrics.proxy.clone(),
+            )
+            .with_max_decided_response(settings.max_decided_response_bytes),
         )
-        .with_max_decided_response(settings.max_decided_response_bytes),
-    );
+    };
+    let proxy = proxy_to(settings.upstream.clone());
+    let mut ports = vec![(listener, proxy.clone())];
+    if let (Some(grpc), Some(listener)) = (&settings.grpc, grpc_listener) {
+        ports.push((listener, proxy_to(grpc.upstream.clone())));
+    }
     // Once a second, off the request path: adaptive thresholds recomputed, limit windows moved
-    // on and their breach alerts sent.
-    background.spawn(proxy.clone().run_upkeep());
+    // on and their breach alerts sent (once: both ports share the policy's state).
+    background.spawn(proxy.run_upkeep());
     let limits = ListenerLimits::from_settings(&settings);
     let shutdown = CancellationToken::new();
     let triggered = shutdown.clone();
@@ -253,7 +274,7 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
             tokio::time::sleep(drain_delay).await;
         };
         // Returns once every connection is gone, cut or not: every record is queued by then.
-        server::serve(listener, proxy, limits, stop_accepting).await;
+        server::serve(ports, limits, stop_accepting).await;
         tracing::info!("listener closed; writing the tee queue to the spool");
         // Closing the writer writes the queue to the spool and fsyncs it; it blocks, so it runs
         // off the runtime's workers. Only then is the sender told to drain (its last 5 s), so
@@ -272,7 +293,9 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
     tracing::info!(
         data = %data_addr,
         admin = %admin_addr,
+        grpc = %grpc_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         upstream = %settings.upstream.authority,
+        grpc_upstream = %settings.grpc.as_ref().map_or_else(|| "none".to_owned(), |g| g.upstream.authority.to_string()),
         spool = %settings.spool.dir.display(),
         kafka = settings.kafka.as_ref().map_or("none (the spool is the sink)", |k| k.brokers.as_str()),
         "listening"

@@ -25,6 +25,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// The model server, e.g. `http://127.0.0.1:8080`.
     pub upstream: Upstream,
+    /// A second listener for the model server's gRPC port; `None` (the default) opens none.
+    pub grpc: Option<GrpcPort>,
     /// Largest request body accepted; above it the client gets 413.
     pub max_request_body_bytes: u64,
     /// Largest response a deciding route reads whole (and decodes, if compressed); a larger
@@ -83,6 +85,15 @@ pub struct Upstream {
     /// HTTP/2 connections opened to the upstream at most, each carrying as many streams as
     /// the upstream allows.
     pub h2_max_connections: usize,
+}
+
+/// The gRPC listener and the model server's gRPC port behind it. It shares the policy, the tee,
+/// the metrics, the admin port and the data port's listener limits; its upstream shares the
+/// data port's timeouts and always speaks HTTP/2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrpcPort {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
 }
 
 /// Which HTTP version sluicegate speaks to the upstream.
@@ -150,6 +161,7 @@ impl Default for Settings {
                 ready_path: None,
                 h2_max_connections: 16,
             },
+            grpc: None,
             max_request_body_bytes: 16 << 20,
             max_decided_response_bytes: DEFAULT_MAX_DECIDED_RESPONSE,
             max_record_bytes: 1 << 20,
@@ -252,6 +264,12 @@ layer! {
         /// Upstream model server, e.g. http://127.0.0.1:8080.
         #[arg(long, env = "SLUICEGATE_UPSTREAM")]
         pub upstream: Option<String>,
+        /// gRPC listen address, e.g. 0.0.0.0:8091 (unset: no gRPC port; needs --grpc-upstream).
+        #[arg(long, env = "SLUICEGATE_GRPC_LISTEN")]
+        pub grpc_listen: Option<String>,
+        /// The model server's gRPC port, e.g. http://127.0.0.1:8081 (needs --grpc-listen).
+        #[arg(long, env = "SLUICEGATE_GRPC_UPSTREAM")]
+        pub grpc_upstream: Option<String>,
         /// Upstream response-header timeout [default: 30s].
         #[arg(long, env = "SLUICEGATE_UPSTREAM_TIMEOUT")]
         pub upstream_timeout: Option<String>,
@@ -533,12 +551,62 @@ impl SettingsArgs {
         p.check(s.max_record_bytes >= 4096, || {
             "max_record: must be at least 4KiB".into()
         });
+        s.grpc = grpc_port(self.grpc_listen, self.grpc_upstream, &s.upstream, p);
         s.policy = self.policy;
         s.admin_token_file = self.admin_token_file;
         s.tag_keys_dir = self.tag_keys_dir;
         self.spool.apply(&mut s.spool, s.max_record_bytes, p);
         s.kafka = self.kafka.settings(p);
         s
+    }
+}
+
+/// The gRPC port: both of its settings or neither. Its upstream takes the data port's
+/// upstream settings (timeouts, connections) and speaks HTTP/2, as gRPC must.
+fn grpc_port(
+    listen: Option<String>,
+    upstream: Option<String>,
+    rest: &Upstream,
+    p: &mut Problems,
+) -> Option<GrpcPort> {
+    match (listen, upstream) {
+        (None, None) => None,
+        (Some(_), None) => {
+            p.0.push("grpc_listen: needs grpc_upstream, the model server's gRPC port (e.g. http://127.0.0.1:8081)".into());
+            None
+        }
+        (None, Some(_)) => {
+            p.0.push("grpc_upstream: needs grpc_listen, the address sluicegate serves gRPC on (e.g. 0.0.0.0:8091)".into());
+            None
+        }
+        (Some(listen), Some(upstream)) => {
+            let listen = match listen.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    p.0.push(format!(
+                        "grpc_listen: {listen:?} is not an address (host:port)"
+                    ));
+                    None
+                }
+            };
+            let authority = match parse_upstream(&upstream) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    p.0.push(format!("grpc_upstream: {e}"));
+                    None
+                }
+            };
+            Some(GrpcPort {
+                listen: listen?,
+                upstream: Upstream {
+                    authority: authority?,
+                    protocol: UpstreamProtocol::Http2,
+                    // The readiness probe asks the REST port; the gRPC port is not probed.
+                    ready_path: None,
+                    ..rest.clone()
+                },
+            })
+        }
     }
 }
 
@@ -725,6 +793,53 @@ mod tests {
         assert_eq!(s.listen.port(), 8090);
         assert_eq!(s.admin_listen.port(), 9901);
         assert!(s.kafka.is_none());
+    }
+
+    #[test]
+    fn the_grpc_port_needs_both_settings_and_takes_the_upstream_timeouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(
+            &path,
+            "grpc_listen: 127.0.0.1:8091\ngrpc_upstream: http://m:8081\nupstream_timeout: 7s\n",
+        )
+        .unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        let grpc = s.grpc.expect("both given: the gRPC port is on");
+        assert_eq!(grpc.listen.port(), 8091);
+        assert_eq!(grpc.upstream.authority.as_str(), "m:8081");
+        assert_eq!(grpc.upstream.timeout, Duration::from_secs(7));
+        assert_eq!(grpc.upstream.protocol, UpstreamProtocol::Http2);
+
+        for (listen, upstream, named) in [
+            (
+                Some("127.0.0.1:8091"),
+                None,
+                "grpc_listen: needs grpc_upstream",
+            ),
+            (
+                None,
+                Some("http://m:8081"),
+                "grpc_upstream: needs grpc_listen",
+            ),
+            (Some("8091"), Some("http://m:8081"), "grpc_listen: \"8091\""),
+            (
+                Some("127.0.0.1:8091"),
+                Some("https://m:8081"),
+                "grpc_upstream:",
+            ),
+        ] {
+            let err = args(|a| {
+                a.grpc_listen = listen.map(Into::into);
+                a.grpc_upstream = upstream.map(Into::into);
+            })
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        let off = args(|_| {}).resolve().unwrap();
+        assert_eq!(off.grpc, None, "off unless --grpc-listen is given");
     }
 
     #[test]

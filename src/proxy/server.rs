@@ -92,27 +92,72 @@ impl Connections {
     }
 }
 
-/// Serves the proxy on `listener` until `shutdown` resolves, then waits up to the grace period
-/// for in-flight requests; then cuts what is left and returns once every connection is gone
-/// (their records are handed to the tee by then).
+/// Serves each listener with its proxy until `shutdown` resolves, then waits up to the grace
+/// period for in-flight requests on all of them; then cuts what is left and returns once every
+/// connection is gone (their records are handed to the tee by then). One call for every port:
+/// the tee is told to mark records cut only once every port's grace is over.
 pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
+    ports: Vec<(TcpListener, Arc<Proxy>)>,
     limits: ListenerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let connections = Arc::new(Connections::new(proxy, limits));
     let graceful = GracefulShutdown::new();
+    let tasks = TaskTracker::new();
+    let cut = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let mut tees = Vec::new();
+    let accepting = futures_util::future::join_all(ports.into_iter().map(|(listener, proxy)| {
+        tees.push(proxy.tee.clone());
+        let connections = Arc::new(Connections::new(proxy, limits));
+        accept(
+            listener,
+            connections,
+            limits,
+            &graceful,
+            &tasks,
+            &cut,
+            &stop,
+        )
+    }));
+    tokio::join!(
+        async {
+            shutdown.await;
+            stop.cancel();
+        },
+        accepting
+    );
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over: closing connections with requests in flight");
+    }
+    for tee in tees {
+        tee.cut_in_flight();
+    }
+    cut.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// One port's accept loop, until `stop`: each connection served on its own task, at most
+/// `--max-connections` at once.
+async fn accept(
+    listener: TcpListener,
+    connections: Arc<Connections>,
+    limits: ListenerLimits,
+    graceful: &GracefulShutdown,
+    tasks: &TaskTracker,
+    cut: &CancellationToken,
+    stop: &CancellationToken,
+) {
     // At the limit, stop accepting: new connections wait in the kernel's backlog instead of
     // taking file descriptors and memory here.
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let tasks = TaskTracker::new();
-    let cut = CancellationToken::new();
-    tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            _ = &mut shutdown => break,
+            _ = stop.cancelled() => break,
         };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -124,7 +169,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
         let connections = connections.clone();
@@ -142,17 +187,6 @@ pub async fn serve(
             connections.serve(stream, client, watcher).await;
         }));
     }
-    drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period over: closing connections with requests in flight");
-    }
-    connections.proxy.tee.cut_in_flight();
-    cut.cancel();
-    tasks.close();
-    tasks.wait().await;
 }
 
 /// Connections the kernel queues while every `--max-connections` slot is taken (std's

@@ -1212,16 +1212,24 @@ fn the_pod_specs_keep_the_rules() {
             "{dir}: spool on an emptyDir or a PVC"
         );
 
-        // The Service reaches sluicegate's data port only.
+        // The Service reaches sluicegate's data and gRPC ports only, each declared as a
+        // containerPort.
         let svc = one(&docs, "Service");
         let data_port = port_of(flag(&f, "--listen").unwrap());
+        let grpc_port = port_of(flag(&f, "--grpc-listen").expect("--grpc-listen"));
+        assert_eq!(
+            container_port(sc, &Value::from("grpc")),
+            grpc_port,
+            "{dir}: the gRPC containerPort is --grpc-listen's"
+        );
         for p in list(&svc["spec"]["ports"]) {
-            assert_eq!(
-                container_port(sc, &p["targetPort"]),
-                data_port,
-                "{dir}: the Service targets sluicegate"
+            let port = container_port(sc, &p["targetPort"]);
+            assert!(
+                port == data_port || port == grpc_port,
+                "{dir}: the Service targets sluicegate, not port {port}"
             );
         }
+        assert_eq!(list(&svc["spec"]["ports"]).len(), 2, "{dir}: REST and gRPC");
         let labels = &dep["spec"]["template"]["metadata"]["labels"];
         for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
             assert_eq!(&labels[k], v, "{dir}: the Service selects the pods");
@@ -1245,7 +1253,9 @@ fn the_pod_specs_keep_the_rules() {
                 for p in list(&rule["ports"]) {
                     let port = container_port(sc, &p["port"]);
                     assert!(
-                        port == data_port || port == port_of(flag(&f, "--admin-listen").unwrap()),
+                        port == data_port
+                            || port == grpc_port
+                            || port == port_of(flag(&f, "--admin-listen").unwrap()),
                         "{dir}: the NetworkPolicy lets in port {port}, not sluicegate's"
                     );
                 }
@@ -1401,7 +1411,17 @@ async fn start_variant(dir: &str) -> Started {
             "{dir}: {k} is not a `sluicegate serve` flag"
         );
         let value = match k.as_str() {
-            "--listen" | "--admin-listen" => "127.0.0.1:0".to_owned(),
+            "--listen" | "--admin-listen" | "--grpc-listen" => "127.0.0.1:0".to_owned(),
+            "--grpc-upstream" => {
+                let model_grpc = container_port(model(pod), &Value::from("model-grpc"));
+                assert_eq!(
+                    v,
+                    &format!("http://127.0.0.1:{model_grpc}"),
+                    "{dir}: the gRPC upstream is the model container's gRPC port"
+                );
+                // The stand-in speaks no gRPC; the sidecar only needs an address to start.
+                format!("http://{stand_in}")
+            }
             "--upstream" => {
                 assert_eq!(
                     v,

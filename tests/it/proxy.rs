@@ -170,13 +170,14 @@ async fn a_streamed_response_reaches_the_client_before_the_upstream_finishes() {
     assert_eq!(r["complete"], true);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_with_trailers_passes_through() {
-    // A gRPC-like upstream: h2c, a binary body, then trailers.
-    let up = upstream(|req: Request<Incoming>| async move {
+/// A gRPC-like upstream: h2c, `reply` as one length-prefixed message, then trailers.
+async fn grpc_like_upstream(reply: &'static [u8]) -> SocketAddr {
+    upstream(move |req: Request<Incoming>| async move {
         let _ = req.into_body().collect().await;
+        let mut message = vec![0, 0, 0, 0, reply.len() as u8];
+        message.extend_from_slice(reply);
         let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+            Ok(Frame::data(Bytes::from(message))),
             Ok(Frame::trailers({
                 let mut t = http::HeaderMap::new();
                 t.insert("grpc-status", "0".parse().unwrap());
@@ -189,40 +190,104 @@ async fn http2_with_trailers_passes_through() {
             .insert("content-type", "application/grpc".parse().unwrap());
         r
     })
-    .await;
-    let spool = spool_dir();
-    let proxy = start_proxy(up, spool.path(), &[]);
+    .await
+}
 
-    let stream = tokio::net::TcpStream::connect(proxy.data).await.unwrap();
+/// One unary gRPC-like call over h2c to `addr`: the response's id header, message and trailers.
+async fn grpc_call(addr: SocketAddr) -> (String, Bytes, http::HeaderMap) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = Request::post(format!("http://{}/pkg.Svc/Call", proxy.data))
+    let req = Request::post(format!("http://{addr}/pkg.Svc/Call"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(Full::new(Bytes::from_static(b"\0\0\0\0\x01x")))
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
-    assert!(resp.headers().contains_key("sluicegate-id"));
+    let id = resp.headers()["sluicegate-id"].to_str().unwrap().to_owned();
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected
         .trailers()
         .cloned()
         .expect("trailers reach the client");
-    assert_eq!(trailers["grpc-status"], "0");
-    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+    (id, collected.to_bytes(), trailers)
+}
 
-    proxy.wait_metric(
-        "sluicegate_tee_records_spooled_total",
-        1.0,
-        Duration::from_secs(10),
-    );
-    let r = &spool_records(spool.path())[0];
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_trailers_passes_through() {
+    let up = grpc_like_upstream(b"hi").await;
+    let spool = spool_dir();
+    let proxy = start_proxy(up, spool.path(), &[]);
+    assert_eq!(proxy.grpc, None, "no gRPC port unless --grpc-listen");
+
+    let (_, message, trailers) = grpc_call(proxy.data).await;
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(message, Bytes::from_static(b"\0\0\0\0\x02hi"));
+
+    let r = &proxy.spool_records_after(spool.path(), 1.0)[0];
     assert_eq!(r["response"]["trailers"]["grpc-status"], "0");
     assert_eq!(r["response"]["body"]["encoding"], "base64");
+}
+
+/// A model server's two ports behind one sidecar: the gRPC port forwards to the gRPC upstream,
+/// the data port to the REST upstream, both teed to the same spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_port_forwards_to_its_own_upstream() {
+    let rest = upstream(|_req: Request<Incoming>| async move {
+        Response::new(
+            Full::new(Bytes::from_static(b"rest"))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+    })
+    .await;
+    let grpc = grpc_like_upstream(b"grpc").await;
+    let spool = spool_dir();
+    let grpc_upstream = format!("http://{grpc}");
+    let proxy = start_proxy(
+        rest,
+        spool.path(),
+        &[
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-upstream",
+            &grpc_upstream,
+        ],
+    );
+    let grpc_port = proxy.grpc.expect("the gRPC port is reported");
+
+    let (grpc_id, message, trailers) = grpc_call(grpc_port).await;
+    assert_eq!(message, Bytes::from_static(b"\0\0\0\0\x04grpc"));
+    assert_eq!(trailers["grpc-status"], "0");
+    let resp = client()
+        .request(
+            Request::get(proxy.url("/v2/health/ready"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let rest_id = resp.headers()["sluicegate-id"].to_str().unwrap().to_owned();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "rest");
+
+    let records = proxy.spool_records_after(spool.path(), 2.0);
+    let by_id = |id: &str| {
+        records
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no record {id}"))
+    };
+    assert_eq!(by_id(&grpc_id)["response"]["trailers"]["grpc-status"], "0");
+    assert_eq!(by_id(&rest_id)["response"]["status"], 200);
+    assert_eq!(
+        scrape(proxy.admin).sum("sluicegate_requests_total"),
+        2.0,
+        "one set of metrics for both ports"
+    );
 }
 
 fn error_message(body: &Bytes) -> String {

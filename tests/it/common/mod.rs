@@ -26,6 +26,8 @@ pub struct ProxyProcess {
     pub child: Child,
     pub data: SocketAddr,
     pub admin: SocketAddr,
+    /// The gRPC port, when started with `--grpc-listen`.
+    pub grpc: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -68,18 +70,14 @@ impl ProxyProcess {
                 );
             }
         };
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!("{name}=")).expect("address field") + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+        let field = |name: &str| -> Option<SocketAddr> {
+            let start = line.find(&format!(" {name}="))? + name.len() + 2;
+            line[start..].split_whitespace().next()?.parse().ok()
         };
         ProxyProcess {
-            data: field("data"),
-            admin: field("admin"),
+            data: field("data").expect("data address"),
+            admin: field("admin").expect("admin address"),
+            grpc: field("grpc"),
             child,
             log,
         }
