@@ -16,26 +16,28 @@
 //! a test in this file, reads `src/` and fails on an edge that points up, or on a module
 //! missing from the list):
 //!
-//! 1. [`config`]: static settings (flags, env, file) and the policy as written: plain specs,
+//! 1. [`oip`]: the Open Inference Protocol's gRPC messages and gRPC message framing;
+//!    imports nothing from the crate.
+//! 2. [`config`]: static settings (flags, env, file) and the policy as written: plain specs,
 //!    their validation and diff.
-//! 2. [`provenance`]: signed tags, the key directory, verification.
-//! 3. [`testing`]: the stand-in model server that tests, benchmarks and the demo run against.
-//! 4. [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
+//! 3. [`provenance`]: signed tags, the key directory, verification.
+//! 4. [`testing`]: the stand-in model server that tests, benchmarks and the demo run against.
+//! 5. [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
 //!    route table that carries their state across policy reloads.
-//! 5. [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender, and
+//! 6. [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender, and
 //!    their metrics. It reads the policy only through a per-snapshot record context.
-//! 6. [`policy`]: the policy in force, compiled from its spec: routes, tag keys, the tee's
+//! 7. [`policy`]: the policy in force, compiled from its spec: routes, tag keys, the tee's
 //!    record context; swapped whole on reload.
-//! 7. [`telemetry`]: the metrics registry (each area registers its own), the data plane's and
+//! 8. [`telemetry`]: the metrics registry (each area registers its own), the data plane's and
 //!    the policy's metrics, logging.
-//! 8. [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
+//! 9. [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
 //!    and times out a side that goes quiet; deciding routes read the response and decide (its
 //!    `decision` module); HTTP/2 goes upstream over a pool of h2c connections (`pool`).
-//! 9. [`control`]: the admin port, the upstream readiness probe, policy reloads.
-//! 10. [`audit`]: `sluicegate audit` (records and tag verification).
-//! 11. [`app`]: builds and starts all of it, owns shutdown.
-//! 12. [`demo`]: the proxy in front of the stand-in model.
-//! 13. [`cli`]: the command line.
+//! 10. [`control`]: the admin port, the upstream readiness probe, policy reloads.
+//! 11. [`audit`]: `sluicegate audit` (records and tag verification).
+//! 12. [`app`]: builds and starts all of it, owns shutdown.
+//! 13. [`demo`]: the proxy in front of the stand-in model.
+//! 14. [`cli`]: the command line.
 //!
 //! So `proxy` never imports `control`, `audit` or `app`, and `control` changes the data plane
 //! only by swapping the policy snapshot.
@@ -57,6 +59,7 @@ pub mod config;
 mod control;
 pub mod decide;
 pub mod demo;
+pub mod oip;
 pub mod policy;
 pub mod provenance;
 pub mod proxy;

@@ -61,6 +61,9 @@ impl StandInModel {
     > {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
+        if crate::oip::is_grpc(req.headers().get(header::CONTENT_TYPE)) {
+            return Self::handle_grpc(req).await;
+        }
         let body = req.into_body().collect().await?.to_bytes();
         let json_response = |status: StatusCode, v: Value| {
             let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
@@ -128,6 +131,138 @@ impl StandInModel {
             _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not found"})),
         };
         Ok(resp)
+    }
+
+    /// The gRPC `ModelInfer` call (h2c, any port): the same model as REST, input `features`
+    /// FP64 `[n, k]` typed or raw, output `predict_proba` FP64 `[n, 2]`. The request parameter
+    /// `raw_output` asks for `raw_output_contents` (as Triton answers), `gzip_output` for a
+    /// gzip-compressed message; a gzip request (`grpc-encoding: gzip`) is read.
+    async fn handle_grpc(
+        req: Request<Incoming>,
+    ) -> Result<
+        Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>>,
+        hyper::Error,
+    > {
+        use crate::oip::{self, ParameterChoice};
+        use prost::Message;
+        use std::io::Read;
+        let gzip_request = req
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|v| v == "gzip");
+        let path_ok = req.uri().path() == oip::MODEL_INFER_PATH;
+        let body = req.into_body().collect().await?.to_bytes();
+        let answer = |status: u32, message: Option<Bytes>, compressed: bool| {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", status.into());
+            let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
+            if let Some(m) = message {
+                frames.push(Ok(Frame::data(m)));
+            }
+            frames.push(Ok(Frame::trailers(trailers)));
+            let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/grpc"),
+            );
+            if compressed {
+                h.insert("grpc-encoding", header::HeaderValue::from_static("gzip"));
+            }
+            Ok(r)
+        };
+        // UNIMPLEMENTED, INVALID_ARGUMENT.
+        if !path_ok {
+            return answer(12, None, false);
+        }
+        let Ok((compressed, message)) = oip::one_message(&body) else {
+            return answer(3, None, false);
+        };
+        let message = if compressed && gzip_request {
+            let mut out = Vec::new();
+            if flate2::read::GzDecoder::new(&message[..])
+                .read_to_end(&mut out)
+                .is_err()
+            {
+                return answer(3, None, false);
+            }
+            Bytes::from(out)
+        } else {
+            message
+        };
+        let Ok(request) = oip::ModelInferRequest::decode(&message[..]) else {
+            return answer(3, None, false);
+        };
+        let flag = |name: &str| {
+            matches!(
+                request
+                    .parameters
+                    .get(name)
+                    .and_then(|p| p.parameter_choice.as_ref()),
+                Some(ParameterChoice::BoolParam(true))
+            )
+        };
+        let Some((index, input)) = request
+            .inputs
+            .iter()
+            .enumerate()
+            .find(|(_, i)| i.name == "features")
+        else {
+            return answer(3, None, false);
+        };
+        let flat: Vec<f64> = match request.raw_input_contents.get(index) {
+            Some(raw) => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+            None => input
+                .contents
+                .as_ref()
+                .map(|c| c.fp64_contents.clone())
+                .unwrap_or_default(),
+        };
+        let cols = input.shape.get(1).copied().unwrap_or(4).max(1) as usize;
+        let rows = flat.len() / cols;
+        let proba: Vec<f64> = flat
+            .chunks(cols)
+            .flat_map(|row| {
+                let p = Self::score(row);
+                [1.0 - p, p]
+            })
+            .collect();
+        let mut output = oip::InferOutputTensor {
+            name: "predict_proba".into(),
+            datatype: "FP64".into(),
+            shape: vec![rows as i64, 2],
+            ..Default::default()
+        };
+        let mut response = oip::ModelInferResponse {
+            model_name: MODEL_NAME.into(),
+            model_version: MODEL_VERSION.into(),
+            id: request.id.clone(),
+            ..Default::default()
+        };
+        if flag("raw_output") {
+            response.raw_output_contents =
+                vec![proba.iter().flat_map(|p| p.to_le_bytes()).collect()];
+        } else {
+            output.contents = Some(oip::InferTensorContents {
+                fp64_contents: proba,
+                ..Default::default()
+            });
+        }
+        response.outputs.push(output);
+        let encoded = response.encode_to_vec();
+        if flag("gzip_output") {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&encoded).expect("writing to a Vec");
+            let zipped = gz.finish().expect("writing to a Vec");
+            let mut framed = oip::frame(&zipped).to_vec();
+            framed[0] = 1;
+            return answer(0, Some(Bytes::from(framed)), true);
+        }
+        answer(0, Some(oip::frame(&encoded)), false)
     }
 
     /// Open Inference Protocol v2: input `features` (or the first input) of shape `[n, k]`,
@@ -205,6 +340,53 @@ fn tokio_stream_from<T: Send + 'static>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The gRPC `ModelInfer` request of [`v2_request`]'s rows (the same features for the same
+/// seed), typed or raw; `flags` are set as bool parameters (`raw_output`, `gzip_output`).
+pub fn grpc_request(
+    rows: usize,
+    seed: u64,
+    raw: bool,
+    flags: &[&str],
+) -> crate::oip::ModelInferRequest {
+    use crate::oip::{InferInputTensor, InferParameter, InferTensorContents, ParameterChoice};
+    let v: Value = serde_json::from_str(&v2_request(rows, seed)).expect("v2_request is JSON");
+    let data: Vec<f64> = v["inputs"][0]["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    let mut input = InferInputTensor {
+        name: "features".into(),
+        datatype: "FP64".into(),
+        shape: vec![rows as i64, 4],
+        ..Default::default()
+    };
+    let mut request = crate::oip::ModelInferRequest {
+        model_name: MODEL_NAME.into(),
+        id: format!("req-{seed}"),
+        ..Default::default()
+    };
+    if raw {
+        request.raw_input_contents = vec![data.iter().flat_map(|x| x.to_le_bytes()).collect()];
+    } else {
+        input.contents = Some(InferTensorContents {
+            fp64_contents: data,
+            ..Default::default()
+        });
+    }
+    request.inputs.push(input);
+    for f in flags {
+        request.parameters.insert(
+            (*f).to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::BoolParam(true)),
+            },
+        );
+    }
+    request
 }
 
 /// A v2 request body with `rows` rows of four pseudo-random features.

@@ -5,6 +5,11 @@ set -euo pipefail
 version=0.6.0
 cache="${SLUICEGATE_CACHE:-$HOME/.cache/sluicegate}/tansu-$version"
 bin="$cache/bin/tansu"
+mkdir -p "$cache"
+# One build at a time: .ci/run starts one in the background while it lints, and the test
+# script's call waits for it here instead of starting a second.
+exec 9>"$cache.lock"
+flock 9
 if [ ! -x "$bin" ]; then
   echo "building tansu $version into $cache (first run on this machine: ~11 min)" >&2
   # Its own target dir, so it neither fights with nor pollutes the project's build.

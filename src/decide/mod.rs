@@ -515,6 +515,22 @@ impl RouteTable {
     pub fn route_for(&self, path: &str) -> Option<&Arc<Route>> {
         self.live.iter().find(|r| r.matches(path))
     }
+
+    /// The route of a gRPC `ModelInfer` call for `model`: a `model:` route (`path_prefix`
+    /// routes never match gRPC).
+    pub fn route_for_model(&self, model: &str) -> Option<&Arc<Route>> {
+        self.live
+            .iter()
+            .find(|r| r.spec.matcher.model.as_deref() == Some(model))
+    }
+
+    /// Whether a gRPC `ModelInfer` call can be decided at all: some `model:` route decides
+    /// v2 responses.
+    pub fn decides_model_infer(&self) -> bool {
+        self.live.iter().any(|r| {
+            r.spec.matcher.model.is_some() && r.decider.is_some() && r.protocol() == Protocol::V2
+        })
+    }
 }
 
 fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> Route {

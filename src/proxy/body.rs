@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use super::pending::Pending;
 use super::pool::Stream;
+use crate::oip::ModelNameScanner;
 use crate::tee::record::Capture;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,6 +52,9 @@ pub struct RequestCapture {
     pub trailers: Mutex<Option<http::HeaderMap>>,
     pub too_large: AtomicBool,
     pub client_fault: OnceLock<ClientFault>,
+    /// A gRPC `ModelInfer` request's `model_name`, once its message has streamed past whole
+    /// (see [`RequestBody::scanning_model_name`]).
+    pub model_name: OnceLock<String>,
 }
 
 /// Time a body has spent waiting for its sender. The clock restarts each time a wait begins,
@@ -101,6 +105,9 @@ pub struct RequestBody {
     idle: IdleTimer,
     /// The pooled HTTP/2 stream this body goes out on, given back once it is done.
     stream: Option<Arc<Stream>>,
+    /// Reads a gRPC `ModelInfer` request's model name as it passes (boxed: most requests
+    /// have none).
+    model_name: Option<Box<ModelNameScanner>>,
 }
 
 impl RequestBody {
@@ -118,7 +125,15 @@ impl RequestBody {
             shared,
             idle: IdleTimer::new(limits.body_timeout),
             stream: None,
+            model_name: None,
         }
+    }
+
+    /// Reads the request's `model_name` as it streams (a gRPC `ModelInfer` call: its route
+    /// is its model's), into [`RequestCapture::model_name`].
+    pub fn scanning_model_name(mut self) -> Self {
+        self.model_name = Some(Box::default());
+        self
     }
 
     pub(crate) fn hold(&mut self, stream: Arc<Stream>) {
@@ -171,6 +186,15 @@ impl RequestBody {
             if let Some(c) = &self.capture {
                 c.capture.lock().expect("capture lock").push(data);
             }
+            if let Some(scanner) = self.model_name.as_mut() {
+                scanner.feed(data);
+                if scanner.finished() {
+                    if let Some(name) = scanner.model_name() {
+                        let _ = self.shared.model_name.set(name.to_owned());
+                    }
+                    self.model_name = None;
+                }
+            }
         } else if let (Some(t), Some(c)) = (frame.trailers_ref(), &self.capture) {
             *c.trailers.lock().expect("trailers lock") = Some(t.clone());
         }
@@ -202,6 +226,8 @@ impl RequestLimits {
 pub enum ResponseBody {
     Upstream(UpstreamBody),
     Full(Option<Bytes>),
+    /// A whole body, then trailers (a decided gRPC call: its message, then its status).
+    WithTrailers(Option<Bytes>, Option<http::HeaderMap>),
     /// Chunks already read (a deciding route gave up on a body too large to decide), then the
     /// rest of the upstream's body.
     Prefixed(std::collections::VecDeque<Bytes>, UpstreamBody),
@@ -289,6 +315,13 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::WithTrailers(bytes, trailers) => Poll::Ready(
+                bytes
+                    .take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             ResponseBody::Prefixed(prefix, up) => match prefix.pop_front() {
                 Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 None => up.poll_upstream(cx),
@@ -300,6 +333,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full(b) => b.is_none(),
+            ResponseBody::WithTrailers(b, t) => b.is_none() && t.is_none(),
             ResponseBody::Prefixed(prefix, up) => prefix.is_empty() && up.inner.is_end_stream(),
             ResponseBody::Upstream(up) => up.inner.is_end_stream(),
         }
@@ -309,6 +343,9 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::WithTrailers(b, _) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
             ResponseBody::Prefixed(..) => SizeHint::default(),
             ResponseBody::Upstream(up) => up.inner.size_hint(),
         }

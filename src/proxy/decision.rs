@@ -31,6 +31,10 @@ use crate::tee::alert::Alert;
 use crate::tee::record::{DecisionOutcome, ReadJson};
 use crate::telemetry::{AlertLabel, RouteAction, RouteMetrics};
 
+mod grpc;
+
+pub(super) use grpc::respond_model_infer;
+
 pub(super) const ACTION_HEADER: HeaderName = HeaderName::from_static("sluicegate-action");
 pub(super) const MODEL_ACTION_HEADER: HeaderName =
     HeaderName::from_static("sluicegate-model-action");
@@ -56,7 +60,8 @@ pub(super) const HEADER_BUDGET: usize = 2048;
 
 /// The upstream body, read whole if it fits under the limit.
 pub(super) enum Collected {
-    Whole(Bytes),
+    /// The body and its trailers (gRPC's status; JSON responses have none).
+    Whole(Bytes, Option<http::HeaderMap>),
     /// Over the limit: what was read so far, and the rest still streaming.
     TooLarge(VecDeque<Bytes>, UpstreamIncoming),
     Broken(BoxError),
@@ -66,28 +71,28 @@ pub(super) enum Collected {
 pub(super) async fn collect_up_to(mut body: UpstreamIncoming, limit: u64) -> Collected {
     let mut chunks = VecDeque::new();
     let mut total = 0u64;
+    let mut trailers = None;
     loop {
         match body.frame().await {
             None => break,
             Some(Err(e)) => return Collected::Broken(e),
-            Some(Ok(frame)) => {
-                // Trailers on a JSON response are not a thing model servers send; a
-                // decided response is rewritten whole, without them.
-                if let Ok(data) = frame.into_data() {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
                     total += data.len() as u64;
                     chunks.push_back(data);
                     if total > limit && !body.is_end_stream() {
                         return Collected::TooLarge(chunks, body);
                     }
                 }
-            }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
         }
     }
     let mut whole = Vec::with_capacity(total as usize);
     for c in chunks {
         whole.extend_from_slice(&c);
     }
-    Collected::Whole(Bytes::from(whole))
+    Collected::Whole(Bytes::from(whole), trailers)
 }
 
 /// A body too large to decide passes through undecided, what was read first then the rest.
@@ -181,19 +186,30 @@ pub(super) fn decide(
     captured: &Captured,
 ) -> Result<Decision, ExtractError> {
     let route = &*captured.route;
-    let policy = &*admitted.policy;
-    let now = Instant::now();
     let (read, scores) = read_response(route, &captured.bytes)?;
-    let decided = route.decide(&scores, now);
+    let (model, version) = read.model();
+    let (decided, tag) = decide_scores(proxy, admitted, route, &scores, model, version);
+    Ok(Decision { read, decided, tag })
+}
+
+/// Decides a response's `scores` on `route`, whatever the wire they came over: thresholds and
+/// limits, alerts, the metrics, and the signed tag (none for a limit's rejection). `model` and
+/// `version` are the response's own, if it names them.
+pub(super) fn decide_scores(
+    proxy: &Proxy,
+    admitted: &Admitted,
+    route: &Route,
+    scores: &Scores,
+    model: Option<String>,
+    version: Option<String>,
+) -> (Decided, Option<String>) {
+    let policy = &*admitted.policy;
+    let decided = route.decide(scores, Instant::now());
     alerts(proxy, policy, &decided);
 
     if let Some((action, _)) = &decided.rejected {
         admitted.metrics.limit_outcomes(action, "rejected", 1);
-        return Ok(Decision {
-            read,
-            decided,
-            tag: None,
-        });
+        return (decided, None);
     }
     // Counted per distinct action, not per row: a batch of hundreds of rows takes a handful
     // of metric updates.
@@ -221,8 +237,8 @@ pub(super) fn decide(
     for (action, outcome, n) in limited {
         admitted.metrics.limit_outcomes(action, outcome, n);
     }
-    let tag = sign_tag(route, policy, &read, &decided, &admitted.id);
-    Ok(Decision { read, decided, tag })
+    let tag = sign_tag(route, policy, model, version, &decided, &admitted.id);
+    (decided, tag)
 }
 
 /// See [`Proxy::respond`]; counting the response is the caller's.
@@ -255,13 +271,8 @@ pub(super) fn respond(
     }
 
     if let Some((action, window)) = &decided.rejected {
-        let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
-        let err = ProxyError::LimitExceeded { retry_after_secs };
-        let detail = format!(
-            "taking action {action:?} on route {} would exceed its limit",
-            route.name
-        );
-        let mut resp = err.response(id, &err.message(&detail));
+        let (err, message) = limit_rejection(&route, action, *window);
+        let mut resp = err.response(id, &message);
         // No action was taken: the client is told so, the model's choice stays beside it.
         decision_headers(
             resp.headers_mut(),
@@ -273,25 +284,14 @@ pub(super) fn respond(
         // The model answered; the record keeps that answer and says what the client got.
         if let Some(mut p) = pending {
             p.set_decision(DecisionOutcome::Made(decided.rows));
+            p.set_error(err.for_record(message));
             p.set_status(err.status().as_u16());
             p.finish_response(true, None);
         }
         return resp;
     }
 
-    if let Some(t) = &tag {
-        if let Ok(v) = HeaderValue::from_str(t) {
-            parts.headers.insert(TAG_HEADER, v);
-        }
-    }
-    // After the tag: the decision headers take what the budget has left.
-    decision_headers(
-        &mut parts.headers,
-        &decided,
-        policy,
-        Counted::for_route(&route),
-        false,
-    );
+    decided_headers(&mut parts.headers, &decided, policy, &route, tag.as_deref());
     let tag_in_body = route.spec.tag_field.as_deref().zip(tag.as_deref());
     let writes = route.spec.write_decisions.is_some();
     let spliced = (writes && tag_in_body.is_none() && route.protocol() == Protocol::V2)
@@ -321,6 +321,36 @@ pub(super) fn respond(
         p.set_tag(tag);
     }
     finish(parts, body, pending)
+}
+
+/// A limit's refusal of `action` on `route`: the error, and its message for the client and the
+/// record. Retry after a minute's worth of the window, at least a second.
+fn limit_rejection(
+    route: &Route,
+    action: &str,
+    window: std::time::Duration,
+) -> (ProxyError, String) {
+    let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
+    let err = ProxyError::LimitExceeded { retry_after_secs };
+    let detail = format!(
+        "taking action {action:?} on route {} would exceed its limit",
+        route.name
+    );
+    (err, err.message(&detail))
+}
+
+/// The tag, then the decision headers in what the budget has left, on a decided response.
+fn decided_headers(
+    headers: &mut http::HeaderMap,
+    decided: &Decided,
+    policy: &Policy,
+    route: &Route,
+    tag: Option<&str>,
+) {
+    if let Some(v) = tag.and_then(|t| HeaderValue::from_str(t).ok()) {
+        headers.insert(TAG_HEADER, v);
+    }
+    decision_headers(headers, decided, policy, Counted::for_route(route), false);
 }
 
 /// A response as a deciding route has read it.
@@ -401,13 +431,13 @@ fn read_response(
 fn sign_tag(
     route: &Route,
     policy: &Policy,
-    read: &Read,
+    model: Option<String>,
+    version: Option<String>,
     decided: &Decided,
     id: &HeaderValue,
 ) -> Option<String> {
     let (key_id, algorithm) = policy.signer.as_ref()?;
     // The v2 response names its model; else the route's model matcher does.
-    let (model, version) = read.model();
     let model = model.or_else(|| route.spec.matcher.model.clone());
     let actions: Vec<&str> = decided.rows.iter().map(|r| &*r.final_action).collect();
     let explores = route.explorer.is_some();

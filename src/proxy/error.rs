@@ -143,6 +143,53 @@ impl ProxyError {
         ExchangeError {
             code: self.code(),
             message,
+            grpc_status: None,
+        }
+    }
+
+    /// The gRPC status a gRPC client gets for this error (what gRPC's own HTTP mapping would
+    /// give, made precise: a limit is `RESOURCE_EXHAUSTED`, not `UNAVAILABLE`, so a client
+    /// does not retry it at once).
+    pub(crate) fn grpc_status(self) -> u32 {
+        match self {
+            ProxyError::BodyTooLarge { .. } | ProxyError::LimitExceeded { .. } => 8,
+            ProxyError::UpstreamUnavailable | ProxyError::UpstreamFailed => 14,
+            ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamBodyTimeout
+            | ProxyError::ClientBodyTimeout => 4,
+            ProxyError::ClientBody | ProxyError::BadRequest | ProxyError::AmbiguousPath => 3,
+            ProxyError::ConsumerUndeclared => 7,
+        }
+    }
+
+    /// The answer to a gRPC call: Trailers-Only (HTTP 200, the status in the headers, no
+    /// message), `grpc-message` the stable code; a limit's adds `retry-after` and
+    /// `grpc-retry-pushback-ms`.
+    pub(crate) fn grpc_response(self, id: &HeaderValue) -> Response<ResponseBody> {
+        let mut resp = Response::new(ResponseBody::Full(None));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(self.grpc_status()));
+        h.insert("grpc-message", HeaderValue::from_static(self.code()));
+        h.insert(super::ID_HEADER, id.clone());
+        if let ProxyError::LimitExceeded { retry_after_secs } = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            h.insert(
+                "grpc-retry-pushback-ms",
+                HeaderValue::from(retry_after_secs.saturating_mul(1000)),
+            );
+        }
+        resp
+    }
+
+    /// The record's error for a gRPC call answered with [`Self::grpc_response`].
+    pub(crate) fn for_grpc_record(self, message: String) -> ExchangeError {
+        ExchangeError {
+            grpc_status: Some(self.grpc_status()),
+            ..self.for_record(message)
         }
     }
 }

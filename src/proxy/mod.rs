@@ -56,6 +56,7 @@ use pool::{H2Error, H2Pool, SendH2};
 use crate::config::policy::Undeclared;
 use crate::config::settings::{Upstream, UpstreamProtocol};
 use crate::decide::Route;
+use crate::oip;
 use crate::policy::{Policy, SharedPolicy};
 use crate::tee::record::{Capture, Exchange, Message};
 use crate::tee::TeeSender;
@@ -222,7 +223,10 @@ impl Proxy {
             max_body: self.max_request_body,
             body_timeout: self.client_body_timeout,
         };
-        let body = RequestBody::new(body, limits, admitted.capture.clone(), admitted.sampled);
+        let mut body = RequestBody::new(body, limits, admitted.capture.clone(), admitted.sampled);
+        if admitted.model_infer {
+            body = body.scanning_model_name();
+        }
         let (resp, stream, upstream_time) = match self
             .forward(&admitted, Request::from_parts(parts, body))
             .await
@@ -233,16 +237,33 @@ impl Proxy {
 
         let (mut parts, body) = resp.into_parts();
         let body = UpstreamIncoming::new(body, self.upstream.body_timeout, stream);
-        let Some(route) =
-            self.capture_head(&mut admitted, &mut parts, original_version, upstream_time)
-        else {
+        if admitted.model_infer {
+            self.route_grpc(&mut admitted);
+        }
+        let route = self.capture_head(&mut admitted, &mut parts, original_version, upstream_time);
+        // Read whole when the model's route decides, or when the request named no model
+        // (compressed) and some route could.
+        let named = admitted.capture.model_name.get().is_some();
+        if admitted.model_infer
+            && parts.status.is_success()
+            && admitted.policy.routes.decides_model_infer()
+            && match &admitted.compiled {
+                Some(r) => r.decider.is_some(),
+                None => !named,
+            }
+        {
+            // Decided on the gRPC message; a call whose request named no model (compressed)
+            // is routed by the model its response names.
+            return Ok(decision::respond_model_infer(&self, admitted, parts, body).await);
+        }
+        let Some(route) = route else {
             // Streams through, captured for the record as it goes.
             admitted.metrics.request(parts.status.as_u16());
             let body = UpstreamBody::new(body, admitted.pending);
             return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
         };
         let bytes = match decision::collect_up_to(body, self.max_decided_response).await {
-            Collected::Whole(bytes) => bytes,
+            Collected::Whole(bytes, _trailers) => bytes,
             Collected::TooLarge(prefix, rest) => {
                 return Ok(decision::pass_too_large(
                     &self, admitted, parts, prefix, rest,
@@ -293,13 +314,15 @@ impl Proxy {
             (None, Err(why)) => Some((ProxyError::AmbiguousPath, why.to_string())),
             (None, Ok(_)) => None,
         };
+        let path = path_and_query.split('?').next().unwrap_or_default();
+        // A gRPC call is routed by its model once its message has been read (`route_grpc`):
+        // `path_prefix` routes never match it.
+        let grpc = oip::is_grpc(req.headers().get(header::CONTENT_TYPE));
+        let model_infer = grpc && path == oip::MODEL_INFER_PATH;
         // A refused request gets no route: it is answered before anything is decided.
         let compiled = match refusal {
-            None => {
-                let path = path_and_query.split('?').next().unwrap_or_default();
-                policy.routes.route_for(path).cloned()
-            }
-            Some(_) => None,
+            None if !grpc => policy.routes.route_for(path).cloned(),
+            _ => None,
         };
         let route = compiled
             .as_ref()
@@ -383,6 +406,8 @@ impl Proxy {
         Admitted {
             policy,
             compiled,
+            grpc,
+            model_infer,
             metrics,
             id,
             path_and_query,
@@ -425,6 +450,12 @@ impl Proxy {
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
+        }
+        if admitted.model_infer && admitted.policy.routes.decides_model_infer() {
+            // The same for a gRPC call's messages; a gzip one is decoded all the same.
+            parts
+                .headers
+                .insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
         }
         if let Some(host) = parts.headers.remove(header::HOST) {
             parts.headers.insert("x-forwarded-host", host);
@@ -479,6 +510,30 @@ impl Proxy {
         }
     }
 
+    /// Routes a gRPC `ModelInfer` call by the model its request named (read as the request
+    /// streamed), once the upstream has answered: the server reads the whole message first.
+    fn route_grpc(&self, admitted: &mut Admitted) {
+        let Some(model) = admitted.capture.model_name.get() else {
+            return;
+        };
+        let route = admitted.policy.routes.route_for_model(model).cloned();
+        if let Some(route) = route {
+            self.set_route(admitted, route);
+        }
+    }
+
+    /// The route of a call whose route was known only once it was under way: its metrics
+    /// and its record move to it.
+    fn set_route(&self, admitted: &mut Admitted, route: Arc<Route>) {
+        admitted.metrics = self
+            .handles(&admitted.policy)
+            .route(&self.metrics, &route.name);
+        if let Some(p) = admitted.pending.as_mut() {
+            p.set_route(route.name.clone());
+        }
+        admitted.compiled = Some(route);
+    }
+
     /// Capture, the response head: timed, stripped of hop-by-hop headers, recorded, and
     /// stamped with the id and the policy version. Returns the route when it decides this
     /// response (a success on a deciding route), whose body is then read whole; every other
@@ -506,7 +561,7 @@ impl Proxy {
         admitted
             .compiled
             .clone()
-            .filter(|r| r.decider.is_some() && parts.status.is_success())
+            .filter(|r| r.decider.is_some() && parts.status.is_success() && !admitted.grpc)
     }
 
     /// Capture, a deciding route's body read whole: decoded if the server compressed it, and
@@ -635,13 +690,21 @@ impl Proxy {
                 source: err.source(),
             })
             .inc();
-        admitted.metrics.request(err.status().as_u16());
         let recorded = if err.detail_is_internal() {
             tracing::debug!(code = err.code(), id = ?admitted.id, cause = detail, "{message}");
             format!("{message}: {detail}")
         } else {
             message.clone()
         };
+        // A gRPC client reads a gRPC status, not an HTTP error page.
+        let (status, record_error, resp) = if admitted.grpc {
+            let resp = err.grpc_response(&admitted.id);
+            (resp.status(), err.for_grpc_record(recorded), resp)
+        } else {
+            let resp = err.response(&admitted.id, &message);
+            (resp.status(), err.for_record(recorded), resp)
+        };
+        admitted.metrics.request(status.as_u16());
         if let Some(p) = admitted.pending {
             // A body that failed on either side did not arrive whole.
             let complete = !matches!(
@@ -650,9 +713,9 @@ impl Proxy {
                     | ProxyError::ClientBodyTimeout
                     | ProxyError::UpstreamBodyTimeout
             );
-            p.finish_error(err.status().as_u16(), err.for_record(recorded), complete);
+            p.finish_error(status.as_u16(), record_error, complete);
         }
-        err.response(&admitted.id, &message)
+        resp
     }
 }
 
@@ -663,6 +726,10 @@ pub struct Admitted {
     policy: Arc<Policy>,
     /// The matched route; `None` for the default route and for a refused request.
     compiled: Option<Arc<Route>>,
+    /// A gRPC call: errors the proxy answers are gRPC statuses.
+    grpc: bool,
+    /// A gRPC `ModelInfer` call: routed by its model, decided on a `model:` route.
+    model_infer: bool,
     metrics: Arc<RouteMetrics>,
     id: HeaderValue,
     /// Taken by [`Proxy::upstream_head`] into the upstream URI.

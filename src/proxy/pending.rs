@@ -110,6 +110,21 @@ impl Pending {
         }
     }
 
+    /// Why the proxy answered in the model's place though the model answered (a limit's
+    /// rejection).
+    pub fn set_error(&mut self, error: ExchangeError) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.error = Some(error);
+        }
+    }
+
+    /// The route, when it is known only once the call is under way (a gRPC call's model).
+    pub fn set_route(&mut self, route: Arc<str>) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.route = route;
+        }
+    }
+
     /// The response body ended (`complete`) or broke off.
     pub fn finish_response(mut self, complete: bool, error: Option<&BoxError>) {
         if let Some(e) = self.exchange.as_mut() {
@@ -122,6 +137,7 @@ impl Pending {
                         ClientFault::Stalled(_) => "client_body_timeout",
                     },
                     message: fault.to_string(),
+                    grpc_status: None,
                 });
             } else if let Some(err) = error {
                 e.error = Some(ExchangeError {
@@ -131,6 +147,7 @@ impl Pending {
                         "upstream_body_error"
                     },
                     message: err.to_string(),
+                    grpc_status: None,
                 });
             } else if !complete {
                 e.error = Some(client_gone());
@@ -165,6 +182,7 @@ fn client_gone() -> ExchangeError {
     ExchangeError {
         code: "client_disconnected",
         message: "the client went away before the response ended".into(),
+        grpc_status: None,
     }
 }
 

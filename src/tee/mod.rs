@@ -101,6 +101,7 @@ impl TeeSender {
             exchange.error = Some(ExchangeError {
                 code: "shutdown",
                 message: "cut at the end of the shutdown grace period".into(),
+                grpc_status: None,
             });
         }
         let inbound = exchange.check_inbound_tags(&self.verify_budget, &self.inbound_tags);

@@ -74,6 +74,9 @@ pub struct ExchangeError {
     /// Stable code, the same as the `error` field of the JSON error sent to the client.
     pub code: &'static str,
     pub message: String,
+    /// The gRPC status the client got, when the proxy answered a gRPC call itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
 }
 
 /// Everything captured about one request/response pair, raw.

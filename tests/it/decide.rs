@@ -178,7 +178,7 @@ async fn fallback_replaces_the_action_and_the_window_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_refuses_with_429_and_retry_after() {
-    let (proxy, _dir) = proxy_with(&limited("reject")).await;
+    let (proxy, dir) = proxy_with(&limited("reject")).await;
     let c = client();
     for _ in 0..3 {
         assert_eq!(one(&proxy, &c).await.0, 200);
@@ -194,6 +194,14 @@ async fn reject_refuses_with_429_and_retry_after() {
     // A rejected decision is not an action taken: still refused, not counted up.
     assert_eq!(one(&proxy, &c).await.0, 429);
     assert_eq!(proxy.metric("sluicegate_limit_outcomes_total"), 2.0);
+    // The record says why the client got no answer (the audit counts rejections by it).
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 5.0);
+    let rejected: Vec<_> = records.iter().filter(|r| r["status"] == 429).collect();
+    assert_eq!(rejected.len(), 2);
+    for r in rejected {
+        assert_eq!(r["error"]["code"], "limit_exceeded");
+        assert!(r["error"].get("grpc_status").is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ mod decide;
 mod deploy;
 mod faults;
 mod fuzz;
+mod grpc;
 mod kafka_mock;
 mod kafka_tansu;
 mod proxy;

@@ -195,12 +195,7 @@ async fn grpc_like_upstream(reply: &'static [u8]) -> SocketAddr {
 
 /// One unary gRPC-like call over h2c to `addr`: the response's id header, message and trailers.
 async fn grpc_call(addr: SocketAddr) -> (String, Bytes, http::HeaderMap) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c(addr).await;
     let req = Request::post(format!("http://{addr}/pkg.Svc/Call"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")

@@ -223,6 +223,7 @@ fn written_records() -> Vec<Vec<u8>> {
     refused.error = Some(ExchangeError {
         code: "limit_exceeded",
         message: "the spam limit is reached".into(),
+        grpc_status: None,
     });
     let mut trailed = exchange(&[0xff, 0xfe], &"é".repeat(40).into_bytes(), 51);
     trailed.response.as_mut().unwrap().trailers = Some(HeaderMap::from_iter([(

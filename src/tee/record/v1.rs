@@ -184,6 +184,10 @@ pub struct Body {
 pub struct ExchangeError {
     pub code: ErrorCode,
     pub message: String,
+    /// The gRPC status the client got (8, `RESOURCE_EXHAUSTED`, for a limit's rejection),
+    /// when the proxy answered a gRPC call itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
 }
 
 /// A provenance tag that came in with the request.

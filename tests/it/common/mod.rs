@@ -286,6 +286,19 @@ pub fn path_str(p: &Path) -> &str {
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// An h2c (prior knowledge) connection to `addr`, as gRPC clients open one.
+pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
