@@ -160,6 +160,12 @@ pub enum FrameError {
 
 /// The one message of a unary call's body: whether it is compressed, and its bytes.
 pub fn one_message(body: &Bytes) -> Result<(bool, Bytes), FrameError> {
+    let (compressed, message) = split_message(body)?;
+    Ok((compressed, body.slice_ref(message)))
+}
+
+/// [`one_message`] on a borrowed body.
+pub fn split_message(body: &[u8]) -> Result<(bool, &[u8]), FrameError> {
     if body.is_empty() {
         return Err(FrameError::Empty);
     }
@@ -178,7 +184,414 @@ pub fn one_message(body: &Bytes) -> Result<(bool, Bytes), FrameError> {
             present,
         }),
         std::cmp::Ordering::Greater => Err(FrameError::Several),
-        std::cmp::Ordering::Equal => Ok((compressed, body.slice(5..))),
+        std::cmp::Ordering::Equal => Ok((compressed, &body[5..])),
+    }
+}
+
+/// A compressed message decompressed (`grpc-encoding` gzip or deflate), at most `limit` bytes.
+pub fn decompress(encoding: &str, message: &[u8], limit: u64) -> Result<Vec<u8>, DecompressError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let read = match encoding {
+        "gzip" => flate2::read::GzDecoder::new(message)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut out),
+        "deflate" => flate2::read::ZlibDecoder::new(message)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut out),
+        other => return Err(DecompressError::Unsupported(other.to_owned())),
+    };
+    match read {
+        Err(e) => Err(DecompressError::Broken(encoding.to_owned(), e)),
+        Ok(_) if out.len() as u64 > limit => Err(DecompressError::TooLarge(limit)),
+        Ok(_) => Ok(out),
+    }
+}
+
+/// Why a compressed message was not decompressed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecompressError {
+    #[error("grpc-encoding {0:?} is not one sluicegate decodes (gzip, deflate)")]
+    Unsupported(String),
+    #[error("the {0} message does not decode: {1}")]
+    Broken(String, std::io::Error),
+    #[error("message larger than {0} bytes once decoded")]
+    TooLarge(u64),
+}
+
+/// A tensor's values, typed by its `datatype`, from typed contents or raw bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    /// FP32, and FP16 and BF16 widened to it (exactly).
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    U64(Vec<u64>),
+    Bool(Vec<bool>),
+    /// BYTES, each element as sent.
+    Bytes(Vec<Vec<u8>>),
+}
+
+impl Data {
+    /// Each value as a number, `None` where it is none (BOOL, BYTES) or not finite.
+    pub fn numbers(&self) -> Vec<Option<f64>> {
+        let finite = |x: f64| x.is_finite().then_some(x);
+        match self {
+            Data::F32(v) => v.iter().map(|&x| finite(f64::from(x))).collect(),
+            Data::F64(v) => v.iter().map(|&x| finite(x)).collect(),
+            Data::I64(v) => v.iter().map(|&x| Some(x as f64)).collect(),
+            Data::U64(v) => v.iter().map(|&x| Some(x as f64)).collect(),
+            Data::Bool(v) => vec![None; v.len()],
+            Data::Bytes(v) => vec![None; v.len()],
+        }
+    }
+}
+
+/// Why a tensor's values could not be read.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DataError {
+    #[error("datatype {0:?} is not one the protocol defines")]
+    UnknownDatatype(String),
+    #[error("{len} raw bytes are not a whole number of {width}-byte values")]
+    RaggedRaw { len: usize, width: usize },
+    #[error("raw BYTES contents end inside an element")]
+    CutBytes,
+}
+
+/// The values of typed `contents`, from the list `datatype` names.
+pub fn typed_data(datatype: &str, c: &InferTensorContents) -> Result<Data, DataError> {
+    Ok(match datatype {
+        "FP32" => Data::F32(c.fp32_contents.clone()),
+        "FP64" => Data::F64(c.fp64_contents.clone()),
+        "INT8" | "INT16" | "INT32" => {
+            Data::I64(c.int_contents.iter().map(|&x| i64::from(x)).collect())
+        }
+        "INT64" => Data::I64(c.int64_contents.clone()),
+        "UINT8" | "UINT16" | "UINT32" => {
+            Data::U64(c.uint_contents.iter().map(|&x| u64::from(x)).collect())
+        }
+        "UINT64" => Data::U64(c.uint64_contents.clone()),
+        "BOOL" => Data::Bool(c.bool_contents.clone()),
+        "BYTES" => Data::Bytes(c.bytes_contents.clone()),
+        other => return Err(DataError::UnknownDatatype(other.to_owned())),
+    })
+}
+
+/// The values of raw contents: little-endian, `datatype`'s width each; BYTES elements each a
+/// 4-byte little-endian length, then the bytes.
+pub fn raw_data(datatype: &str, raw: &[u8]) -> Result<Data, DataError> {
+    fn each<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Result<Vec<T>, DataError> {
+        if !raw.len().is_multiple_of(N) {
+            return Err(DataError::RaggedRaw {
+                len: raw.len(),
+                width: N,
+            });
+        }
+        Ok(raw
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunks of N")))
+            .collect())
+    }
+    Ok(match datatype {
+        "FP32" => Data::F32(each(raw, f32::from_le_bytes)?),
+        "FP64" => Data::F64(each(raw, f64::from_le_bytes)?),
+        "FP16" => Data::F32(each(raw, |b| f16_to_f32(u16::from_le_bytes(b)))?),
+        "BF16" => Data::F32(each(raw, |b: [u8; 2]| {
+            f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
+        })?),
+        "INT8" => Data::I64(each(raw, |b| i64::from(i8::from_le_bytes(b)))?),
+        "INT16" => Data::I64(each(raw, |b| i64::from(i16::from_le_bytes(b)))?),
+        "INT32" => Data::I64(each(raw, |b| i64::from(i32::from_le_bytes(b)))?),
+        "INT64" => Data::I64(each(raw, i64::from_le_bytes)?),
+        "UINT8" => Data::U64(each(raw, |b| u64::from(u8::from_le_bytes(b)))?),
+        "UINT16" => Data::U64(each(raw, |b| u64::from(u16::from_le_bytes(b)))?),
+        "UINT32" => Data::U64(each(raw, |b| u64::from(u32::from_le_bytes(b)))?),
+        "UINT64" => Data::U64(each(raw, u64::from_le_bytes)?),
+        "BOOL" => Data::Bool(each(raw, |b: [u8; 1]| b[0] != 0)?),
+        "BYTES" => {
+            let mut values = Vec::new();
+            let mut rest = raw;
+            while !rest.is_empty() {
+                let (len, tail) = rest.split_first_chunk::<4>().ok_or(DataError::CutBytes)?;
+                let len = u32::from_le_bytes(*len) as usize;
+                if tail.len() < len {
+                    return Err(DataError::CutBytes);
+                }
+                values.push(tail[..len].to_vec());
+                rest = &tail[len..];
+            }
+            Data::Bytes(values)
+        }
+        other => return Err(DataError::UnknownDatatype(other.to_owned())),
+    })
+}
+
+/// Which message of a `ModelInfer` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Request,
+    Response,
+}
+
+/// A `ModelInfer` message as the REST v2 body of the same call, for the record.
+#[derive(Debug)]
+pub struct AsJson {
+    /// The JSON text: tensors as arrays, raw contents decoded by datatype, BYTES as base64.
+    pub json: String,
+    /// The message's `id`, `model_name` and `model_version`, where it states them.
+    pub id: Option<String>,
+    pub model_name: Option<String>,
+    pub model_version: Option<String>,
+}
+
+/// The most a compressed message is decompressed to for the record.
+const MAX_RECORDED_MESSAGE: u64 = 64 << 20;
+
+/// A captured `ModelInfer` body (one gRPC message, compressed per `grpc_encoding` or not) as
+/// JSON in the REST v2 shape; `None` when it is not one readable message of that kind.
+pub fn as_v2_json(side: Side, grpc_encoding: Option<&str>, body: &[u8]) -> Option<AsJson> {
+    let message = message_bytes(grpc_encoding, body)?;
+    let named = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let json = match side {
+        Side::Request => {
+            let r = ModelInferRequest::decode(&message[..]).ok()?;
+            let inputs = r
+                .inputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    json_tensor(
+                        (&t.name, &t.datatype, &t.shape, &t.parameters),
+                        t.contents.as_ref(),
+                        r.raw_input_contents.get(i),
+                    )
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let outputs: Vec<_> = r
+                .outputs
+                .iter()
+                .map(|o| RequestedOutput {
+                    name: &o.name,
+                    parameters: Params(&o.parameters),
+                })
+                .collect();
+            let body = RequestJson {
+                id: named(&r.id),
+                parameters: Params(&r.parameters),
+                inputs,
+                outputs,
+            };
+            AsJson {
+                json: serde_json::to_string(&body).ok()?,
+                id: named(&r.id),
+                model_name: named(&r.model_name),
+                model_version: named(&r.model_version),
+            }
+        }
+        Side::Response => {
+            let r = ModelInferResponse::decode(&message[..]).ok()?;
+            let outputs = r
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    json_tensor(
+                        (&t.name, &t.datatype, &t.shape, &t.parameters),
+                        t.contents.as_ref(),
+                        r.raw_output_contents.get(i),
+                    )
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let body = ResponseJson {
+                model_name: &r.model_name,
+                model_version: named(&r.model_version),
+                id: named(&r.id),
+                parameters: Params(&r.parameters),
+                outputs,
+            };
+            AsJson {
+                json: serde_json::to_string(&body).ok()?,
+                id: named(&r.id),
+                model_name: named(&r.model_name),
+                model_version: named(&r.model_version),
+            }
+        }
+    };
+    Some(json)
+}
+
+/// A tensor as JSON: its head, and its values from its raw entry if the message has raw
+/// contents, else from its typed contents; `None` when they do not read.
+fn json_tensor<'a>(
+    (name, datatype, shape, parameters): (
+        &'a str,
+        &'a str,
+        &'a [i64],
+        &'a HashMap<String, InferParameter>,
+    ),
+    contents: Option<&InferTensorContents>,
+    raw: Option<&Vec<u8>>,
+) -> Option<JsonTensor<'a>> {
+    let data = match raw {
+        Some(raw) => raw_data(datatype, raw),
+        None => typed_data(datatype, contents.unwrap_or(&Default::default())),
+    };
+    Some(JsonTensor {
+        name,
+        shape,
+        datatype,
+        parameters: Params(parameters),
+        data: data.ok()?,
+    })
+}
+
+/// The strings a `ModelInfer` request carries — BYTES input elements and string parameters —
+/// where a provenance tag that came back as input would be.
+pub fn request_strings(grpc_encoding: Option<&str>, body: &[u8]) -> Vec<Vec<u8>> {
+    let Some(message) = message_bytes(grpc_encoding, body) else {
+        return Vec::new();
+    };
+    let Ok(r) = ModelInferRequest::decode(&message[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let strings = |params: &HashMap<String, InferParameter>, out: &mut Vec<Vec<u8>>| {
+        for p in params.values() {
+            if let Some(ParameterChoice::StringParam(s)) = &p.parameter_choice {
+                out.push(s.clone().into_bytes());
+            }
+        }
+    };
+    strings(&r.parameters, &mut out);
+    for (i, t) in r.inputs.iter().enumerate() {
+        strings(&t.parameters, &mut out);
+        if t.datatype != "BYTES" {
+            continue;
+        }
+        let data = match r.raw_input_contents.get(i) {
+            Some(raw) => raw_data("BYTES", raw),
+            None => typed_data("BYTES", t.contents.as_ref().unwrap_or(&Default::default())),
+        };
+        if let Ok(Data::Bytes(elements)) = data {
+            out.extend(elements);
+        }
+    }
+    out
+}
+
+/// The message of a body that is one gRPC message, decompressed if it is compressed.
+fn message_bytes<'a>(
+    grpc_encoding: Option<&str>,
+    body: &'a [u8],
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let (compressed, message) = split_message(body).ok()?;
+    if !compressed {
+        return Some(std::borrow::Cow::Borrowed(message));
+    }
+    decompress(grpc_encoding?, message, MAX_RECORDED_MESSAGE)
+        .ok()
+        .map(std::borrow::Cow::Owned)
+}
+
+#[derive(serde::Serialize)]
+struct RequestJson<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Params::is_empty")]
+    parameters: Params<'a>,
+    inputs: Vec<JsonTensor<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    outputs: Vec<RequestedOutput<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct RequestedOutput<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Params::is_empty")]
+    parameters: Params<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ResponseJson<'a> {
+    model_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(skip_serializing_if = "Params::is_empty")]
+    parameters: Params<'a>,
+    outputs: Vec<JsonTensor<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct JsonTensor<'a> {
+    name: &'a str,
+    shape: &'a [i64],
+    datatype: &'a str,
+    #[serde(skip_serializing_if = "Params::is_empty")]
+    parameters: Params<'a>,
+    data: Data,
+}
+
+/// Parameters as a JSON object of plain values.
+struct Params<'a>(&'a HashMap<String, InferParameter>);
+
+impl Params<'_> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl serde::Serialize for Params<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // Sorted: the record is the same for the same message.
+        let mut keys: Vec<&String> = self.0.keys().collect();
+        keys.sort();
+        let mut m = s.serialize_map(Some(keys.len()))?;
+        for k in keys {
+            match &self.0[k].parameter_choice {
+                Some(ParameterChoice::BoolParam(v)) => m.serialize_entry(k, v)?,
+                Some(ParameterChoice::Int64Param(v)) => m.serialize_entry(k, v)?,
+                Some(ParameterChoice::StringParam(v)) => m.serialize_entry(k, v)?,
+                Some(ParameterChoice::DoubleParam(v)) => m.serialize_entry(k, v)?,
+                Some(ParameterChoice::Uint64Param(v)) => m.serialize_entry(k, v)?,
+                None => m.serialize_entry(k, &())?,
+            }
+        }
+        m.end()
+    }
+}
+
+/// Values as REST writes them: numbers (FP32 as its shortest round-trip decimal, a value that
+/// is not finite as `null`), booleans, and BYTES as base64 strings.
+impl serde::Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        match self {
+            Data::F32(v) => v.serialize(s),
+            Data::F64(v) => v.serialize(s),
+            Data::I64(v) => v.serialize(s),
+            Data::U64(v) => v.serialize(s),
+            Data::Bool(v) => v.serialize(s),
+            Data::Bytes(v) => s.collect_seq(
+                v.iter()
+                    .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+            ),
+        }
+    }
+}
+
+/// IEEE 754 half precision to f32 (exact: every half is an f32).
+fn f16_to_f32(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((bits >> 10) & 0x1f);
+    let frac = f32::from(bits & 0x3ff);
+    sign * match exp {
+        0 => frac * 2f32.powi(-24),
+        31 if frac == 0.0 => f32::INFINITY,
+        31 => f32::NAN,
+        e => (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
     }
 }
 
@@ -598,6 +1011,36 @@ mod tests {
             expected.extend_from_slice(a.as_bytes());
         }
         assert_eq!(back.raw_output_contents[1], expected);
+    }
+
+    #[test]
+    fn raw_contents_decode_by_datatype() {
+        assert_eq!(raw_data("FP16", &[0x00, 0x38]), Ok(Data::F32(vec![0.5])));
+        assert_eq!(
+            raw_data("FP16", &[0x00, 0x7c]).unwrap().numbers(),
+            vec![None],
+            "inf is no score"
+        );
+        assert_eq!(raw_data("BF16", &[0x00, 0x3f]), Ok(Data::F32(vec![0.5])));
+        assert_eq!(
+            raw_data("INT64", &(-3i64).to_le_bytes()),
+            Ok(Data::I64(vec![-3]))
+        );
+        assert_eq!(raw_data("UINT8", &[7, 9]), Ok(Data::U64(vec![7, 9])));
+        let bytes = [&2u32.to_le_bytes()[..], b"ab", &0u32.to_le_bytes()[..]].concat();
+        assert_eq!(
+            raw_data("BYTES", &bytes),
+            Ok(Data::Bytes(vec![b"ab".to_vec(), vec![]]))
+        );
+        assert_eq!(raw_data("BYTES", &bytes[..5]), Err(DataError::CutBytes));
+        assert!(matches!(
+            raw_data("FP64", &[0; 9]),
+            Err(DataError::RaggedRaw { .. })
+        ));
+        assert!(matches!(
+            raw_data("COMPLEX", &[0; 8]),
+            Err(DataError::UnknownDatatype(_))
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use crate::config::policy::{Protocol, ScoreSpec};
-use crate::oip::{InferTensorContents, ModelInferResponse};
+use crate::oip::{self, ModelInferResponse};
 
 /// Each row's scores: one per row (binary) or one per class (multi-class).
 #[derive(Clone, Debug, PartialEq)]
@@ -350,123 +350,26 @@ pub fn extract_grpc(
         .map(|&d| usize::try_from(d).ok())
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| ExtractError::Shape("shape must be non-negative integers".into()))?;
-    let flat = if response.raw_output_contents.is_empty() {
+    let data = if response.raw_output_contents.is_empty() {
         let contents = output
             .contents
             .as_ref()
             .ok_or_else(|| ExtractError::Missing(format!("contents of output {name:?}")))?;
-        typed_values(&output.datatype, contents)?
+        oip::typed_data(&output.datatype, contents)
     } else {
         let raw = response.raw_output_contents.get(index).ok_or_else(|| {
             ExtractError::Missing(format!("raw_output_contents of output {name:?}"))
         })?;
-        raw_values(&output.datatype, raw)?
+        oip::raw_data(&output.datatype, raw)
     };
+    let flat = data
+        .map_err(|e| ExtractError::Shape(e.to_string()))?
+        .numbers();
     let scores = v2_rows(spec, classes, &shape, &flat)?;
     if scores.rows() == 0 {
         return Err(ExtractError::Empty);
     }
     Ok(scores)
-}
-
-/// A finite number, or `None` (a score must be finite, as on REST).
-fn finite(x: f64) -> Option<f64> {
-    x.is_finite().then_some(x)
-}
-
-/// The typed contents list `datatype` names, as numbers. BOOL and BYTES hold no scores.
-fn typed_values(datatype: &str, c: &InferTensorContents) -> Result<Vec<Option<f64>>, ExtractError> {
-    Ok(match datatype {
-        "FP32" => c
-            .fp32_contents
-            .iter()
-            .map(|&x| finite(f64::from(x)))
-            .collect(),
-        "FP64" => c.fp64_contents.iter().map(|&x| finite(x)).collect(),
-        "INT8" | "INT16" | "INT32" => c.int_contents.iter().map(|&x| Some(f64::from(x))).collect(),
-        "INT64" => c.int64_contents.iter().map(|&x| Some(x as f64)).collect(),
-        "UINT8" | "UINT16" | "UINT32" => c
-            .uint_contents
-            .iter()
-            .map(|&x| Some(f64::from(x)))
-            .collect(),
-        "UINT64" => c.uint64_contents.iter().map(|&x| Some(x as f64)).collect(),
-        "BOOL" => vec![None; c.bool_contents.len()],
-        "BYTES" => vec![None; c.bytes_contents.len()],
-        other => return Err(unknown_datatype(other)),
-    })
-}
-
-/// Raw little-endian contents as numbers, `datatype`'s width each.
-fn raw_values(datatype: &str, raw: &[u8]) -> Result<Vec<Option<f64>>, ExtractError> {
-    fn each<const N: usize>(
-        raw: &[u8],
-        f: impl Fn([u8; N]) -> Option<f64>,
-    ) -> Result<Vec<Option<f64>>, ExtractError> {
-        if !raw.len().is_multiple_of(N) {
-            return Err(ExtractError::Shape(format!(
-                "{} raw bytes are not a whole number of {N}-byte values",
-                raw.len()
-            )));
-        }
-        Ok(raw
-            .chunks_exact(N)
-            .map(|c| f(c.try_into().expect("chunks of N")))
-            .collect())
-    }
-    match datatype {
-        "FP32" => each(raw, |b| finite(f64::from(f32::from_le_bytes(b)))),
-        "FP64" => each(raw, |b| finite(f64::from_le_bytes(b))),
-        "FP16" => each(raw, |b| finite(f16_to_f64(u16::from_le_bytes(b)))),
-        "BF16" => each(raw, |b: [u8; 2]| {
-            finite(f64::from(f32::from_bits(
-                u32::from(u16::from_le_bytes(b)) << 16,
-            )))
-        }),
-        "INT8" => each(raw, |b| Some(f64::from(i8::from_le_bytes(b)))),
-        "INT16" => each(raw, |b| Some(f64::from(i16::from_le_bytes(b)))),
-        "INT32" => each(raw, |b| Some(f64::from(i32::from_le_bytes(b)))),
-        "INT64" => each(raw, |b| Some(i64::from_le_bytes(b) as f64)),
-        "UINT8" => each(raw, |b| Some(f64::from(u8::from_le_bytes(b)))),
-        "UINT16" => each(raw, |b| Some(f64::from(u16::from_le_bytes(b)))),
-        "UINT32" => each(raw, |b| Some(f64::from(u32::from_le_bytes(b)))),
-        "UINT64" => each(raw, |b| Some(u64::from_le_bytes(b) as f64)),
-        "BOOL" => each(raw, |_: [u8; 1]| None),
-        // Length-prefixed strings: no scores, but each one still counts as a value.
-        "BYTES" => {
-            let mut values = Vec::new();
-            let mut rest = raw;
-            while let Some((len, tail)) = rest.split_first_chunk::<4>() {
-                let len = u32::from_le_bytes(*len) as usize;
-                if tail.len() < len {
-                    break;
-                }
-                values.push(None);
-                rest = &tail[len..];
-            }
-            Ok(values)
-        }
-        other => Err(unknown_datatype(other)),
-    }
-}
-
-fn unknown_datatype(datatype: &str) -> ExtractError {
-    ExtractError::Shape(format!(
-        "datatype {datatype:?} is not one the protocol defines"
-    ))
-}
-
-/// IEEE 754 half precision to f64.
-fn f16_to_f64(bits: u16) -> f64 {
-    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = i32::from((bits >> 10) & 0x1f);
-    let frac = f64::from(bits & 0x3ff);
-    sign * match exp {
-        0 => frac * 2f64.powi(-24),
-        31 if frac == 0.0 => f64::INFINITY,
-        31 => f64::NAN,
-        e => (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
-    }
 }
 
 /// In a JSON object whose last member's value is an array, the offset of that array's `]`:
@@ -858,6 +761,8 @@ mod tests {
         from_value
     }
 
+    use crate::oip::InferTensorContents;
+
     /// A gRPC response with one FP32 output, typed or raw.
     fn grpc_response(name: &str, shape: Vec<i64>, values: &[f32], raw: bool) -> ModelInferResponse {
         use crate::oip::InferOutputTensor;
@@ -933,29 +838,6 @@ mod tests {
             "missing",
             "the second output has no raw entry"
         );
-    }
-
-    #[test]
-    fn raw_contents_decode_by_datatype() {
-        assert_eq!(raw_values("FP16", &[0x00, 0x38]).unwrap(), vec![Some(0.5)]);
-        assert_eq!(
-            raw_values("FP16", &[0x00, 0x7c]).unwrap(),
-            vec![None],
-            "inf"
-        );
-        assert_eq!(raw_values("BF16", &[0x00, 0x3f]).unwrap(), vec![Some(0.5)]);
-        assert_eq!(
-            raw_values("INT64", &(-3i64).to_le_bytes()).unwrap(),
-            vec![Some(-3.0)]
-        );
-        assert_eq!(
-            raw_values("UINT8", &[7, 9]).unwrap(),
-            vec![Some(7.0), Some(9.0)]
-        );
-        let bytes = [&2u32.to_le_bytes()[..], b"ab", &0u32.to_le_bytes()[..]].concat();
-        assert_eq!(raw_values("BYTES", &bytes).unwrap(), vec![None, None]);
-        assert_eq!(raw_values("FP64", &[0; 9]).unwrap_err().kind(), "shape");
-        assert_eq!(raw_values("COMPLEX", &[0; 8]).unwrap_err().kind(), "shape");
     }
 
     #[test]

@@ -138,6 +138,21 @@ pub struct ScannedTags {
     pub total: usize,
 }
 
+/// Tags among `strings`, each a whole value (a gRPC request's BYTES elements and string
+/// parameters): as [`scan_tags`] counts JSON string values that are tags.
+pub fn scan_tag_strings<'a>(strings: impl Iterator<Item = &'a [u8]>, keep: usize) -> ScannedTags {
+    let mut out = ScannedTags::default();
+    for s in strings.filter(|s| s.starts_with(TAG_PREFIX.as_bytes())) {
+        out.total += 1;
+        if out.first.len() < keep {
+            let cut = s.len().min(MAX_TAG_LEN + 1);
+            out.first
+                .push(String::from_utf8_lossy(&s[..cut]).into_owned());
+        }
+    }
+    out
+}
+
 /// Every JSON string value in `body` that starts with [`TAG_PREFIX`] once unescaped (so
 /// `"\u0073g1.…"` counts), in document order, keeping the first `keep`; object keys are not
 /// searched. A single pass over the bytes with no parse and no nesting limit: a body nested

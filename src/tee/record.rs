@@ -5,6 +5,7 @@
 //! tags it carried ([`Exchange::check_inbound_tags`], bounded per record and per second);
 //! turning it into JSON happens on the spool writer's thread, off the request path.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,6 +21,7 @@ use super::spool::{EntryKind, SpoolEntry};
 use crate::config::policy::{PolicySpec, Protocol, ScoreSpec};
 use crate::config::settings::RecordDecisions;
 use crate::decide::RowDecision;
+use crate::oip;
 use crate::provenance::KeyRing;
 
 pub mod v1;
@@ -57,6 +59,11 @@ impl Capture {
 
     pub fn truncated(&self) -> bool {
         (self.bytes.len() as u64) < self.size
+    }
+
+    /// The most it keeps.
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 }
 
@@ -321,6 +328,12 @@ impl Exchange {
     /// with the policy's keys within `budget`, classifies them against this exchange's model and
     /// counts every one found in `counter` (`direct`, `hidden`, `invalid`, `unverified`). Runs
     /// on the request path, so a flood of tags costs the spool writer nothing.
+    /// A gRPC `ModelInfer` call.
+    fn is_model_infer_grpc(&self) -> bool {
+        self.path.split('?').next() == Some(oip::MODEL_INFER_PATH)
+            && oip::is_grpc(self.request.headers.get(http::header::CONTENT_TYPE))
+    }
+
     pub fn check_inbound_tags(
         &self,
         budget: &VerifyBudget,
@@ -342,7 +355,19 @@ impl Exchange {
             })
             .collect();
         let keep = MAX_INBOUND_TAGS.saturating_sub(tokens.len());
-        let scanned = crate::provenance::scan_tags(&self.request.body.bytes, keep);
+        let body = &self.request.body.bytes;
+        let scanned = if self.is_model_infer_grpc() {
+            // A tag sent back as input sits in a BYTES tensor or a string parameter.
+            let encoding = self
+                .request
+                .headers
+                .get("grpc-encoding")
+                .and_then(|v| v.to_str().ok());
+            let strings = oip::request_strings(encoding, body);
+            crate::provenance::scan_tag_strings(strings.iter().map(Vec::as_slice), keep)
+        } else {
+            crate::provenance::scan_tags(body, keep)
+        };
         tokens.extend(scanned.first.into_iter().map(|t| ("body", t)));
         let count = |kind: &'static str, n: usize| {
             if n > 0 {
@@ -439,11 +464,23 @@ impl Exchange {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let redaction = &self.record.body_redaction;
-        let request_body = Body::new(&self.request.body, &self.request.headers, redaction, false);
-        let response_body = self
-            .response
-            .as_ref()
-            .map(|r| Body::new(&r.body, &r.headers, redaction, self.response_read.is_some()));
+        let model_infer = self.path.split('?').next() == Some(oip::MODEL_INFER_PATH);
+        let request_body = Body::new(
+            &self.request.body,
+            &self.request.headers,
+            redaction,
+            false,
+            model_infer.then_some(oip::Side::Request),
+        );
+        let response_body = self.response.as_ref().map(|r| {
+            Body::new(
+                &r.body,
+                &r.headers,
+                redaction,
+                self.response_read.is_some(),
+                model_infer.then_some(oip::Side::Response),
+            )
+        });
         let rows = match &self.decision {
             Some(DecisionOutcome::Made(rows)) => rows.as_slice(),
             _ => &[],
@@ -453,18 +490,16 @@ impl Exchange {
             RecordDecisions::Rows => None,
             RecordDecisions::Columns => Columns::new(rows),
         };
+        let body_limit = request_body
+            .recorded_len()
+            .max(response_body.as_ref().map_or(0, Body::recorded_len));
         let mut record = RecordWriter {
             exchange: self,
             instance: &ctx.instance,
             inbound: &inbound.0,
             request_body,
             response_body,
-            body_limit: self
-                .request
-                .body
-                .bytes
-                .len()
-                .max(self.response.as_ref().map_or(0, |r| r.body.bytes.len())),
+            body_limit,
             decisions: match columns {
                 Some(c) => Decisions::Columns(c),
                 None => Decisions::Rows,
@@ -587,8 +622,11 @@ fn raw_str(v: Option<&RawValue>) -> Option<String> {
 /// A captured body, classified once.
 struct Body<'a> {
     capture: &'a Capture,
-    /// The whole body, when it is one JSON value.
-    json: Option<&'a str>,
+    /// The whole body, when it is one JSON value (a gRPC `ModelInfer` message: as the REST
+    /// v2 body of the same call).
+    json: Option<Cow<'a, str>>,
+    /// A gRPC `ModelInfer` message's id and model (its JSON moved into `json`).
+    grpc: Option<oip::AsJson>,
     /// The JSON body with the policy's redactions applied (re-serialized).
     redacted: Option<String>,
     /// The policy redacts body fields: a body that cannot be redacted (not whole JSON) is
@@ -600,32 +638,53 @@ struct Body<'a> {
 
 impl<'a> Body<'a> {
     /// `read_whole`: the decision step read these bytes as one JSON value already.
+    /// `model_infer`: the exchange is a `ModelInfer` call, and this its request or response.
     fn new(
         capture: &'a Capture,
         headers: &HeaderMap,
         redaction: &BodyRedaction,
         read_whole: bool,
+        model_infer: Option<oip::Side>,
     ) -> Self {
         let content_type = headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let binary_type = content_type.starts_with("application/grpc")
+        let grpc_type = oip::is_grpc(headers.get(http::header::CONTENT_TYPE));
+        let binary_type = grpc_type
             || content_type.starts_with("application/octet-stream")
             || content_type.starts_with("application/x-protobuf");
-        let (json, probe) = if binary_type || capture.truncated() {
+        // A whole OIP message reads as the REST body of the same call, so consumers and the
+        // audit read both alike; one cut by the capture cap, or whose JSON would be, stays
+        // base64.
+        let mut grpc = model_infer
+            .filter(|_| grpc_type && !capture.truncated())
+            .and_then(|side| {
+                let encoding = headers.get("grpc-encoding").and_then(|v| v.to_str().ok());
+                oip::as_v2_json(side, encoding, &capture.bytes)
+            })
+            .filter(|g| g.json.len() <= capture.cap());
+        let (json, probe) = if let Some(g) = grpc.as_mut() {
+            (
+                Some(Cow::Owned(std::mem::take(&mut g.json))),
+                Probe::default(),
+            )
+        } else if binary_type || capture.truncated() {
             (None, Probe::default())
         } else if read_whole {
             // Its syntax was checked by that read; UTF-8 inside the strings it skipped was not.
-            (std::str::from_utf8(&capture.bytes).ok(), Probe::default())
+            let text = std::str::from_utf8(&capture.bytes).ok();
+            (text.map(Cow::Borrowed), Probe::default())
         } else {
-            json_with_probe(&capture.bytes)
+            let (text, probe) = json_with_probe(&capture.bytes);
+            (text.map(Cow::Borrowed), probe)
         };
         // A pointer whose keys are nowhere in the body cannot match: skip the parse and
         // re-serialization it would cost (the body is recorded as sent).
         let must_redact =
-            !redaction.is_empty() && json.is_none_or(|text| redaction.may_apply(text));
+            !redaction.is_empty() && json.as_deref().is_none_or(|text| redaction.may_apply(text));
         let redacted = json
+            .as_deref()
             .filter(|_| must_redact)
             .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
             .map(|mut v| {
@@ -635,6 +694,7 @@ impl<'a> Body<'a> {
         Body {
             capture,
             json,
+            grpc,
             redacted,
             must_redact,
             probe,
@@ -645,13 +705,32 @@ impl<'a> Body<'a> {
     /// Whether the record holds this body whole, as the JSON it was, with `limit` bytes
     /// of room.
     fn recorded_whole_as_json(&self, limit: usize, captured: bool) -> bool {
-        captured && self.json.is_some() && !self.must_redact && self.capture.bytes.len() <= limit
+        captured && self.json.is_some() && !self.must_redact && self.recorded_len() <= limit
+    }
+
+    /// What the record holds of the body whole: its JSON for a gRPC message read as JSON,
+    /// else its bytes.
+    fn recorded_len(&self) -> usize {
+        match (&self.grpc, &self.json) {
+            (Some(_), Some(json)) => json.len(),
+            _ => self.capture.bytes.len(),
+        }
+    }
+
+    /// The message's model name and version, and id, for a gRPC message read as JSON.
+    fn grpc_model(&self) -> (Option<String>, Option<String>) {
+        self.grpc.as_ref().map_or((None, None), |g| {
+            (g.model_name.clone(), g.model_version.clone())
+        })
     }
 
     /// Writes the `body` object: the bytes cut to `limit`, or none when `captured` is false.
+    /// `size` is always the bytes' count (a gRPC message's protobuf size).
     fn write(&self, out: &mut Vec<u8>, limit: usize, captured: bool) {
         let capture = self.capture;
         let bytes = &capture.bytes[..capture.bytes.len().min(limit)];
+        // A message read as JSON is recorded whole as JSON while it fits, else as base64.
+        let json_fits = self.grpc.is_none() || self.recorded_len() <= limit;
         let truncated = (bytes.len() as u64) < capture.size;
         let mut o = JsonObject::open(out);
         if !captured {
@@ -660,7 +739,7 @@ impl<'a> Body<'a> {
             o.field("truncated", &(capture.size > 0));
             return o.close();
         }
-        match (self.json, truncated) {
+        match (self.json.as_deref().filter(|_| json_fits), truncated) {
             (Some(_), false) if self.must_redact => match &self.redacted {
                 Some(redacted) => {
                     o.field("encoding", "json");
@@ -919,12 +998,18 @@ impl RecordWriter<'_> {
         let probe = self.response_body.as_ref().map(|b| &b.probe);
         let (model_name, model_version) = match &ex.response_read {
             Some(read) => (read.model_name.clone(), read.model_version.clone()),
-            None => (
-                raw_str(probe.and_then(|p| p.model_name)),
-                raw_str(probe.and_then(|p| p.model_version)),
-            ),
+            None => match self.response_body.as_ref().map(Body::grpc_model) {
+                // A gRPC message names its model; its request does when its response cannot.
+                Some((name @ Some(_), version)) => (name, version),
+                _ if self.request_body.grpc.is_some() => self.request_body.grpc_model(),
+                _ => (
+                    raw_str(probe.and_then(|p| p.model_name)),
+                    raw_str(probe.and_then(|p| p.model_version)),
+                ),
+            },
         };
-        let v2_id = raw_str(self.request_body.probe.id);
+        let v2_id = raw_str(self.request_body.probe.id)
+            .or_else(|| self.request_body.grpc.as_ref().and_then(|g| g.id.clone()));
         let (path, query) = match ex.path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (ex.path.as_str(), None),

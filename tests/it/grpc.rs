@@ -315,3 +315,133 @@ routes:
         std::time::Duration::from_secs(5),
     );
 }
+
+/// `sluicegate ARGS…`: exit code, stdout, stderr.
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_records_read_like_rest_records_and_their_tags_coming_back_are_loops() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let keys = dir.path().join("keys");
+    let (code, _, err) = run(&["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)]);
+    assert_eq!(code, 0, "{err}");
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "tagging: {{algorithm: ed25519, signing_key: k1}}\n{}",
+            spam_route("{fixed: 0.5}", "[]", "")
+        ),
+    );
+    let upstream = format!("http://{model}");
+    let proxy = start_with_policy(
+        model,
+        dir.path(),
+        &policy,
+        &[
+            "--tag-keys-dir",
+            path_str(&keys),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-upstream",
+            &upstream,
+        ],
+    );
+    let grpc = proxy.grpc.unwrap();
+
+    // The same rows over REST and over gRPC (raw answer).
+    let (_, rest_headers, _) = post(
+        &client(),
+        &proxy.url("/v2/models/spam-filter/infer"),
+        sluicegate::testing::v2_request(3, 7),
+    )
+    .await;
+    let answer = infer(grpc, &grpc_request(3, 7, false, &["raw_output"]), false).await;
+    let tag = answer.header("sluicegate-tag").to_owned();
+    assert!(tag.starts_with("sg1."), "{tag}");
+    // Its tag back as an input of the next call (a BYTES tensor): a direct loop.
+    let mut fed_back = grpc_request(1, 8, false, &[]);
+    fed_back.inputs.push(oip::InferInputTensor {
+        name: "previous".into(),
+        datatype: "BYTES".into(),
+        shape: vec![1],
+        contents: Some(oip::InferTensorContents {
+            bytes_contents: vec![tag.clone().into_bytes()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let looped = infer(grpc, &fed_back, false).await;
+    assert_eq!(looped.status, "0");
+
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 3.0);
+    let by_id = |h: &str| {
+        records
+            .iter()
+            .find(|r| r["id"] == h)
+            .unwrap_or_else(|| panic!("no record {h}"))
+    };
+    let rest = by_id(rest_headers["sluicegate-id"].to_str().unwrap());
+    let grpc_record = by_id(answer.header("sluicegate-id"));
+    let validator = schema_validator();
+    for r in [rest, grpc_record] {
+        assert!(validator.is_valid(r), "{r}");
+        assert_eq!(r["model"]["name"], "spam-filter");
+        assert_eq!(r["request"]["body"]["encoding"], "json");
+        assert_eq!(r["response"]["body"]["encoding"], "json");
+    }
+    // The same answer, read back alike: REST's JSON and gRPC's raw FP64 contents.
+    let outputs = |r: &serde_json::Value| r["response"]["body"]["data"]["outputs"][0].clone();
+    assert_eq!(outputs(rest)["data"], outputs(grpc_record)["data"]);
+    assert_eq!(outputs(grpc_record)["shape"], serde_json::json!([3, 2]));
+    assert_eq!(
+        grpc_record["request"]["body"]["data"]["inputs"][0]["data"],
+        serde_json::from_str::<serde_json::Value>(&sluicegate::testing::v2_request(3, 7)).unwrap()
+            ["inputs"][0]["data"]
+    );
+    assert_eq!(grpc_record["request"]["v2_id"], "req-7");
+    let inbound = &by_id(looped.header("sluicegate-id"))["inbound_tags"];
+    assert_eq!(inbound[0]["feedback"], "direct", "{inbound}");
+    assert_eq!(inbound[0]["found_in"], "body");
+
+    // The audit finds the loop when the gRPC answers come back as training data.
+    let training = dir.path().join("train.jsonl");
+    std::fs::write(
+        &training,
+        format!(
+            "{{\"sluicegate_tag\": \"{tag}\", \"sluicegate_row\": 0}}\n{{\"text\": \"organic\"}}\n"
+        ),
+    )
+    .unwrap();
+    let spool_source = format!("spool:{}", dir.path().join("spool").display());
+    let training_arg = format!("spam-filter={}", training.display());
+    let (code, out, err) = run(&[
+        "audit",
+        "--predictions",
+        &spool_source,
+        "--training",
+        &training_arg,
+        "--keys",
+        path_str(&keys),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = report["feedback_loops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["producer"] == "spam-filter")
+        .unwrap_or_else(|| panic!("{report}"))
+        .clone();
+    assert_eq!(row["direct"], true, "{report}");
+    assert_eq!(row["rows"], 1, "{report}");
+}

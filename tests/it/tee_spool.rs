@@ -11,12 +11,6 @@ use sluicegate::tee::spool::{
     encode_frame, segment_header, EntryKind, SpoolEntry, SEGMENT_HEADER_LEN, SPOOL_FORMAT_VERSION,
 };
 
-fn schema_validator() -> jsonschema::Validator {
-    let text = std::fs::read_to_string(repo_path("src/tee/record.v1.schema.json")).unwrap();
-    let schema: serde_json::Value = serde_json::from_str(&text).unwrap();
-    jsonschema::validator_for(&schema).expect("the schema is valid JSON Schema")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gives_one_schema_valid_record() {
     let model = StandInModel::spawn().await.unwrap();

@@ -4,8 +4,6 @@
 //! decisions and the tag as response metadata. A call that did not succeed, or whose answer
 //! cannot be read, passes through unchanged (the latter with a decision error), as on REST.
 
-use std::io::Read as _;
-
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::response::Parts;
@@ -222,30 +220,14 @@ fn read_message(
         .get(GRPC_ENCODING)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("identity");
-    let mut out = Vec::new();
-    let read = match encoding {
-        "gzip" => flate2::read::GzDecoder::new(&message[..])
-            .take(limit.saturating_add(1))
-            .read_to_end(&mut out),
-        "deflate" => flate2::read::ZlibDecoder::new(&message[..])
-            .take(limit.saturating_add(1))
-            .read_to_end(&mut out),
-        other => {
-            return Err((
-                "content_encoding",
-                format!("grpc-encoding {other:?} is not one sluicegate decodes (gzip, deflate); passed through undecided"),
-            ))
+    match oip::decompress(encoding, &message, limit) {
+        Ok(out) => Ok((Bytes::from(out), true)),
+        Err(e) => {
+            let kind = match e {
+                oip::DecompressError::TooLarge(_) => "response_too_large",
+                _ => "content_encoding",
+            };
+            Err((kind, format!("{e}; passed through undecided")))
         }
-    };
-    match read {
-        Err(e) => Err((
-            "content_encoding",
-            format!("the {encoding} message does not decode: {e}; passed through undecided"),
-        )),
-        Ok(_) if out.len() as u64 > limit => Err((
-            "response_too_large",
-            format!("message larger than {limit} bytes once decoded; passed through undecided"),
-        )),
-        Ok(_) => Ok((Bytes::from(out), true)),
     }
 }

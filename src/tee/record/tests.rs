@@ -550,3 +550,87 @@ fn the_verification_budget_is_per_second_and_runs_out() {
     std::thread::sleep(next_second + Duration::from_millis(10));
     assert!(budget.spend(|| ()).is_some(), "a new second, a new budget");
 }
+
+/// A `ModelInfer` exchange over gRPC: the request typed, the response's FP32 output raw.
+fn grpc_exchange(cap: usize) -> Exchange {
+    use crate::oip::*;
+    use prost::Message as _;
+    let request = ModelInferRequest {
+        model_name: "spam-filter".into(),
+        model_version: "3".into(),
+        id: "r-9".into(),
+        inputs: vec![InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![2],
+            contents: Some(InferTensorContents {
+                bytes_contents: vec![b"hello".to_vec(), vec![0xff, 0x00]],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = ModelInferResponse {
+        model_name: "spam-filter".into(),
+        model_version: "3".into(),
+        id: "r-9".into(),
+        outputs: vec![InferOutputTensor {
+            name: "predict_proba".into(),
+            datatype: "FP32".into(),
+            shape: vec![2],
+            ..Default::default()
+        }],
+        raw_output_contents: vec![[0.1f32.to_le_bytes(), 0.7f32.to_le_bytes()].concat()],
+        ..Default::default()
+    };
+    let mut ex = exchange(
+        &frame(&request.encode_to_vec()),
+        &frame(&response.encode_to_vec()),
+        cap,
+    );
+    ex.path = MODEL_INFER_PATH.into();
+    for m in [&mut ex.request, ex.response.as_mut().unwrap()] {
+        m.headers
+            .insert("content-type", "application/grpc".parse().unwrap());
+    }
+    ex
+}
+
+#[test]
+fn grpc_model_infer_messages_are_recorded_as_the_rest_v2_bodies_of_the_call() {
+    let entry = grpc_exchange(1024).encode(&ctx(1 << 20));
+    let v = decode(&entry);
+    assert_eq!(v["model"]["name"], "spam-filter");
+    assert_eq!(v["model"]["version"], "3");
+    assert_eq!(v["request"]["v2_id"], "r-9");
+    let req = &v["request"]["body"];
+    assert_eq!(req["encoding"], "json");
+    assert_eq!(
+        req["data"],
+        serde_json::json!({"id": "r-9", "inputs": [{"name": "text", "shape": [2],
+            "datatype": "BYTES", "data": ["aGVsbG8=", "/wA="]}]})
+    );
+    let resp = &v["response"]["body"];
+    assert_eq!(resp["encoding"], "json");
+    // FP32 as its shortest round-trip decimal, read from the raw little-endian bytes.
+    let text = String::from_utf8(entry.payload.clone()).unwrap();
+    assert!(text.contains(r#""data":[0.1,0.7]"#), "{text}");
+    assert_eq!(resp["data"]["model_name"], "spam-filter");
+    assert_eq!(resp["data"]["outputs"][0]["datatype"], "FP32");
+    // `size` counts the message as it went over the wire.
+    let ex = grpc_exchange(1024);
+    assert_eq!(resp["size"], ex.response.unwrap().body.size);
+    // The record reads back as the typed record.
+    serde_json::from_slice::<v1::Record>(&entry.payload).unwrap();
+
+    // Cut by the capture cap: the message cannot be read, and stays base64.
+    let v = decode(&grpc_exchange(20).encode(&ctx(1 << 20)));
+    assert_eq!(v["request"]["body"]["encoding"], "base64");
+    assert_eq!(v["request"]["body"]["truncated"], true);
+    // Whole, but its JSON would pass the cap: base64 too.
+    let small = grpc_exchange(1024).response.unwrap().body.bytes.len() + 2;
+    let v = decode(&grpc_exchange(small).encode(&ctx(1 << 20)));
+    assert_eq!(v["response"]["body"]["encoding"], "base64");
+    assert_eq!(v["response"]["body"]["truncated"], false);
+}

@@ -286,6 +286,13 @@ pub fn path_str(p: &Path) -> &str {
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// The committed record schema, compiled.
+pub fn schema_validator() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(repo_path("src/tee/record.v1.schema.json")).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(&text).unwrap();
+    jsonschema::validator_for(&schema).expect("the schema is valid JSON Schema")
+}
+
 /// An h2c (prior knowledge) connection to `addr`, as gRPC clients open one.
 pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
