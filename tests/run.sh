@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, Kafka ones included, on a machine with only the Rust toolchain:
 # installs HAProxy, nginx (a default nginx in front of sluicegate, tests/it/decide.rs) and OpenSSL
-# (the TLS test) if missing, builds the `tansu` broker once and
-# caches it, then runs the whole suite.
+# (the TLS test) if missing, builds the `tansu` broker once and caches it, installs MLServer
+# into a cached venv (the gRPC tests), then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +39,20 @@ then
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
 export SLUICEGATE_REQUIRE_DEPLOY_TESTS=1
+
+# tests/it/grpc.rs: a real MLServer with scikit-learn, and MLServer's own gRPC client, from
+# PyPI, in a venv of their own (cached like the broker: ~2 minutes the first time).
+mlserver_version=1.7.1
+mlserver_venv="${SLUICEGATE_CACHE:-$HOME/.cache/sluicegate}/mlserver-$mlserver_version"
+if [ ! -x "$mlserver_venv/bin/mlserver" ]; then
+  echo "installing MLServer $mlserver_version into $mlserver_venv" >&2
+  rm -rf "$mlserver_venv"
+  python3 -m venv "$mlserver_venv"
+  "$mlserver_venv/bin/pip" install --quiet "mlserver==$mlserver_version" \
+    "mlserver-sklearn==$mlserver_version" >&2
+fi
+export SLUICEGATE_MLSERVER_PYTHON="$mlserver_venv/bin/python"
+export SLUICEGATE_REQUIRE_MLSERVER_TESTS=1
 
 # The whole suite; then one closing line with the totals of every test binary.
 log=$(mktemp)

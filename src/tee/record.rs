@@ -679,6 +679,14 @@ impl<'a> Body<'a> {
             let (text, probe) = json_with_probe(&capture.bytes);
             (text.map(Cow::Borrowed), probe)
         };
+        // A record is one line (`spool cat`, and JSON-lines tools after it): a body sent
+        // pretty-printed goes in with its line breaks, and only those, taken out.
+        let json = json.map(|text| match text {
+            Cow::Borrowed(t) if memchr::memchr2(b'\n', b'\r', t.as_bytes()).is_some() => {
+                Cow::Owned(without_line_breaks(t))
+            }
+            other => other,
+        });
         // A pointer whose keys are nowhere in the body cannot match: skip the parse and
         // re-serialization it would cost (the body is recorded as sent).
         let must_redact =
@@ -773,6 +781,28 @@ impl<'a> Body<'a> {
         o.field("truncated", &truncated);
         o.close()
     }
+}
+
+/// JSON text with the whitespace between its tokens removed (valid JSON holds no raw line
+/// break inside a string); numbers and strings stay exactly as sent.
+fn without_line_breaks(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The body as JSON text when it is one JSON value, and the few fields read from it, in one

@@ -27,15 +27,6 @@ routes:
     tag_field: /sluicegate_tag
 "#;
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Makes the signing key k1 in DIR/keys, then starts the proxy in front of `model` with
 /// [`POLICY`] and its spool in DIR/spool; `extra` flags follow.
 fn start_tagging(

@@ -316,16 +316,6 @@ routes:
     );
 }
 
-/// `sluicegate ARGS…`: exit code, stdout, stderr.
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(BIN).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_records_read_like_rest_records_and_their_tags_coming_back_are_loops() {
     let model = StandInModel::spawn().await.unwrap();
@@ -444,4 +434,297 @@ async fn grpc_records_read_like_rest_records_and_their_tags_coming_back_are_loop
         .clone();
     assert_eq!(row["direct"], true, "{report}");
     assert_eq!(row["rows"], 1, "{report}");
+}
+
+/// A real MLServer (PyPI) serving a scikit-learn `spam-filter` on loopback REST and gRPC
+/// ports, from the venv tests/run.sh installs (`SLUICEGATE_MLSERVER_PYTHON`); killed on drop.
+struct MlServer {
+    child: std::process::Child,
+    python: std::path::PathBuf,
+    rest: SocketAddr,
+    grpc: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl MlServer {
+    /// `None` (a loud skip) without the venv, unless SLUICEGATE_REQUIRE_MLSERVER_TESTS is set.
+    fn start(test: &str) -> Option<MlServer> {
+        let Some(python) = std::env::var_os("SLUICEGATE_MLSERVER_PYTHON") else {
+            assert!(
+                std::env::var_os("SLUICEGATE_REQUIRE_MLSERVER_TESTS").is_none(),
+                "SLUICEGATE_MLSERVER_PYTHON is unset and the MLServer tests are required (tests/run.sh installs it)"
+            );
+            eprintln!(
+                "\n*** SKIPPED {test}: no MLServer venv (SLUICEGATE_MLSERVER_PYTHON; tests/run.sh \
+                 installs one). Set SLUICEGATE_REQUIRE_MLSERVER_TESTS=1 to make this a failure. ***\n"
+            );
+            return None;
+        };
+        let python = std::path::PathBuf::from(python);
+        let dir = tempfile::tempdir().unwrap();
+        let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+        let out = oip_py(
+            &python,
+            &[
+                "model",
+                path_str(dir.path()),
+                &http.to_string(),
+                &grpc.to_string(),
+                &metrics.to_string(),
+            ],
+        );
+        assert!(out.is_empty(), "{out}");
+        let child = std::process::Command::new(python.with_file_name("mlserver"))
+            .args(["start", path_str(dir.path())])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mlserver");
+        let server = MlServer {
+            child,
+            python,
+            rest: format!("127.0.0.1:{http}").parse().unwrap(),
+            grpc: format!("127.0.0.1:{grpc}").parse().unwrap(),
+            _dir: dir,
+        };
+        let ready = format!("http://{}/v2/health/ready", server.rest);
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(60) {
+            let up = std::process::Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", "--max-time", "1", &ready])
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                return Some(server);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        panic!("MLServer did not turn ready within 60 s");
+    }
+
+    /// One ModelInfer call through MLServer's own gRPC client to `addr`.
+    fn infer(&self, addr: SocketAddr, rows: usize, seed: u64, flags: &[&str]) -> serde_json::Value {
+        let (addr, rows, seed) = (addr.to_string(), rows.to_string(), seed.to_string());
+        let mut args = vec!["infer", &addr, &rows, &seed];
+        args.extend_from_slice(flags);
+        serde_json::from_str(&oip_py(&self.python, &args)).unwrap()
+    }
+}
+
+impl Drop for MlServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `python tests/mlserver/oip.py ARGS…`: its standard output; panics on a failure.
+fn oip_py(python: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(python)
+        .arg(repo_path("tests/mlserver/oip.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "oip.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What a binary spam route at 0.5 decides for the `predict_proba` rows a client got.
+fn expected_from(answer: &serde_json::Value) -> Vec<String> {
+    let proba = answer["outputs"][0]["data"].as_array().unwrap();
+    proba
+        .chunks(2)
+        .map(|r| {
+            if r[1].as_f64().unwrap() >= 0.5 {
+                "spam"
+            } else {
+                "ham"
+            }
+            .to_owned()
+        })
+        .collect()
+}
+
+fn action_output(answer: &serde_json::Value) -> Vec<String> {
+    let outputs = answer["outputs"].as_array().unwrap();
+    let t = outputs
+        .iter()
+        .find(|o| o["name"] == "sluicegate_action")
+        .unwrap_or_else(|| panic!("no action tensor: {answer}"));
+    assert_eq!(t["datatype"], "BYTES");
+    t["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mlserver_and_its_own_grpc_client_through_sluicegate() {
+    let test = "mlserver_and_its_own_grpc_client_through_sluicegate";
+    let Some(ml) = tokio::task::spawn_blocking(move || MlServer::start(test))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let dir = spool_dir();
+    let policy = write_policy(
+        dir.path(),
+        &spam_route(
+            "{fixed: 0.5}",
+            "[{action: spam, max_count: 12, window: 60s, on_breach: reject}]",
+            "    write_decisions: {}",
+        ),
+    );
+    let grpc_upstream = format!("http://{}", ml.grpc);
+    let proxy = start_with_policy(
+        ml.rest,
+        dir.path(),
+        &policy,
+        &[
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-upstream",
+            &grpc_upstream,
+        ],
+    );
+    let port = proxy.grpc.unwrap();
+
+    // A batch of 8 rows: 8 decisions in metadata and in the response tensor.
+    let answer = ml.infer(port, 8, 7, &[]);
+    assert_eq!(answer["code"], "OK", "{answer}");
+    let expected = expected_from(&answer);
+    assert_eq!(answer["metadata"]["sluicegate-action"], expected.join(","));
+    assert_eq!(answer["metadata"]["sluicegate-rows"], "8");
+    assert_eq!(action_output(&answer), expected);
+    let spam = expected.iter().filter(|a| *a == "spam").count();
+    assert!(spam > 0 && spam <= 12, "{expected:?}");
+
+    // The same rows over REST, through the data port: the records read alike.
+    let rest_body = oip_py(&ml.python, &["rest-body", "8", "7"]);
+    let (status, rest_headers, _) = post(
+        &client(),
+        &proxy.url("/v2/models/spam-filter/infer"),
+        rest_body,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let rest_id = rest_headers["sluicegate-id"].to_str().unwrap().to_owned();
+
+    // The limit: spam rows keep coming until it refuses, as RESOURCE_EXHAUSTED.
+    let mut refused = None;
+    for seed in 100..120 {
+        let a = ml.infer(port, 8, seed, &[]);
+        if a["code"] != "OK" {
+            refused = Some(a);
+            break;
+        }
+    }
+    let refused = refused.expect("the limit of 12 spam actions refuses within 20 batches");
+    assert_eq!(refused["code"], "RESOURCE_EXHAUSTED", "{refused}");
+    assert_eq!(refused["details"], "limit_exceeded");
+    assert_eq!(refused["trailing"]["retry-after"], "1");
+    assert_eq!(refused["trailing"]["grpc-retry-pushback-ms"], "1000");
+    let refused_id = refused["trailing"]["sluicegate-id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A compressed call is refused too.
+    let gz = ml.infer(port, 8, 7, &["gzip"]);
+    assert_eq!(gz["code"], "RESOURCE_EXHAUSTED", "{gz}");
+
+    let spooled = proxy.metric("sluicegate_tee_records_spooled_total");
+    let records = proxy.spool_records_after(&dir.path().join("spool"), spooled.max(3.0));
+    let validator = schema_validator();
+    let first = records
+        .iter()
+        .find(|r| r["id"] == answer["metadata"]["sluicegate-id"])
+        .unwrap();
+    assert!(validator.is_valid(first), "{first}");
+    assert_eq!(first["model"]["name"], "spam-filter");
+    assert_eq!(first["response"]["body"]["encoding"], "json");
+    let outputs = &first["response"]["body"]["data"]["outputs"];
+    assert_eq!(outputs[0]["name"], "predict_proba");
+    assert_eq!(outputs[0]["shape"], serde_json::json!([8, 2]));
+    assert_eq!(outputs[0]["data"], answer["outputs"][0]["data"]);
+    let rest = records
+        .iter()
+        .find(|r| r["id"] == rest_id.as_str())
+        .unwrap();
+    let numbers = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let rest_outputs = &rest["response"]["body"]["data"]["outputs"];
+    assert_eq!(rest_outputs[0]["shape"], outputs[0]["shape"]);
+    assert_eq!(
+        numbers(&rest_outputs[0]["data"]),
+        numbers(&outputs[0]["data"]),
+        "the same answer, recorded alike from REST and gRPC"
+    );
+    assert_eq!(
+        numbers(&rest["request"]["body"]["data"]["inputs"][0]["data"]),
+        numbers(&first["request"]["body"]["data"]["inputs"][0]["data"])
+    );
+    let rejected = records
+        .iter()
+        .find(|r| r["id"] == refused_id.as_str())
+        .unwrap();
+    assert_eq!(rejected["error"]["code"], "limit_exceeded");
+    assert_eq!(rejected["error"]["grpc_status"], 8);
+    assert!(validator.is_valid(rejected), "{rejected}");
+
+    // A raw_output_contents answer, as Triton sends it (built with the protobuf library),
+    // is decided the same, and the action tensor goes back raw too.
+    let raw_port = free_port();
+    let mut raw_server = std::process::Command::new(&ml.python)
+        .arg(repo_path("tests/mlserver/oip.py"))
+        .args(["raw-server", &raw_port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(raw_server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "serving");
+    let raw_upstream = format!("http://127.0.0.1:{raw_port}");
+    let raw_dir = spool_dir();
+    let raw_policy = write_policy(
+        raw_dir.path(),
+        &spam_route("{fixed: 0.5}", "[]", "    write_decisions: {}"),
+    );
+    let raw_proxy = start_with_policy(
+        ml.rest,
+        raw_dir.path(),
+        &raw_policy,
+        &[
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--grpc-upstream",
+            &raw_upstream,
+        ],
+    );
+    let raw = ml.infer(raw_proxy.grpc.unwrap(), 8, 7, &[]);
+    let _ = raw_server.kill();
+    let _ = raw_server.wait();
+    assert_eq!(raw["code"], "OK", "{raw}");
+    assert_eq!(raw["raw"], true);
+    let expected = expected_from(&raw);
+    assert_eq!(raw["metadata"]["sluicegate-action"], expected.join(","));
+    assert_eq!(action_output(&raw), expected);
 }

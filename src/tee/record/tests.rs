@@ -634,3 +634,22 @@ fn grpc_model_infer_messages_are_recorded_as_the_rest_v2_bodies_of_the_call() {
     assert_eq!(v["response"]["body"]["encoding"], "base64");
     assert_eq!(v["response"]["body"]["truncated"], false);
 }
+
+#[test]
+fn a_pretty_printed_body_is_recorded_on_one_line_as_sent_otherwise() {
+    let req = b"{\n  \"id\": \"r-1\",\n  \"inputs\": [{\"name\": \"a b\\n\", \"data\": [1.50, 2e3]}]\n}\n";
+    let entry = exchange(req, b"{\r\n\"outputs\": []}", 1024).encode(&ctx(1 << 20));
+    let text = String::from_utf8(entry.payload.clone()).unwrap();
+    assert!(!text.contains('\n') && !text.contains('\r'), "{text}");
+    assert!(
+        text.contains(r#"{"id":"r-1","inputs":[{"name":"a b\n","data":[1.50,2e3]}]}"#),
+        "numbers and strings as sent: {text}"
+    );
+    let v = decode(&entry);
+    assert_eq!(v["request"]["body"]["encoding"], "json");
+    assert_eq!(v["request"]["v2_id"], "r-1");
+    assert_eq!(
+        v["response"]["body"]["data"],
+        serde_json::json!({"outputs": []})
+    );
+}

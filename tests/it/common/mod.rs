@@ -286,6 +286,16 @@ pub fn path_str(p: &Path) -> &str {
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// `sluicegate ARGS…`: exit code, stdout, stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The committed record schema, compiled.
 pub fn schema_validator() -> jsonschema::Validator {
     let text = std::fs::read_to_string(repo_path("src/tee/record.v1.schema.json")).unwrap();
