@@ -10,7 +10,10 @@
 //! - `sluicegate_tee`: no policy, every exchange recorded to a spool in a temporary directory
 //!   (`sluicegate-tee` of the end-to-end bench);
 //! - `sluicegate_full`: the end-to-end bench's full policy (adaptive threshold, a limit,
-//!   decisions written into the body, Ed25519 tags) with the same tee.
+//!   decisions written into the body, Ed25519 tags) with the same tee;
+//! - `baseline_hyper_passthrough_grpc` and `sluicegate_full_grpc`: the same, as a gRPC
+//!   `ModelInfer` call of the same rows (h2c on both sides; the message decoded, decided, the
+//!   action tensor appended).
 //!
 //! After each sluicegate setup it prints how many records the tee queued and dropped: drops
 //! mean the spool writer could not keep up with the request path run flat out.
@@ -34,20 +37,24 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use http::header::{CONTENT_TYPE, HOST};
 use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2::SendRequest as H2SendRequest;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prost::Message as _;
 use sluicegate::config::policy::PolicySpec;
 use sluicegate::config::settings::{RecordDecisions, Settings};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::Route;
 use sluicegate::demo::{v2_request, StandInModel};
+use sluicegate::oip;
 use sluicegate::policy::{self, SharedPolicy};
 use sluicegate::provenance::{generate_key, Algorithm};
 use sluicegate::proxy::body::RequestLimits;
@@ -57,6 +64,7 @@ use sluicegate::tee::record::EncodeContext;
 use sluicegate::tee::spool::{SpoolConfig, SpoolMode, SpoolWriter};
 use sluicegate::tee::TeeWriter;
 use sluicegate::telemetry::Metrics;
+use sluicegate::testing::grpc_request;
 use tokio::io::{duplex, DuplexStream};
 
 /// Rows of the end-to-end bench's bodies: ~1 KiB and ~16 KiB v2 responses.
@@ -102,11 +110,13 @@ impl Connection for MemoryIo {
     }
 }
 
-/// A connector whose every connection is a duplex stream to a fresh HTTP/1.1 model server that
-/// reads the request and answers `response`.
+/// A connector whose every connection is a duplex stream to a fresh model server (HTTP/1.1 or
+/// h2c) that reads the request and answers `response`, or `grpc_response` (one framed
+/// message, then `grpc-status: 0`) to a gRPC call.
 #[derive(Clone)]
 struct MemoryUpstream {
     response: Bytes,
+    grpc_response: Bytes,
 }
 
 impl tower::Service<Uri> for MemoryUpstream {
@@ -120,20 +130,37 @@ impl tower::Service<Uri> for MemoryUpstream {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let (near, far) = duplex(PIPE_BYTES);
-        let response = self.response.clone();
+        let (response, grpc_response) = (self.response.clone(), self.grpc_response.clone());
         let service = service_fn(move |req: Request<Incoming>| {
-            let response = response.clone();
+            let (response, grpc_response) = (response.clone(), grpc_response.clone());
             async move {
+                let grpc = oip::is_grpc(req.headers().get(CONTENT_TYPE));
                 req.into_body().collect().await?;
-                let mut resp = Response::new(Full::new(response));
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+                let resp = if grpc {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let frames = [Frame::data(grpc_response), Frame::trailers(trailers)];
+                    let body = StreamBody::new(futures_util::stream::iter(
+                        frames.map(Ok::<_, std::convert::Infallible>),
+                    ));
+                    let mut resp = Response::new(body.boxed());
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, "application/grpc".parse().unwrap());
+                    resp
+                } else {
+                    let mut resp = Response::new(Full::new(response).boxed());
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, "application/json".parse().unwrap());
+                    resp
+                };
                 Ok::<_, hyper::Error>(resp)
             }
         });
-        tokio::spawn(
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(far), service),
-        );
+        tokio::spawn(async move {
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(far), service)
+                .await;
+        });
         std::future::ready(Ok(MemoryIo(TokioIo::new(near))))
     }
 }
@@ -146,10 +173,21 @@ async fn client_over(io: DuplexStream) -> SendRequest<Full<Bytes>> {
     sender
 }
 
-/// The naive proxy: forward each request as it is, stream the answer back.
-async fn baseline(upstream: MemoryUpstream) -> SendRequest<Full<Bytes>> {
-    let client: Client<MemoryUpstream, Incoming> =
-        Client::builder(TokioExecutor::new()).build(upstream);
+async fn h2_client_over(io: DuplexStream) -> H2SendRequest<Full<Bytes>> {
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// The naive proxy: forward each request as it is, stream the answer back (over h2c to the
+/// upstream when `h2`, as gRPC must go).
+async fn baseline_server(upstream: MemoryUpstream, h2: bool) -> DuplexStream {
+    let client: Client<MemoryUpstream, Incoming> = Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(upstream);
     let service = service_fn(move |mut req: Request<Incoming>| {
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         *req.uri_mut() = format!("http://model{path}").parse().unwrap();
@@ -161,7 +199,7 @@ async fn baseline(upstream: MemoryUpstream) -> SendRequest<Full<Bytes>> {
             .serve_connection(TokioIo::new(far), service)
             .await;
     });
-    client_over(near).await
+    near
 }
 
 /// A running sluicegate: what must outlive the benchmark, and what it reports after.
@@ -229,12 +267,12 @@ fn proxy(
     (proxy, writer, metrics)
 }
 
-/// A running sluicegate (see [`proxy`]) serving one in-memory connection.
+/// A running sluicegate (see [`proxy`]) serving one in-memory connection, the client's end.
 async fn sluicegate(
     policy: SharedPolicy,
     upstream: MemoryUpstream,
     spool_dir: &std::path::Path,
-) -> (SendRequest<Full<Bytes>>, Sluicegate) {
+) -> (DuplexStream, Sluicegate) {
     let settings = Settings::default();
     let (proxy, writer, metrics) = proxy(policy, upstream, spool_dir);
     tokio::spawn(proxy.clone().run_upkeep());
@@ -244,13 +282,12 @@ async fn sluicegate(
     let (near, far) = duplex(PIPE_BYTES);
     let client = "10.0.0.7:41000".parse().unwrap();
     tokio::spawn(async move { connections.serve(far, client, watcher).await });
-    let sender = client_over(near).await;
     let running = Sluicegate {
         writer,
         metrics,
         _graceful: graceful,
     };
-    (sender, running)
+    (near, running)
 }
 
 async fn round_trip(sender: &mut SendRequest<Full<Bytes>>, body: &Bytes) -> Response<Bytes> {
@@ -264,6 +301,24 @@ async fn round_trip(sender: &mut SendRequest<Full<Bytes>>, body: &Bytes) -> Resp
     let (parts, body) = sender.send_request(req).await.unwrap().into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     Response::from_parts(parts, body)
+}
+
+/// One unary `ModelInfer` call; the answer's head, message and trailers.
+async fn grpc_round_trip(
+    sender: &mut H2SendRequest<Full<Bytes>>,
+    message: &Bytes,
+) -> (Response<Bytes>, Option<http::HeaderMap>) {
+    let req = Request::post(format!("http://sluicegate{}", oip::MODEL_INFER_PATH))
+        .header(CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header("sluicegate-consumer", "mail-ingest")
+        .body(Full::new(message.clone()))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let (parts, body) = sender.send_request(req).await.unwrap().into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (Response::from_parts(parts, collected.to_bytes()), trailers)
 }
 
 fn full_policy(keys: &std::path::Path) -> SharedPolicy {
@@ -286,18 +341,33 @@ fn stack(c: &mut Criterion) {
     for (size, rows) in SIZES {
         let request = v2_request(rows, 7);
         let response = StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap();
+        let grpc_request = grpc_request(rows, 7, false, &[]);
+        let grpc_response = StandInModel::infer_grpc(&grpc_request, false).unwrap();
         let upstream = MemoryUpstream {
             response: serde_json::to_vec(&response).unwrap().into(),
+            grpc_response: oip::frame(&grpc_response.encode_to_vec()),
         };
+        let grpc_message = oip::frame(&grpc_request.encode_to_vec());
         let body = Bytes::from(request);
         let mut g = c.benchmark_group(format!("stack_{size}"));
         g.throughput(Throughput::Elements(1));
 
-        let mut sender = rt.block_on(baseline(upstream.clone()));
+        let mut sender = rt
+            .block_on(async { client_over(baseline_server(upstream.clone(), false).await).await });
         let resp = rt.block_on(round_trip(&mut sender, &body));
         assert_eq!(resp.body(), &upstream.response);
         g.bench_function("baseline_hyper_passthrough", |b| {
             b.iter(|| rt.block_on(round_trip(&mut sender, &body)))
+        });
+        drop(sender);
+        let mut sender = rt.block_on(async {
+            h2_client_over(baseline_server(upstream.clone(), true).await).await
+        });
+        let (resp, trailers) = rt.block_on(grpc_round_trip(&mut sender, &grpc_message));
+        assert_eq!(resp.body(), &upstream.grpc_response);
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        g.bench_function("baseline_hyper_passthrough_grpc", |b| {
+            b.iter(|| rt.block_on(grpc_round_trip(&mut sender, &grpc_message)))
         });
         drop(sender);
 
@@ -310,8 +380,9 @@ fn stack(c: &mut Criterion) {
             ("sluicegate_full", full_policy(&dir.path().join("keys"))),
         ];
         for (name, policy) in setups {
-            let (mut sender, running) =
+            let (io, running) =
                 rt.block_on(sluicegate(policy, upstream.clone(), &dir.path().join(name)));
+            let mut sender = rt.block_on(client_over(io));
             let resp = rt.block_on(round_trip(&mut sender, &body));
             assert!(resp.status().is_success(), "{resp:?}");
             // The full policy decides and tags; the tee-only one passes the body through.
@@ -324,6 +395,24 @@ fn stack(c: &mut Criterion) {
             drop(sender);
             running.close(&format!("stack_{size}/{name}"));
         }
+        // The same decision on the same rows, over gRPC (h2c both sides).
+        let name = "sluicegate_full_grpc";
+        let policy = full_policy(&dir.path().join("grpc-keys"));
+        let (io, running) =
+            rt.block_on(sluicegate(policy, upstream.clone(), &dir.path().join(name)));
+        let mut sender = rt.block_on(h2_client_over(io));
+        let (resp, trailers) = rt.block_on(grpc_round_trip(&mut sender, &grpc_message));
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        assert!(resp.headers().contains_key("sluicegate-tag"), "{resp:?}");
+        assert_eq!(
+            resp.headers()["sluicegate-rows"].to_str().unwrap(),
+            rows.to_string()
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| rt.block_on(grpc_round_trip(&mut sender, &grpc_message)))
+        });
+        drop(sender);
+        running.close(&format!("stack_{size}/{name}"));
         g.finish();
         phases(c, &rt, size, &body, &upstream, dir.path());
     }

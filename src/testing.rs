@@ -202,14 +202,35 @@ impl StandInModel {
                 Some(ParameterChoice::BoolParam(true))
             )
         };
-        let Some((index, input)) = request
+        let Ok(response) = Self::infer_grpc(&request, flag("raw_output")) else {
+            return answer(3, None, false);
+        };
+        let encoded = response.encode_to_vec();
+        if flag("gzip_output") {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&encoded).expect("writing to a Vec");
+            let zipped = gz.finish().expect("writing to a Vec");
+            let mut framed = oip::frame(&zipped).to_vec();
+            framed[0] = 1;
+            return answer(0, Some(Bytes::from(framed)), true);
+        }
+        answer(0, Some(oip::frame(&encoded)), false)
+    }
+
+    /// The gRPC `ModelInfer` answer to `request`: [`Self::infer_v2`]'s, as a message;
+    /// `raw` answers in `raw_output_contents`.
+    pub fn infer_grpc(
+        request: &crate::oip::ModelInferRequest,
+        raw: bool,
+    ) -> Result<crate::oip::ModelInferResponse, String> {
+        use crate::oip;
+        let (index, input) = request
             .inputs
             .iter()
             .enumerate()
             .find(|(_, i)| i.name == "features")
-        else {
-            return answer(3, None, false);
-        };
+            .ok_or("no input named features")?;
         let flat: Vec<f64> = match request.raw_input_contents.get(index) {
             Some(raw) => raw
                 .chunks_exact(8)
@@ -242,7 +263,7 @@ impl StandInModel {
             id: request.id.clone(),
             ..Default::default()
         };
-        if flag("raw_output") {
+        if raw {
             response.raw_output_contents =
                 vec![proba.iter().flat_map(|p| p.to_le_bytes()).collect()];
         } else {
@@ -252,17 +273,7 @@ impl StandInModel {
             });
         }
         response.outputs.push(output);
-        let encoded = response.encode_to_vec();
-        if flag("gzip_output") {
-            use std::io::Write;
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            gz.write_all(&encoded).expect("writing to a Vec");
-            let zipped = gz.finish().expect("writing to a Vec");
-            let mut framed = oip::frame(&zipped).to_vec();
-            framed[0] = 1;
-            return answer(0, Some(Bytes::from(framed)), true);
-        }
-        answer(0, Some(oip::frame(&encoded)), false)
+        Ok(response)
     }
 
     /// Open Inference Protocol v2: input `features` (or the first input) of shape `[n, k]`,
