@@ -11,9 +11,9 @@
 //!   (`sluicegate-tee` of the end-to-end bench);
 //! - `sluicegate_full`: the end-to-end bench's full policy (adaptive threshold, a limit,
 //!   decisions written into the body, Ed25519 tags) with the same tee;
-//! - `baseline_hyper_passthrough_grpc` and `sluicegate_full_grpc`: the same, as a gRPC
-//!   `ModelInfer` call of the same rows (h2c on both sides; the message decoded, decided, the
-//!   action tensor appended).
+//! - `baseline_hyper_passthrough_grpc`, `sluicegate_tee_grpc` and `sluicegate_full_grpc`: the
+//!   same, as a gRPC `ModelInfer` call of the same rows (h2c on both sides; with everything on,
+//!   the message decoded, decided, the action tensor appended).
 //!
 //! After each sluicegate setup it prints how many records the tee queued and dropped: drops
 //! mean the spool writer could not keep up with the request path run flat out.
@@ -395,24 +395,32 @@ fn stack(c: &mut Criterion) {
             drop(sender);
             running.close(&format!("stack_{size}/{name}"));
         }
-        // The same decision on the same rows, over gRPC (h2c both sides).
-        let name = "sluicegate_full_grpc";
-        let policy = full_policy(&dir.path().join("grpc-keys"));
-        let (io, running) =
-            rt.block_on(sluicegate(policy, upstream.clone(), &dir.path().join(name)));
-        let mut sender = rt.block_on(h2_client_over(io));
-        let (resp, trailers) = rt.block_on(grpc_round_trip(&mut sender, &grpc_message));
-        assert_eq!(trailers.unwrap()["grpc-status"], "0");
-        assert!(resp.headers().contains_key("sluicegate-tag"), "{resp:?}");
-        assert_eq!(
-            resp.headers()["sluicegate-rows"].to_str().unwrap(),
-            rows.to_string()
-        );
-        g.bench_function(name, |b| {
-            b.iter(|| rt.block_on(grpc_round_trip(&mut sender, &grpc_message)))
-        });
-        drop(sender);
-        running.close(&format!("stack_{size}/{name}"));
+        // The same setups on the same rows, as gRPC calls (h2c both sides).
+        let setups = [
+            (
+                "sluicegate_tee_grpc",
+                policy::shared(PolicySpec::default(), Settings::default().max_record_bytes),
+            ),
+            (
+                "sluicegate_full_grpc",
+                full_policy(&dir.path().join("grpc-keys")),
+            ),
+        ];
+        for (name, policy) in setups {
+            let (io, running) =
+                rt.block_on(sluicegate(policy, upstream.clone(), &dir.path().join(name)));
+            let mut sender = rt.block_on(h2_client_over(io));
+            let (resp, trailers) = rt.block_on(grpc_round_trip(&mut sender, &grpc_message));
+            assert_eq!(trailers.unwrap()["grpc-status"], "0");
+            let full = name == "sluicegate_full_grpc";
+            assert_eq!(resp.headers().contains_key("sluicegate-tag"), full);
+            assert_eq!(resp.body() == &upstream.grpc_response, !full);
+            g.bench_function(name, |b| {
+                b.iter(|| rt.block_on(grpc_round_trip(&mut sender, &grpc_message)))
+            });
+            drop(sender);
+            running.close(&format!("stack_{size}/{name}"));
+        }
         g.finish();
         phases(c, &rt, size, &body, &upstream, dir.path());
     }
