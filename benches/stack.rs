@@ -67,6 +67,13 @@ use sluicegate::telemetry::Metrics;
 use sluicegate::testing::grpc_request;
 use tokio::io::{duplex, DuplexStream};
 
+/// The binary's allocator (src/main.rs), so the request path and the spool writer thread
+/// allocate as they do in production: under glibc's malloc they contend on its arena lock
+/// (futex wake-ups were 12% of the bench thread in a profile of the gRPC tee line).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Rows of the end-to-end bench's bodies: ~1 KiB and ~16 KiB v2 responses.
 const SIZES: [(&str, usize); 2] = [("1KiB", 23), ("16KiB", 421)];
 const PATH: &str = "/v2/models/spam-filter/infer";
