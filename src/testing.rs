@@ -152,16 +152,22 @@ impl StandInModel {
             .is_some_and(|v| v == "gzip");
         let path_ok = req.uri().path() == oip::MODEL_INFER_PATH;
         let body = req.into_body().collect().await?.to_bytes();
+        // A message and then its status in trailers; an error without a message is
+        // Trailers-Only (the status in the headers, no body), as gRPC servers send it.
         let answer = |status: u32, message: Option<Bytes>, compressed: bool| {
-            let mut trailers = http::HeaderMap::new();
-            trailers.insert("grpc-status", status.into());
+            let trailers_only = message.is_none();
             let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = Vec::new();
             if let Some(m) = message {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", status.into());
                 frames.push(Ok(Frame::data(m)));
+                frames.push(Ok(Frame::trailers(trailers)));
             }
-            frames.push(Ok(Frame::trailers(trailers)));
             let mut r = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
             let h = r.headers_mut();
+            if trailers_only {
+                h.insert("grpc-status", status.into());
+            }
             h.insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/grpc"),

@@ -299,6 +299,16 @@ routes:
     assert_eq!(answer.header("sluicegate-action"), "");
     assert!(!answer.header("sluicegate-id").is_empty());
 
+    // The model refusing the call (Trailers-Only, no message) on a deciding route: the client
+    // gets the model's status, undecided.
+    let (proxy, _dir) = proxy_with(&spam_route("{fixed: 0.5}", "[]", "")).await;
+    let mut no_features = grpc_request(2, 1, false, &[]);
+    no_features.inputs[0].name = "other".into();
+    let refused = infer(proxy.grpc.unwrap(), &no_features, false).await;
+    assert_eq!(refused.status, "3", "INVALID_ARGUMENT from the model");
+    assert!(refused.message.is_none());
+    assert_eq!(refused.header("sluicegate-action"), "");
+
     // A model route whose output the answer lacks: passed unchanged, with a decision error.
     let (proxy, _dir) = proxy_with(
         &spam_route("{fixed: 0.5}", "[]", "")
@@ -618,6 +628,16 @@ async fn mlserver_and_its_own_grpc_client_through_sluicegate() {
     .await;
     assert_eq!(status, 200);
     let rest_id = rest_headers["sluicegate-id"].to_str().unwrap().to_owned();
+
+    // MLServer refusing a call (Trailers-Only), for an unknown model and on the deciding route
+    // (a second input its codec refuses), reaches its own client as MLServer sent it.
+    for flags in [&["model=no-such-model"][..], &["tag=x"][..]] {
+        let direct = ml.infer(ml.grpc, 1, 7, flags);
+        let proxied = ml.infer(port, 1, 7, flags);
+        assert_ne!(direct["code"], "OK", "{direct}");
+        assert_eq!(proxied["code"], direct["code"], "{proxied}");
+        assert_eq!(proxied["details"], direct["details"]);
+    }
 
     // The limit: spam rows keep coming until it refuses, as RESOURCE_EXHAUSTED.
     let mut refused = None;

@@ -3,7 +3,7 @@
   oip.py model DIR HTTP_PORT GRPC_PORT METRICS_PORT
       Trains a small scikit-learn model (4 features, predict_proba) and writes an MLServer
       model repository to DIR, serving it as `spam-filter` on 127.0.0.1 only.
-  oip.py infer ADDR ROWS SEED [gzip] [tag=TAG]
+  oip.py infer ADDR ROWS SEED [gzip] [tag=TAG] [model=NAME]
       One ModelInfer call through MLServer's own gRPC client stubs; prints a JSON line with the
       status, the initial metadata and the outputs as the client decoded them.
   oip.py rest-body ROWS SEED
@@ -55,7 +55,8 @@ def infer(addr, n, seed, *flags):
     from mlserver.grpc import dataplane_pb2_grpc as stubs
 
     x = rows(n, seed)
-    request = pb.ModelInferRequest(model_name="spam-filter", id=f"req-{seed}")
+    name = next((f[6:] for f in flags if f.startswith("model=")), "spam-filter")
+    request = pb.ModelInferRequest(model_name=name, id=f"req-{seed}")
     tensor = request.inputs.add(name="features", datatype="FP64", shape=list(x.shape))
     tensor.contents.fp64_contents.extend(x.flatten().tolist())
     request.outputs.add(name="predict_proba")

@@ -200,7 +200,10 @@ fn finish(
     if let Some(p) = pending {
         p.finish_response(true, None);
     }
-    Response::from_parts(parts, ResponseBody::WithTrailers(Some(body), trailers))
+    // Nothing read at all (a Trailers-Only answer: the status is in the headers) goes back the
+    // same way, the headers ending the stream: a client reads no empty message then.
+    let body = (!body.is_empty()).then_some(body);
+    Response::from_parts(parts, ResponseBody::WithTrailers(body, trailers))
 }
 
 /// The body's one message, decompressed if its flag says so (`grpc-encoding` gzip or
