@@ -270,25 +270,8 @@ pub(super) fn respond(
         });
     }
 
-    if let Some((action, window)) = &decided.rejected {
-        let (err, message) = limit_rejection(&route, action, *window);
-        let mut resp = err.response(id, &message);
-        // No action was taken: the client is told so, the model's choice stays beside it.
-        decision_headers(
-            resp.headers_mut(),
-            &decided,
-            policy,
-            Counted::for_route(&route),
-            true,
-        );
-        // The model answered; the record keeps that answer and says what the client got.
-        if let Some(mut p) = pending {
-            p.set_decision(DecisionOutcome::Made(decided.rows));
-            p.set_error(err.for_record(message));
-            p.set_status(err.status().as_u16());
-            p.finish_response(true, None);
-        }
-        return resp;
+    if decided.rejected.is_some() {
+        return respond_rejected(&route, decided, policy, id, pending, false);
     }
 
     decided_headers(&mut parts.headers, &decided, policy, &route, tag.as_deref());
@@ -323,20 +306,41 @@ pub(super) fn respond(
     finish(parts, body, pending)
 }
 
-/// A limit's refusal of `action` on `route`: the error, and its message for the client and the
-/// record. Retry after a minute's worth of the window, at least a second.
-fn limit_rejection(
+/// A limit refused the model's action (`decided.rejected` is set): the client gets the
+/// limit's error (a gRPC status for a gRPC call), retry after a minute's worth of the window
+/// and at least a second. No action was taken: the headers say so, the model's choice beside
+/// it. The model answered: the record keeps that answer and says what the client got.
+fn respond_rejected(
     route: &Route,
-    action: &str,
-    window: std::time::Duration,
-) -> (ProxyError, String) {
+    decided: Decided,
+    policy: &Policy,
+    id: &HeaderValue,
+    pending: Option<Pending>,
+    grpc: bool,
+) -> Response<ResponseBody> {
+    let (action, window) = decided.rejected.as_ref().expect("a rejected decision");
     let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
     let err = ProxyError::LimitExceeded { retry_after_secs };
     let detail = format!(
         "taking action {action:?} on route {} would exceed its limit",
         route.name
     );
-    (err, err.message(&detail))
+    let message = err.message(&detail);
+    let (mut resp, error) = err.answer(id, &message, message.clone(), grpc);
+    decision_headers(
+        resp.headers_mut(),
+        &decided,
+        policy,
+        Counted::for_route(route),
+        true,
+    );
+    if let Some(mut p) = pending {
+        p.set_decision(DecisionOutcome::Made(decided.rows));
+        p.set_error(error);
+        p.set_status(resp.status().as_u16());
+        p.finish_response(true, None);
+    }
+    resp
 }
 
 /// The tag, then the decision headers in what the budget has left, on a decided response.

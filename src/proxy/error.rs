@@ -185,11 +185,23 @@ impl ProxyError {
         resp
     }
 
-    /// The record's error for a gRPC call answered with [`Self::grpc_response`].
-    pub(crate) fn for_grpc_record(self, message: String) -> ExchangeError {
-        ExchangeError {
-            grpc_status: Some(self.grpc_status()),
-            ..self.for_record(message)
+    /// The answer the client gets — a gRPC status for a gRPC call, else the JSON error with
+    /// `message` — and the record's error, with `recorded` as its message.
+    pub(crate) fn answer(
+        self,
+        id: &HeaderValue,
+        message: &str,
+        recorded: String,
+        grpc: bool,
+    ) -> (Response<ResponseBody>, ExchangeError) {
+        if grpc {
+            let error = ExchangeError {
+                grpc_status: Some(self.grpc_status()),
+                ..self.for_record(recorded)
+            };
+            (self.grpc_response(id), error)
+        } else {
+            (self.response(id, message), self.for_record(recorded))
         }
     }
 }

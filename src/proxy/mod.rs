@@ -697,13 +697,8 @@ impl Proxy {
             message.clone()
         };
         // A gRPC client reads a gRPC status, not an HTTP error page.
-        let (status, record_error, resp) = if admitted.grpc {
-            let resp = err.grpc_response(&admitted.id);
-            (resp.status(), err.for_grpc_record(recorded), resp)
-        } else {
-            let resp = err.response(&admitted.id, &message);
-            (resp.status(), err.for_record(recorded), resp)
-        };
+        let (resp, record_error) = err.answer(&admitted.id, &message, recorded, admitted.grpc);
+        let status = resp.status();
         admitted.metrics.request(status.as_u16());
         if let Some(p) = admitted.pending {
             // A body that failed on either side did not arrive whole.

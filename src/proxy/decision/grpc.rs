@@ -11,8 +11,8 @@ use http::Response;
 use http_body::Frame;
 
 use super::{
-    collect_up_to, decide_scores, decided_headers, decision_error, decision_headers,
-    limit_rejection, pass_too_large, Collected, Counted,
+    collect_up_to, decide_scores, decided_headers, decision_error, pass_too_large,
+    respond_rejected, Collected,
 };
 use crate::config::policy::Protocol;
 use crate::decide::extract::extract_grpc;
@@ -122,21 +122,8 @@ pub(in crate::proxy) async fn respond_model_infer(
         });
     }
     let policy = &*admitted.policy;
-    if let Some((action, window)) = &decided.rejected {
-        let (err, message) = limit_rejection(&route, action, *window);
-        let mut resp = err.grpc_response(&admitted.id);
-        decision_headers(
-            resp.headers_mut(),
-            &decided,
-            policy,
-            Counted::for_route(&route),
-            true,
-        );
-        if let Some(mut p) = pending {
-            p.set_decision(DecisionOutcome::Made(decided.rows));
-            p.set_error(err.for_grpc_record(message));
-            p.finish_response(true, None);
-        }
+    if decided.rejected.is_some() {
+        let resp = respond_rejected(&route, decided, policy, &admitted.id, pending, true);
         admitted.metrics.request(resp.status().as_u16());
         return resp;
     }
