@@ -6,7 +6,7 @@
 //! publishes them (`grpc_predict_v2.proto`: KServe, Triton and MLServer share it), so the build
 //! needs no `protoc`. Only what sluicegate decodes is declared; a decided response is never
 //! re-encoded from these types (which would drop fields they do not declare): sluicegate
-//! appends its output to the message as sent (see [`append_action_tensor`]).
+//! appends its output to the message as sent (see [`frame_with_action_tensor`]).
 
 use std::collections::HashMap;
 
@@ -605,35 +605,60 @@ pub fn frame(message: &[u8]) -> Bytes {
 }
 
 /// `message` (a `ModelInferResponse` as the server encoded it) with the `sluicegate_action`
-/// tensor appended: protobuf merges a repeated field's elements across the message, so the
-/// tensor becomes the last output without the rest being decoded and re-encoded. In raw form
-/// (`raw` true: the response carries `raw_output_contents`, and the protocol forbids mixing
-/// the two) its contents go as one more raw entry — each action a 4-byte little-endian length,
-/// then its bytes — matching the new output's position.
-pub fn append_action_tensor(message: &[u8], actions: &[&str], raw: bool) -> Vec<u8> {
-    let mut tensor = InferOutputTensor {
+/// tensor appended, framed as one uncompressed gRPC message, in one buffer: protobuf merges a
+/// repeated field's elements across the message, so the tensor becomes the last output without
+/// the rest being decoded and re-encoded. In raw form (`raw` true: the response carries
+/// `raw_output_contents`, and the protocol forbids mixing the two) its contents go as one more
+/// raw entry — each action a 4-byte little-endian length, then its bytes — matching the new
+/// output's position.
+pub fn frame_with_action_tensor(message: &[u8], actions: &[&str], raw: bool) -> Bytes {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+    let tensor = InferOutputTensor {
         name: ACTION_TENSOR.to_owned(),
         datatype: "BYTES".to_owned(),
         shape: vec![actions.len() as i64],
         ..Default::default()
     };
-    let mut out = message.to_vec();
+    // Each action as a length-delimited entry: of `bytes_contents` (field 8 of the contents)
+    // in typed form, of the one raw entry in raw form.
+    let entry_len = |a: &&str| match raw {
+        true => 4 + a.len(),
+        false => 1 + encoded_len_varint(a.len() as u64) + a.len(),
+    };
+    let contents_len: usize = actions.iter().map(entry_len).sum();
+    let tensor_len = tensor.encoded_len()
+        + if raw {
+            0
+        } else {
+            // `contents` (field 5 of the tensor) holding the entries.
+            1 + encoded_len_varint(contents_len as u64) + contents_len
+        };
+    let mut out = BytesMut::with_capacity(5 + message.len() + tensor_len + contents_len + 20);
+    out.put_u8(0);
+    out.put_u32(0); // the length, set below
+    out.put_slice(message);
+    encode_key(5, WireType::LengthDelimited, &mut out);
+    encode_varint(tensor_len as u64, &mut out);
+    tensor.encode_raw(&mut out);
     if raw {
-        let mut contents = Vec::with_capacity(actions.iter().map(|a| a.len() + 4).sum());
+        encode_key(6, WireType::LengthDelimited, &mut out);
+        encode_varint(contents_len as u64, &mut out);
         for a in actions {
-            contents.extend_from_slice(&(a.len() as u32).to_le_bytes());
-            contents.extend_from_slice(a.as_bytes());
+            out.put_u32_le(a.len() as u32);
+            out.put_slice(a.as_bytes());
         }
-        prost::encoding::message::encode(5, &tensor, &mut out);
-        prost::encoding::bytes::encode(6, &contents, &mut out);
     } else {
-        tensor.contents = Some(InferTensorContents {
-            bytes_contents: actions.iter().map(|a| a.as_bytes().to_vec()).collect(),
-            ..Default::default()
-        });
-        prost::encoding::message::encode(5, &tensor, &mut out);
+        encode_key(5, WireType::LengthDelimited, &mut out);
+        encode_varint(contents_len as u64, &mut out);
+        for a in actions {
+            encode_key(8, WireType::LengthDelimited, &mut out);
+            encode_varint(a.len() as u64, &mut out);
+            out.put_slice(a.as_bytes());
+        }
     }
-    out
+    let len = (out.len() - 5) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
 }
 
 /// Decodes a `ModelInferResponse`.
@@ -971,8 +996,9 @@ mod tests {
             }],
             ..Default::default()
         };
-        let out = append_action_tensor(&typed.encode_to_vec(), &["deliver", "quarantine"], false);
-        let back = ModelInferResponse::decode(&out[..]).unwrap();
+        let out =
+            frame_with_action_tensor(&typed.encode_to_vec(), &["deliver", "quarantine"], false);
+        let back = ModelInferResponse::decode(split_message(&out).unwrap().1).unwrap();
         assert_eq!(back.outputs.len(), 2);
         assert_eq!(
             back.outputs[0], typed.outputs[0],
@@ -996,8 +1022,8 @@ mod tests {
             raw_output_contents: vec![[0.1f32.to_le_bytes(), 0.9f32.to_le_bytes()].concat()],
             ..typed
         };
-        let out = append_action_tensor(&raw.encode_to_vec(), &["deliver", "quarantine"], true);
-        let back = ModelInferResponse::decode(&out[..]).unwrap();
+        let out = frame_with_action_tensor(&raw.encode_to_vec(), &["deliver", "quarantine"], true);
+        let back = ModelInferResponse::decode(split_message(&out).unwrap().1).unwrap();
         assert_eq!(back.outputs.len(), 2);
         assert_eq!(
             back.raw_output_contents.len(),

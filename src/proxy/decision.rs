@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::body::{BoxError, ResponseBody, UpstreamBody, UpstreamIncoming};
 use super::error::ProxyError;
 use super::pending::Pending;
-use super::{Admitted, Proxy};
+use super::{per_response_value, Admitted, Proxy};
 use crate::config::policy::Protocol;
 use crate::decide::extract::{extract, extract_v2, ExtractError, Scores, SplicePoint};
 use crate::decide::{Decided, LimitOutcome, Route};
@@ -351,7 +351,7 @@ fn decided_headers(
     route: &Route,
     tag: Option<&str>,
 ) {
-    if let Some(v) = tag.and_then(|t| HeaderValue::from_str(t).ok()) {
+    if let Some(v) = tag.and_then(|t| per_response_value(t.to_owned())) {
         headers.insert(TAG_HEADER, v);
     }
     decision_headers(headers, decided, policy, Counted::for_route(route), false);
@@ -605,13 +605,14 @@ pub(crate) fn emit_alert(proxy: &Proxy, policy: &Policy, event: crate::decide::B
     proxy.tee.send_alert(alert);
 }
 
-fn joined<T>(rows: &[T], f: impl Fn(&T) -> String) -> String {
-    let mut out = String::new();
+/// Each row's value written by `f`, comma-separated, in one buffer.
+fn joined<T>(rows: &[T], f: impl Fn(&T, &mut String)) -> String {
+    let mut out = String::with_capacity(rows.len() * 8);
     for (i, r) in rows.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&f(r));
+        f(r, &mut out);
     }
     out
 }
@@ -742,17 +743,17 @@ fn decision_headers(
     h.insert(ROWS_HEADER, HeaderValue::from(rows.len()));
     // Strictly under the budget.
     let room = (HEADER_BUDGET - 1).saturating_sub(sluicegate_bytes(h));
-    let action = |r: &crate::decide::RowDecision| -> String {
-        if rejected {
-            "rejected".into()
+    let action = |r: &crate::decide::RowDecision, out: &mut String| {
+        out.push_str(if rejected {
+            "rejected"
         } else {
-            r.final_action.to_string()
-        }
+            &r.final_action
+        })
     };
 
-    let mut set = |name: HeaderName, value: &str| {
+    let mut set = |name: HeaderName, value: String| {
         // An action name that is no header value (a control character) leaves its header out.
-        if let Ok(v) = HeaderValue::from_str(value) {
+        if let Some(v) = per_response_value(value) {
             h.insert(name, v);
         }
     };
@@ -761,18 +762,19 @@ fn decision_headers(
             (ACTION_HEADER, joined(rows, action)),
             (
                 MODEL_ACTION_HEADER,
-                joined(rows, |r| r.model_action.to_string()),
+                joined(rows, |r, out| out.push_str(&r.model_action)),
             ),
-            (LIMIT_HEADER, joined(rows, |r| r.limit.as_str().to_owned())),
+            (
+                LIMIT_HEADER,
+                joined(rows, |r, out| out.push_str(r.limit.as_str())),
+            ),
             (
                 THRESHOLD_HEADER,
-                joined(rows, |r| match r.threshold {
+                joined(rows, |r, out| match r.threshold {
                     Some(t) => {
-                        let mut s = String::new();
-                        let _ = write!(s, "{t}");
-                        s
+                        let _ = write!(out, "{t}");
                     }
-                    None => "-".into(),
+                    None => out.push('-'),
                 }),
             ),
         ];
@@ -788,7 +790,7 @@ fn decision_headers(
         };
         if fits > 0 {
             for (name, value) in listed.into_iter().take(fits) {
-                set(name, &value);
+                set(name, value);
             }
             return;
         }
@@ -817,7 +819,7 @@ fn decision_headers(
             (left / (n - i)).saturating_sub(name.as_str().len() + 4),
         );
         left = left.saturating_sub(wire_len(&name, &value));
-        set(name, &value);
+        set(name, value);
     }
 }
 

@@ -68,6 +68,16 @@ pub const ID_HEADER: HeaderName = HeaderName::from_static("sluicegate-id");
 /// The version of the policy that handled the request.
 pub const POLICY_HEADER: HeaderName = HeaderName::from_static("sluicegate-policy");
 
+/// A header value unique to one response (the id, the tag, a batch's decisions), marked
+/// sensitive so HTTP/2 sends it "never indexed": in HPACK's dynamic table it would only evict
+/// the headers that do repeat (content type, policy version, status), which both ends then
+/// encode and decode again in full. `None` when it is no header value.
+pub(crate) fn per_response_value(value: String) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_maybe_shared(Bytes::from(value)).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// The only route until the policy file defines routes.
 const DEFAULT_ROUTE: &str = "default";
 
@@ -329,7 +339,7 @@ impl Proxy {
             .map_or_else(|| self.default_route.clone(), |r| r.name.clone());
         let metrics = handles.route(&self.metrics, &route);
         let id_string = uuid::Uuid::now_v7().to_string();
-        let id = HeaderValue::from_str(&id_string).expect("uuid is a valid header value");
+        let id = per_response_value(id_string.clone()).expect("uuid is a valid header value");
         let headers = req.headers();
 
         let consumer = headers

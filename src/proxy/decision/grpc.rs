@@ -135,7 +135,7 @@ pub(in crate::proxy) async fn respond_model_infer(
         // Sent uncompressed: the message is new, and a compressed flag of 0 needs no
         // `grpc-encoding` agreement with the client.
         parts.headers.remove(GRPC_ENCODING);
-        oip::frame(&oip::append_action_tensor(&message, &actions, raw))
+        oip::frame_with_action_tensor(&message, &actions, raw)
     } else if decoded {
         parts.headers.remove(GRPC_ENCODING);
         oip::frame(&message)
