@@ -273,14 +273,15 @@ fn number(v: f64) -> String {
     }
 }
 
-/// A bucket start as `YYYY-MM-DD HH:MM:SS` (UTC).
+/// A bucket start as `YYYY-MM-DD HH:MM:SS` (UTC), with milliseconds when it has them.
 fn time(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t)
-        .to_string()
-        .replacen('T', " ", 1)
-        .trim_end_matches('Z')
-        .to_owned()
+    let text = if ms % 1000 == 0 {
+        humantime::format_rfc3339_seconds(t).to_string()
+    } else {
+        humantime::format_rfc3339_millis(t).to_string()
+    };
+    text.replacen('T', " ", 1).trim_end_matches('Z').to_owned()
 }
 
 /// The feedback-loop matrix: training sets down, producers across, each cell the share of the
@@ -432,6 +433,12 @@ mod tests {
         assert!(page.contains("time buckets of 1h"));
         assert!(page.contains("1970-01-01 01:00:00"));
         assert!(page.contains("class=\"direct\""));
+    }
+
+    #[test]
+    fn bucket_times_show_milliseconds_only_when_they_have_them() {
+        assert_eq!(time(3_600_000), "1970-01-01 01:00:00");
+        assert_eq!(time(3_600_100), "1970-01-01 01:00:00.100");
     }
 
     #[test]

@@ -268,9 +268,9 @@ async fn audit_finds_the_planted_loops_and_bias() {
         "{table}"
     );
 
-    // The page for people, in one-second buckets: all three reports, shown by a real browser.
+    // The page for people, in 100 ms buckets: all three reports, shown by a real browser.
     let mut html_args: Vec<&str> = args[..args.len() - 1].to_vec();
-    html_args.extend(["html", "--bucket", "1s"]);
+    html_args.extend(["html", "--bucket", "100ms"]);
     let (code, page, err) = run(&html_args);
     assert_eq!(code, 0, "{err}");
     for part in [
