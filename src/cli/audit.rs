@@ -31,7 +31,7 @@ pub(super) struct AuditArgs {
     /// Time bucket of the action-rate report.
     #[arg(long, default_value = "1h", value_parser = parse_duration_arg)]
     bucket: Duration,
-    /// `table` for people, `json` for machines.
+    /// `table` for people, `json` for machines, `html` for a page with charts.
     #[arg(long, value_enum, default_value_t, hide_possible_values = true)]
     format: Format,
     /// Exit 3 if any training set's share of model-produced rows is above this.
@@ -57,6 +57,7 @@ pub(super) fn run(args: &AuditArgs) -> Result<(), Failure> {
             serde_json::to_string_pretty(&report).expect("report serializes")
         ),
         Format::Table => print!("{}", audit::render_table(&report)),
+        Format::Html => print!("{}", audit::render_html(&report)),
     }
     if let Some(max) = args.max_loop_fraction {
         let over = audit::loops_over(&report, max);

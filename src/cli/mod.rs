@@ -36,6 +36,10 @@ enum Command {
         /// The settings' largest record (the body cap may not exceed it).
         #[arg(long, default_value = "1MiB", value_parser = parse_bytes_arg)]
         max_record: u64,
+        /// The tag key directory `serve` will be given: a policy that tags must find its
+        /// signing key there, as `serve` requires at start. Without it, keys are not checked.
+        #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
+        tag_keys_dir: Option<PathBuf>,
     },
     /// What changes between two policies, by route and setting.
     Diff {
@@ -74,7 +78,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     crate::telemetry::init_logging(if quiet { "warn" } else { "info" });
     match cli.command {
         Command::Serve(args) => serve(&args),
-        Command::Check { files, max_record } => policy::check(&files, max_record),
+        Command::Check {
+            files,
+            max_record,
+            tag_keys_dir,
+        } => policy::check(&files, max_record, tag_keys_dir.as_deref()),
         Command::Diff { from, to } => policy::diff(&from, &to),
         Command::Tag { command } => tag::run(command),
         Command::Audit(args) => audit::run(&args),

@@ -6,11 +6,20 @@ use super::{Exit, Failure};
 use crate::config::policy::version_of;
 use crate::config::validate;
 
-/// Prints each file's verdict on stdout; exit 64 if any is invalid.
-pub(super) fn check(files: &[PathBuf], max_record: u64) -> Result<(), Failure> {
+/// Prints each file's verdict on stdout; exit 64 if any is invalid. With `keys`, a policy
+/// that tags must also find its signing key there, by the same check `serve` starts with.
+pub(super) fn check(
+    files: &[PathBuf],
+    max_record: u64,
+    keys: Option<&Path>,
+) -> Result<(), Failure> {
     let mut ok = true;
     for file in files {
-        match validate::load(file, max_record) {
+        let checked = validate::load(file, max_record).and_then(|p| match keys {
+            Some(dir) => crate::policy::load_keys(&p, Some(dir)).map(|_| p),
+            None => Ok(p),
+        });
+        match checked {
             Ok(p) => println!(
                 "{}: ok (version {}, {} route{})",
                 file.display(),

@@ -2,10 +2,13 @@
 //! training file planted with known shares of tagged rows (two models, forged tags) and labels
 //! with a known bias → `sluicegate audit` reports exactly those.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::common::kafka::{mock_cluster, TOPIC};
+use crate::common::browser::{self, Rendered};
+use crate::common::kafka::{consume, mock_cluster, TOPIC};
+use crate::common::tansu::{self, Tansu};
 use crate::common::*;
 use sluicegate::demo::{v2_request, StandInModel};
 
@@ -43,6 +46,27 @@ fn start_tagging(
     start_with_policy(model, dir, &policy, &args)
 }
 
+/// A one-row request to the spam filter through `proxy` (`i` seeds its features): the answer's
+/// headers and body, once it is a 200.
+async fn ask_spam(c: &HttpClient, proxy: &ProxyProcess, i: u64) -> (http::HeaderMap, bytes::Bytes) {
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    let (status, headers, body) = post(c, &url, v2_request(1, i)).await;
+    assert_eq!(status, 200);
+    (headers, body)
+}
+
+/// A one-row request to the ranker through `proxy`, its first feature `i` / 10.
+async fn ask_ranker(
+    c: &HttpClient,
+    proxy: &ProxyProcess,
+    i: u64,
+) -> (http::HeaderMap, bytes::Bytes) {
+    let body = format!(r#"{{"instances": [[{}, 0.5, 0.2, 0.1]]}}"#, i as f64 / 10.0);
+    let (status, headers, resp) = post(c, &proxy.url("/v1/models/ranker:predict"), body).await;
+    assert_eq!(status, 200);
+    (headers, resp)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_finds_the_planted_loops_and_bias() {
     let cluster = mock_cluster();
@@ -75,13 +99,7 @@ async fn audit_finds_the_planted_loops_and_bias() {
     let mut spam_tags = Vec::new();
     let mut spam_actions = HashMap::new();
     for i in 0..100 {
-        let (s, h, _) = post(
-            &c,
-            &proxy.url("/v2/models/spam-filter/infer"),
-            v2_request(1, i),
-        )
-        .await;
-        assert_eq!(s, 200);
+        let (h, _) = ask_spam(&c, &proxy, i).await;
         let tag = h["sluicegate-tag"].to_str().unwrap().to_owned();
         let id = h["sluicegate-id"].to_str().unwrap().to_owned();
         spam_actions.insert(
@@ -92,9 +110,7 @@ async fn audit_finds_the_planted_loops_and_bias() {
     }
     let mut ranker_tags = Vec::new();
     for i in 0..20 {
-        let body = format!(r#"{{"instances": [[{}, 0.5, 0.2, 0.1]]}}"#, i as f64 / 10.0);
-        let (s, h, resp) = post(&c, &proxy.url("/v1/models/ranker:predict"), body).await;
-        assert_eq!(s, 200);
+        let (h, resp) = ask_ranker(&c, &proxy, i).await;
         let tag = h["sluicegate-tag"].to_str().unwrap().to_owned();
         let v: serde_json::Value = serde_json::from_slice(&resp).unwrap();
         assert_eq!(
@@ -251,6 +267,163 @@ async fn audit_finds_the_planted_loops_and_bias() {
         table.contains("Feedback loops") && table.contains("hidden") && table.contains("direct"),
         "{table}"
     );
+
+    // The page for people, in 100 ms buckets: all three reports, shown by a real browser.
+    let mut html_args: Vec<&str> = args[..args.len() - 1].to_vec();
+    html_args.extend(["html", "--bucket", "100ms"]);
+    let (code, page, err) = run(&html_args);
+    assert_eq!(code, 0, "{err}");
+    for part in [
+        "<svg",
+        "Route spam",
+        "Route ranker",
+        "Feedback loops",
+        "class=\"direct\"",
+        "class=\"hidden\"",
+        "Prediction bias",
+    ] {
+        assert!(page.contains(part), "no {part:?} in the page");
+    }
+    let Some(chromium) = browser::chromium() else {
+        return;
+    };
+    let shown = show(&chromium, &page, dir.path(), 1800);
+    // `SLUICEGATE_AUDIT_SCREENSHOT=docs/audit-report.png` keeps it (the one in the docs).
+    if let Some(keep) = std::env::var_os("SLUICEGATE_AUDIT_SCREENSHOT") {
+        std::fs::copy(&shown.png, keep).unwrap();
+    }
+}
+
+/// `html` rendered by headless Chromium, 1000 pixels wide and `height` high; fails the test
+/// if the page shows blank or logs anything to the console.
+fn show(chromium: &Path, html: &str, dir: &Path, height: u32) -> Rendered {
+    let page = dir.join("report.html");
+    std::fs::write(&page, html).unwrap();
+    let shown = browser::render(chromium, &page, 1000, height, &dir.join("report.png"));
+    let problems = shown.problems();
+    assert!(problems.is_empty(), "{problems:#?}");
+    eprintln!(
+        "report.html: {} of {} pixels painted, nothing on the console",
+        shown.painted, shown.pixels
+    );
+    shown
+}
+
+#[test]
+fn the_browser_check_fails_a_blank_page_and_a_console_error() {
+    let Some(chromium) = browser::chromium() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shown = |name: &str, html: &str| {
+        let page = dir.path().join(format!("{name}.html"));
+        std::fs::write(&page, html).unwrap();
+        browser::render(
+            &chromium,
+            &page,
+            400,
+            300,
+            &dir.path().join(format!("{name}.png")),
+        )
+    };
+    let blank = shown("blank", "<!doctype html><html><body></body></html>");
+    assert!(blank.console.is_empty(), "{:?}", blank.console);
+    let problems = blank.problems();
+    assert!(
+        problems.len() == 1 && problems[0].starts_with("blank"),
+        "{problems:?}"
+    );
+    let noisy = shown(
+        "noisy",
+        "<!doctype html><html><body><h1 style=\"font-size:90px\">text</h1>\
+         <script>console.error(\"deliberate\")</script></body></html>",
+    );
+    assert!(noisy.painted * 100 > noisy.pixels, "the heading paints");
+    let problems = noisy.problems();
+    assert!(
+        problems.len() == 1 && problems[0].contains("deliberate"),
+        "{problems:?}"
+    );
+}
+
+/// Names a hostile writer of records could choose: each would log to the console if it ran.
+const HOSTILE: [&str; 4] = [
+    "<script>console.error('route ran')</script>",
+    "\"><img src=x onerror=\"console.error('version ran')\">",
+    "</title><script>console.error('action ran')</script>",
+    "<svg onload=console.error(1)>",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_html_report_escapes_names_from_records() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let proxy = start_tagging(model, dir.path(), &[]);
+    let c = client();
+    let mut tags = Vec::new();
+    for i in 0..5 {
+        let (h, _) = ask_spam(&c, &proxy, i).await;
+        tags.push(h["sluicegate-tag"].to_str().unwrap().to_owned());
+    }
+    // The proxy's own records, renamed as a writer to the topic could rename them.
+    let mut predictions = String::new();
+    let mut labels = String::new();
+    for mut r in proxy.spool_records_after(&dir.path().join("spool"), 5.0) {
+        r["route"] = HOSTILE[0].into();
+        r["model"]["version"] = HOSTILE[1].into();
+        for d in r["decisions"].as_array_mut().unwrap() {
+            d["final_action"] = HOSTILE[2].into();
+        }
+        predictions.push_str(&format!("{r}\n"));
+        labels.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"id": format!("{}:0", r["id"].as_str().unwrap()), "label": HOSTILE[3]})
+        ));
+    }
+    let training: String = tags
+        .iter()
+        .map(|t| format!("{}\n", serde_json::json!({"sluicegate_tag": t})))
+        .collect();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (predictions, labels, training) = (
+        file("predictions.jsonl", &predictions),
+        file("labels.jsonl", &labels),
+        file("train.jsonl", &training),
+    );
+    // A training set named like a tag: `--training NAME=FILE`.
+    let training_arg = format!("{}={}", HOSTILE[0], training.display());
+    let (code, page, err) = run(&[
+        "audit",
+        "--predictions",
+        path_str(&predictions),
+        "--labels",
+        path_str(&labels),
+        "--training",
+        &training_arg,
+        "--keys",
+        path_str(&dir.path().join("keys")),
+        "--format",
+        "html",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for name in HOSTILE {
+        assert!(!page.contains(name), "{name} is in the page raw");
+    }
+    let lower = page.to_lowercase();
+    assert_eq!(lower.matches("<script").count(), 0);
+    assert_eq!(lower.matches("<img").count(), 0);
+    assert!(
+        page.contains("Route &lt;script&gt;console.error(&#39;route ran&#39;)&lt;/script&gt;"),
+        "the names are shown, escaped"
+    );
+    let Some(chromium) = browser::chromium() else {
+        return;
+    };
+    show(&chromium, &page, dir.path(), 1200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,4 +590,214 @@ async fn a_flood_of_forged_tags_costs_no_records() {
     assert_eq!(without_tags, 0.0);
     assert_eq!(with_tags, 0.0, "forged tags cost records");
     assert_eq!(kind("invalid") + kind("unverified"), f64::from(8 * n));
+}
+
+/// The Python that has the analysis recipes' packages (tests/run.sh installs it), or `None`
+/// (with a loud note); required under tests/run.sh.
+fn analysis_python() -> Option<std::path::PathBuf> {
+    match std::env::var_os("SLUICEGATE_ANALYSIS_PYTHON") {
+        Some(p) => Some(p.into()),
+        None if std::env::var_os("SLUICEGATE_REQUIRE_ANALYSIS_TESTS").is_some() => {
+            panic!("SLUICEGATE_ANALYSIS_PYTHON is unset; run tests/run.sh (it installs the venv)")
+        }
+        None => {
+            eprintln!("SKIPPED: no SLUICEGATE_ANALYSIS_PYTHON (run tests/run.sh to run this test)");
+            None
+        }
+    }
+}
+
+/// The fenced block of docs/analysis.md titled `name`, written to DIR/name.
+fn recipe(name: &str, dir: &Path) -> std::path::PathBuf {
+    let doc = std::fs::read_to_string(repo_path("docs/analysis.md")).unwrap();
+    let fence = format!("```python title=\"{name}\"\n");
+    let start = doc.find(&fence).unwrap_or_else(|| panic!("no {fence:?}")) + fence.len();
+    let end = start + doc[start..].find("\n```\n").unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, &doc[start..=end]).unwrap();
+    path
+}
+
+/// `python script args…`: its stdout, or the test fails with its stderr.
+fn run_python(python: &Path, script: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The recipes' two figures, keyed by their CSV's key columns: action rates by
+/// (route, hour, action) and latency percentiles by (model, model version, percentile).
+#[derive(Debug, Default)]
+struct Figures {
+    rates: BTreeMap<Vec<String>, f64>,
+    latency: BTreeMap<Vec<String>, f64>,
+}
+
+impl Figures {
+    /// As the docs define them, from the records themselves.
+    fn of(records: &[serde_json::Value]) -> Figures {
+        let mut decided: BTreeMap<(String, String), BTreeMap<String, u64>> = BTreeMap::new();
+        let mut totals: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+        for r in records
+            .iter()
+            .filter(|r| r["schema"] == "sluicegate.record.v1")
+        {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            let hour = format!("{}:00:00Z", &r["time"].as_str().unwrap()[..13]);
+            for d in r["decisions"].as_array().into_iter().flatten() {
+                *decided
+                    .entry((text(&r["route"]), hour.clone()))
+                    .or_default()
+                    .entry(text(&d["final_action"]))
+                    .or_default() += 1;
+            }
+            totals
+                .entry((text(&r["model"]["name"]), text(&r["model"]["version"])))
+                .or_default()
+                .push(r["timings"]["total_ms"].as_f64().unwrap());
+        }
+        let mut f = Figures::default();
+        for ((route, hour), actions) in decided {
+            let n: u64 = actions.values().sum();
+            for (action, k) in actions {
+                let key = vec![route.clone(), hour.clone(), action];
+                f.rates.insert(key, k as f64 / n as f64);
+            }
+        }
+        for ((model, version), mut ms) in totals {
+            ms.sort_by(f64::total_cmp);
+            for (name, q) in [("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99)] {
+                // Linear between the two nearest ranks, as pandas and DuckDB do by default.
+                let at = q * (ms.len() - 1) as f64;
+                let (lo, hi) = (ms[at.floor() as usize], ms[at.ceil() as usize]);
+                let key = vec![model.clone(), version.clone(), name.into()];
+                f.latency.insert(key, lo + (hi - lo) * at.fract());
+            }
+        }
+        f
+    }
+
+    /// As a recipe printed them: two CSV tables, each followed by a blank line.
+    fn printed(out: &str) -> Figures {
+        let mut f = Figures::default();
+        let tables: Vec<&str> = out.split("\n\n").filter(|t| !t.trim().is_empty()).collect();
+        assert_eq!(tables.len(), 2, "{out}");
+        for table in tables {
+            let mut lines = table.lines();
+            let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+            for line in lines {
+                let cells: Vec<&str> = line.split(',').collect();
+                let number = |i: usize| cells[i].parse::<f64>().unwrap();
+                match header[..] {
+                    ["route", "hour", "action", "rate"] => {
+                        let key = cells[..3].iter().map(|c| c.to_string()).collect();
+                        f.rates.insert(key, number(3));
+                    }
+                    ["model", "model_version", ref names @ ..] => {
+                        for (i, name) in names.iter().enumerate() {
+                            let key = vec![cells[0].into(), cells[1].into(), name.to_string()];
+                            f.latency.insert(key, number(2 + i));
+                        }
+                    }
+                    _ => panic!("unexpected table {header:?}"),
+                }
+            }
+        }
+        f
+    }
+
+    fn assert_same(&self, printed: &Figures, recipe: &str) {
+        for (want, got, what) in [
+            (&self.rates, &printed.rates, "rates"),
+            (&self.latency, &printed.latency, "latency"),
+        ] {
+            assert_eq!(
+                want.keys().collect::<Vec<_>>(),
+                got.keys().collect::<Vec<_>>(),
+                "{recipe}: {what}"
+            );
+            for (key, w) in want {
+                let g = got[key];
+                assert!(
+                    (w - g).abs() <= 1e-9 * w.abs().max(1.0),
+                    "{recipe}: {key:?}: {g} ≠ {w}"
+                );
+            }
+        }
+    }
+}
+
+/// Decided requests on both routes through `proxy`: 60 to the spam filter, 20 to the ranker.
+async fn analysis_traffic(proxy: &ProxyProcess) {
+    let c = client();
+    for i in 0..60 {
+        ask_spam(&c, proxy, i).await;
+    }
+    for i in 0..20 {
+        ask_ranker(&c, proxy, i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_analysis_recipes_agree_with_the_records() {
+    let Some(python) = analysis_python() else {
+        return;
+    };
+    let Some(bin) = tansu::binary() else { return };
+    let port = free_port();
+    let broker = Tansu::start(bin, port, port, "memory://tansu/", &std::env::temp_dir());
+    broker.create_topic(TOPIC, 3);
+    let model = StandInModel::spawn().await.unwrap();
+    let (kafka_dir, spool_only) = (spool_dir(), spool_dir());
+    let brokers = broker.brokers();
+    let to_kafka = start_tagging(
+        model,
+        kafka_dir.path(),
+        &["--kafka-brokers", &brokers, "--kafka-topic", TOPIC],
+    );
+    let to_spool = start_tagging(model, spool_only.path(), &[]);
+    analysis_traffic(&to_kafka).await;
+    analysis_traffic(&to_spool).await;
+
+    // pandas, from the topic: against the records a consumer of our own reads there.
+    to_kafka.wait_metric(
+        "sluicegate_tee_records_sent_total",
+        80.0,
+        Duration::from_secs(30),
+    );
+    let topic: Vec<serde_json::Value> = consume(&brokers, TOPIC, 80, Duration::from_secs(60), &[])
+        .into_iter()
+        .map(|m| m.record)
+        .collect();
+    assert_eq!(topic.len(), 80);
+    let script = recipe("kafka_pandas.py", kafka_dir.path());
+    let out = run_python(&python, &script, &[&brokers, TOPIC]);
+    eprintln!("kafka_pandas.py:\n{out}");
+    Figures::of(&topic).assert_same(&Figures::printed(&out), "kafka_pandas.py");
+
+    // DuckDB, over `spool cat`'s output.
+    let spool = spool_only.path().join("spool");
+    let records = to_spool.spool_records_after(&spool, 80.0);
+    assert_eq!(records.len(), 80);
+    let dump = spool_only.path().join("records.jsonl");
+    let cat = std::process::Command::new(BIN)
+        .args(["spool", "cat"])
+        .arg(&spool)
+        .stdout(std::fs::File::create(&dump).unwrap())
+        .status()
+        .unwrap();
+    assert!(cat.success());
+    let script = recipe("duckdb_sql.py", spool_only.path());
+    let out = run_python(&python, &script, &[path_str(&dump)]);
+    eprintln!("duckdb_sql.py:\n{out}");
+    Figures::of(&records).assert_same(&Figures::printed(&out), "duckdb_sql.py");
 }

@@ -201,3 +201,57 @@ fn markdown_links(text: &str) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn check_with_the_key_dir_refuses_a_policy_serve_would_refuse() {
+    use crate::common::{path_str, run, wait_exit};
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (code, _, err) = run(&["tag", "keygen", "--id", "k1", "--dir", path_str(&keys)]);
+    assert_eq!(code, 0, "{err}");
+    // The same directory with the public key alone: it verifies, it cannot sign.
+    let public = dir.path().join("public");
+    std::fs::create_dir(&public).unwrap();
+    std::fs::copy(keys.join("k1.ed25519.pub"), public.join("k1.ed25519.pub")).unwrap();
+    let policy = |key: &str| {
+        let file = dir.path().join(format!("policy-{key}.yaml"));
+        std::fs::write(
+            &file,
+            format!("tagging: {{algorithm: ed25519, signing_key: {key}}}\n"),
+        )
+        .unwrap();
+        file
+    };
+    let (k1, k2) = (policy("k1"), policy("k2"));
+    let check = |file: &Path, keys: Option<&Path>| {
+        let mut args = vec!["check", path_str(file)];
+        if let Some(k) = keys {
+            args.extend(["--tag-keys-dir", path_str(k)]);
+        }
+        run(&args)
+    };
+    let (code, out, _) = check(&k1, Some(&keys));
+    assert_eq!(code, 0, "{out}");
+    for (file, keys) in [(&k2, &keys), (&k1, &public)] {
+        let (code, out, _) = check(file, Some(keys));
+        assert_eq!(code, 64, "{}: {out}", file.display());
+        assert!(out.contains("tagging.signing_key"), "{out}");
+        // `serve` refuses to start on the same pair, with the same exit code.
+        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_sluicegate"))
+            .args(["serve", "--upstream", "http://127.0.0.1:9", "--policy"])
+            .arg(file)
+            .arg("--tag-keys-dir")
+            .arg(keys)
+            .arg("--spool-dir")
+            .arg(dir.path().join("spool"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut serve, std::time::Duration::from_secs(20));
+        assert_eq!(status.code(), Some(64));
+    }
+    // Without the directory, keys are not checked (the policy is valid as written).
+    assert_eq!(check(&k2, None).0, 0);
+}

@@ -1,6 +1,7 @@
 //! Test harness: the real `sluicegate` binary on 127.0.0.1:0, upstreams, a tiny admin client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod kafka;
 pub mod tansu;
 pub mod wire;
