@@ -250,6 +250,7 @@ fn exchange(rows: usize, policy: Arc<Policy>, keys: &KeyRing) -> Exchange {
         }),
         decision,
         tag,
+        shadow: false,
         record: policy.record.clone(),
     }
 }

@@ -157,6 +157,12 @@ pub struct RouteSpec {
     /// headers), e.g. `/sluicegate_tag`.
     #[serde(default)]
     pub tag_field: Option<String>,
+    /// Decide, count, record and export metrics as usual, but send the response as the model
+    /// sent it: no rejection, nothing written into the body, no decision headers and no tag,
+    /// `sluicegate-mode: shadow` instead; the record says `shadow: true`. To watch a new
+    /// threshold or limit before enforcing it.
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 /// A route's matcher: exactly one of the two.

@@ -230,6 +230,7 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
         "capture_bodies",
         "exploration",
         "tag_field",
+        "shadow",
     ];
     let before = errors.0.len();
     let map = mapping(value, &path, &keys, errors)?;
@@ -271,6 +272,7 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
     let exploration =
         get("exploration").map(|v| part::<ExplorationSpec>(v, &join(&path, "exploration"), errors));
     let tag_field = get("tag_field").map(|v| part::<String>(v, &join(&path, "tag_field"), errors));
+    let shadow = get("shadow").map(|v| part::<bool>(v, &join(&path, "shadow"), errors));
     // A route with any error is left out whole: checking a half-read route would report
     // follow-on errors (e.g. a missing score) for parts that already failed.
     if errors.0.len() > before {
@@ -286,6 +288,7 @@ fn route_part(name: &str, value: &Value, errors: &mut Errors) -> Option<RouteSpe
         capture_bodies: capture_bodies.flatten(),
         exploration: exploration.flatten(),
         tag_field: tag_field.flatten(),
+        shadow: shadow.flatten().unwrap_or(false),
     })
 }
 
@@ -467,6 +470,12 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
                 "only decided responses are tagged",
             );
         }
+    }
+    if route.shadow && route.decision.is_none() {
+        errors.add(
+            format!("{path}.shadow"),
+            "shadow mode needs a decision to shadow",
+        );
     }
     // Limits and written decisions of a route that decides nothing could never act: refused,
     // so the operator learns the route is not guarded, rather than believing it is.
@@ -767,6 +776,21 @@ routes:
         let p = parse(GOOD, MAX).unwrap();
         assert_eq!(p.routes["spam"].limits[0].fallback.as_deref(), Some("ham"));
         assert!(parse("{}", MAX).unwrap() == PolicySpec::default());
+    }
+
+    #[test]
+    fn shadow_mode_is_read_and_needs_a_decision() {
+        let shadowed = GOOD.replace("    limits:", "    shadow: true\n    limits:");
+        assert!(parse(&shadowed, MAX).unwrap().routes["spam"].shadow);
+        assert!(!parse(GOOD, MAX).unwrap().routes["spam"].shadow);
+        let recording =
+            "routes:\n  r:\n    match: {path_prefix: /}\n    protocol: json\n    shadow: true\n";
+        assert_eq!(
+            errors_of(recording),
+            ["routes.r.shadow: shadow mode needs a decision to shadow"]
+        );
+        let not_bool = GOOD.replace("    limits:", "    shadow: maybe\n    limits:");
+        assert!(errors_of(&not_bool)[0].starts_with("routes.spam.shadow"));
     }
 
     #[test]

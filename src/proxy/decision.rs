@@ -42,6 +42,8 @@ pub(super) const LIMIT_HEADER: HeaderName = HeaderName::from_static("sluicegate-
 pub(super) const THRESHOLD_HEADER: HeaderName = HeaderName::from_static("sluicegate-threshold");
 pub(super) const TAG_HEADER: HeaderName = HeaderName::from_static("sluicegate-tag");
 pub(super) const ROWS_HEADER: HeaderName = HeaderName::from_static("sluicegate-rows");
+/// `shadow` on a shadow route's responses: decided and recorded, not applied.
+pub(super) const MODE_HEADER: HeaderName = HeaderName::from_static("sluicegate-mode");
 pub(super) const ACTION_COUNTS_HEADER: HeaderName =
     HeaderName::from_static("sluicegate-action-counts");
 pub(super) const MODEL_ACTION_COUNTS_HEADER: HeaderName =
@@ -237,7 +239,10 @@ pub(super) fn decide_scores(
     for (action, outcome, n) in limited {
         admitted.metrics.limit_outcomes(action, outcome, n);
     }
-    let tag = sign_tag(route, policy, model, version, &decided, &admitted.id);
+    // A shadow route's outputs go out undecided: there is nothing to certify.
+    let tag = (!route.spec.shadow)
+        .then(|| sign_tag(route, policy, model, version, &decided, &admitted.id))
+        .flatten();
     (decided, tag)
 }
 
@@ -270,6 +275,10 @@ pub(super) fn respond(
         });
     }
 
+    if route.spec.shadow {
+        shadowed(&mut parts.headers, &route, decided, &mut pending);
+        return finish(parts, bytes, pending);
+    }
     if decided.rejected.is_some() {
         return respond_rejected(&route, decided, policy, id, pending, false);
     }
@@ -306,6 +315,38 @@ pub(super) fn respond(
     finish(parts, body, pending)
 }
 
+/// A shadow route's answer: the decisions recorded as made (a refusal the limit would have
+/// made as the record's error, the status the client got beside it), the response left as
+/// the model sent it but for `sluicegate-mode: shadow`.
+fn shadowed(
+    headers: &mut http::HeaderMap,
+    route: &Route,
+    decided: Decided,
+    pending: &mut Option<Pending>,
+) {
+    headers.insert(MODE_HEADER, HeaderValue::from_static("shadow"));
+    if let Some(p) = pending.as_mut() {
+        if let Some((err, detail)) = limit_refusal(route, &decided) {
+            let message = err.message(&format!("{detail} (shadow mode: not applied)"));
+            p.set_error(err.for_record(message));
+        }
+        p.set_decision(DecisionOutcome::Made(decided.rows));
+        p.set_shadow();
+    }
+}
+
+/// The error a limit's refusal answers with, and its detail; `None` when nothing was refused.
+fn limit_refusal(route: &Route, decided: &Decided) -> Option<(ProxyError, String)> {
+    let (action, window) = decided.rejected.as_ref()?;
+    // Retry after a minute's worth of the window, and at least a second.
+    let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
+    let detail = format!(
+        "taking action {action:?} on route {} would exceed its limit",
+        route.name
+    );
+    Some((ProxyError::LimitExceeded { retry_after_secs }, detail))
+}
+
 /// A limit refused the model's action (`decided.rejected` is set): the client gets the
 /// limit's error (a gRPC status for a gRPC call), retry after a minute's worth of the window
 /// and at least a second. No action was taken: the headers say so, the model's choice beside
@@ -318,13 +359,7 @@ fn respond_rejected(
     pending: Option<Pending>,
     grpc: bool,
 ) -> Response<ResponseBody> {
-    let (action, window) = decided.rejected.as_ref().expect("a rejected decision");
-    let retry_after_secs = (window.as_secs_f64() / 60.0).ceil().max(1.0) as u64;
-    let err = ProxyError::LimitExceeded { retry_after_secs };
-    let detail = format!(
-        "taking action {action:?} on route {} would exceed its limit",
-        route.name
-    );
+    let (err, detail) = limit_refusal(route, &decided).expect("a rejected decision");
     let message = err.message(&detail);
     let (mut resp, error) = err.answer(id, &message, message.clone(), grpc);
     decision_headers(

@@ -384,6 +384,7 @@ impl Proxy {
                     capture_bodies,
                     decision: None,
                     tag: None,
+                    shadow: false,
                     response_read: None,
                 },
                 capture.clone(),

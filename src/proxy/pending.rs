@@ -96,6 +96,13 @@ impl Pending {
         }
     }
 
+    /// The route is in shadow mode: the decisions recorded were not applied.
+    pub fn set_shadow(&mut self) {
+        if let Some(e) = self.exchange.as_mut() {
+            e.shadow = true;
+        }
+    }
+
     /// The provenance tag the response carries.
     pub fn set_tag(&mut self, tag: Option<String>) {
         if let Some(e) = self.exchange.as_mut() {

@@ -116,6 +116,8 @@ pub struct Exchange {
     pub decision: Option<DecisionOutcome>,
     /// The provenance tag sent with the response.
     pub tag: Option<String>,
+    /// The route is in shadow mode: `decision` was made but not applied.
+    pub shadow: bool,
     /// Set when the decision step read the whole captured response body as JSON: the record
     /// embeds it without parsing it a second time.
     pub response_read: Option<ReadJson>,
@@ -1131,6 +1133,9 @@ impl RecordWriter<'_> {
                         });
                     }
                     Decisions::Omitted => m.field("decisions_omitted", &rows.len()),
+                }
+                if ex.shadow {
+                    m.field("shadow", &true);
                 }
             }
             Some(DecisionOutcome::Failed { kind, message }) => {

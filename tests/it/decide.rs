@@ -204,6 +204,55 @@ async fn reject_refuses_with_429_and_retry_after() {
     }
 }
 
+/// A shadow route decides, counts and records as an enforcing one would, but the client gets the
+/// model's answer byte for byte: a limit that would reject rejects nothing, nothing is written
+/// into the body, and no decision header or tag goes out; `sluicegate-mode: shadow` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_route_decides_and_records_but_answers_as_the_model_did() {
+    let policy = spam_capped_at_3("    write_decisions: {}\n    shadow: true");
+    let (proxy, dir) = proxy_with(&policy).await;
+    let c = client();
+    let request = v2_request(1, 5);
+    let expected = serde_json::to_vec(
+        &StandInModel::infer_v2(&serde_json::from_str(&request).unwrap()).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        let (s, h, body) = one(&proxy, &c).await;
+        assert_eq!(s, 200, "a shadow limit rejects nothing");
+        assert_eq!(body, expected, "the model's body, untouched");
+        assert_eq!(header(&h, "sluicegate-mode"), "shadow");
+        for name in ["sluicegate-action", "sluicegate-limit", "sluicegate-tag"] {
+            assert!(!h.contains_key(name), "{name} on a shadow response");
+        }
+    }
+    // Counted as the enforcing route would have: 3 actions taken, then 2 rejections.
+    assert_eq!(proxy.metric("sluicegate_limit_outcomes_total"), 2.0);
+    assert_eq!(proxy.metric("sluicegate_limit_in_breach"), 1.0);
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 5.0);
+    let decided: Vec<_> = records
+        .iter()
+        .filter(|r| r["schema"] == "sluicegate.record.v1")
+        .collect();
+    assert_eq!(decided.len(), 5);
+    for r in &decided {
+        assert_eq!(r["shadow"], true);
+        assert_eq!(r["status"], 200);
+        assert!(r["tag"].is_null());
+        assert_eq!(r["decisions"][0]["model_action"], "spam");
+    }
+    // The refusals the limit would have made are the records' errors, as when enforced.
+    let refused: Vec<bool> = decided
+        .iter()
+        .map(|r| r["error"]["code"] == "limit_exceeded")
+        .collect();
+    assert_eq!(refused, [false, false, false, true, true]);
+    assert!(decided[4]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("shadow mode: not applied"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fraction_applies_after_min_decisions() {
     // Rows alternate by the threshold: 0.0 makes every row spam; at most half may be.

@@ -190,11 +190,7 @@ async fn a_model_infer_batch_gets_a_decision_per_row_in_metadata_and_in_the_resp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_limit_rejects_a_grpc_call_with_resource_exhausted() {
-    let policy = spam_route(
-        "{fixed: 0.0}",
-        "[{action: spam, max_count: 3, window: 60s, on_breach: reject}]",
-        "",
-    );
+    let policy = spam_capped_at_3("");
     let (proxy, dir) = proxy_with(&policy).await;
     let port = proxy.grpc.unwrap();
     let request = grpc_request(1, 5, false, &[]);
@@ -218,6 +214,44 @@ async fn the_limit_rejects_a_grpc_call_with_resource_exhausted() {
     assert_eq!(rejected["error"]["code"], "limit_exceeded");
     assert_eq!(rejected["error"]["grpc_status"], 8);
     assert_eq!(rejected["decisions"][0]["final_action"], "spam");
+}
+
+/// In shadow mode the same limit refuses nothing: the call gets the model's message as it
+/// was, `sluicegate-mode: shadow` and no decisions; the record holds what would have happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_route_answers_grpc_calls_as_the_model_did() {
+    let policy = spam_capped_at_3("    write_decisions: {}\n    shadow: true");
+    let (proxy, dir) = proxy_with(&policy).await;
+    let port = proxy.grpc.unwrap();
+    let request = grpc_request(2, 5, false, &[]);
+    let expected = StandInModel::infer_grpc(&request, false).unwrap();
+    for _ in 0..4 {
+        let answer = infer(port, &request, false).await;
+        assert_eq!(answer.status, "0", "a shadow limit rejects nothing");
+        assert_eq!(
+            answer.message.as_ref(),
+            Some(&expected),
+            "the model's message"
+        );
+        assert_eq!(answer.header("sluicegate-mode"), "shadow");
+        assert_eq!(answer.header("sluicegate-action"), "");
+        assert_eq!(answer.header("sluicegate-tag"), "");
+    }
+    let records: Vec<_> = proxy
+        .spool_records_after(&dir.path().join("spool"), 4.0)
+        .into_iter()
+        .filter(|r| r["schema"] == "sluicegate.record.v1")
+        .collect();
+    assert_eq!(records.len(), 4);
+    assert!(records.iter().all(|r| r["shadow"] == true));
+    let refused = records
+        .iter()
+        .filter(|r| r["error"]["code"] == "limit_exceeded")
+        .count();
+    assert_eq!(
+        refused, 3,
+        "the first pair fits the cap of 3, every next pair would not"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

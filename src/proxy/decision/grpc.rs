@@ -12,7 +12,7 @@ use http_body::Frame;
 
 use super::{
     collect_up_to, decide_scores, decided_headers, decision_error, pass_too_large,
-    respond_rejected, Collected,
+    respond_rejected, shadowed, Collected,
 };
 use crate::config::policy::Protocol;
 use crate::decide::extract::extract_grpc;
@@ -120,6 +120,11 @@ pub(in crate::proxy) async fn respond_model_infer(
             model_name: model,
             model_version: version,
         });
+    }
+    if route.spec.shadow {
+        shadowed(&mut parts.headers, &route, decided, &mut pending);
+        admitted.metrics.request(parts.status.as_u16());
+        return finish(parts, bytes, trailers, pending);
     }
     let policy = &*admitted.policy;
     if decided.rejected.is_some() {

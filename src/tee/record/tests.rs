@@ -44,6 +44,7 @@ fn exchange(req: &[u8], resp: &[u8], cap: usize) -> Exchange {
         capture_bodies: true,
         decision: None,
         tag: None,
+        shadow: false,
         response_read: None,
     }
 }

@@ -42,7 +42,8 @@ pub struct Record {
     pub response: Option<Response>,
     /// Status sent to the client.
     pub status: Option<u16>,
-    /// Why the proxy answered the request itself, or why the exchange ended early.
+    /// Why the proxy answered the request itself, or why the exchange ended early. On a
+    /// shadow route (`shadow`), the refusal a limit would have made (the client got `status`).
     pub error: Option<ExchangeError>,
     /// False when the request or the response did not finish (client left, client body broke
     /// off or stalled, upstream broke mid-body).
@@ -68,6 +69,11 @@ pub struct Record {
     /// Absent when nothing was omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decisions_omitted: Option<u64>,
+    /// True when the route is in shadow mode: the decisions were made, counted and recorded,
+    /// but the client got the model's response as it was (no rejection, nothing written, no
+    /// tag). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
     pub timings: Timings,
 }
 

@@ -204,6 +204,16 @@ routes:
     )
 }
 
+/// [`spam_route`] where every row is spam (threshold 0) and at most 3 spam rows a minute are
+/// taken: past that, requests are refused.
+pub fn spam_capped_at_3(extra: &str) -> String {
+    spam_route(
+        "{fixed: 0.0}",
+        "[{action: spam, max_count: 3, window: 60s, on_breach: reject}]",
+        extra,
+    )
+}
+
 pub fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .arg(format!("-{sig}"))
