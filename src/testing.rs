@@ -408,9 +408,15 @@ pub fn grpc_request(
 
 /// A v2 request body with `rows` rows of four pseudo-random features.
 pub fn v2_request(rows: usize, seed: u64) -> String {
+    v2_request_shifted(rows, seed, 0.0)
+}
+
+/// [`v2_request`] with every feature moved by `shift`: inputs that drift, so the model's scores
+/// do (a positive shift raises them: the weights sum to 3.5).
+pub fn v2_request_shifted(rows: usize, seed: u64, shift: f64) -> String {
     let mut rng = fastrand::Rng::with_seed(seed);
     let data: Vec<f64> = (0..rows * 4)
-        .map(|_| rng.f64() * 2.0 - 0.5)
+        .map(|_| rng.f64() * 2.0 - 0.5 + shift)
         .map(|x| (x * 1000.0).round() / 1000.0)
         .collect();
     json!({

@@ -73,9 +73,9 @@ enum Command {
 
 /// Runs the command.
 pub fn run(cli: Cli) -> Result<(), Failure> {
-    // The demo prints its own story; its logs would only interleave with it.
+    // The demo prints its own story, breaches included; its logs would only interleave with it.
     let quiet = matches!(cli.command, Command::Demo(_));
-    crate::telemetry::init_logging(if quiet { "warn" } else { "info" });
+    crate::telemetry::init_logging(if quiet { "error" } else { "info" });
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Check {

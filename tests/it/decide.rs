@@ -968,3 +968,176 @@ async fn max_decided_response_caps_the_decided_response_and_max_request_body_doe
         .unwrap();
     assert_eq!(r["decision_error"]["kind"], "response_too_large");
 }
+
+/// `sluicegate demo`, run briefly as a user runs it: every figure of its summary is recomputed
+/// here from the spool's records (the typed record), stage by stage.
+#[test]
+fn demo_figures_match_the_spool() {
+    use sluicegate::demo::{CONSUMER_DRIFT, CONSUMER_LATENCY, CONSUMER_LIVE, FED_BACK_EVERY};
+    use sluicegate::tee::record::v1::{LimitOutcome, Record};
+
+    let dir = spool_dir();
+    let spool = dir.path().join("spool");
+    let summary_file = dir.path().join("summary.json");
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--duration", "1s", "--rate", "100", "--spool-dir"])
+        .arg(&spool)
+        .arg("--summary-json")
+        .arg(&summary_file)
+        .env_remove("SLUICEGATE_KAFKA_BROKERS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a terminal: plain lines, no progress bars drawn over each other.
+    assert!(!stdout.contains('\x1b') && !out.stderr.contains(&b'\x1b'));
+    assert!(stdout.contains("what happened"), "{stdout}");
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary_file).unwrap()).unwrap();
+
+    let entries = spool_records(&spool);
+    let records: Vec<Record> = entries
+        .iter()
+        .filter(|v| v["schema"] == "sluicegate.record.v1")
+        .map(|v| serde_json::from_value(v.clone()).expect("a v1 record"))
+        .collect();
+    // A stage's records in request order (the request index is in the v2 id, `req-N`).
+    let stage = |consumer: &str| -> Vec<(u64, &Record)> {
+        let mut v: Vec<(u64, &Record)> = records
+            .iter()
+            .filter(|r| r.consumer.id.as_deref() == Some(consumer))
+            .map(|r| {
+                let id = r.request.v2_id.as_deref().unwrap();
+                (id.strip_prefix("req-").unwrap().parse().unwrap(), r)
+            })
+            .collect();
+        v.sort_by_key(|(i, _)| *i);
+        v
+    };
+    fn decisions(r: &Record) -> &[sluicegate::tee::record::v1::Decision] {
+        r.decisions.as_deref().expect("decisions in rows")
+    }
+    // `n of of` over the rows of `recs` that satisfy `f`, as the summary writes a share.
+    let share = |recs: &[&(u64, &Record)],
+                 f: &dyn Fn(&sluicegate::tee::record::v1::Decision) -> bool| {
+        let rows: Vec<_> = recs.iter().flat_map(|(_, r)| decisions(r)).collect();
+        serde_json::json!({"n": rows.iter().filter(|d| f(d)).count(), "of": rows.len()})
+    };
+    let spam = |a: &str| a == "spam";
+
+    // Latency: every proxied request was recorded.
+    assert_eq!(s["latency"]["proxied_ok"], stage(CONSUMER_LATENCY).len());
+    assert_eq!(s["latency"]["proxied_failed"], 0);
+
+    // Drift: the thresholds the first and last shifted requests were decided under, and the
+    // second half's rates, adaptive and fixed at the first threshold.
+    let drift = stage(CONSUMER_DRIFT);
+    let d = &s["drift"];
+    assert_eq!(d["requests"], drift.len());
+    let threshold = |r: &Record| decisions(r)[0].threshold.unwrap();
+    let before = threshold(drift.first().unwrap().1);
+    assert_eq!(d["threshold_before"], before);
+    assert_eq!(d["threshold_after"], threshold(drift.last().unwrap().1));
+    let from = d["settled_from_index"].as_u64().unwrap();
+    let settled: Vec<_> = drift.iter().filter(|(i, _)| *i >= from).collect();
+    assert!(settled.len() * 2 >= drift.len() - 1, "{from}");
+    assert_eq!(
+        d["adaptive_rate"],
+        share(&settled, &|d| spam(&d.model_action))
+    );
+    assert_eq!(d["fixed_rate"], share(&settled, &|d| d.score >= before));
+
+    // The limit: the rows from the first fallback to the last, and the breach alert.
+    let l = &s["limit"];
+    let fell_back = |r: &Record| {
+        decisions(r)
+            .iter()
+            .any(|d| d.limit == LimitOutcome::Fallback)
+    };
+    let fallen: Vec<u64> = drift
+        .iter()
+        .filter(|(_, r)| fell_back(r))
+        .map(|(i, _)| *i)
+        .collect();
+    match (fallen.first(), fallen.last()) {
+        (Some(a), Some(b)) => {
+            assert_eq!(l["span"], serde_json::json!([a, b]));
+            let within: Vec<_> = drift.iter().filter(|(i, _)| a <= i && i <= b).collect();
+            let fallback = share(&within, &|d| d.limit == LimitOutcome::Fallback);
+            assert_eq!(l["fallback_rows"], fallback["n"]);
+            assert_eq!(l["model_rate"], share(&within, &|d| spam(&d.model_action)));
+            assert_eq!(
+                l["delivered_rate"],
+                share(&within, &|d| spam(&d.final_action))
+            );
+            let alert = &l["alert"];
+            assert_eq!(alert["event"], "limit_breach_started");
+            assert!(entries.iter().any(|e| e == alert), "{alert}");
+        }
+        _ => assert!(l["span"].is_null(), "{l}"),
+    }
+
+    // The live change: the versions before and after, every live record under the new one
+    // and its generation, and the rates under the tightened limit.
+    let c = &s["live_change"];
+    assert!(drift
+        .iter()
+        .all(|(_, r)| c["version_before"] == r.policy.version));
+    assert_ne!(c["version_before"], c["version_after"]);
+    let generation = c["generation_after"].as_f64().unwrap();
+    assert_eq!(generation, c["generation_before"].as_f64().unwrap() + 1.0);
+    let live = stage(CONSUMER_LIVE);
+    let all: Vec<_> = live.iter().collect();
+    assert_eq!(c["requests"], live.len());
+    let under_new = live
+        .iter()
+        .filter(|(_, r)| {
+            c["version_after"] == r.policy.version && r.policy.generation as f64 == generation
+        })
+        .count();
+    assert_eq!(
+        c["under_new_version"],
+        serde_json::json!({"n": under_new, "of": live.len()})
+    );
+    assert_eq!(under_new, live.len());
+    assert_eq!(c["model_rate"], share(&all, &|d| spam(&d.model_action)));
+    assert_eq!(c["delivered_rate"], share(&all, &|d| spam(&d.final_action)));
+    assert_eq!(
+        c["fallback_rows"],
+        share(&all, &|d| d.limit == LimitOutcome::Fallback)["n"]
+    );
+
+    // The tag shown is the one its record holds, and it verified under the new policy.
+    let t = &s["tag"];
+    let id = t["prediction_id"].as_str().unwrap();
+    let tagged = records
+        .iter()
+        .find(|r| r.id == id)
+        .expect("the tagged record");
+    assert_eq!(t["token"].as_str(), tagged.tag.as_deref());
+    assert_eq!(t["claims"]["prediction_id"], id);
+    assert_eq!(t["claims"]["policy_version"], c["version_after"]);
+
+    // The audit: the training file held one row per drift request, and the tagged ones of
+    // every FED_BACK_EVERY-th; the audit's direct share is exactly that.
+    let a = &s["audit"];
+    let planted = drift
+        .iter()
+        .filter(|(i, r)| i % FED_BACK_EVERY == 0 && r.tag.is_some())
+        .count();
+    assert_eq!(
+        a["planted"],
+        serde_json::json!({"n": planted, "of": drift.len()})
+    );
+    assert!(planted > 0);
+    assert_eq!(a["reported_share"], planted as f64 / drift.len() as f64);
+    assert_eq!(a["predictions_read"], entries.len());
+
+    // The tee: everything in the spool, nothing dropped.
+    assert_eq!(s["tee"]["spooled"], entries.len());
+    assert_eq!(s["tee"]["dropped"], 0);
+}
