@@ -20,34 +20,50 @@ pub struct ScoreHistogram {
 
 #[derive(Debug, Default)]
 struct State {
-    /// `(lo, hi)`; `None` until [`ScoreHistogram::set_range`].
-    range: Option<(f64, f64)>,
+    /// `None` until [`ScoreHistogram::set_range`].
+    layout: Option<Layout>,
     /// Per bucket, not cumulative; the last is `+Inf`.
     counts: [u64; BUCKETS + 1],
     sum: f64,
     count: u64,
 }
 
-impl State {
-    /// The upper bound of bucket `i` (`i < BUCKETS`); the last is exactly `hi`.
-    fn bound(lo: f64, hi: f64, i: usize) -> f64 {
-        if i + 1 == BUCKETS {
-            hi
-        } else {
-            lo + (hi - lo) * (i + 1) as f64 / BUCKETS as f64
+/// The buckets over `[lo, hi]`, computed once per range: a row costs a multiply and a
+/// comparison or two, no division.
+#[derive(Debug)]
+struct Layout {
+    lo: f64,
+    hi: f64,
+    /// Buckets per score unit.
+    scale: f64,
+    /// Upper bounds; the last is exactly `hi`.
+    bounds: [f64; BUCKETS],
+}
+
+impl Layout {
+    fn new(lo: f64, hi: f64) -> Self {
+        let mut bounds = [hi; BUCKETS];
+        for (i, b) in bounds.iter_mut().enumerate().take(BUCKETS - 1) {
+            *b = lo + (hi - lo) * (i + 1) as f64 / BUCKETS as f64;
+        }
+        Layout {
+            lo,
+            hi,
+            scale: BUCKETS as f64 / (hi - lo),
+            bounds,
         }
     }
 
-    /// The first bucket whose bound is at or above `s`: estimated, then corrected for the
-    /// rounding of the estimate.
-    fn bucket(lo: f64, hi: f64, s: f64) -> usize {
-        let est = ((s - lo) / (hi - lo) * BUCKETS as f64).ceil() - 1.0;
+    /// The first bucket whose bound is at or above `s` (`BUCKETS`: `+Inf`): estimated, then
+    /// corrected for the rounding of the estimate.
+    fn bucket(&self, s: f64) -> usize {
+        let est = ((s - self.lo) * self.scale).ceil() - 1.0;
         // `as` saturates (and maps NaN to 0).
         let mut i = (est.max(0.0) as usize).min(BUCKETS);
-        while i < BUCKETS && s > Self::bound(lo, hi, i) {
+        while i < BUCKETS && s > self.bounds[i] {
             i += 1;
         }
-        while i > 0 && s <= Self::bound(lo, hi, i - 1) {
+        while i > 0 && s <= self.bounds[i - 1] {
             i -= 1;
         }
         i
@@ -59,9 +75,9 @@ impl ScoreHistogram {
     /// (the buckets changed: Prometheus reads it as a counter reset).
     pub fn set_range(&self, lo: f64, hi: f64) {
         let mut s = self.lock();
-        if s.range != Some((lo, hi)) {
+        if s.layout.as_ref().is_none_or(|l| (l.lo, l.hi) != (lo, hi)) {
             *s = State {
-                range: Some((lo, hi)),
+                layout: Some(Layout::new(lo, hi)),
                 ..State::default()
             };
         }
@@ -69,13 +85,13 @@ impl ScoreHistogram {
 
     /// Counts a batch's scores under one lock.
     pub fn observe_all(&self, scores: impl Iterator<Item = f64>) {
-        let mut s = self.lock();
-        let Some((lo, hi)) = s.range else {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(layout) = &s.layout else {
             return;
         };
         for v in scores.filter(|v| v.is_finite()) {
-            let i = State::bucket(lo, hi, v);
-            s.counts[i] += 1;
+            s.counts[layout.bucket(v)] += 1;
             s.sum += v;
             s.count += 1;
         }
@@ -95,12 +111,10 @@ impl EncodeMetric for ScoreHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let (buckets, sum, count) = {
             let s = self.lock();
-            let bounds: Vec<f64> = match s.range {
-                Some((lo, hi)) => (0..BUCKETS).map(|i| State::bound(lo, hi, i)).collect(),
-                None => Vec::new(),
-            };
+            let bounds = s.layout.as_ref().map_or(&[][..], |l| &l.bounds[..]);
             let buckets: Vec<(f64, u64)> = bounds
-                .into_iter()
+                .iter()
+                .copied()
                 .chain([f64::INFINITY])
                 .zip(s.counts)
                 .collect();
@@ -129,14 +143,15 @@ mod tests {
     #[test]
     fn scores_fall_in_the_bucket_whose_bound_is_at_or_above_them() {
         for (lo, hi) in [(0.0, 1.0), (-20.0, 20.0), (0.1, 0.7)] {
-            for i in 0..BUCKETS {
-                let b = State::bound(lo, hi, i);
-                assert_eq!(State::bucket(lo, hi, b), i, "{b} in [{lo}, {hi}]");
+            let l = Layout::new(lo, hi);
+            assert_eq!(l.bounds[BUCKETS - 1], hi);
+            for (i, &b) in l.bounds.iter().enumerate() {
+                assert_eq!(l.bucket(b), i, "{b} in [{lo}, {hi}]");
                 let above = b + (hi - lo) * 1e-9;
-                assert_eq!(State::bucket(lo, hi, above), i + 1, "{above}");
+                assert_eq!(l.bucket(above), i + 1, "{above}");
             }
-            assert_eq!(State::bucket(lo, hi, lo - 5.0), 0);
-            assert_eq!(State::bucket(lo, hi, hi + 1.0), BUCKETS);
+            assert_eq!(l.bucket(lo - 5.0), 0);
+            assert_eq!(l.bucket(hi + 1.0), BUCKETS);
         }
     }
 
