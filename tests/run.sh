@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test, Kafka ones included, on a machine with only the Rust toolchain:
 # installs HAProxy, nginx (a default nginx in front of sluicegate, tests/it/decide.rs), OpenSSL
-# (the TLS test) and Chromium (the audit's HTML page) if missing, builds the `tansu` broker once
-# and caches it, installs MLServer and the analysis recipes' packages into cached venvs, then
-# runs the whole suite.
+# (the TLS test), Chromium (the audit's HTML page), promtool and node (the deploy tests) if
+# missing, builds the `tansu` broker once and caches it, installs MLServer and the analysis
+# recipes' packages into cached venvs, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,10 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+# promtool evaluates the alert rules (tests/it/deploy.rs); node and npm check the dashboard.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)" >&2
   sudo=""
@@ -41,6 +45,18 @@ then
   python3 -m pip install --quiet "${deploy_tools[@]}" >&2
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
+# The dashboard is type-checked against Grafana's published schema (@grafana/schema's types)
+# by the TypeScript compiler, both from npm, pinned and cached.
+grafana_schema="${SLUICEGATE_CACHE:-$HOME/.cache/sluicegate}/grafana-schema-13.2.3-typescript-5.9.3"
+if [ ! -f "$grafana_schema/node_modules/typescript/bin/tsc" ] \
+  || [ ! -d "$grafana_schema/node_modules/@grafana/schema" ]; then
+  echo "installing @grafana/schema and typescript into $grafana_schema" >&2
+  rm -rf "$grafana_schema"
+  mkdir -p "$grafana_schema"
+  npm install --prefix "$grafana_schema" --no-save --no-audit --no-fund --silent \
+    @grafana/schema@13.2.3 typescript@5.9.3 >&2
+fi
+export SLUICEGATE_GRAFANA_SCHEMA="$grafana_schema"
 export SLUICEGATE_REQUIRE_DEPLOY_TESTS=1
 
 # tests/it/grpc.rs: a real MLServer with scikit-learn, and MLServer's own gRPC client, from

@@ -221,6 +221,11 @@ impl Route {
         self.spec.protocol
     }
 
+    /// The range the route's scores fall in, when it decides (`None` when it only records).
+    pub fn score_range(&self) -> Option<(f64, f64)> {
+        self.decider.as_ref().map(|_| score_range(&self.spec))
+    }
+
     /// Number of classes for extraction: `None` for a binary route.
     pub fn classes(&self) -> Option<usize> {
         match &self.decider {
@@ -533,11 +538,15 @@ impl RouteTable {
     }
 }
 
-fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> Route {
-    let range = spec
-        .score
+/// The range a route's scores fall in, as its policy declares it (`[0, 1]` by default).
+fn score_range(spec: &RouteSpec) -> (f64, f64) {
+    spec.score
         .as_ref()
-        .map_or((0.0, 1.0), |s| (s.range[0], s.range[1]));
+        .map_or((0.0, 1.0), |s| (s.range[0], s.range[1]))
+}
+
+fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> Route {
+    let range = score_range(spec);
     let old_thresholds: Vec<(&str, &Threshold)> =
         old.map(|o| o.labelled_thresholds()).unwrap_or_default();
     let compile_threshold = |label: &str, t: &ThresholdSpec| -> Threshold {

@@ -138,6 +138,10 @@ pub struct AdaptiveThreshold {
     warmed: AtomicBool,
     ignored: AtomicU64,
     out_of_range: AtomicU64,
+    /// Finite scores observed, and those of them at or above the threshold in force when
+    /// observed: the realized action rate, for operators to hold against `target_rate`.
+    judged: AtomicU64,
+    at_or_above: AtomicU64,
     /// When `update_if_due` last recomputed.
     last_update: Mutex<Instant>,
 }
@@ -189,6 +193,8 @@ impl AdaptiveThreshold {
             warmed: AtomicBool::new(false),
             ignored: AtomicU64::new(0),
             out_of_range: AtomicU64::new(0),
+            judged: AtomicU64::new(0),
+            at_or_above: AtomicU64::new(0),
             last_update: Mutex::new(now),
             params,
         }
@@ -226,11 +232,15 @@ impl AdaptiveThreshold {
             }
             slot.epoch = epoch;
         }
+        let threshold = self.current();
+        let (mut judged, mut at_or_above) = (0, 0);
         for &score in scores {
             if !score.is_finite() {
                 self.ignored.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            judged += 1;
+            at_or_above += u64::from(score >= threshold);
             let s = if score < self.lo || score > self.hi {
                 self.out_of_range.fetch_add(1, Ordering::Relaxed);
                 clamp(score, self.lo, self.hi)
@@ -242,6 +252,8 @@ impl AdaptiveThreshold {
                 let _ = slot.hist.record(self.record_of(s));
             }
         }
+        self.judged.fetch_add(judged, Ordering::Relaxed);
+        self.at_or_above.fetch_add(at_or_above, Ordering::Relaxed);
     }
 
     /// Hot path: the threshold in force.
@@ -304,6 +316,15 @@ impl AdaptiveThreshold {
     /// Scores ignored as NaN or ±inf (never recorded).
     pub fn ignored(&self) -> u64 {
         self.ignored.load(Ordering::Relaxed)
+    }
+
+    /// (finite scores observed, those of them at or above the threshold in force): their
+    /// ratio is the realized action rate.
+    pub fn realized(&self) -> (u64, u64) {
+        (
+            self.judged.load(Ordering::Relaxed),
+            self.at_or_above.load(Ordering::Relaxed),
+        )
     }
 
     /// Scores outside `score_range`, recorded as the nearest end of the range.

@@ -100,12 +100,12 @@ pub(super) async fn collect_up_to(mut body: UpstreamIncoming, limit: u64) -> Col
 /// A body too large to decide passes through undecided, what was read first then the rest.
 pub(super) fn pass_too_large(
     proxy: &Proxy,
-    admitted: Admitted,
+    mut admitted: Admitted,
     parts: Parts,
     prefix: VecDeque<Bytes>,
     rest: UpstreamIncoming,
 ) -> Response<ResponseBody> {
-    let mut pending = admitted.pending;
+    let mut pending = admitted.pending.take();
     decision_error(
         &admitted.metrics,
         &mut pending,
@@ -120,7 +120,7 @@ pub(super) fn pass_too_large(
             p.capture_frame(&http_body::Frame::data(chunk.clone()));
         }
     }
-    admitted.metrics.request(parts.status.as_u16());
+    admitted.answered(parts.status.as_u16());
     Response::from_parts(
         parts,
         ResponseBody::Prefixed(prefix, UpstreamBody::new(rest, pending)),
@@ -162,13 +162,13 @@ pub(super) fn capture_whole(
             bytes
         }
         Err((err, raw)) => {
-            let pending = &mut admitted.pending;
-            decision_error(&admitted.metrics, pending, err.kind(), err.to_string());
+            let mut pending = admitted.pending.take();
+            decision_error(&admitted.metrics, &mut pending, err.kind(), err.to_string());
             if let Some(p) = pending.as_mut() {
                 p.capture_frame(&http_body::Frame::data(raw.clone()));
             }
-            admitted.metrics.request(parts.status.as_u16());
-            return Err(Box::new(finish(parts, raw, pending.take())));
+            admitted.answered(parts.status.as_u16());
+            return Err(Box::new(finish(parts, raw, pending)));
         }
     };
     if let Some(p) = admitted.pending.as_mut() {
@@ -208,6 +208,9 @@ pub(super) fn decide_scores(
     let policy = &*admitted.policy;
     let decided = route.decide(scores, Instant::now());
     alerts(proxy, policy, &decided);
+    admitted
+        .metrics
+        .scores(decided.rows.iter().map(|r| r.score));
 
     if let Some((action, _)) = &decided.rejected {
         admitted.metrics.limit_outcomes(action, "rejected", 1);

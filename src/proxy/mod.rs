@@ -268,7 +268,7 @@ impl Proxy {
         }
         let Some(route) = route else {
             // Streams through, captured for the record as it goes.
-            admitted.metrics.request(parts.status.as_u16());
+            admitted.answered(parts.status.as_u16());
             let body = UpstreamBody::new(body, admitted.pending);
             return Ok(Response::from_parts(parts, ResponseBody::Upstream(body)));
         };
@@ -420,6 +420,7 @@ impl Proxy {
             grpc,
             model_infer,
             metrics,
+            start,
             id,
             path_and_query,
             sampled,
@@ -607,7 +608,7 @@ impl Proxy {
         decision: Result<Decision, crate::decide::extract::ExtractError>,
     ) -> Response<ResponseBody> {
         let resp = decision::respond(&mut admitted, captured, decision);
-        admitted.metrics.request(resp.status().as_u16());
+        admitted.answered(resp.status().as_u16());
         resp
     }
 
@@ -664,7 +665,8 @@ impl Proxy {
     }
 
     /// Upkeep off the request path, once a second: recomputes due adaptive thresholds,
-    /// publishes them as gauges, and ends limit breaches whose windows have emptied.
+    /// publishes them (with their settings and realized counts), and ends limit breaches
+    /// whose windows have emptied.
     pub async fn run_upkeep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -677,12 +679,7 @@ impl Proxy {
                 route.tick(now, &mut events);
                 for (class, threshold) in route.labelled_thresholds() {
                     self.metrics
-                        .threshold
-                        .get_or_create(&crate::telemetry::RouteClass {
-                            route: route.name.to_string(),
-                            class: class.to_owned(),
-                        })
-                        .set(threshold.value());
+                        .publish_threshold(&route.name, class, threshold);
                 }
             }
             for event in events {
@@ -710,7 +707,7 @@ impl Proxy {
         // A gRPC client reads a gRPC status, not an HTTP error page.
         let (resp, record_error) = err.answer(&admitted.id, &message, recorded, admitted.grpc);
         let status = resp.status();
-        admitted.metrics.request(status.as_u16());
+        admitted.answered(status.as_u16());
         if let Some(p) = admitted.pending {
             // A body that failed on either side did not arrive whole.
             let complete = !matches!(
@@ -737,6 +734,8 @@ pub struct Admitted {
     /// A gRPC `ModelInfer` call: routed by its model, decided on a `model:` route.
     model_infer: bool,
     metrics: Arc<RouteMetrics>,
+    /// When admission began: the request duration runs from here.
+    start: Instant,
     id: HeaderValue,
     /// Taken by [`Proxy::upstream_head`] into the upstream URI.
     path_and_query: String,
@@ -745,6 +744,13 @@ pub struct Admitted {
     pending: Option<Pending>,
     /// Why the request is answered without forwarding, if it is.
     refusal: Option<(ProxyError, String)>,
+}
+
+impl Admitted {
+    /// Counts the request as answered with `status`, and how long its answer took.
+    fn answered(&self, status: u16) {
+        self.metrics.request(status, self.start.elapsed());
+    }
 }
 
 /// The metric handles of one policy generation: each route's, and each consumer's.
@@ -762,9 +768,12 @@ impl MetricHandles {
             .routes
             .live
             .iter()
-            .map(|r| &r.name)
-            .chain([default_route])
-            .map(|name| (name.clone(), Arc::new(RouteMetrics::new(metrics, name))))
+            .map(|r| (&r.name, r.score_range()))
+            .chain([(default_route, None)])
+            .map(|(name, range)| {
+                let handles = RouteMetrics::new(metrics, name, range);
+                (name.clone(), Arc::new(handles))
+            })
             .collect();
         let consumer = |name: &str, declared: bool| {
             metrics
@@ -795,7 +804,7 @@ impl MetricHandles {
         self.routes
             .get(route)
             .cloned()
-            .unwrap_or_else(|| Arc::new(RouteMetrics::new(metrics, route)))
+            .unwrap_or_else(|| Arc::new(RouteMetrics::new(metrics, route, None)))
     }
 
     /// Counts a request from a declared consumer (`Some`), or from an undeclared caller.

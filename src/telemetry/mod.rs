@@ -2,6 +2,11 @@
 //! which each area registers its own metrics in (the tee's are [`crate::tee::metrics`]), and the
 //! data plane's and the policy's metrics.
 
+mod score;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,7 +14,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::decide::Threshold;
 use crate::tee::metrics::{RouteKind, TeeMetrics};
+pub use score::ScoreHistogram;
 
 /// Labels of a proxied request. `route` comes from the policy (a bounded set); `status` is the
 /// HTTP status sent to the client.
@@ -81,11 +88,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+type GaugeF64 = Gauge<f64, AtomicU64>;
+
 /// The data plane's metrics.
 #[derive(Clone, Debug)]
 pub struct ProxyMetrics {
     pub requests: Family<RouteStatus, Counter>,
+    /// From admission to the response head handed back (upstream time included).
+    pub request_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
     pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// The score of every decided row (the argmax class's, multi-class).
+    pub scores: Family<RouteLabel, ScoreHistogram>,
     pub errors: Family<ErrorLabel, Counter>,
     pub upstream_ready: Gauge,
     /// Final actions taken, per route.
@@ -95,7 +108,14 @@ pub struct ProxyMetrics {
     /// Responses a deciding route could not read.
     pub decision_errors: Family<RouteKind, Counter>,
     /// The threshold in force.
-    pub threshold: Family<RouteClass, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub threshold: Family<RouteClass, GaugeF64>,
+    /// An adaptive threshold's settings: its target action rate and its clamp.
+    pub threshold_target_rate: Family<RouteClass, GaugeF64>,
+    pub threshold_min: Family<RouteClass, GaugeF64>,
+    pub threshold_max: Family<RouteClass, GaugeF64>,
+    /// Scores an adaptive threshold judged, and those at or above it: the realized rate.
+    pub threshold_scores: Family<RouteClass, Counter>,
+    pub threshold_scores_at_or_above: Family<RouteClass, Counter>,
     /// 1 while a limit is in breach.
     pub limit_in_breach: Family<RouteAction, Gauge>,
     pub limit_alerts: Family<AlertLabel, Counter>,
@@ -108,17 +128,53 @@ impl Default for ProxyMetrics {
     fn default() -> Self {
         ProxyMetrics {
             requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
             upstream_duration: Family::new_with_constructor(latency_histogram),
+            scores: Family::default(),
             errors: Family::default(),
             upstream_ready: Gauge::default(),
             decisions: Family::default(),
             limit_outcomes: Family::default(),
             decision_errors: Family::default(),
             threshold: Family::default(),
+            threshold_target_rate: Family::default(),
+            threshold_min: Family::default(),
+            threshold_max: Family::default(),
+            threshold_scores: Family::default(),
+            threshold_scores_at_or_above: Family::default(),
             limit_in_breach: Family::default(),
             limit_alerts: Family::default(),
             consumer_requests: Family::default(),
             inbound_tags: Family::default(),
+        }
+    }
+}
+
+impl ProxyMetrics {
+    /// Publishes one of `route`'s thresholds (off the request path, by the upkeep ticker): its
+    /// value, and for an adaptive one its target rate, clamp and realized counts.
+    pub fn publish_threshold(&self, route: &str, class: &str, threshold: &Threshold) {
+        let label = RouteClass {
+            route: route.to_owned(),
+            class: class.to_owned(),
+        };
+        self.threshold.get_or_create(&label).set(threshold.value());
+        if let Threshold::Adaptive(a) = threshold {
+            let p = a.params();
+            self.threshold_target_rate
+                .get_or_create(&label)
+                .set(p.target_rate);
+            self.threshold_min.get_or_create(&label).set(p.min);
+            self.threshold_max.get_or_create(&label).set(p.max);
+            // Totals kept by the threshold itself: a new threshold (changed settings) starts
+            // again from 0, which Prometheus' rate() reads as a counter reset.
+            let (judged, at_or_above) = a.realized();
+            let store = |c: &Counter, v| c.inner().store(v, std::sync::atomic::Ordering::Relaxed);
+            store(&self.threshold_scores.get_or_create(&label), judged);
+            store(
+                &self.threshold_scores_at_or_above.get_or_create(&label),
+                at_or_above,
+            );
         }
     }
 }
@@ -171,7 +227,10 @@ impl<K: PartialEq, M: Clone> Handles<K, M> {
 pub struct RouteMetrics {
     route: String,
     families: ProxyMetrics,
+    request_duration: Histogram,
     upstream_duration: Histogram,
+    /// `Some` on a deciding route.
+    scores: Option<ScoreHistogram>,
     requests: Handles<u16, Counter>,
     decisions: Handles<String, Counter>,
     limit_outcomes: Handles<(String, &'static str), Counter>,
@@ -179,17 +238,22 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn new(families: &ProxyMetrics, route: &str) -> Self {
-        let upstream_duration = families
-            .upstream_duration
-            .get_or_create(&RouteLabel {
-                route: route.to_owned(),
-            })
-            .clone();
+    /// The handles of `route`; `score_range` is the range its scores fall in, when it decides.
+    pub fn new(families: &ProxyMetrics, route: &str, score_range: Option<(f64, f64)>) -> Self {
+        let label = RouteLabel {
+            route: route.to_owned(),
+        };
+        let scores = score_range.map(|(lo, hi)| {
+            let h = families.scores.get_or_create(&label).clone();
+            h.set_range(lo, hi);
+            h
+        });
         RouteMetrics {
             route: route.to_owned(),
             families: families.clone(),
-            upstream_duration,
+            request_duration: families.request_duration.get_or_create(&label).clone(),
+            upstream_duration: families.upstream_duration.get_or_create(&label).clone(),
+            scores,
             requests: Handles::new(),
             decisions: Handles::new(),
             limit_outcomes: Handles::new(),
@@ -197,8 +261,9 @@ impl RouteMetrics {
         }
     }
 
-    /// A request answered with `status`.
-    pub fn request(&self, status: u16) {
+    /// A request answered with `status`, its response head `elapsed` after admission.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        self.request_duration.observe(elapsed.as_secs_f64());
         self.requests
             .get(
                 |&s| s == status,
@@ -218,6 +283,13 @@ impl RouteMetrics {
 
     pub fn upstream_duration(&self, seconds: f64) {
         self.upstream_duration.observe(seconds);
+    }
+
+    /// A decided batch's scores (nothing on a route that does not decide).
+    pub fn scores(&self, scores: impl Iterator<Item = f64>) {
+        if let Some(h) = &self.scores {
+            h.observe_all(scores);
+        }
     }
 
     /// `n` rows took the final action `action`.
@@ -323,6 +395,16 @@ impl Metrics {
             proxy.requests.clone(),
         );
         root.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response head being sent back, upstream time included",
+            proxy.request_duration.clone(),
+        );
+        root.register(
+            "score",
+            "Scores of decided rows (the argmax class's, multi-class), in 20 buckets over the route's score range",
+            proxy.scores.clone(),
+        );
+        root.register(
             "upstream_duration_seconds",
             "Time from sending the request upstream to its response headers",
             proxy.upstream_duration.clone(),
@@ -356,6 +438,31 @@ impl Metrics {
             "threshold",
             "The score threshold in force, by route and guarded action",
             proxy.threshold.clone(),
+        );
+        root.register(
+            "threshold_target_rate",
+            "An adaptive threshold's target action rate",
+            proxy.threshold_target_rate.clone(),
+        );
+        root.register(
+            "threshold_min",
+            "The lowest value an adaptive threshold may take (its clamp)",
+            proxy.threshold_min.clone(),
+        );
+        root.register(
+            "threshold_max",
+            "The highest value an adaptive threshold may take (its clamp)",
+            proxy.threshold_max.clone(),
+        );
+        root.register(
+            "threshold_scores",
+            "Scores an adaptive threshold judged",
+            proxy.threshold_scores.clone(),
+        );
+        root.register(
+            "threshold_scores_at_or_above",
+            "Scores at or above the adaptive threshold in force: over threshold_scores, the realized action rate",
+            proxy.threshold_scores_at_or_above.clone(),
         );
         root.register(
             "limit_in_breach",
@@ -434,9 +541,10 @@ mod tests {
     #[test]
     fn route_handles_update_the_exposed_series_and_stay_bounded() {
         let metrics = Metrics::new();
-        let route = RouteMetrics::new(&metrics.proxy, "spam");
+        let route = RouteMetrics::new(&metrics.proxy, "spam", Some((0.0, 1.0)));
         for _ in 0..2 {
-            route.request(200);
+            route.request(200, Duration::from_millis(3));
+            route.scores([0.01, 0.99, 0.5].into_iter());
             route.decisions("ham", 5);
             route.limit_outcomes("spam", "fallback", 2);
             route.decision_error("not_json");
@@ -449,13 +557,18 @@ mod tests {
             r#"sluicegate_limit_outcomes_total{route="spam",action="spam",outcome="fallback"} 4"#,
             r#"sluicegate_decision_errors_total{route="spam",kind="not_json"} 2"#,
             r#"sluicegate_upstream_duration_seconds_count{route="spam"} 1"#,
+            r#"sluicegate_request_duration_seconds_count{route="spam"} 2"#,
+            r#"sluicegate_request_duration_seconds_bucket{le="0.0032",route="spam"} 2"#,
+            r#"sluicegate_score_count{route="spam"} 6"#,
+            r#"sluicegate_score_bucket{le="0.05",route="spam"} 2"#,
+            r#"sluicegate_score_bucket{le="0.5",route="spam"} 4"#,
         ] {
             assert!(exposed.lines().any(|l| l == line), "{line}\n{exposed}");
         }
 
         // Past the bound every status still counts, through the family.
         for status in 100..200 {
-            route.request(status);
+            route.request(status, Duration::ZERO);
         }
         assert_eq!(
             route.requests.cached.read().unwrap().len(),
@@ -468,5 +581,64 @@ mod tests {
         assert!(exposed
             .lines()
             .any(|l| l == r#"sluicegate_requests_total{route="spam",status="200"} 2"#));
+
+        // A route that does not decide shows no score histogram.
+        RouteMetrics::new(&metrics.proxy, "plain", None).scores([0.5].into_iter());
+        assert!(!metrics
+            .encode()
+            .contains(r#"sluicegate_score_count{route="plain"}"#));
+    }
+
+    /// An adaptive threshold driven to its `max` clamp shows there, beside its settings, and
+    /// its realized counts follow the scores it judged.
+    #[test]
+    fn an_adaptive_threshold_pinned_at_its_clamp_is_published_with_its_settings() {
+        use crate::decide::threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
+        use std::sync::Arc;
+        use std::time::Instant;
+        let now = Instant::now();
+        let params = AdaptiveThresholdParams {
+            target_rate: 0.1,
+            window: Duration::from_secs(60),
+            buckets: 6,
+            initial: 0.5,
+            min: 0.2,
+            max: 0.8,
+            max_step: f64::INFINITY,
+            update_interval: Duration::from_secs(1),
+            min_samples: 10,
+            score_range: (0.0, 1.0),
+        };
+        let a = Arc::new(AdaptiveThreshold::new(params, now));
+        // Every score is 0.95: the (1 − 0.1) quantile is 0.95, above the clamp.
+        a.observe_all(&[0.95; 100], now);
+        assert_eq!(a.update(now), 0.8);
+        a.observe_all(&[0.95, 0.1, f64::NAN], now);
+        let metrics = Metrics::new();
+        metrics
+            .proxy
+            .publish_threshold("spam", "spam", &Threshold::Adaptive(a));
+        metrics
+            .proxy
+            .publish_threshold("fixed", "spam", &Threshold::Fixed(0.7));
+        let exposed = metrics.encode();
+        for line in [
+            r#"sluicegate_threshold{route="spam",class="spam"} 0.8"#,
+            r#"sluicegate_threshold_max{route="spam",class="spam"} 0.8"#,
+            r#"sluicegate_threshold_min{route="spam",class="spam"} 0.2"#,
+            r#"sluicegate_threshold_target_rate{route="spam",class="spam"} 0.1"#,
+            // 100 at 0.5 (all above), then 0.95 and 0.1 at 0.8; the NaN is not judged.
+            r#"sluicegate_threshold_scores_total{route="spam",class="spam"} 102"#,
+            r#"sluicegate_threshold_scores_at_or_above_total{route="spam",class="spam"} 101"#,
+            r#"sluicegate_threshold{route="fixed",class="spam"} 0.7"#,
+        ] {
+            assert!(
+                exposed.lines().any(|l| l == line),
+                "{line}
+{exposed}"
+            );
+        }
+        // A fixed threshold has no clamp or target to publish.
+        assert!(!exposed.contains(r#"sluicegate_threshold_max{route="fixed""#));
     }
 }

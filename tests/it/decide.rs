@@ -1,5 +1,6 @@
 //! Decisions through the real proxy: thresholds, limits (each breach policy), consumers,
-//! unreadable responses, decisions written into the body and the record.
+//! unreadable responses, decisions written into the body and the record, and the metrics of an
+//! adaptive threshold held at its clamp.
 
 use std::time::Duration;
 
@@ -1140,4 +1141,62 @@ fn demo_figures_match_the_spool() {
     // The tee: everything in the spool, nothing dropped.
     assert_eq!(s["tee"]["spooled"], entries.len());
     assert_eq!(s["tee"]["dropped"], 0);
+}
+
+/// An adaptive threshold driven onto its `max` clamp (a target rate its scores cannot hold
+/// under it): the gauges show it resting there, the realized counts follow the threshold each
+/// row met, and the score and request-duration histograms count every row and request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_threshold_pinned_at_its_clamp_shows_in_the_metrics() {
+    let threshold = "{adaptive: {target_rate: 0.01, window: 1m, initial: 0.2, min: 0.1, max: 0.3, max_step: 1.0, update_interval: 1s, min_samples: 20}}";
+    let (proxy, _dir) = proxy_with(&spam_route(threshold, "[]", "")).await;
+    let c = client();
+    let url = proxy.url("/v2/models/spam-filter/infer");
+    let first = v2_request(40, 1);
+    assert_eq!(post(&c, &url, first.clone()).await.0, 200);
+
+    // The top 1% of these scores is far above 0.3: the next update pins the threshold there.
+    let series = r#"route="spam",class="spam""#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scrape(proxy.admin).sum_with("sluicegate_threshold", series) != 0.3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the threshold did not reach its max"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = v2_request(40, 2);
+    assert_eq!(post(&c, &url, second.clone()).await.0, 200);
+
+    let at_or_above = |body: &str, t: f64| row_scores(body).iter().filter(|&&s| s >= t).count();
+    let above = (at_or_above(&first, 0.2) + at_or_above(&second, 0.3)) as f64;
+    let scores: Vec<f64> = [row_scores(&first), row_scores(&second)].concat();
+    let halves = scores.iter().filter(|&&s| s <= 0.5).count() as f64;
+    // The counters are published by the next upkeep tick.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(proxy.admin);
+        if m.sum_with("sluicegate_threshold_scores_total", series) == 80.0 {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "scores not published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(m.sum_with("sluicegate_threshold_max", series), 0.3);
+    assert_eq!(m.sum_with("sluicegate_threshold_min", series), 0.1);
+    assert_eq!(m.sum_with("sluicegate_threshold_target_rate", series), 0.01);
+    assert_eq!(
+        m.sum_with("sluicegate_threshold_scores_at_or_above_total", series),
+        above
+    );
+    let route = r#"route="spam""#;
+    assert_eq!(m.sum_with("sluicegate_score_count", route), 80.0);
+    assert_eq!(
+        m.sum_with("sluicegate_score_bucket", r#"le="0.5",route="spam""#),
+        halves
+    );
+    assert_eq!(
+        m.sum_with("sluicegate_request_duration_seconds_count", route),
+        2.0
+    );
 }

@@ -5,7 +5,11 @@
 //! - the Dockerfile passes hadolint, copies what the build needs (`cargo fetch --locked` in a
 //!   context made of exactly its COPY lines) and uses a Rust new enough for the lock file;
 //! - the ConfigMap's policy passes `sluicegate check` and is the example policy;
-//! - the alert expressions parse as PromQL and name only metrics the binary exports;
+//! - the alert expressions parse as PromQL and name only metrics the binary exports, and the
+//!   decision-health alerts fire (and stay quiet) as `promtool test rules` evaluates them;
+//! - the Grafana dashboard type-checks against Grafana's published schema (npm
+//!   `@grafana/schema`, with `tsc`), its queries parse and name only exported metrics, and its
+//!   ConfigMap carries the label Grafana's dashboard sidecar looks for;
 //! - the sidecar starts with each variant's own args and env (paths mapped onto temp dirs laid
 //!   out as the kubelet lays out volumes), its probes and scrape path answer on the ports the
 //!   manifests name, a ConfigMap update is picked up, and SIGTERM behaves as the shutdown
@@ -13,7 +17,8 @@
 //! - the pod specs keep the rules (security context, no subPath, resources, Service port,
 //!   termination budget).
 //!
-//! kubectl, kubernetes-validate, hadolint and promql-parser are external tools: a test whose
+//! kubectl, kubernetes-validate, hadolint, promql-parser, promtool, node with @grafana/schema
+//! and typescript (`SLUICEGATE_GRAFANA_SCHEMA`) are external tools: a test whose
 //! tool is missing prints SKIPPED, unless SLUICEGATE_REQUIRE_DEPLOY_TESTS is set (tests/run.sh
 //! sets it), which makes it fail. Network: loopback only.
 
@@ -853,6 +858,15 @@ routes:
     protocol: v2
     score: {output: no_such_output, column: 1}
     decision: {binary: {action: spam, otherwise: ham, threshold: {fixed: 0.5}}}
+  adaptive:
+    match: {model: adaptive}
+    protocol: v2
+    score: {output: predict_proba, column: 1}
+    decision:
+      binary:
+        action: spam
+        otherwise: ham
+        threshold: {adaptive: {target_rate: 0.1, window: 1m, initial: 0.5, min: 0.1, max: 0.9, max_step: 0.1}}
 "#,
     )
     .unwrap();
@@ -884,6 +898,13 @@ routes:
     assert_eq!(s, 200);
     let (s, _, _) = post(
         &c,
+        &proxy.url("/v2/models/adaptive/infer"),
+        v2_request(4, 3),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, _, _) = post(
+        &c,
         &proxy.url("/v2/models/spam-filter/infer"),
         "x".repeat(8192),
     )
@@ -891,7 +912,13 @@ routes:
     assert_eq!(s, 413);
     proxy.wait_metric(
         "sluicegate_tee_records_spooled_total",
-        5.0,
+        6.0,
+        Duration::from_secs(10),
+    );
+    // Adaptive thresholds are published by the once-a-second upkeep.
+    proxy.wait_metric(
+        "sluicegate_threshold_scores_total",
+        4.0,
         Duration::from_secs(10),
     );
     let text = admin_get(proxy.admin, "/metrics").1;
@@ -994,6 +1021,83 @@ fn exported(name: &str, known: &BTreeSet<String>) -> bool {
             .any(|s| name.strip_suffix(s).is_some_and(|b| known.contains(b)))
 }
 
+/// Labels Prometheus' pod scraping attaches to every series (the alerts group by them, the
+/// dashboard filters on them): not the binary's, but always there.
+const TARGET_LABELS: &[&str] = &["namespace", "pod"];
+
+/// What the binary exports: the metrics table of docs/operating.md, and a live scrape (names
+/// with the label names seen on them).
+struct Known {
+    names: BTreeSet<String>,
+    scraped: HashMap<String, BTreeSet<String>>,
+}
+
+async fn known_metrics() -> Known {
+    let readme = readme_metrics();
+    assert!(
+        readme.len() > 10,
+        "the metrics table of docs/operating.md was not found ({} names)",
+        readme.len()
+    );
+    let scraped = live_scrape().await;
+    let names = readme
+        .union(&scraped.keys().cloned().collect())
+        .cloned()
+        .collect();
+    Known { names, scraped }
+}
+
+/// Checks PromQL `exprs` (of `what`: alerts, dashboard panels) against the binary: every
+/// `sluicegate_…` token is exported; with the parser, every expression parses, every selector
+/// names an exported metric and matches only on labels it carries. Returns the names used.
+fn check_queries(what: &str, exprs: &[String], known: &Known) -> BTreeSet<String> {
+    let mut used = BTreeSet::new();
+    for e in exprs {
+        for (i, _) in e.match_indices("sluicegate_") {
+            if i > 0 && e[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let tok: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported(&tok, &known.names),
+                "{what} expression names {tok}, which the binary does not export: {e}"
+            );
+            used.insert(tok);
+        }
+    }
+    if let Some(parsed) = promql_selectors(exprs) {
+        for (e, sels) in exprs.iter().zip(parsed) {
+            assert!(!sels.is_empty(), "{e}: selects nothing");
+            for (name, labels) in sels {
+                assert!(
+                    name.starts_with("sluicegate_") && exported(&name, &known.names),
+                    "{e}: {name} is not a metric the binary exports"
+                );
+                if let Some(have) = known.scraped.get(&name) {
+                    for l in labels {
+                        assert!(
+                            have.contains(&l) || TARGET_LABELS.contains(&l.as_str()),
+                            "{e}: {name} has no label {l}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let scraped_names: BTreeSet<String> = known.scraped.keys().cloned().collect();
+    let only_readme: Vec<&String> = used
+        .iter()
+        .filter(|n| !exported(n, &scraped_names))
+        .collect();
+    if !only_readme.is_empty() {
+        eprintln!("note: named in {what} expressions, in the metrics table of docs/operating.md, but not seen in the live scrape: {only_readme:?}");
+    }
+    used
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_expressions_name_only_metrics_the_binary_exports() {
     if !have_kubectl("alert_expressions_name_only_metrics_the_binary_exports") {
@@ -1033,59 +1137,7 @@ async fn alert_expressions_name_only_metrics_the_binary_exports() {
         .map(|a| str_of(&a["expr"]).to_owned())
         .collect();
 
-    let readme = readme_metrics();
-    assert!(
-        readme.len() > 10,
-        "the metrics table of docs/operating.md was not found ({} names)",
-        readme.len()
-    );
-    let scraped = live_scrape().await;
-    let scraped_names: BTreeSet<String> = scraped.keys().cloned().collect();
-    let known: BTreeSet<String> = readme.union(&scraped_names).cloned().collect();
-
-    // Every `sluicegate_…` token, parser or not.
-    let mut used = BTreeSet::new();
-    for e in &exprs {
-        for (i, _) in e.match_indices("sluicegate_") {
-            if i > 0 && e[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
-                continue;
-            }
-            let tok: String = e[i..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            assert!(
-                exported(&tok, &known),
-                "alert expression names {tok}, which the binary does not export: {e}"
-            );
-            used.insert(tok);
-        }
-    }
-    // The parser: every expression parses, every selector names an exported metric, and the
-    // labels it matches on are labels that metric carries.
-    if let Some(parsed) = promql_selectors(&exprs) {
-        for (e, sels) in exprs.iter().zip(parsed) {
-            assert!(!sels.is_empty(), "{e}: selects nothing");
-            for (name, labels) in sels {
-                assert!(
-                    name.starts_with("sluicegate_") && exported(&name, &known),
-                    "{e}: {name} is not a metric the binary exports"
-                );
-                if let Some(have) = scraped.get(&name) {
-                    for l in labels {
-                        assert!(have.contains(&l), "{e}: {name} has no label {l}");
-                    }
-                }
-            }
-        }
-    }
-    let only_readme: Vec<&String> = used
-        .iter()
-        .filter(|n| !exported(n, &scraped_names))
-        .collect();
-    if !only_readme.is_empty() {
-        eprintln!("note: named in alerts, in the metrics table of docs/operating.md, but not seen in the live scrape: {only_readme:?}");
-    }
+    let used = check_queries("alert", &exprs, &known_metrics().await);
     // The issue's list of alerts is covered.
     for needed in [
         "sluicegate_limit_in_breach",
@@ -1098,13 +1150,17 @@ async fn alert_expressions_name_only_metrics_the_binary_exports() {
         "sluicegate_policy_info",
         "sluicegate_requests_total",
         "sluicegate_proxy_errors_total",
+        "sluicegate_threshold_max",
+        "sluicegate_threshold_min",
+        "sluicegate_threshold_target_rate",
+        "sluicegate_threshold_scores_total",
+        "sluicegate_threshold_scores_at_or_above_total",
     ] {
         assert!(used.contains(needed), "no alert watches {needed}");
     }
     eprintln!(
-        "{} alerts; metrics they name: {used:?}; all exported (documented table ∪ live scrape of {} names)",
-        alerts.len(),
-        scraped_names.len()
+        "{} alerts; metrics they name: {used:?}; all exported (documented table ∪ live scrape)",
+        alerts.len()
     );
 }
 
@@ -1723,6 +1779,306 @@ async fn the_spool_pvc_variant_starts_with_its_args() {
     assert_eq!(pvc["metadata"]["name"], claim);
     assert_eq!(pvc["metadata"]["namespace"], dep["metadata"]["namespace"]);
     let _s = start_variant(dir).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Alert rules evaluated, and the Grafana dashboard
+
+/// The alert rules without their annotations (checked above; `promtool test rules` would
+/// otherwise want every templated text spelled out) as a Prometheus rules file.
+fn rules_file(dir: &Path) {
+    let docs = kustomize("deploy/kubernetes/overlays/example");
+    let mut groups = one(&docs, "PrometheusRule")["spec"]["groups"].clone();
+    for g in groups.as_array_mut().unwrap() {
+        for r in g["rules"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("annotations");
+        }
+    }
+    let text = serde_yaml_ng::to_string(&serde_json::json!({ "groups": groups })).unwrap();
+    std::fs::write(dir.join("rules.yaml"), text).unwrap();
+}
+
+#[test]
+fn alert_rules_fire_as_promtool_evaluates_them() {
+    let test = "alert_rules_fire_as_promtool_evaluates_them";
+    if !have_kubectl(test)
+        || !have(
+            test,
+            "promtool",
+            &["--version"],
+            "Debian package prometheus; tests/run.sh installs it",
+        )
+    {
+        return;
+    }
+    let tmp = spool_dir();
+    rules_file(tmp.path());
+    let cases = "prometheusrule.test.yaml";
+    std::fs::copy(
+        repo_path(&format!("tests/it/{cases}")),
+        tmp.path().join(cases),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules", cases])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "promtool test rules:\n{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
+}
+
+const DASHBOARD: &str = "deploy/kubernetes/components/grafana-dashboard/sluicegate.json";
+
+fn dashboard() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(repo_path(DASHBOARD)).unwrap())
+        .expect("the dashboard is JSON")
+}
+
+/// The panels that show data (rows hold none: none is collapsed).
+fn data_panels(d: &Value) -> Vec<&Value> {
+    list(&d["panels"])
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .collect()
+}
+
+/// A panel's query as Prometheus gets it: Grafana's interval variables become a duration,
+/// the dashboard's own variables a match-all regex. Panics on any other `$` variable.
+fn expand_variables(expr: &str, vars: &BTreeSet<String>) -> String {
+    let mut out = String::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let (name, len) = match after.strip_prefix('{') {
+            Some(b) => {
+                let end = b
+                    .find('}')
+                    .unwrap_or_else(|| panic!("unclosed ${{ in {expr}"));
+                (&b[..end], end + 2)
+            }
+            None => {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            }
+        };
+        match name {
+            "__rate_interval" | "__interval" | "__range" => out.push_str("5m"),
+            v if vars.contains(v) => out.push_str(".*"),
+            v => panic!("{expr}: ${v} is neither a Grafana interval nor a dashboard variable"),
+        }
+        rest = &after[len..];
+    }
+    out + rest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_queries_parse_and_name_only_metrics_the_binary_exports() {
+    let d = dashboard();
+    let vars: BTreeSet<String> = list(&d["templating"]["list"])
+        .iter()
+        .map(|v| str_of(&v["name"]).to_owned())
+        .collect();
+    assert!(vars.contains("datasource"), "a datasource variable");
+    let mut ids = BTreeSet::new();
+    let mut exprs = Vec::new();
+    for p in list(&d["panels"]) {
+        let title = str_of(&p["title"]);
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "{title}: panel ids are unique"
+        );
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap(), g["w"].as_u64().unwrap());
+        assert!(x + w <= 24, "{title}: wider than the 24-column grid");
+    }
+    for p in data_panels(&d) {
+        let title = str_of(&p["title"]);
+        let targets = list(&p["targets"]);
+        assert!(!targets.is_empty(), "{title}: no query");
+        let refs: BTreeSet<&str> = targets.iter().map(|t| str_of(&t["refId"])).collect();
+        assert_eq!(refs.len(), targets.len(), "{title}: refIds are unique");
+        for t in targets {
+            assert_eq!(
+                t["datasource"]["uid"], "${datasource}",
+                "{title}: every query uses the datasource variable"
+            );
+            exprs.push(expand_variables(str_of(&t["expr"]), &vars));
+        }
+    }
+    // The variables' own queries: `label_values(METRIC{…}, LABEL)`.
+    for v in list(&d["templating"]["list"])
+        .iter()
+        .filter(|v| v["type"] == "query")
+    {
+        let q = str_of(&v["query"]["query"]);
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable query {q}: label_values(METRIC, LABEL)"));
+        let (selector, _label) = inner.rsplit_once(',').unwrap();
+        exprs.push(expand_variables(selector.trim(), &vars));
+    }
+    let used = check_queries("dashboard", &exprs, &known_metrics().await);
+    // The issue's list of panels is covered.
+    for needed in [
+        "sluicegate_requests_total",
+        "sluicegate_proxy_errors_total",
+        "sluicegate_request_duration_seconds_bucket",
+        "sluicegate_upstream_duration_seconds_bucket",
+        "sluicegate_decisions_total",
+        "sluicegate_threshold",
+        "sluicegate_threshold_min",
+        "sluicegate_threshold_max",
+        "sluicegate_threshold_target_rate",
+        "sluicegate_threshold_scores_at_or_above_total",
+        "sluicegate_score_bucket",
+        "sluicegate_limit_in_breach",
+        "sluicegate_limit_outcomes_total",
+        "sluicegate_tee_records_queued_total",
+        "sluicegate_tee_spool_bytes",
+        "sluicegate_tee_lag_seconds_bucket",
+        "sluicegate_tee_records_dropped_queue_full_total",
+        "sluicegate_tee_records_dropped_spool_full_total",
+        "sluicegate_tee_records_dropped_spool_error_total",
+        "sluicegate_tee_records_dead_lettered_total",
+        "sluicegate_policy_info",
+        "sluicegate_policy_reload_failures_total",
+    ] {
+        assert!(used.contains(needed), "no dashboard panel shows {needed}");
+    }
+    eprintln!(
+        "{} panels, {} queries; all parse and name exported metrics",
+        data_panels(&d).len(),
+        exprs.len()
+    );
+}
+
+/// The TypeScript that type-checks `d` against @grafana/schema: the dashboard as a
+/// `Dashboard`, and each panel's options and custom field config as its plugin's own types.
+/// `Lit` lets a JSON string stand for a string enum member, as Grafana reads it.
+fn dashboard_typescript(d: &Value) -> String {
+    const PLUGINS: &[(&str, &str)] = &[
+        ("timeseries", "TimeSeries"),
+        ("stat", "Stat"),
+        ("heatmap", "Heatmap"),
+        ("table", "Table"),
+    ];
+    let mut ts = String::from("import type { Dashboard } from '@grafana/schema';\n");
+    for (id, name) in PLUGINS {
+        ts += &format!(
+            "import type * as {id} from '@grafana/schema/dist/esm/raw/composable/{id}/panelcfg/x/{name}PanelCfg_types.gen';\n"
+        );
+    }
+    ts += "type Lit<T> = T extends string ? `${T}` : T extends readonly (infer U)[] ? Lit<U>[] : T extends object ? { [K in keyof T]: Lit<T[K]> } : T;\n";
+    ts += &format!("export const dashboard: Lit<Dashboard> = {d};\n");
+    for p in data_panels(d) {
+        let kind = str_of(&p["type"]);
+        assert!(
+            PLUGINS.iter().any(|(id, _)| *id == kind),
+            "panel type {kind}: add its panelcfg types to dashboard_typescript"
+        );
+        let id = &p["id"];
+        ts += &format!(
+            "export const options{id}: Lit<{kind}.Options> = {};\n",
+            p["options"]
+        );
+        let custom = &p["fieldConfig"]["defaults"]["custom"];
+        if !custom.is_null() {
+            ts += &format!("export const custom{id}: Lit<{kind}.FieldConfig> = {custom};\n");
+        }
+    }
+    ts
+}
+
+/// `tsc` on `source` with @grafana/schema; the compiler's complaints, if any.
+fn typecheck(schema: &Path, source: &str) -> Result<(), String> {
+    let tmp = spool_dir();
+    std::os::unix::fs::symlink(schema.join("node_modules"), tmp.path().join("node_modules"))
+        .unwrap();
+    std::fs::write(tmp.path().join("check.ts"), source).unwrap();
+    let out = Command::new("node")
+        .arg(schema.join("node_modules/typescript/bin/tsc"))
+        .args([
+            "--noEmit",
+            "--strict",
+            "--skipLibCheck",
+            "--target",
+            "es2022",
+            "--module",
+            "esnext",
+            "--moduleResolution",
+            "bundler",
+            "check.ts",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .expect("node");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+#[test]
+fn the_dashboard_validates_against_grafanas_published_schema() {
+    let schema = std::env::var_os("SLUICEGATE_GRAFANA_SCHEMA").map(PathBuf::from);
+    let test = "the_dashboard_validates_against_grafanas_published_schema";
+    let Some(schema) = schema.filter(|s| s.join("node_modules/@grafana/schema").is_dir()) else {
+        if required() {
+            panic!("SLUICEGATE_GRAFANA_SCHEMA (npm @grafana/schema and typescript) is not set and SLUICEGATE_REQUIRE_DEPLOY_TESTS is set");
+        }
+        loud!("\n*** SKIPPED {test}: SLUICEGATE_GRAFANA_SCHEMA is not set (tests/run.sh installs @grafana/schema and typescript from npm and sets it). ***\n");
+        return;
+    };
+    if !have(
+        test,
+        "node",
+        &["--version"],
+        "Debian package nodejs; tests/run.sh installs it",
+    ) {
+        return;
+    }
+    let d = dashboard();
+    if let Err(e) = typecheck(&schema, &dashboard_typescript(&d)) {
+        panic!("{DASHBOARD} does not validate against @grafana/schema:\n{e}");
+    }
+    // The check can fail: a misspelled panel field and an option outside its enum.
+    let mut broken = d.clone();
+    let first = broken["panels"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["type"] == "timeseries")
+        .unwrap();
+    first["titel"] = "typo".into();
+    first["options"]["legend"]["displayMode"] = "lists".into();
+    let e = typecheck(&schema, &dashboard_typescript(&broken))
+        .expect_err("a broken dashboard must not validate");
+    assert!(e.contains("titel") && e.contains("lists"), "{e}");
+}
+
+#[test]
+fn the_dashboard_configmap_is_labelled_for_the_grafana_sidecar() {
+    if !have_kubectl("the_dashboard_configmap_is_labelled_for_the_grafana_sidecar") {
+        return;
+    }
+    let docs = kustomize("deploy/kubernetes/overlays/example");
+    let cm = objects(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "sluicegate-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: Value = serde_json::from_str(str_of(&cm["data"]["sluicegate.json"])).unwrap();
+    assert_eq!(json, dashboard());
 }
 
 /// Flags whose value is a path in the container's filesystem.

@@ -129,7 +129,7 @@ pub(in crate::proxy) async fn respond_model_infer(
     let policy = &*admitted.policy;
     if decided.rejected.is_some() {
         let resp = respond_rejected(&route, decided, policy, &admitted.id, pending, true);
-        admitted.metrics.request(resp.status().as_u16());
+        admitted.answered(resp.status().as_u16());
         return resp;
     }
 
@@ -151,7 +151,7 @@ pub(in crate::proxy) async fn respond_model_infer(
         p.set_decision(DecisionOutcome::Made(decided.rows));
         p.set_tag(tag);
     }
-    admitted.metrics.request(parts.status.as_u16());
+    admitted.answered(parts.status.as_u16());
     finish(parts, body, trailers, pending)
 }
 
@@ -170,7 +170,7 @@ fn pass(
     if let Some(p) = pending.as_mut() {
         record_response(p, &bytes, trailers.as_ref());
     }
-    admitted.metrics.request(parts.status.as_u16());
+    admitted.answered(parts.status.as_u16());
     finish(parts, bytes, trailers, pending)
 }
 
