@@ -123,7 +123,7 @@ pub(in crate::proxy) async fn respond_model_infer(
     }
     if route.spec.shadow {
         shadowed(&mut parts.headers, &route, decided, &mut pending);
-        admitted.metrics.request(parts.status.as_u16());
+        admitted.answered(parts.status.as_u16());
         return finish(parts, bytes, trailers, pending);
     }
     let policy = &*admitted.policy;
