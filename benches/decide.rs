@@ -108,6 +108,7 @@ fn limit(c: &mut Criterion) {
             window: Duration::from_secs(60),
             buckets: 60,
             min_decisions: 100,
+            fleet: None,
         },
         Instant::now(),
     );

@@ -679,6 +679,9 @@ mod tests {
                 min_decisions: 0,
                 on_breach: OnBreach::Flag,
                 fallback: None,
+                scope: Default::default(),
+                replicas: None,
+                lease_fraction: None,
             },
         };
         let mut alert = Alert::new(event, "p", 0);

@@ -321,6 +321,28 @@ pub struct LimitSpec {
     /// The safe action used instead, with `on_breach: fallback`.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Whose count `max_count` caps: this pod's (the default) or the whole fleet's (in Redis).
+    #[serde(default)]
+    pub scope: LimitScope,
+    /// Replicas expected, for a fleet limit: the degraded per-pod share is `max_count /
+    /// replicas`, and leases are sized by it.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// For a fleet limit: the most the fleet may overshoot `max_count` by, as a fraction of it
+    /// (0.1 by default).
+    #[serde(default)]
+    pub lease_fraction: Option<f64>,
+}
+
+/// Whose actions a limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    /// This process's: one sidecar per pod.
+    #[default]
+    Pod,
+    /// Every replica's, counted in Redis (`--redis-url`).
+    Fleet,
 }
 
 /// What happens when taking an action would breach its limit.
