@@ -41,8 +41,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Default `lease_fraction`: the fleet may overshoot the cap by at most this share of it.
 pub const DEFAULT_LEASE_FRACTION: f64 = 0.1;
 
-/// A pod with nothing due still asks Redis once in this many plans: to see a starved mark
-/// (and give its budget back), and to notice Redis gone even without traffic.
+/// A pod with nothing due, or at the cap, still asks Redis once in this many plans: to see
+/// a starved mark (and give its budget back), to lease what others gave back, and to notice
+/// Redis gone even without traffic.
 pub const POLL_EVERY: u32 = 10;
 
 /// Woken (never waited on) by the request path when a budget runs low, so the refill task
@@ -152,7 +153,7 @@ impl FleetGate {
         let mut st = self.lock();
         roll(&mut st, bucket);
         st.demand = true;
-        if st.budget.saturating_mul(2) <= self.params.lease {
+        if !st.exhausted && st.budget.saturating_mul(2) <= self.params.lease {
             REFILL_WANTED.notify_one();
         }
         if st.budget > 0 {
@@ -196,20 +197,19 @@ impl FleetGate {
         let mut st = self.lock();
         roll(&mut st, bucket);
         let lease = self.params.lease;
-        let demand = std::mem::take(&mut st.demand);
-        let ask = if demand && st.budget.saturating_mul(2) <= lease {
-            lease
-        } else {
-            0
-        };
+        let wants = st.demand && st.budget.saturating_mul(2) <= lease;
         // While degraded every tick tries Redis, so counting goes back to fleet-wide as soon
-        // as it answers; otherwise a quiet gate polls now and then.
-        let due = ask > 0 || st.debt > 0 || !st.returns.is_empty() || self.degraded();
+        // as it answers. At the cap, or quiet, a gate only polls now and then: asking a full
+        // fleet at every refused action would cost a call per action.
+        let due =
+            (wants && !st.exhausted) || st.debt > 0 || !st.returns.is_empty() || self.degraded();
         if !due && st.quiet < POLL_EVERY {
             st.quiet += 1;
             return None;
         }
         st.quiet = 0;
+        st.demand = false;
+        let ask = if wants { lease } else { 0 };
         // What was taken while degraded is added back, but never more than a whole cap.
         let charge = std::mem::take(&mut st.debt).min(self.params.cap);
         Some(Refill {
@@ -329,7 +329,10 @@ mod tests {
             3,
             "no credit past the cap"
         );
-        let r = g.plan(7).unwrap();
+        let polls: Vec<_> = (0..=POLL_EVERY).map(|_| g.plan(7)).collect();
+        let (quiet, poll) = polls.split_at(POLL_EVERY as usize);
+        assert!(quiet.iter().all(Option::is_none), "at the cap: only polls");
+        let r = poll[0].clone().unwrap();
         assert!(r.starving);
         g.apply(&r, full);
         assert_eq!((0..30).filter(|_| g.take(7)).count(), 20);

@@ -9,8 +9,9 @@ use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Script};
 
 use super::{wall_bucket, FleetGate, Granted};
 
-/// How long a starved mark stays: a few refill ticks, so every pod sees it once.
-const STARVED_MARK: Duration = Duration::from_millis(100);
+/// How long a starved mark stays: three polls (`POLL_EVERY` ticks of 10 ms), so every pod,
+/// however quiet, sees it at least once.
+const STARVED_MARK: Duration = Duration::from_millis(300);
 
 /// ARGV: base key, bucket, buckets, cap, charge, ask, ttl ms, starving (0/1), starved-mark ms,
 /// then (bucket, tokens) pairs to give back. Returns {granted, starved (0/1)}.
