@@ -683,6 +683,7 @@ mod tests {
                 replicas: None,
                 lease_fraction: None,
             },
+            fleet_degraded: None,
         };
         let mut alert = Alert::new(event, "p", 0);
         alert.time = UNIX_EPOCH + std::time::Duration::from_secs(1_767_226_000);

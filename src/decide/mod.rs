@@ -199,6 +199,8 @@ pub struct BreachEvent {
     pub decisions: u64,
     pub actions: u64,
     pub spec: LimitSpec,
+    /// For a fleet limit: whether it counted per pod (Redis unreachable) at the event.
+    pub fleet_degraded: Option<bool>,
 }
 
 /// The decisions for a whole response.
@@ -414,6 +416,7 @@ impl Route {
             decisions,
             actions,
             spec: limit.spec.clone(),
+            fleet_degraded: limit.window.fleet().map(|g| g.degraded()),
         }
     }
 

@@ -1635,4 +1635,12 @@ async fn a_fleet_limit_without_redis_counts_a_per_pod_share() {
     });
     let (taken, failed) = spam_load(&[&proxy], 5, 1).await;
     assert_eq!((taken, failed), (2, 0), "a share of 6 / 3");
+    // The breach alert says the limit was degraded.
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 6.0);
+    let alert = records
+        .iter()
+        .find(|r| r["schema"] == "sluicegate.alert.v1")
+        .expect("a breach alert");
+    assert_eq!(alert["fleet_degraded"], true);
+    assert_eq!(alert["limit"]["scope"], "fleet");
 }
