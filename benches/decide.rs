@@ -3,16 +3,18 @@
 //!   against only parsing and re-serializing the same body;
 //! - an adaptive threshold's hot path (observe + read) against recomputing the exact quantile
 //!   of a window kept as a sorted vector;
-//! - a limit check against a sliding window kept as a deque of timestamps.
+//! - a limit check against a sliding window kept as a deque of timestamps, and a fleet
+//!   (`scope: fleet`) count limit's local check.
 //!
 //! Run: `cargo bench --bench decide`.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use sluicegate::config::validate::parse;
 use sluicegate::decide::extract::extract;
+use sluicegate::decide::fleet::{wall_bucket, FleetParams, Granted};
 use sluicegate::decide::limits::{LimitWindow, LimitWindowParams, Recorded};
 use sluicegate::decide::threshold::{exact_threshold, AdaptiveThreshold, AdaptiveThresholdParams};
 use sluicegate::decide::RouteTable;
@@ -108,12 +110,40 @@ fn limit(c: &mut Criterion) {
             window: Duration::from_secs(60),
             buckets: 60,
             min_decisions: 100,
+            fleet: None,
         },
         Instant::now(),
     );
     let mut g = c.benchmark_group("limit_per_decision");
     g.bench_function("sluicegate_decide", |b| {
         b.iter(|| black_box(w.decide(Instant::now(), Recorded::NotTaken)))
+    });
+    // A fleet count limit in fleet mode, its budget leased: the request path's share of
+    // `scope: fleet` (the Redis refill runs in the background, once per lease).
+    let fleet = LimitWindow::new(
+        LimitWindowParams {
+            max_fraction: None,
+            max_count: Some(u64::MAX / 2),
+            fleet: Some(FleetParams::new(u64::MAX / 2, 1, 0.1)),
+            ..w.params().clone()
+        },
+        Instant::now(),
+    );
+    if let Some(gate) = fleet.fleet() {
+        let bucket = wall_bucket(SystemTime::now(), fleet.bucket_width());
+        if let Some(refill) = gate.plan(bucket) {
+            let tokens = u64::MAX / 4;
+            gate.apply(
+                &refill,
+                Granted {
+                    tokens,
+                    starved: false,
+                },
+            );
+        }
+    }
+    g.bench_function("sluicegate_decide_fleet", |b| {
+        b.iter(|| black_box(fleet.decide(Instant::now(), Recorded::NotTaken)))
     });
     // Naive: a deque of (time, taken) pruned on every call, counted by a scan.
     let mut q: VecDeque<(Instant, bool)> = VecDeque::new();

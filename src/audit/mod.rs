@@ -679,7 +679,11 @@ mod tests {
                 min_decisions: 0,
                 on_breach: OnBreach::Flag,
                 fallback: None,
+                scope: Default::default(),
+                replicas: None,
+                lease_fraction: None,
             },
+            fleet_degraded: None,
         };
         let mut alert = Alert::new(event, "p", 0);
         alert.time = UNIX_EPOCH + std::time::Duration::from_secs(1_767_226_000);

@@ -109,7 +109,9 @@ fn serve(args: &SettingsArgs) -> Result<(), Failure> {
         .block_on(crate::app::serve(settings))
         .map_err(|e| {
             let exit = match e {
-                StartError::Kafka(_) | StartError::Policy { .. } => Exit::Usage,
+                StartError::Kafka(_) | StartError::Redis(_) | StartError::Policy { .. } => {
+                    Exit::Usage
+                }
                 StartError::SpoolFormat { .. } => Exit::NewerSpool,
                 _ => Exit::Failure,
             };

@@ -321,6 +321,35 @@ pub struct LimitSpec {
     /// The safe action used instead, with `on_breach: fallback`.
     #[serde(default)]
     pub fallback: Option<String>,
+    /// Whose count `max_count` caps: this pod's (the default) or the whole fleet's (in Redis).
+    /// Defaults are not written out, so a policy without them keeps its version hash.
+    #[serde(default, skip_serializing_if = "LimitScope::is_pod")]
+    pub scope: LimitScope,
+    /// Replicas expected, for a fleet limit: the degraded per-pod share is `max_count /
+    /// replicas`, and leases are sized by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// For a fleet limit: the most the fleet may overshoot `max_count` by, as a fraction of it
+    /// (0.1 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_fraction: Option<f64>,
+}
+
+/// Whose actions a limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    /// This process's: one sidecar per pod.
+    #[default]
+    Pod,
+    /// Every replica's, counted in Redis (`--redis-url`).
+    Fleet,
+}
+
+impl LimitScope {
+    fn is_pod(&self) -> bool {
+        *self == LimitScope::Pod
+    }
 }
 
 /// What happens when taking an action would breach its limit.

@@ -63,6 +63,12 @@ pub struct Settings {
     /// Directory of tag keys (`<id>.ed25519`, `<id>.ed25519.pub`, `<id>.hmac`), read again at
     /// every policy reload.
     pub tag_keys_dir: Option<PathBuf>,
+    /// Redis for `scope: fleet` limits; `None`: they count per pod (degraded).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so two deployments never share a cap.
+    pub redis_key_prefix: String,
+    /// File holding the Redis password (AUTH/ACL), read at start.
+    pub redis_password_file: Option<PathBuf>,
     pub kafka: Option<KafkaSettings>,
     pub spool: SpoolSettings,
 }
@@ -178,6 +184,9 @@ impl Default for Settings {
             admin_max_body_bytes: 256 << 10,
             admin_header_timeout: Duration::from_secs(5),
             tag_keys_dir: None,
+            redis_url: None,
+            redis_key_prefix: "sluicegate".into(),
+            redis_password_file: None,
             kafka: None,
             spool: SpoolSettings {
                 dir: PathBuf::from("sluicegate-spool"),
@@ -338,6 +347,15 @@ layer! {
         /// Directory of provenance tag keys, one file per key (a Secret mounted as a directory).
         #[arg(long, env = "SLUICEGATE_TAG_KEYS_DIR")]
         pub tag_keys_dir: Option<PathBuf>,
+        /// Redis for `scope: fleet` limits, e.g. redis://10.0.0.5:6379/0 (unset: they count per pod).
+        #[arg(long, env = "SLUICEGATE_REDIS_URL")]
+        pub redis_url: Option<String>,
+        /// Prefix of the fleet limits' Redis keys, e.g. NAMESPACE/DEPLOYMENT [default: sluicegate].
+        #[arg(long, env = "SLUICEGATE_REDIS_KEY_PREFIX")]
+        pub redis_key_prefix: Option<String>,
+        /// File with the Redis password (AUTH/ACL user from the URL).
+        #[arg(long, env = "SLUICEGATE_REDIS_PASSWORD_FILE")]
+        pub redis_password_file: Option<PathBuf>,
         /// `kafka:` in the file, `--kafka-*` as flags.
         #[command(flatten)]
         #[serde(default, deserialize_with = "null_as_default")]
@@ -555,6 +573,11 @@ impl SettingsArgs {
         s.policy = self.policy;
         s.admin_token_file = self.admin_token_file;
         s.tag_keys_dir = self.tag_keys_dir;
+        s.redis_url = self.redis_url;
+        if let Some(prefix) = self.redis_key_prefix {
+            s.redis_key_prefix = prefix;
+        }
+        s.redis_password_file = self.redis_password_file;
         self.spool.apply(&mut s.spool, s.max_record_bytes, p);
         s.kafka = self.kafka.settings(p);
         s

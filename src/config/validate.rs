@@ -14,9 +14,9 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use super::policy::{
-    AdaptiveThresholdSpec, ConsumersSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach,
-    PolicySpec, Protocol, RouteMatch, RouteSpec, ScoreSpec, Tagging, TeeSpec, ThresholdSpec,
-    WriteDecisions,
+    AdaptiveThresholdSpec, ConsumersSpec, DecisionSpec, ExplorationSpec, LimitScope, LimitSpec,
+    OnBreach, PolicySpec, Protocol, RouteMatch, RouteSpec, ScoreSpec, Tagging, TeeSpec,
+    ThresholdSpec, WriteDecisions,
 };
 
 /// One problem in a policy, with where it is.
@@ -603,6 +603,7 @@ fn check_route(name: &str, route: &RouteSpec, errors: &mut Errors) {
         if limit.window.is_zero() {
             errors.add(format!("{lp}.window"), "must be longer than 0s");
         }
+        validate_fleet(limit, &lp, errors);
         match (limit.on_breach, &limit.fallback) {
             (OnBreach::Fallback, None) => errors.add(
                 format!("{lp}.fallback"),
@@ -742,6 +743,33 @@ fn overlap(a: &RouteMatch, b: &RouteMatch) -> Option<String> {
     None
 }
 
+/// A fleet limit caps a count (a fraction is already fleet-wide under an even load balancer),
+/// and its replicas and lease fraction make sense.
+fn validate_fleet(limit: &LimitSpec, lp: &str, errors: &mut Errors) {
+    if limit.scope != LimitScope::Fleet {
+        for (key, set) in [
+            ("replicas", limit.replicas.is_some()),
+            ("lease_fraction", limit.lease_fraction.is_some()),
+        ] {
+            if set {
+                errors.add(format!("{lp}.{key}"), "only for scope: fleet");
+            }
+        }
+        return;
+    }
+    if limit.max_count.is_none() {
+        errors.add(format!("{lp}.scope"), "scope: fleet needs max_count");
+    }
+    if limit.replicas == Some(0) {
+        errors.add(format!("{lp}.replicas"), "must be at least 1");
+    }
+    if let Some(f) = limit.lease_fraction {
+        if !(f > 0.0 && f <= 1.0) {
+            errors.add(format!("{lp}.lease_fraction"), "must be in (0, 1]");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,6 +819,32 @@ routes:
         );
         let not_bool = GOOD.replace("    limits:", "    shadow: maybe\n    limits:");
         assert!(errors_of(&not_bool)[0].starts_with("routes.spam.shadow"));
+    }
+
+    #[test]
+    fn fleet_scope_needs_a_count_and_sane_settings() {
+        let limit = "      - {action: spam, max_fraction: 0.05, window: 1m, min_decisions: 100, on_breach: fallback, fallback: ham}";
+        let with = |extra: &str| GOOD.replace(limit, &limit.replace("}", &format!(", {extra}}}")));
+        let p = parse(&with("max_count: 30, scope: fleet, replicas: 3"), MAX).unwrap();
+        assert_eq!(p.routes["spam"].limits[0].scope, LimitScope::Fleet);
+        assert_eq!(
+            errors_of(&with("scope: fleet")),
+            ["routes.spam.limits[0].scope: scope: fleet needs max_count"]
+        );
+        assert_eq!(
+            errors_of(&with(
+                "max_count: 3, scope: fleet, replicas: 0, lease_fraction: 2"
+            )),
+            [
+                "routes.spam.limits[0].replicas: must be at least 1",
+                "routes.spam.limits[0].lease_fraction: must be in (0, 1]"
+            ]
+        );
+        assert_eq!(
+            errors_of(&with("replicas: 3")),
+            ["routes.spam.limits[0].replicas: only for scope: fleet"]
+        );
+        assert!(errors_of(&with("scope: galaxy"))[0].starts_with("routes.spam.limits[0]"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, and the token-protected `/admin/*`
 //! (reload, view or replace the policy); the upstream readiness probe; policy reloads.
 
+pub(crate) mod fleet;
 pub(crate) mod reload;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -54,9 +54,15 @@
 //!   the next limited action would start another. With it, a sustained breach is one start
 //!   and one end. So [`Verdict::breach`] (this decision's answer) can be `false` while
 //!   [`LimitWindow::in_breach`] (the alert state) is still `true`.
+//! - **Fleet scope** ([`LimitWindowParams::fleet`]): the count check goes to a
+//!   [`FleetGate`] instead of this window's count (see [`super::fleet`]); the fraction, the
+//!   decisions and the breach state stay per pod. While the gate is degraded the count check
+//!   is this window's own count against the per-pod share.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::fleet::{wall_bucket, FleetGate, FleetParams};
 
 /// The most buckets a window keeps; a larger [`LimitWindowParams::buckets`] is clamped to it
 /// (policy validation should refuse it instead).
@@ -79,19 +85,19 @@ pub struct LimitWindowParams {
     pub buckets: u32,
     /// Decisions in the window (this one included) before `max_fraction` applies.
     pub min_decisions: u64,
+    /// `Some`: the count is fleet-wide (its cap is this, not `max_count`).
+    pub fleet: Option<FleetParams>,
 }
 
 impl LimitWindowParams {
-    /// Whether taking the action now breaches, given the counts already in the window.
-    fn breaches(&self, decisions: u64, actions: u64) -> bool {
+    /// Whether taking the action now breaches the fraction, given the counts in the window.
+    fn fraction_breaches(&self, decisions: u64, actions: u64) -> bool {
         let actions = actions.saturating_add(1);
         let decisions = decisions.saturating_add(1);
-        let count = self.max_count.is_some_and(|max| actions > max);
         // A NaN limit compares false, so it never breaches rather than always.
-        let fraction = self.max_fraction.is_some_and(|max| {
+        self.max_fraction.is_some_and(|max| {
             decisions >= self.min_decisions && actions as f64 / decisions as f64 > max
-        });
-        count || fraction
+        })
     }
 }
 
@@ -212,6 +218,17 @@ pub struct LimitWindow {
     origin: Instant,
     width_nanos: u128,
     state: Mutex<State>,
+    /// The fleet-wide count, for a fleet limit.
+    gate: Option<FleetGate>,
+}
+
+/// How a limited action's count check came out.
+enum Count {
+    /// Under the count; `token`: a fleet token was taken for it.
+    Passes {
+        token: bool,
+    },
+    Breaches,
 }
 
 impl LimitWindow {
@@ -228,11 +245,22 @@ impl LimitWindow {
             last_breach: 0,
         };
         Self {
-            params,
             origin: now,
             width_nanos,
             state: Mutex::new(state),
+            gate: params.fleet.clone().map(FleetGate::new),
+            params,
         }
+    }
+
+    /// The fleet gate of a fleet limit (its background refill needs it).
+    pub fn fleet(&self) -> Option<&FleetGate> {
+        self.gate.as_ref()
+    }
+
+    /// The width of one bucket.
+    pub fn bucket_width(&self) -> Duration {
+        Duration::from_nanos(u64::try_from(self.width_nanos).unwrap_or(u64::MAX))
     }
 
     /// The settings this window was built with (a reload whose limit is unchanged
@@ -248,7 +276,7 @@ impl LimitWindow {
     pub fn decide(&self, now: Instant, on_breach: Recorded) -> Verdict {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        self.decide_locked(&mut state, on_breach)
+        self.decide_locked(&mut state, on_breach, &mut 0)
     }
 
     /// For a decision of any other action on the route: counts it as a decision
@@ -271,11 +299,12 @@ impl LimitWindow {
         state.advance(self.bucket_of(now));
         // Every row lands in the head bucket, so saving it and the totals is enough to undo.
         let saved = (state.head_bucket().copied(), state.decisions, state.actions);
+        let mut tokens = 0;
         let verdicts: Vec<Verdict> = rows
             .iter()
             .map(|&limited| {
                 if limited {
-                    self.decide_locked(&mut state, on_breach)
+                    self.decide_locked(&mut state, on_breach, &mut tokens)
                 } else {
                     Verdict {
                         breach: false,
@@ -291,6 +320,9 @@ impl LimitWindow {
             }
             state.decisions = decisions;
             state.actions = actions;
+            if let Some(gate) = &self.gate {
+                gate.give_back(tokens);
+            }
         }
         verdicts
     }
@@ -314,7 +346,7 @@ impl LimitWindow {
     pub fn tick(&self, now: Instant) -> Option<bool> {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        let passes = !self.params.breaches(state.decisions, state.actions);
+        let passes = self.passes(&state);
         state.try_end_breach(passes)
     }
 
@@ -329,8 +361,71 @@ impl LimitWindow {
         u64::try_from(elapsed / self.width_nanos).unwrap_or(u64::MAX)
     }
 
-    fn decide_locked(&self, state: &mut State, on_breach: Recorded) -> Verdict {
-        let breach = self.params.breaches(state.decisions, state.actions);
+    /// The count check for a limited action about to be taken; a fleet limit that passes
+    /// takes its token (or, degraded, is counted against the pod's share).
+    fn count(&self, state: &State) -> Count {
+        let actions = state.actions.saturating_add(1);
+        let Some(gate) = &self.gate else {
+            return match self.params.max_count {
+                Some(max) if actions > max => Count::Breaches,
+                _ => Count::Passes { token: false },
+            };
+        };
+        if gate.degraded() {
+            if actions > gate.params().share() {
+                Count::Breaches
+            } else {
+                Count::Passes { token: false }
+            }
+        } else if gate.take(self.wall_bucket()) {
+            Count::Passes { token: true }
+        } else {
+            Count::Breaches
+        }
+    }
+
+    /// Whether a limited action would not breach now (to end a breach), taking nothing.
+    fn passes(&self, state: &State) -> bool {
+        if self
+            .params
+            .fraction_breaches(state.decisions, state.actions)
+        {
+            return false;
+        }
+        let actions = state.actions.saturating_add(1);
+        match &self.gate {
+            None => self.params.max_count.is_none_or(|max| actions <= max),
+            Some(gate) if gate.degraded() => actions <= gate.params().share(),
+            Some(gate) => gate.would_pass(self.wall_bucket()),
+        }
+    }
+
+    fn wall_bucket(&self) -> u64 {
+        wall_bucket(SystemTime::now(), self.bucket_width())
+    }
+
+    /// `counted` adds one per action this call counted fleet-wide (to undo a refused batch).
+    fn decide_locked(&self, state: &mut State, on_breach: Recorded, counted: &mut u64) -> Verdict {
+        let count = if self
+            .params
+            .fraction_breaches(state.decisions, state.actions)
+        {
+            Count::Breaches
+        } else {
+            self.count(state)
+        };
+        let breach = matches!(count, Count::Breaches);
+        // A fleet limit counts every action taken: one without a token (flagged past the
+        // limit, or taken while degraded) is charged to the fleet as debt.
+        if let Some(gate) = &self.gate {
+            let taken = !breach || on_breach == Recorded::Taken;
+            if taken {
+                if !matches!(count, Count::Passes { token: true }) {
+                    gate.charge();
+                }
+                *counted += 1;
+            }
+        }
         if breach {
             state.record(on_breach);
             state.last_breach = state.head;
@@ -351,7 +446,7 @@ impl LimitWindow {
 
     fn record_other_locked(&self, state: &mut State) -> Option<bool> {
         state.record(Recorded::NotTaken);
-        let passes = !self.params.breaches(state.decisions, state.actions);
+        let passes = self.passes(state);
         state.try_end_breach(passes)
     }
 }

@@ -6,6 +6,7 @@
 //! not change, so a reload never resets them.
 
 pub mod extract;
+pub mod fleet;
 pub mod limits;
 pub mod threshold;
 
@@ -13,12 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use extract::Scores;
+use fleet::FleetParams;
 use limits::{LimitWindow, LimitWindowParams, Recorded};
 use threshold::{AdaptiveThreshold, AdaptiveThresholdParams};
 
 use crate::config::policy::{
-    AdaptiveThresholdSpec, DecisionSpec, ExplorationSpec, LimitSpec, OnBreach, PolicySpec,
-    Protocol, RouteSpec, ThresholdSpec,
+    AdaptiveThresholdSpec, DecisionSpec, ExplorationSpec, LimitScope, LimitSpec, OnBreach,
+    PolicySpec, Protocol, RouteSpec, ThresholdSpec,
 };
 
 /// Buckets per limit window: the window slides in steps of window/60.
@@ -197,6 +199,8 @@ pub struct BreachEvent {
     pub decisions: u64,
     pub actions: u64,
     pub spec: LimitSpec,
+    /// For a fleet limit: whether it counted per pod (Redis unreachable) at the event.
+    pub fleet_degraded: Option<bool>,
 }
 
 /// The decisions for a whole response.
@@ -417,6 +421,7 @@ impl Route {
             decisions,
             actions,
             spec: limit.spec.clone(),
+            fleet_degraded: limit.window.fleet().map(|g| g.degraded()),
         }
     }
 
@@ -600,6 +605,7 @@ fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> R
                 window: l.window,
                 buckets: LIMIT_BUCKETS,
                 min_decisions: l.min_decisions,
+                fleet: fleet_params(l),
             };
             let kept = old.and_then(|o| {
                 o.limits
@@ -635,6 +641,13 @@ fn compile(name: &str, spec: &RouteSpec, old: Option<&Route>, now: Instant) -> R
         limits,
         explorer,
     }
+}
+
+/// A fleet limit's parameters (validation guarantees its `max_count`).
+fn fleet_params(l: &LimitSpec) -> Option<FleetParams> {
+    let cap = l.max_count.filter(|_| l.scope == LimitScope::Fleet)?;
+    let fraction = l.lease_fraction.unwrap_or(fleet::DEFAULT_LEASE_FRACTION);
+    Some(FleetParams::new(cap, l.replicas.unwrap_or(1), fraction))
 }
 
 fn adaptive_params(a: &AdaptiveThresholdSpec, score_range: (f64, f64)) -> AdaptiveThresholdParams {

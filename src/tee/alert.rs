@@ -46,6 +46,9 @@ struct AlertView<'a> {
     limit: &'a LimitSpec,
     window_decisions: u64,
     window_actions: u64,
+    /// A fleet limit's mode at the event: true while it counts per pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_degraded: Option<bool>,
     policy: PolicyView<'a>,
 }
 
@@ -89,6 +92,7 @@ impl Alert {
             limit: &e.spec,
             window_decisions: e.decisions,
             window_actions: e.actions,
+            fleet_degraded: e.fleet_degraded,
             policy: PolicyView {
                 version: &self.policy_version,
                 generation: self.policy_generation,

@@ -122,6 +122,15 @@ pub struct ProxyMetrics {
     pub consumer_requests: Family<ConsumerLabel, Counter>,
     /// Tags found on requests: `direct` and `hidden` feedback loops, `invalid` (never trusted).
     pub inbound_tags: Family<RouteKind, Counter>,
+    /// 1 while a fleet limit counts per pod (Redis unreachable or not configured).
+    pub fleet_limit_degraded: Family<RouteAction, Gauge>,
+    /// Fleet-limit refills sent to Redis, by result (`ok`, `error`).
+    pub fleet_refills: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 impl Default for ProxyMetrics {
@@ -146,6 +155,8 @@ impl Default for ProxyMetrics {
             limit_alerts: Family::default(),
             consumer_requests: Family::default(),
             inbound_tags: Family::default(),
+            fleet_limit_degraded: Family::default(),
+            fleet_refills: Family::default(),
         }
     }
 }
@@ -483,6 +494,16 @@ impl Metrics {
             "inbound_tags",
             "Provenance tags found on requests, by route and kind (direct, hidden, invalid)",
             proxy.inbound_tags.clone(),
+        );
+        root.register(
+            "fleet_limit_degraded",
+            "1 while a scope: fleet limit counts per pod (cap / replicas) because Redis is unreachable or not configured",
+            proxy.fleet_limit_degraded.clone(),
+        );
+        root.register(
+            "fleet_refills",
+            "Fleet-limit lease refills sent to Redis, by result",
+            proxy.fleet_refills.clone(),
         );
         root.register(
             "policy_info",

@@ -1378,3 +1378,269 @@ async fn an_upstream_body_that_stops_midway_times_out() {
         assert_eq!(r["complete"], false, "{r}");
     }
 }
+
+/// A `redis-server` on a loopback port, no persistence; `None` (a loud skip) when it is not
+/// installed, unless SLUICEGATE_REQUIRE_REDIS_TESTS is set (tests/run.sh installs it).
+struct Redis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Redis {
+    fn start(test: &str) -> Option<Redis> {
+        let installed = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            assert!(
+                std::env::var_os("SLUICEGATE_REQUIRE_REDIS_TESTS").is_none(),
+                "redis-server is missing (Debian package `redis-server`; tests/run.sh installs it) and the Redis tests are required"
+            );
+            eprintln!(
+                "\n*** SKIPPED {test}: redis-server is not installed (Debian package `redis-server`). \
+                 Set SLUICEGATE_REQUIRE_REDIS_TESTS=1 to make this a failure. ***\n"
+            );
+            return None;
+        }
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    /// (Re)starts the server on its port, empty, and waits until it accepts connections.
+    fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// Every row spam; `spam` capped fleet-wide at `cap` in 10 minutes, falling back to `ham` past
+/// it (so every request answers 200 and `sluicegate-limit` tells which were taken).
+fn fleet_capped(cap: u64) -> String {
+    spam_route(
+        "{fixed: 0.0}",
+        &format!("[{{action: spam, max_count: {cap}, window: 10m, on_breach: fallback, fallback: ham, scope: fleet, replicas: 3}}]"),
+        "",
+    )
+}
+
+/// `n` sidecars in front of `model` sharing [`fleet_capped`]`(cap)` in Redis at `url` under
+/// the key prefix `prefix` (this process's id added), once each counts fleet-wide.
+fn fleet_sidecars(
+    model: SocketAddr,
+    dir: &std::path::Path,
+    url: &str,
+    prefix: &str,
+    cap: u64,
+    n: usize,
+) -> Vec<ProxyProcess> {
+    let policy = dir.join(format!("{prefix}.yaml"));
+    std::fs::write(&policy, fleet_capped(cap)).unwrap();
+    let prefix = format!("it-{}-{prefix}", std::process::id());
+    let sidecars: Vec<ProxyProcess> = (0..n)
+        .map(|i| {
+            let args = ["--policy", path_str(&policy), "--redis-url", url];
+            let args = [&args[..], &["--redis-key-prefix", &prefix]].concat();
+            start_proxy(model, &dir.join(format!("spool-{prefix}-{i}")), &args)
+        })
+        .collect();
+    for s in &sidecars {
+        wait_for("fleet counting", || {
+            s.metric("sluicegate_fleet_refills_total") > 0.0
+                && s.metric("sluicegate_fleet_limit_degraded") == 0.0
+        });
+    }
+    sidecars
+}
+
+/// `n` one-row spam requests to each of `proxies` at once, `concurrency` in flight per proxy:
+/// (rows taken as spam, requests that did not answer 200).
+async fn spam_load(proxies: &[&ProxyProcess], n: usize, concurrency: usize) -> (usize, usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for proxy in proxies {
+        for worker in 0..concurrency {
+            let url = proxy.url("/v2/models/spam-filter/infer");
+            let count = n / concurrency + usize::from(worker < n % concurrency);
+            tasks.spawn(async move {
+                let c = client();
+                let (mut taken, mut failed) = (0, 0);
+                for _ in 0..count {
+                    let (status, headers, _) = post(&c, &url, v2_request(1, 5)).await;
+                    let limit = headers.get("sluicegate-limit").map(|v| v.as_bytes());
+                    match (status, limit) {
+                        (200, Some(b"ok")) => taken += 1,
+                        (200, Some(b"fallback")) => {}
+                        _ => failed += 1,
+                    }
+                }
+                (taken, failed)
+            });
+        }
+    }
+    let (mut taken, mut failed) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let (t, f) = r.unwrap();
+        taken += t;
+        failed += f;
+    }
+    (taken, failed)
+}
+
+/// Polls `cond` every 20 ms for up to 10 s.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn logged(proxy: &ProxyProcess, text: &str) -> bool {
+    proxy.log.lock().unwrap().iter().any(|l| l.contains(text))
+}
+
+/// Three sidecars share a fleet cap of 300 in Redis under concurrent load: together they take
+/// between the cap less what leases can hold back and the cap plus the documented overshoot
+/// (10%). Redis killed mid-load: no request fails, every sidecar says it is degraded (metric,
+/// log line); Redis back on the same port: fleet counting resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_hold_a_fleet_cap_in_redis_and_survive_its_loss() {
+    let Some(mut redis) =
+        Redis::start("three_sidecars_hold_a_fleet_cap_in_redis_and_survive_its_loss")
+    else {
+        return;
+    };
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let url = redis.url();
+    let sidecars = fleet_sidecars(model, dir.path(), &url, "shared", 300, 3);
+    let all: Vec<&ProxyProcess> = sidecars.iter().collect();
+
+    // 600 spam rows against a cap of 300: leases of 10 per sidecar, so at most 30 over.
+    let (taken, failed) = spam_load(&all, 200, 8).await;
+    assert_eq!(failed, 0);
+    let refills: f64 = all
+        .iter()
+        .map(|s| s.metric("sluicegate_fleet_refills_total"))
+        .sum();
+    eprintln!("three sidecars took {taken} of a fleet cap of 300 in {refills} Redis calls");
+    assert!(
+        (270..=330).contains(&taken),
+        "fleet took {taken} of a cap of 300"
+    );
+
+    // Two sidecars take a little and then hold their leases idle; the third, busy, still
+    // takes the rest of the cap: the idle ones give their budget back when it starves.
+    let others = fleet_sidecars(model, dir.path(), &url, "one-busy", 100, 3);
+    let (idle_taken, failed) = spam_load(&[&others[0], &others[1]], 2, 1).await;
+    assert_eq!((idle_taken, failed), (4, 0));
+    std::thread::sleep(Duration::from_millis(100));
+    // A budget given back reaches the busy one at its next poll (100 ms) after a refusal:
+    // it keeps asking, one request every 20 ms, for 600 ms.
+    let (mut taken, failed) = spam_load(&[&others[2]], 150, 4).await;
+    assert_eq!(failed, 0);
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (more, failed) = spam_load(&[&others[2]], 1, 1).await;
+        assert_eq!(failed, 0);
+        taken += more;
+    }
+    let taken = taken + idle_taken;
+    eprintln!("one busy sidecar of three: the fleet took {taken} of a cap of 100");
+    assert!(
+        (100..=110).contains(&taken),
+        "the fleet took {taken} of 100"
+    );
+    drop(others);
+
+    // Redis dies mid-load: every request still answers, and every sidecar says it degraded.
+    let during = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        redis.sigkill();
+        (redis, Instant::now())
+    });
+    let (_, failed) = spam_load(&all, 300, 4).await;
+    let load_ended = Instant::now();
+    let (mut redis, killed) = during.await.unwrap();
+    assert!(killed < load_ended, "Redis died mid-load");
+    assert_eq!(failed, 0, "no request fails while Redis is gone");
+    for s in &all {
+        wait_for("degraded mode", || {
+            s.metric("sluicegate_fleet_limit_degraded") == 1.0
+        });
+        wait_for("the WARN line", || {
+            logged(s, "fleet limit degraded: Redis unreachable")
+        });
+        assert!(s.metric("sluicegate_fleet_refills_total") > 0.0);
+    }
+    // Degraded, each sidecar's own window counts against 300 / 3; each already took about that.
+    let (_, failed) = spam_load(&all, 20, 2).await;
+    assert_eq!(failed, 0);
+
+    redis.restart();
+    for s in &all {
+        wait_for("fleet counting again", || {
+            s.metric("sluicegate_fleet_limit_degraded") == 0.0
+        });
+        wait_for("the INFO line", || {
+            logged(s, "fleet limit counting fleet-wide again")
+        });
+    }
+}
+
+/// `scope: fleet` with no `--redis-url` starts degraded (metric, WARN) and holds each sidecar to
+/// its share, cap / replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_limit_without_redis_counts_a_per_pod_share() {
+    let model = StandInModel::spawn().await.unwrap();
+    let dir = spool_dir();
+    let policy = write_policy(dir.path(), &fleet_capped(6));
+    let proxy = start_with_policy(model, dir.path(), &policy, &[]);
+    wait_for("the degraded metric", || {
+        proxy.metric("sluicegate_fleet_limit_degraded") == 1.0
+    });
+    wait_for("the WARN line", || {
+        logged(&proxy, "fleet limit degraded: no --redis-url")
+    });
+    let (taken, failed) = spam_load(&[&proxy], 5, 1).await;
+    assert_eq!((taken, failed), (2, 0), "a share of 6 / 3");
+    // The breach alert says the limit was degraded.
+    let records = proxy.spool_records_after(&dir.path().join("spool"), 6.0);
+    let alert = records
+        .iter()
+        .find(|r| r["schema"] == "sluicegate.alert.v1")
+        .expect("a breach alert");
+    assert_eq!(alert["fleet_degraded"], true);
+    assert_eq!(alert["limit"]["scope"], "fleet");
+}

@@ -11,6 +11,7 @@ fn count_limit(max: u64) -> LimitWindowParams {
         window: secs(60.0),
         buckets: 60,
         min_decisions: 0,
+        fleet: None,
     }
 }
 
@@ -21,6 +22,7 @@ fn fraction_limit(max: f64, min_decisions: u64) -> LimitWindowParams {
         window: secs(60.0),
         buckets: 60,
         min_decisions,
+        fleet: None,
     }
 }
 
@@ -326,6 +328,7 @@ fn both_limits_at_once() {
         window: secs(10.0),
         buckets: 10,
         min_decisions: 4,
+        fleet: None,
     };
     let w = LimitWindow::new(config, t0);
     w.record_other(t0);
@@ -368,6 +371,7 @@ fn odd_configs_and_backward_time_do_not_panic() {
         window: Duration::ZERO,
         buckets: 0,
         min_decisions: 0,
+        fleet: None,
     };
     let w = LimitWindow::new(config.clone(), t0 + secs(5.0));
     assert_eq!(w.params().buckets, 0);
