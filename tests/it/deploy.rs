@@ -53,6 +53,10 @@ const BUILDS: &[(&str, &[&str])] = &[
         "deploy/kubernetes/overlays/example-pre-1.29",
         &["1.25.0", NEWEST_K8S],
     ),
+    (
+        "deploy/kubernetes/overlays/example-fleet-limits",
+        &["1.29.0", NEWEST_K8S],
+    ),
     ("deploy/kubernetes/kafka-topics", &[NEWEST_K8S]),
 ];
 
@@ -1779,6 +1783,49 @@ async fn the_spool_pvc_variant_starts_with_its_args() {
     assert_eq!(pvc["metadata"]["name"], claim);
     assert_eq!(pvc["metadata"]["namespace"], dep["metadata"]["namespace"]);
     let _s = start_variant(dir).await;
+}
+
+/// The Redis component wires the sidecar for `scope: fleet` limits: the URL, a key prefix naming
+/// the namespace and the Deployment, and the password file inside a mounted, required Secret.
+/// (Not started: its Redis is a cluster name, and tests never dial out.)
+#[test]
+fn the_fleet_limits_component_wires_redis_into_the_sidecar() {
+    if !have_kubectl("the_fleet_limits_component_wires_redis_into_the_sidecar") {
+        return;
+    }
+    let docs = kustomize("deploy/kubernetes/overlays/example-fleet-limits");
+    let pod = pod_spec(&docs);
+    let (sidecar, _) = sidecar(pod);
+    let env = list(&sidecar["env"]);
+    let position = |name: &str| env.iter().position(|e| e["name"] == name);
+    let value = |name: &str| str_of(&env[position(name).unwrap()]["value"]).to_owned();
+    assert!(value("SLUICEGATE_REDIS_URL").starts_with("redis://"));
+    // `$(POD_NAMESPACE)` expands only when that variable comes first.
+    let namespace = position("POD_NAMESPACE").expect("POD_NAMESPACE");
+    assert_eq!(
+        env[namespace]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert!(namespace < position("SLUICEGATE_REDIS_KEY_PREFIX").unwrap());
+    let deployment = str_of(&one(&docs, "Deployment")["metadata"]["name"]);
+    assert_eq!(
+        value("SLUICEGATE_REDIS_KEY_PREFIX"),
+        format!("$(POD_NAMESPACE)/{deployment}")
+    );
+    let password = value("SLUICEGATE_REDIS_PASSWORD_FILE");
+    let mount = list(&sidecar["volumeMounts"])
+        .iter()
+        .find(|m| password.starts_with(&format!("{}/", str_of(&m["mountPath"]))))
+        .expect("the password file is in a mounted volume");
+    let volume = list(&pod["volumes"])
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    assert!(volume["secret"]["secretName"].is_string());
+    assert_ne!(
+        volume["secret"]["optional"], true,
+        "the password is read at start: a missing Secret must hold the pod, not start it unauthenticated"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
