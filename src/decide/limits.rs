@@ -195,13 +195,15 @@ impl State {
 
     /// Ends the breach if the rules in the module doc allow it; `passes` says whether a
     /// limited action would not breach now.
-    fn try_end_breach(&mut self, passes: bool) -> Option<bool> {
+    /// `passes` (given the window's decisions and actions) is asked only when it matters: in
+    /// breach and past the hold (for a fleet limit it reads the clock and locks the gate).
+    fn try_end_breach(&mut self, passes: impl FnOnce(u64, u64) -> bool) -> Option<bool> {
         if !self.in_breach {
             return None;
         }
         let since = self.head.saturating_sub(self.last_breach);
         let hold = BREACH_HOLD_BUCKETS.min(self.len());
-        if (passes && since >= hold) || since >= self.len() {
+        if since >= self.len() || (since >= hold && passes(self.decisions, self.actions)) {
             self.in_breach = false;
             Some(false)
         } else {
@@ -220,6 +222,15 @@ pub struct LimitWindow {
     state: Mutex<State>,
     /// The fleet-wide count, for a fleet limit.
     gate: Option<FleetGate>,
+}
+
+/// Who holds a limited action's count to its cap.
+enum CountCheck<'a> {
+    /// This window's own count, against the pod's `max_count` (`None`: no count limit) or a
+    /// degraded fleet limit's per-pod share.
+    Local(Option<u64>),
+    /// The fleet gate, in this wall-clock bucket.
+    Fleet(&'a FleetGate, u64),
 }
 
 /// How a limited action's count check came out.
@@ -276,7 +287,7 @@ impl LimitWindow {
     pub fn decide(&self, now: Instant, on_breach: Recorded) -> Verdict {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        self.decide_locked(&mut state, on_breach, &mut 0)
+        self.decide_locked(&mut state, on_breach, &mut 0, self.wall_now())
     }
 
     /// For a decision of any other action on the route: counts it as a decision
@@ -285,7 +296,7 @@ impl LimitWindow {
     pub fn record_other(&self, now: Instant) -> Option<bool> {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        self.record_other_locked(&mut state)
+        self.record_other_locked(&mut state, self.wall_now())
     }
 
     /// A whole batch in one critical section, rows in order: `true` for a row whose model
@@ -300,15 +311,17 @@ impl LimitWindow {
         // Every row lands in the head bucket, so saving it and the totals is enough to undo.
         let saved = (state.head_bucket().copied(), state.decisions, state.actions);
         let mut tokens = 0;
+        // One clock read for the batch, as one `now` for the window.
+        let wall = self.wall_now();
         let verdicts: Vec<Verdict> = rows
             .iter()
             .map(|&limited| {
                 if limited {
-                    self.decide_locked(&mut state, on_breach, &mut tokens)
+                    self.decide_locked(&mut state, on_breach, &mut tokens, wall)
                 } else {
                     Verdict {
                         breach: false,
-                        transition: self.record_other_locked(&mut state),
+                        transition: self.record_other_locked(&mut state, wall),
                     }
                 }
             })
@@ -346,8 +359,8 @@ impl LimitWindow {
     pub fn tick(&self, now: Instant) -> Option<bool> {
         let mut state = self.lock();
         state.advance(self.bucket_of(now));
-        let passes = self.passes(&state);
-        state.try_end_breach(passes)
+        let wall = self.wall_now();
+        state.try_end_breach(|decisions, actions| self.passes(decisions, actions, wall))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -361,58 +374,63 @@ impl LimitWindow {
         u64::try_from(elapsed / self.width_nanos).unwrap_or(u64::MAX)
     }
 
+    /// The wall-clock bucket now, for a fleet limit (0, unread, for any other).
+    fn wall_now(&self) -> u64 {
+        match self.gate {
+            Some(_) => wall_bucket(SystemTime::now(), self.bucket_width()),
+            None => 0,
+        }
+    }
+
+    /// Who checks the count now; `wall` from [`Self::wall_now`].
+    fn count_check(&self, wall: u64) -> CountCheck<'_> {
+        match &self.gate {
+            None => CountCheck::Local(self.params.max_count),
+            Some(gate) if gate.degraded() => CountCheck::Local(Some(gate.params().share())),
+            Some(gate) => CountCheck::Fleet(gate, wall),
+        }
+    }
+
     /// The count check for a limited action about to be taken; a fleet limit that passes
     /// takes its token (or, degraded, is counted against the pod's share).
-    fn count(&self, state: &State) -> Count {
+    fn count(&self, state: &State, wall: u64) -> Count {
         let actions = state.actions.saturating_add(1);
-        let Some(gate) = &self.gate else {
-            return match self.params.max_count {
-                Some(max) if actions > max => Count::Breaches,
-                _ => Count::Passes { token: false },
-            };
-        };
-        if gate.degraded() {
-            if actions > gate.params().share() {
-                Count::Breaches
-            } else {
-                Count::Passes { token: false }
-            }
-        } else if gate.take(self.wall_bucket()) {
-            Count::Passes { token: true }
-        } else {
-            Count::Breaches
+        match self.count_check(wall) {
+            CountCheck::Local(Some(max)) if actions > max => Count::Breaches,
+            CountCheck::Local(_) => Count::Passes { token: false },
+            CountCheck::Fleet(gate, bucket) if gate.take(bucket) => Count::Passes { token: true },
+            CountCheck::Fleet(..) => Count::Breaches,
         }
     }
 
-    /// Whether a limited action would not breach now (to end a breach), taking nothing.
-    fn passes(&self, state: &State) -> bool {
-        if self
-            .params
-            .fraction_breaches(state.decisions, state.actions)
-        {
+    /// Whether a limited action would not breach given the window's `decisions` and
+    /// `actions` (to end a breach), taking nothing.
+    fn passes(&self, decisions: u64, actions: u64, wall: u64) -> bool {
+        if self.params.fraction_breaches(decisions, actions) {
             return false;
         }
-        let actions = state.actions.saturating_add(1);
-        match &self.gate {
-            None => self.params.max_count.is_none_or(|max| actions <= max),
-            Some(gate) if gate.degraded() => actions <= gate.params().share(),
-            Some(gate) => gate.would_pass(self.wall_bucket()),
+        let actions = actions.saturating_add(1);
+        match self.count_check(wall) {
+            CountCheck::Local(cap) => cap.is_none_or(|max| actions <= max),
+            CountCheck::Fleet(gate, bucket) => gate.would_pass(bucket),
         }
-    }
-
-    fn wall_bucket(&self) -> u64 {
-        wall_bucket(SystemTime::now(), self.bucket_width())
     }
 
     /// `counted` adds one per action this call counted fleet-wide (to undo a refused batch).
-    fn decide_locked(&self, state: &mut State, on_breach: Recorded, counted: &mut u64) -> Verdict {
+    fn decide_locked(
+        &self,
+        state: &mut State,
+        on_breach: Recorded,
+        counted: &mut u64,
+        wall: u64,
+    ) -> Verdict {
         let count = if self
             .params
             .fraction_breaches(state.decisions, state.actions)
         {
             Count::Breaches
         } else {
-            self.count(state)
+            self.count(state, wall)
         };
         let breach = matches!(count, Count::Breaches);
         // A fleet limit counts every action taken: one without a token (flagged past the
@@ -439,15 +457,14 @@ impl LimitWindow {
             state.record(Recorded::Taken);
             Verdict {
                 breach,
-                transition: state.try_end_breach(true),
+                transition: state.try_end_breach(|_, _| true),
             }
         }
     }
 
-    fn record_other_locked(&self, state: &mut State) -> Option<bool> {
+    fn record_other_locked(&self, state: &mut State, wall: u64) -> Option<bool> {
         state.record(Recorded::NotTaken);
-        let passes = self.passes(state);
-        state.try_end_breach(passes)
+        state.try_end_breach(|decisions, actions| self.passes(decisions, actions, wall))
     }
 }
 
