@@ -20,7 +20,7 @@ use crate::config::settings::Settings;
 use crate::config::validate::{self, PolicyError, PolicyErrors};
 use crate::control::reload::{self, Reloader};
 use crate::control::{self, Readiness};
-use crate::decide::fleet::redis::FleetRedis;
+use crate::decide::fleet::redis::{FleetRedis, RedisTls};
 use crate::policy;
 use crate::proxy::body::RequestLimits;
 use crate::proxy::server::{self, ListenerLimits};
@@ -369,22 +369,34 @@ async fn wait_for_signal() {
     }
 }
 
-/// The fleet limits' Redis client, if `--redis-url` is set; the password file is read now.
+/// The fleet limits' Redis client, if `--redis-url` is set; the password and TLS files are
+/// read now.
 fn fleet_redis(settings: &Settings) -> Result<Option<FleetRedis>, StartError> {
     let Some(url) = &settings.redis_url else {
         return Ok(None);
     };
+    let read = |file: &std::path::Path| {
+        std::fs::read(file)
+            .map_err(|e| StartError::Redis(format!("cannot read {}: {e}", file.display())))
+    };
     let password = match &settings.redis_password_file {
         Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| StartError::Redis(format!("cannot read {}: {e}", file.display())))?,
+            String::from_utf8(read(file)?)
+                .map_err(|_| StartError::Redis(format!("{} is not UTF-8", file.display())))?,
         ),
         None => None,
     };
     let password = password
         .as_deref()
         .map(|p| p.trim_end_matches(['\r', '\n']));
-    FleetRedis::open(url, password, REDIS_TIMEOUT)
+    let tls = RedisTls {
+        ca: settings.redis_ca_file.as_deref().map(read).transpose()?,
+        client: match &settings.redis_client_cert {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        },
+    };
+    FleetRedis::open(url, password, tls, REDIS_TIMEOUT)
         .map(Some)
         .map_err(|e| StartError::Redis(e.to_string()))
 }

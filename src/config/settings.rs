@@ -69,6 +69,10 @@ pub struct Settings {
     pub redis_key_prefix: String,
     /// File holding the Redis password (AUTH/ACL), read at start.
     pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed a `rediss://` server's certificate (unset: system roots).
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate and key for a `rediss://` server that authenticates clients.
+    pub redis_client_cert: Option<(PathBuf, PathBuf)>,
     pub kafka: Option<KafkaSettings>,
     pub spool: SpoolSettings,
 }
@@ -187,6 +191,8 @@ impl Default for Settings {
             redis_url: None,
             redis_key_prefix: "sluicegate".into(),
             redis_password_file: None,
+            redis_ca_file: None,
+            redis_client_cert: None,
             kafka: None,
             spool: SpoolSettings {
                 dir: PathBuf::from("sluicegate-spool"),
@@ -356,6 +362,15 @@ layer! {
         /// File with the Redis password (AUTH/ACL user from the URL).
         #[arg(long, env = "SLUICEGATE_REDIS_PASSWORD_FILE")]
         pub redis_password_file: Option<PathBuf>,
+        /// PEM file of the CA that signed a rediss:// server's certificate [default: system roots].
+        #[arg(long, env = "SLUICEGATE_REDIS_CA_FILE")]
+        pub redis_ca_file: Option<PathBuf>,
+        /// PEM client certificate for a rediss:// server that authenticates clients (with --redis-client-key-file).
+        #[arg(long, env = "SLUICEGATE_REDIS_CLIENT_CERT_FILE")]
+        pub redis_client_cert_file: Option<PathBuf>,
+        /// PEM private key of --redis-client-cert-file.
+        #[arg(long, env = "SLUICEGATE_REDIS_CLIENT_KEY_FILE")]
+        pub redis_client_key_file: Option<PathBuf>,
         /// `kafka:` in the file, `--kafka-*` as flags.
         #[command(flatten)]
         #[serde(default, deserialize_with = "null_as_default")]
@@ -578,6 +593,25 @@ impl SettingsArgs {
             s.redis_key_prefix = prefix;
         }
         s.redis_password_file = self.redis_password_file;
+        s.redis_ca_file = self.redis_ca_file;
+        s.redis_client_cert = match (self.redis_client_cert_file, self.redis_client_key_file) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                p.check(false, || {
+                    "redis_client_cert_file and redis_client_key_file: give both or neither".into()
+                });
+                None
+            }
+        };
+        let tls_files = s.redis_ca_file.is_some() || s.redis_client_cert.is_some();
+        p.check(
+            !tls_files
+                || s.redis_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("rediss://")),
+            || "redis_ca_file / redis_client_*: only for a rediss:// redis_url".into(),
+        );
         self.spool.apply(&mut s.spool, s.max_record_bytes, p);
         s.kafka = self.kafka.settings(p);
         s
@@ -961,6 +995,40 @@ mod tests {
                 .to_string();
             assert!(err.contains("max_decided_response"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_tls_files_load_from_the_file_and_need_rediss_and_both_halves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.yaml");
+        std::fs::write(
+            &path,
+            "redis_url: rediss://r:6380/0\nredis_ca_file: /ca.pem\nredis_client_cert_file: /c.pem\nredis_client_key_file: /c.key\n",
+        )
+        .unwrap();
+        let s = args(|a| a.config = Some(path.clone())).resolve().unwrap();
+        assert_eq!(s.redis_ca_file, Some("/ca.pem".into()));
+        assert_eq!(
+            s.redis_client_cert,
+            Some(("/c.pem".into(), "/c.key".into()))
+        );
+
+        let err = args(|a| {
+            a.redis_url = Some("redis://r:6379/0".into());
+            a.redis_ca_file = Some("/ca.pem".into());
+        })
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only for a rediss:// redis_url"), "{err}");
+        let err = args(|a| {
+            a.redis_url = Some("rediss://r:6380/0".into());
+            a.redis_client_cert_file = Some("/c.pem".into());
+        })
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("give both or neither"), "{err}");
     }
 
     #[test]

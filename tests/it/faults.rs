@@ -1384,6 +1384,8 @@ async fn an_upstream_body_that_stops_midway_times_out() {
 struct Redis {
     port: u16,
     child: Option<std::process::Child>,
+    /// Extra server arguments (TLS, a password).
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -1406,7 +1408,34 @@ impl Redis {
         let mut redis = Redis {
             port: free_port(),
             child: None,
+            args: Vec::new(),
         };
+        redis.restart();
+        Some(redis)
+    }
+
+    /// A server that speaks only TLS with a certificate from `tls`'s CA, asks clients for a
+    /// certificate from that CA, and a password.
+    fn start_tls(test: &str, tls: &TlsFiles, password: &str) -> Option<Redis> {
+        let mut redis = Redis::start(test)?;
+        redis.sigkill();
+        let file = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+        redis.args = ["--port", "0", "--tls-port", &redis.port.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "--tls-cert-file".into(),
+                file(&tls.server.0),
+                "--tls-key-file".into(),
+                file(&tls.server.1),
+                "--tls-ca-cert-file".into(),
+                file(&tls.ca),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+                "--requirepass".into(),
+                password.into(),
+            ])
+            .collect();
         redis.restart();
         Some(redis)
     }
@@ -1416,6 +1445,7 @@ impl Redis {
         let child = std::process::Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn redis-server");
@@ -1436,6 +1466,88 @@ impl Redis {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it signed (PEM files).
+struct TlsFiles {
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+    client: (std::path::PathBuf, std::path::PathBuf),
+}
+
+impl TlsFiles {
+    fn make(dir: &std::path::Path) -> TlsFiles {
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .output()
+                .expect("openssl (tests/run.sh installs it)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509", "-days", "1", "-subj", "/CN=it-ca"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        );
+        for (name, usage, san) in [
+            ("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n"),
+            ("client", "clientAuth", ""),
+        ] {
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                dir.join(&ext),
+                format!("basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{san}"),
+            )
+            .unwrap();
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            openssl(
+                &[
+                    &["req", "-subj", &format!("/CN={name}")],
+                    &ec[..],
+                    &["-keyout", &key, "-out", &csr],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ]);
+        }
+        let pair = |n: &str| (dir.join(format!("{n}.pem")), dir.join(format!("{n}.key")));
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            server: pair("server"),
+            client: pair("client"),
+        }
     }
 }
 
@@ -1643,4 +1755,60 @@ async fn a_fleet_limit_without_redis_counts_a_per_pod_share() {
         .expect("a breach alert");
     assert_eq!(alert["fleet_degraded"], true);
     assert_eq!(alert["limit"]["scope"], "fleet");
+}
+
+/// `rediss://` with the server's CA, a client certificate and a password from a file: the
+/// sidecar counts fleet-wide over TLS. Without a client certificate the server refuses the
+/// handshake and the limit says it is degraded (so TLS is really in the way, not skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_limit_counts_over_tls_with_a_client_certificate_and_a_password() {
+    let dir = spool_dir();
+    let tls = TlsFiles::make(dir.path());
+    let Some(redis) = Redis::start_tls(
+        "a_fleet_limit_counts_over_tls_with_a_client_certificate_and_a_password",
+        &tls,
+        "s3cret",
+    ) else {
+        return;
+    };
+    let model = StandInModel::spawn().await.unwrap();
+    let policy = write_policy(dir.path(), &fleet_capped(6));
+    let password = dir.path().join("redis-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let base = [
+        "--redis-url",
+        &url,
+        "--redis-password-file",
+        path_str(&password),
+        "--redis-ca-file",
+        path_str(&tls.ca),
+    ];
+    let client = [
+        "--redis-client-cert-file",
+        path_str(&tls.client.0),
+        "--redis-client-key-file",
+        path_str(&tls.client.1),
+    ];
+    let with_cert = start_with_policy(
+        model,
+        &dir.path().join("a"),
+        &policy,
+        &[&base[..], &client[..]].concat(),
+    );
+    let without_cert = start_with_policy(model, &dir.path().join("b"), &policy, &base);
+    wait_for("fleet counting over TLS", || {
+        with_cert.metric("sluicegate_fleet_refills_total") > 0.0
+            && with_cert.metric("sluicegate_fleet_limit_degraded") == 0.0
+    });
+    // The documented bound: cap + replicas × lease (leases of max(1, 6 × 0.1 / 3) = 1).
+    let (taken, failed) = spam_load(&[&with_cert], 12, 1).await;
+    assert_eq!(failed, 0);
+    assert!(
+        (6..=9).contains(&taken),
+        "{taken} taken against a fleet cap of 6, counted in Redis"
+    );
+    wait_for("the refused handshake to degrade the limit", || {
+        without_cert.metric("sluicegate_fleet_limit_degraded") == 1.0
+    });
 }

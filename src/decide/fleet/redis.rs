@@ -5,7 +5,10 @@
 use std::time::{Duration, SystemTime};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Script};
+use redis::{
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, Script,
+    TlsCertificates,
+};
 
 use super::{wall_bucket, FleetGate, Granted};
 
@@ -50,12 +53,22 @@ pub struct FleetRedis {
     timeout: Duration,
 }
 
+/// TLS material for a `rediss://` URL, as PEM bytes read from files at start.
+#[derive(Default)]
+pub struct RedisTls {
+    /// The CA that signed the server's certificate; `None`: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// Certificate and key for servers that authenticate clients (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl FleetRedis {
-    /// `url` as `redis://host:port/db` (`rediss://` is refused: this build has no TLS);
-    /// `password` (read from a file) overrides one in the URL.
+    /// `url` as `redis://host:port/db`, or `rediss://` for TLS (verified against `tls.ca` or
+    /// the system's roots); `password` (read from a file) overrides one in the URL.
     pub fn open(
         url: &str,
         password: Option<&str>,
+        tls: RedisTls,
         timeout: Duration,
     ) -> Result<FleetRedis, redis::RedisError> {
         let mut info = url.into_connection_info()?;
@@ -63,8 +76,34 @@ impl FleetRedis {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
+        let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+        let client = match (is_tls, tls) {
+            (true, tls) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: tls.client.map(|(client_cert, client_key)| ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                    root_cert: tls.ca,
+                },
+            )?,
+            (
+                false,
+                RedisTls {
+                    ca: None,
+                    client: None,
+                },
+            ) => Client::open(info)?,
+            (false, _) => {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "TLS files are given but the Redis URL is not rediss://",
+                )))
+            }
+        };
         Ok(FleetRedis {
-            client: Client::open(info)?,
+            client,
             conn: None,
             script: Script::new(REFILL),
             timeout,
