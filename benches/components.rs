@@ -474,9 +474,30 @@ fn extraction(c: &mut Criterion) {
     }
 }
 
+/// A `ModelInfer` call's two messages as the record's REST-v2-shaped JSON (what the spool
+/// writer does for a gRPC record), beside the JSON the REST call would embed as it is.
+fn grpc_bodies(c: &mut Criterion) {
+    use prost::Message as _;
+    use sluicegate::oip::{self, Side};
+    for (size, rows) in SIZES {
+        let request = sluicegate::testing::grpc_request(rows, 7, false, &[]);
+        let response = StandInModel::infer_grpc(&request, false).unwrap();
+        let request = oip::frame(&request.encode_to_vec());
+        let response = oip::frame(&response.encode_to_vec());
+        let mut g = c.benchmark_group(format!("grpc_body_as_json_{size}"));
+        g.bench_function("sluicegate_request", |b| {
+            b.iter(|| oip::as_v2_json(Side::Request, None, black_box(&request)).unwrap())
+        });
+        g.bench_function("sluicegate_response", |b| {
+            b.iter(|| oip::as_v2_json(Side::Response, None, black_box(&response)).unwrap())
+        });
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = tags, records, extraction
+    targets = tags, records, extraction, grpc_bodies
 }
 criterion_main!(benches);

@@ -10,6 +10,7 @@
 //! by partition) add up to the report of the whole; rates and means beside them are derived.
 
 mod html;
+pub mod partition;
 pub mod source;
 
 pub use html::render_html;

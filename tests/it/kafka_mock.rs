@@ -224,3 +224,53 @@ async fn a_producer_error_librdkafka_calls_fatal_rebuilds_the_producer() {
     assert!(first.iter().chain(&second).all(|id| got.contains(id)));
     assert!(proxy.metric("sluicegate_tee_producer_rebuilds_total") >= 1.0);
 }
+
+/// The audit's partitioner (which label partition belongs with which record partition) puts
+/// every key where librdkafka's producer puts it, for its default partitioner and for the
+/// Java producer's (`murmur2_random`), with prediction ids and `ID:row` keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_partitions_keys_as_the_producer_does() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use sluicegate::audit::partition::Partitioner;
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    for (partitioner, name) in [
+        (Partitioner::ConsistentRandom, "consistent_random"),
+        (Partitioner::Murmur2Random, "murmur2_random"),
+    ] {
+        for n in [3, 7] {
+            let topic = format!("labels-{name}-{n}");
+            cluster.create_topic(&topic, n, 1).expect("topic");
+            let producer: FutureProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", cluster.bootstrap_servers())
+                .set("partitioner", name)
+                .create()
+                .unwrap();
+            let keys: Vec<String> = (0..200)
+                .map(|i| {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    if i % 2 == 0 {
+                        id
+                    } else {
+                        format!("{id}:{}", i % 9)
+                    }
+                })
+                .collect();
+            // All in flight at once (send only enqueues), then each delivery awaited.
+            let sends: Vec<_> = keys
+                .iter()
+                .map(|key| {
+                    let record = FutureRecord::to(&topic).key(key).payload("{}");
+                    producer.send_result(record).map_err(|(e, _)| e).unwrap()
+                })
+                .collect();
+            for (key, send) in keys.iter().zip(sends) {
+                let delivered = send.await.unwrap().map_err(|(e, _)| e).unwrap();
+                assert_eq!(
+                    partitioner.partition(key.as_bytes(), n),
+                    Some(delivered.partition),
+                    "{name}, {n} partitions, key {key}"
+                );
+            }
+        }
+    }
+}
